@@ -1,0 +1,1 @@
+"""Analyses: expensive computations shared by passes (cached on the compile context)."""

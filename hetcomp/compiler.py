@@ -1,0 +1,140 @@
+"""``hetcomp.compile``: trace -> annotate -> partition -> (lower) -> manifest."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from hetcomp import targets as target_registry
+from hetcomp.errors import ConfigError, ManifestError
+from hetcomp.graph import META_KEY, trace
+from hetcomp.graph.layers import mappable_nodes
+from hetcomp.manifest import Manifest, fingerprint
+from hetcomp.passes import Pass, PassManager, hessian_passes
+from hetcomp.passes.base import CompileContext
+from hetcomp.strategies import resolve
+
+
+class CompiledModel:
+    """The result of ``hetcomp.compile``: a runnable module, its annotated graph and the manifest."""
+
+    def __init__(self, module: nn.Module, graph: fx.GraphModule, manifest: Manifest) -> None:
+        self.module = module
+        self.graph = graph
+        self.manifest = manifest
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``manifest.json`` into ``directory`` (created if missing); returns the directory."""
+        directory = Path(directory)
+        self.manifest.save(directory / "manifest.json")
+        return directory
+
+
+def _example_inputs(example_inputs: Any, data: Any) -> tuple:
+    if example_inputs is not None:
+        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if data is None:
+        raise ConfigError("compile needs example_inputs=(x,) or data= to trace the model")
+    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return (data[0],)
+    try:
+        batch = next(iter(data))
+    except (TypeError, StopIteration):
+        raise ConfigError("data yielded no (inputs, targets) batch to trace with; pass example_inputs") from None
+    return (batch[0],)
+
+
+def compile(  # noqa: A001 - the public name the issue and users expect
+    model: nn.Module,
+    target: str = "pcm+digital",
+    example_inputs: Any = None,
+    data: Any = None,
+    loss_fn: Any = None,
+    strategy: str | None = None,
+    passes: Sequence[Pass] | None = None,
+    finetune: Any = None,
+    seed: int = 0,
+    hessian: dict[str, Any] | None = None,
+    leaf_modules: Sequence[type | str] = (),
+) -> CompiledModel:
+    """Compile ``model`` for a target set.
+
+    Pipeline: trace; when ``data`` is given, the Hessian annotation passes (``hessian`` overrides
+    their settings: probes, max_iter, tol, batches, estimator, gamma); the user's ``passes`` (they run
+    before partitioning, so they can pin layers); the strategy's partition passes. Everything is
+    validated before any work: target string, strategy, pass order, data needs.
+    """
+    if finetune is not None:
+        raise ConfigError("finetune (LAFT) is not available yet in this version of hetcomp")
+    target_set = target_registry.parse(target)
+    chosen = resolve(strategy, target_set)
+    if chosen.needs_data and data is None:
+        raise ConfigError(f"strategy {chosen.name!r} needs calibration data: pass data=<DataLoader>")
+    if hessian and data is None:
+        raise ConfigError("hessian= settings given but no data= to compute the Hessian on")
+    analysis = hessian_passes(**(hessian or {})) if data is not None else []
+    pipeline = [*analysis, *(passes or []), *chosen.build(target_set)]
+    manager = PassManager(pipeline)  # checks the order before anything runs
+
+    torch.manual_seed(seed)
+    inputs = _example_inputs(example_inputs, data)
+    gm = trace(model, inputs, leaf_modules=leaf_modules)
+    ctx = CompileContext(targets=target_set, model=model, data=data, loss_fn=loss_fn, seed=seed)
+    gm = manager.run(gm, ctx)
+    ctx.invalidate_analyses()  # free the gradient graphs
+    unassigned = [a.layer.name for _, a in mappable_nodes(gm) if a.assignment is None]
+    if unassigned:
+        raise ConfigError(f"no pass assigned layers {unassigned}; the strategy's partition pass must run last")
+    manifest = Manifest.from_graph(gm, model, target_set, chosen.name, seed, ctx.records)
+    return CompiledModel(gm, gm, manifest)
+
+
+def apply_manifest(model: nn.Module, manifest: Manifest | str | Path, example_inputs: Any) -> CompiledModel:
+    """Re-create a compiled model from a manifest without re-running analysis.
+
+    Refuses a manifest of a different model, naming the mismatch (class, architecture, layers, weights).
+    """
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.load(manifest)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    gm = trace(model, inputs)
+    found = fingerprint(gm, model)
+    expected = manifest.model
+    annotations = {a.layer.name: a for _, a in mappable_nodes(gm)}
+    if found != expected:
+        problems = []
+        if found["class"] != expected.get("class"):
+            problems.append(f"model class {found['class']!r} != manifest's {expected.get('class')!r}")
+        names = {layer["name"] for layer in manifest.layers}
+        if set(annotations) != names:
+            only_manifest = sorted(names - set(annotations))
+            only_model = sorted(set(annotations) - names)
+            problems.append(f"layers only in the manifest: {only_manifest}, only in the model: {only_model}")
+        for layer in manifest.layers:
+            got = annotations.get(layer["name"])
+            if got is not None and list(got.layer.weight_shape) != list(layer["shape"]):
+                problems.append(f"layer {layer['name']!r} shape {list(got.layer.weight_shape)} != {layer['shape']}")
+        if found["architecture"] != expected.get("architecture") and not problems:
+            problems.append("architecture (traced graph or parameter shapes) differs")
+        if found["weights"] != expected.get("weights"):
+            problems.append("weights differ (manifest was made for other weights)")
+        raise ManifestError("manifest does not match this model: " + "; ".join(problems))
+    target_set = target_registry.parse(manifest.target_set)
+    for layer in manifest.layers:
+        annotation = annotations[layer["name"]]
+        annotation.metrics = dict(layer["metrics"])
+        annotation.assignment = layer["assignment"]
+        annotation.reason = layer["reason"]
+        annotation.row_targets = layer.get("row_targets")
+    gm.meta[META_KEY]["applied_from_manifest"] = True
+    del target_set  # parsed to validate the target names exist in this installation
+    return CompiledModel(gm, gm, copy.deepcopy(manifest))

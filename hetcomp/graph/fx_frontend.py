@@ -1,0 +1,171 @@
+"""torch.fx front end: symbolic_trace + ShapeProp, then recognize mappable layers from the FX graph.
+
+Recognition is a table: each recognizer looks at one node and returns a LayerInfo or None. A second
+front end (torch.export, ATen-level) supplies its own table and yields the same LayerInfo records.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from hetcomp.errors import TraceError
+from hetcomp.graph.layers import LayerInfo
+from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC
+
+
+class _PathTracer(fx.Tracer):
+    """A Tracer that remembers which module it is inside, so a failure can name it."""
+
+    def __init__(self, leaf_modules: Sequence[type | str] = ()) -> None:
+        super().__init__()
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.hetcomp_path: list[tuple[str, str]] = []  # (qualified name, class) of modules being traced
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        self.hetcomp_path.append((name, type(m).__name__))
+        result = super().call_module(m, forward, args, kwargs)
+        self.hetcomp_path.pop()  # not reached on failure: the path then names the failing module
+        return result
+
+
+def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type | str] = ()) -> fx.GraphModule:
+    tracer = _PathTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # torch raises several types here (TraceError, TypeError, ...)
+        where = tracer.hetcomp_path[-1] if tracer.hetcomp_path else ("", type(model).__name__)
+        path = where[0] or "<root>"
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: failed inside module '{path}' ({where[1]}): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            f"Mark it a leaf so it is called opaquely: hetcomp.trace(model, inputs, leaf_modules=['{path}']) "
+            f"or leaf_modules=[{where[1]}]"
+        ) from err
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as err:
+        raise TraceError(
+            f"running {gm.__class__.__name__} on the example inputs failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); pass example_inputs the model accepts, "
+            "e.g. a tuple with one batch of real inputs"
+        ) from err
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _is_parameter(gm: fx.GraphModule, node: object) -> str | None:
+    """The qualified parameter name if ``node`` is a get_attr of a parameter."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        try:
+            gm.get_parameter(node.target)
+            return str(node.target)
+        except AttributeError:
+            return None
+    return None
+
+
+def _per_sample(total: int, batch_size: int) -> int:
+    return int(total // max(batch_size, 1))
+
+
+def _recognize_module(gm: fx.GraphModule, node: fx.Node, batch_size: int) -> LayerInfo | None:
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(node.target)
+    out_shape = _shape(node)
+    if out_shape is None:
+        return None
+    out_numel = math.prod(out_shape)
+    bias_params = module.bias.numel() if getattr(module, "bias", None) is not None else 0
+    if isinstance(module, nn.Linear):
+        weight = module.weight
+        return LayerInfo(
+            name=str(node.target), kind=WEIGHT_STATIC, op="linear", weight_shape=tuple(weight.shape),
+            rows=module.out_features, params=weight.numel() + bias_params,
+            macs=_per_sample(out_numel * module.in_features, batch_size), node_name=node.name,
+            module_name=str(node.target), weight_param=f"{node.target}.weight",
+        )
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        weight = module.weight
+        # Each output element costs (in_channels / groups) * prod(kernel) MACs.
+        macs_per_output = weight.shape[1] * math.prod(weight.shape[2:])
+        return LayerInfo(
+            name=str(node.target), kind=WEIGHT_STATIC, op=f"conv{weight.dim() - 2}d",
+            weight_shape=tuple(weight.shape), rows=module.out_channels, params=weight.numel() + bias_params,
+            macs=_per_sample(out_numel * macs_per_output, batch_size), node_name=node.name,
+            module_name=str(node.target), weight_param=f"{node.target}.weight", groups=module.groups,
+        )
+    return None
+
+
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
+_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+
+
+def _recognize_matmul(gm: fx.GraphModule, node: fx.Node, batch_size: int) -> LayerInfo | None:
+    is_matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MATMUL_METHODS
+    )
+    is_linear = node.op == "call_function" and node.target is F.linear
+    if not (is_matmul or is_linear):
+        return None
+    lhs, rhs = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    out_shape, lhs_shape, rhs_shape = _shape(node), _shape(lhs), _shape(rhs)
+    if out_shape is None or lhs_shape is None or rhs_shape is None:
+        return None
+    reduction = lhs_shape[-1]  # K in [.., N, K] @ [.., K, M] and in linear(x[.., K], w[M, K])
+    rows = rhs_shape[0] if is_linear else (rhs_shape[-1] if len(rhs_shape) > 1 else 1)
+    macs = _per_sample(math.prod(out_shape) * reduction, batch_size)
+    weight_param = _is_parameter(gm, rhs)
+    if weight_param is not None:
+        return LayerInfo(
+            name=node.name, kind=WEIGHT_STATIC, op="linear" if is_linear else "matmul",
+            weight_shape=rhs_shape, rows=rows, params=math.prod(rhs_shape), macs=macs, node_name=node.name,
+            weight_param=weight_param,
+        )
+    # Both operands are activations: a dynamic matrix product (e.g. attention scores/context).
+    return LayerInfo(
+        name=node.name, kind=DYNAMIC, op="matmul", weight_shape=rhs_shape, rows=rows, params=0, macs=macs,
+        node_name=node.name,
+    )
+
+
+RECOGNIZERS: list[Callable[[fx.GraphModule, fx.Node, int], LayerInfo | None]] = [
+    _recognize_module,
+    _recognize_matmul,
+]
+
+
+def find_layers(gm: fx.GraphModule, batch_size: int) -> list[tuple[fx.Node, LayerInfo]]:
+    found = []
+    for node in gm.graph.nodes:
+        for recognize in RECOGNIZERS:
+            info = recognize(gm, node, batch_size)
+            if info is not None:
+                found.append((node, info))
+                break
+    return found

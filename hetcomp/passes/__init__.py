@@ -1,0 +1,27 @@
+"""Passes: annotation (Hessian metrics), partition (assignment), and the infrastructure that runs them."""
+
+from hetcomp.passes.assign_all import AssignAll
+from hetcomp.passes.base import CompileContext, Pass, PassManager
+from hetcomp.passes.first_last_digital import FirstLastDigital
+from hetcomp.passes.hessian_trace import HessianTrace
+from hetcomp.passes.hni import HNI
+from hetcomp.passes.lambda_max import LambdaMax
+from hetcomp.passes.row_sensitivity import RowSensitivity
+from hetcomp.passes.scr import SCR
+
+__all__ = [
+    "AssignAll", "CompileContext", "FirstLastDigital", "HNI", "HessianTrace", "LambdaMax", "Pass",
+    "PassManager", "RowSensitivity", "SCR", "hessian_passes",
+]
+
+
+def hessian_passes(probes: int = 10, max_iter: int = 20, tol: float = 1e-3, batches: int = 2,
+                   estimator: str = "full", gamma: float = 0.08) -> list[Pass]:
+    """The standard annotation pipeline: Tr(H), lambda_max, HNI, SCR, row sensitivity."""
+    return [
+        HessianTrace(probes=probes, estimator=estimator, batches=batches),
+        LambdaMax(max_iter=max_iter, tol=tol, batches=batches),
+        HNI(gamma=gamma),
+        SCR(),
+        RowSensitivity(probes=probes, estimator=estimator, batches=batches),
+    ]

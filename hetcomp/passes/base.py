@@ -1,0 +1,172 @@
+"""Pass infrastructure: a pass states what it requires and provides; the manager checks the order.
+
+Modelled on torch.fx ``passes/infra`` and onnx_ir's pass infra (declared contracts, checked before
+anything runs) and on MLIR's analysis manager (expensive analyses are cached on the context and
+invalidated only by passes that change the graph).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from hetcomp.errors import ConfigError, PassOrderError
+from hetcomp.progress import progress
+from hetcomp.targets import TargetSet
+
+# What tracing provides before any pass runs.
+TRACED = ("layers",)
+
+
+class Pass:
+    """One transformation or analysis of the annotated graph.
+
+    Subclasses set ``name``, ``requires`` and ``provides`` (metric or annotation names) and implement
+    ``run(gm, ctx) -> gm``. A pass that changes the graph's computation sets ``modifies_graph = True``,
+    which invalidates cached analyses after it runs.
+    """
+
+    name: str = "pass"
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+    modifies_graph: bool = False
+
+    def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """Settings recorded in the manifest next to this pass (JSON-safe)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    settings: dict[str, Any]
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class CompileContext:
+    """Everything passes read besides the graph: targets, data, loss, seed, and the analysis cache."""
+
+    targets: TargetSet
+    model: nn.Module | None = None
+    data: Any = None
+    loss_fn: LossFn | None = None
+    seed: int = 0
+    records: list[PassRecord] = field(default_factory=list)
+    _analyses: dict[Any, Any] = field(default_factory=dict)
+    _calibration: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> LossFn:
+        return self.loss_fn if self.loss_fn is not None else nn.functional.cross_entropy
+
+    def device(self, gm: nn.Module) -> torch.device:
+        """Where the model lives: data and probes follow it."""
+        for tensor in gm.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    def analysis(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """Return the cached analysis for ``key``, computing it once."""
+        if key not in self._analyses:
+            self._analyses[key] = compute()
+        return self._analyses[key]
+
+    def invalidate_analyses(self) -> None:
+        self._analyses.clear()
+
+    def calibration_batches(self, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``count`` (inputs, targets) batches of ``data``, taken once and reused by every pass.
+
+        ``data`` may be a DataLoader / iterable of (inputs, targets) pairs, or one (inputs, targets)
+        pair of tensors.
+        """
+        if self.data is None:
+            raise ConfigError("this pass needs calibration data: pass data=<DataLoader of (inputs, targets)>")
+        if count < 1:
+            raise ConfigError(f"calibration batch count must be >= 1, got {count}")
+        if count not in self._calibration:
+            torch.manual_seed(self.seed)  # a shuffling loader yields the same batches for the same seed
+            self._calibration[count] = _take_batches(self.data, count)
+        return [(x.to(device), y.to(device)) for x, y in self._calibration[count]]
+
+
+def _take_batches(data: Any, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return [(data[0], data[1])]
+    batches = []
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise ConfigError(
+            f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}"
+        ) from None
+    for batch in iterator:
+        if not (isinstance(batch, tuple | list) and len(batch) >= 2):
+            raise ConfigError("each data batch must be an (inputs, targets) pair")
+        batches.append((batch[0], batch[1]))
+        if len(batches) == count:
+            break
+    if not batches:
+        raise ConfigError("data yielded no batch")
+    return batches
+
+
+class PassManager:
+    """Runs passes in order after checking every requirement is provided earlier."""
+
+    def __init__(self, passes: Sequence[Pass], provided: Iterable[str] = TRACED) -> None:
+        self.passes = list(passes)
+        self.initially_provided = tuple(provided)
+        self.validate()
+
+    def validate(self) -> None:
+        available = set(self.initially_provided)
+        for position, p in enumerate(self.passes):
+            if not isinstance(p, Pass):
+                raise PassOrderError(
+                    f"pipeline item {position} ({p!r}) is not a hetcomp Pass; subclass hetcomp.Pass"
+                )
+            missing = [item for item in p.requires if item not in available]
+            if missing:
+                providers = ", ".join(
+                    f"{item!r}" + _who_provides(item, self.passes[position + 1 :]) for item in missing
+                )
+                raise PassOrderError(
+                    f"pass '{p.name}' (position {position}) requires {providers}, which no earlier pass provides"
+                )
+            available.update(p.provides)
+        self.provided = available
+
+    def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+        for p in progress(self.passes, desc="passes", total=len(self.passes)):
+            start = time.perf_counter()
+            result = p.run(gm, ctx)
+            gm = result if result is not None else gm
+            if p.modifies_graph:
+                gm.recompile()
+                ctx.invalidate_analyses()
+            ctx.records.append(PassRecord(p.name, time.perf_counter() - start, p.settings()))
+        return gm
+
+
+def _who_provides(item: str, later: Sequence[Pass]) -> str:
+    for p in later:
+        if item in p.provides:
+            return f" (provided by '{p.name}', which runs later: move it earlier)"
+    return " (add a pass that provides it)"
