@@ -85,7 +85,6 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     pipeline = [*analysis, *(passes or []), *chosen.build(target_set)]
     manager = PassManager(pipeline)  # checks the order before anything runs
 
-    torch.manual_seed(seed)
     inputs = _example_inputs(example_inputs, data)
     gm = trace(model, inputs, leaf_modules=leaf_modules)
     ctx = CompileContext(targets=target_set, model=model, data=data, loss_fn=loss_fn, seed=seed)

@@ -101,8 +101,10 @@ class CompileContext:
         if count < 1:
             raise ConfigError(f"calibration batch count must be >= 1, got {count}")
         if count not in self._calibration:
-            torch.manual_seed(self.seed)  # a shuffling loader yields the same batches for the same seed
-            self._calibration[count] = _take_batches(self.data, count)
+            # A shuffling loader yields the same batches for the same seed; the caller's RNG is untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self._calibration[count] = _take_batches(self.data, count)
         return [(x.to(device), y.to(device)) for x, y in self._calibration[count]]
 
 
