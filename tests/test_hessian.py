@@ -1,0 +1,198 @@
+"""Hessian estimators and passes against exact Hessians and measured noise injection."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+import hetcomp
+from hetcomp.analysis.hessian import HessianOperator
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def exact_blocks(model, x, y):
+    """Exact loss Hessian blocks w.r.t. each weight (bias fixed), by torch.autograd.functional.hessian."""
+    names = ["fc1.weight", "fc2.weight"]
+    shapes = [model.get_parameter(n).shape for n in names]
+    sizes = [math.prod(s) for s in shapes]
+    flat = torch.cat([model.get_parameter(n).detach().flatten() for n in names])
+
+    def loss(w):
+        parts = torch.split(w, sizes)
+        params = {n: p.view(s) for n, p, s in zip(names, parts, shapes)}
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    full = torch.autograd.functional.hessian(loss, flat)
+    offsets = [0, sizes[0], sum(sizes)]
+    return [full[offsets[i]:offsets[i + 1], offsets[i]:offsets[i + 1]] for i in range(2)]
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    model = Tiny().double()
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randint(0, 3, (32,))
+    return model, x, y
+
+
+@pytest.mark.parametrize("estimator", ["full", "block"])
+def test_trace_and_diag_match_exact(tiny, estimator):
+    model, x, y = tiny
+    blocks = exact_blocks(model, x, y)
+    params = [model.fc1.weight, model.fc2.weight]
+    op = HessianOperator(model, params, [(x[:16], y[:16]), (x[16:], y[16:])], F.cross_entropy)
+    probes = 3000
+    result = op.hutchinson(probes, torch.Generator().manual_seed(0), estimator)
+    for l, block in enumerate(blocks):
+        exact_trace = float(block.trace())
+        assert abs(result.trace[l] - exact_trace) < 4 * result.trace_stderr[l] + 1e-12
+        # Per-entry std of v_i (Hv)_i is sqrt(sum_{j != i} H_ij^2) (the full estimator adds the
+        # cross-layer entries): test within 5 standard errors.
+        off_diag = (block**2).sum(1) - block.diagonal() ** 2
+        bound = 5 * torch.sqrt(off_diag / probes) + 1e-9
+        if estimator == "full":
+            cross = exact_cross_row_norms(model, x, y, l)
+            bound = 5 * torch.sqrt((off_diag + cross) / probes) + 1e-9
+        error = (result.diag[l].flatten() - block.diagonal()).abs()
+        assert bool((error < bound).all()), f"layer {l}: max error {error.max()} vs bound {bound.min()}"
+
+
+def exact_cross_row_norms(model, x, y, layer):
+    names = ["fc1.weight", "fc2.weight"]
+    flat = torch.cat([model.get_parameter(n).detach().flatten() for n in names])
+    sizes = [model.get_parameter(n).numel() for n in names]
+    shapes = [model.get_parameter(n).shape for n in names]
+
+    def loss(w):
+        parts = torch.split(w, sizes)
+        return F.cross_entropy(torch.func.functional_call(
+            model, {n: p.view(s) for n, p, s in zip(names, parts, shapes)}, (x,)), y)
+
+    full = torch.autograd.functional.hessian(loss, flat)
+    rows = slice(0, sizes[0]) if layer == 0 else slice(sizes[0], None)
+    cols = slice(sizes[0], None) if layer == 0 else slice(0, sizes[0])
+    return (full[rows, cols] ** 2).sum(1)
+
+
+def test_power_iteration_matches_exact_eigenvalue(tiny):
+    model, x, y = tiny
+    blocks = exact_blocks(model, x, y)
+    op = HessianOperator(model, [model.fc1.weight, model.fc2.weight], [(x, y)], F.cross_entropy)
+    eigen, iterations = op.power_iteration(max_iter=2000, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    for l, block in enumerate(blocks):
+        values = torch.linalg.eigvalsh(block)
+        dominant = float(values[values.abs().argmax()])
+        assert eigen[l] == pytest.approx(dominant, rel=1e-4)
+        assert 1 < iterations[l] <= 2000
+
+
+def test_batched_and_looped_hvps_agree(tiny):
+    model, x, y = tiny
+    params = [model.fc1.weight, model.fc2.weight]
+    batched = HessianOperator(model, params, [(x, y)], F.cross_entropy, batched=True)
+    looped = HessianOperator(model, params, [(x, y)], F.cross_entropy, batched=False)
+    a = batched.hutchinson(7, torch.Generator().manual_seed(1), "full")
+    b = looped.hutchinson(7, torch.Generator().manual_seed(1), "full")
+    torch.testing.assert_close(a.samples, b.samples)
+    c = batched.power_iteration(15, 0.0, torch.Generator().manual_seed(2))
+    d = looped.power_iteration(15, 0.0, torch.Generator().manual_seed(2))
+    assert c[0] == pytest.approx(d[0], rel=1e-9)
+
+
+def test_passes_compute_hni_scr_from_estimates(tiny):
+    model, x, y = tiny
+    blocks = exact_blocks(model, x, y)
+    compiled = hetcomp.compile(model, "pcm+digital", (x,), data=(x, y), strategy="all-digital",
+                               hessian=dict(probes=3000, max_iter=500, tol=1e-9, batches=1, estimator="block",
+                                            gamma=0.05))
+    for name, block in zip(["fc1", "fc2"], blocks):
+        metrics = compiled.manifest.layer(name)["metrics"]
+        weight = model.get_parameter(f"{name}.weight")
+        sigma = 0.05 * float(weight.detach().abs().max())
+        exact_hni = sigma**2 / (2 * weight.numel()) * float(block.trace())
+        assert metrics["hni"] == pytest.approx(exact_hni, rel=0.1)
+        dominant = torch.linalg.eigvalsh(block).abs().max()
+        assert metrics["scr"] == pytest.approx(float(dominant / block.trace()), rel=0.1)
+        assert metrics["lambda_max_iterations"] >= 1
+        assert len(metrics["row_sensitivity"]) == weight.shape[0]
+
+
+def test_nonpositive_trace_is_flagged_not_robust():
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(16, 4), torch.zeros(16, dtype=torch.long)
+
+    def concave(out, target):  # Hessian w.r.t. the weight is negative definite
+        return -(out**2).mean()
+
+    compiled = hetcomp.compile(model, "pcm+digital", (x,), data=(x, y), loss_fn=concave, strategy="all-digital",
+                               hessian=dict(probes=8, max_iter=5, batches=1))
+    metrics = compiled.manifest.to_dict()["layers"][0]["metrics"]
+    assert metrics["hessian_trace"] < 0
+    assert metrics["hessian_trace_nonpositive"] is True
+    assert metrics["hni"] is None and metrics["scr"] is None  # NaN in memory, null in JSON
+
+
+def _noise_increase(model, param, x, y, sigma, draws, generator, rows=None):
+    """Monte-Carlo mean loss increase under Gaussian weight noise, antithetic (+-) to cancel the gradient
+    term exactly; ``rows`` restricts the noise to those output rows."""
+    original = param.detach().clone()
+    with torch.no_grad():
+        base = float(F.cross_entropy(model(x), y))
+        total = 0.0
+        for _ in range(draws):
+            noise = torch.randn(param.shape, generator=generator) * sigma
+            if rows is not None:
+                mask = torch.zeros(param.shape[0], dtype=torch.bool)
+                mask[rows] = True
+                noise[~mask] = 0
+            param.copy_(original + noise)
+            plus = float(F.cross_entropy(model(x), y))
+            param.copy_(original - noise)
+            minus = float(F.cross_entropy(model(x), y))
+            param.copy_(original)
+            total += (plus + minus) / 2 - base
+    return total / draws
+
+
+def test_proposition_1_on_trained_digits(digits_model):
+    """E[dL] under N(0, sigma^2) noise on one layer ~ sigma^2/2 Tr(H_l) for small gamma.
+
+    Uses the last layer: loss is smooth in its weights. (Layers followed by ReLU/max-pool show a larger
+    measured increase than the Hessian predicts: noise crosses the kinks, whose curvature the Hessian
+    does not see -- see README, 'What the Hessian misses'.)
+    """
+    model, data = digits_model
+    x, y = next(iter(data["train"]))
+    weight = model.fc2.weight
+    op = HessianOperator(model, [weight], [(x, y)], F.cross_entropy)
+    trace = op.hutchinson(400, torch.Generator().manual_seed(0), "full")
+    sigma = 0.01 * float(weight.detach().abs().max())
+    predicted = sigma**2 / 2 * trace.trace[0]
+    measured = _noise_increase(model, weight, x, y, sigma, 400, torch.Generator().manual_seed(1))
+    assert measured == pytest.approx(predicted, rel=0.2)
+
+
+def test_row_sensitivity_ranks_rows_like_noise_injection(digits_model):
+    model, data = digits_model
+    x, y = next(iter(data["train"]))
+    compiled = hetcomp.compile(model, "pcm+digital", (x,), data=(x, y), strategy="all-digital",
+                               hessian=dict(probes=200, max_iter=2, batches=1, gamma=0.08))
+    predicted = compiled.manifest.layer("fc1")["metrics"]["row_sensitivity"]
+    weight = model.fc1.weight
+    sigma = 0.08 * float(weight.detach().abs().max())  # pcm's weight noise (the set's noisiest analog target)
+    generator = torch.Generator().manual_seed(2)
+    measured = [_noise_increase(model, weight, x, y, sigma, 30, generator, rows=[r]) for r in range(64)]
+    correlation = spearmanr(predicted, measured).statistic
+    assert correlation > 0.8, correlation
