@@ -24,18 +24,35 @@ from hetcomp.strategies import resolve
 class CompiledModel:
     """The result of ``hetcomp.compile``: a runnable module, its annotated graph and the manifest."""
 
-    def __init__(self, module: nn.Module, graph: fx.GraphModule, manifest: Manifest) -> None:
+    def __init__(self, module: nn.Module, graph: fx.GraphModule, manifest: Manifest, example_inputs: tuple) -> None:
         self.module = module
         self.graph = graph
         self.manifest = manifest
+        self.example_inputs = example_inputs
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``manifest.json`` into ``directory`` (created if missing); returns the directory."""
+    def export_onnx(self, path: str | Path, split: bool = False) -> Path:
+        """Write the digital graph as ONNX with every mapped layer's nodes tagged with its target.
+
+        ``split=True``: ``path`` is a folder receiving one ONNX graph per contiguous partition plus
+        ``partitions.json`` (see hetcomp.export).
+        """
+        from hetcomp.export import export_onnx, export_onnx_split
+
+        inputs = tuple(x.detach().cpu()[:2] if isinstance(x, torch.Tensor) else x for x in self.example_inputs)
+        graph = copy.deepcopy(self.graph).cpu()  # export from a CPU copy; the compiled module stays put
+        if split:
+            return export_onnx_split(graph, inputs, self.manifest, path)
+        return export_onnx(graph, inputs, self.manifest, path)
+
+    def save(self, directory: str | Path, onnx: bool = True) -> Path:
+        """Write ``manifest.json`` (and ``model.onnx`` unless ``onnx=False``) into ``directory``."""
         directory = Path(directory)
         self.manifest.save(directory / "manifest.json")
+        if onnx:
+            self.export_onnx(directory / "model.onnx")
         return directory
 
 
@@ -94,7 +111,7 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     if unassigned:
         raise ConfigError(f"no pass assigned layers {unassigned}; the strategy's partition pass must run last")
     manifest = Manifest.from_graph(gm, model, target_set, chosen.name, seed, ctx.records)
-    return CompiledModel(gm, gm, manifest)
+    return CompiledModel(gm, gm, manifest, inputs)
 
 
 def apply_manifest(model: nn.Module, manifest: Manifest | str | Path, example_inputs: Any) -> CompiledModel:
@@ -136,4 +153,4 @@ def apply_manifest(model: nn.Module, manifest: Manifest | str | Path, example_in
         annotation.row_targets = layer.get("row_targets")
     gm.meta[META_KEY]["applied_from_manifest"] = True
     del target_set  # parsed to validate the target names exist in this installation
-    return CompiledModel(gm, gm, copy.deepcopy(manifest))
+    return CompiledModel(gm, gm, copy.deepcopy(manifest), inputs)

@@ -12,8 +12,11 @@ Estimators (all layers at once):
 - ``power_iteration``: lambda_max of every block H_ll, batched across layers, stopped per layer when
   the relative change of its Rayleigh quotient falls under ``tol``.
 
-Batched HVPs use ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over tangents); where an
-op has no batching rule it falls back to a loop (``batched=False`` forces the loop).
+Batched HVPs use ``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over tangents): one kernel
+launch serves many probes, which pays on a GPU (launch-bound at these sizes). On a CPU the loop is
+faster (measured on ResNet-20: power iteration 13.7 s looped vs 69 s vmapped), because a looped block
+HVP ``grad(g_l, w_l)`` prunes the graph to what layer l needs. ``batched=None`` (default) therefore
+batches on CUDA only. Where an op has no batching rule the operator falls back to the loop.
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ class HessianOperator:
         params: Sequence[torch.Tensor],
         batches: Sequence[Batch],
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        batched: bool = True,
+        batched: bool | None = None,
     ) -> None:
         if not params:
             raise ValueError("HessianOperator needs at least one parameter tensor")
         self.params = list(params)
-        self.batched = batched
+        self.batched = self.params[0].is_cuda if batched is None else batched
         self.hvp_calls = 0
         was_training = model.training
         model.eval()  # BatchNorm running stats, no dropout: the deployed function's curvature
