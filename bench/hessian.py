@@ -68,9 +68,12 @@ def reference(model, names, batches, probes, iters, seed):
     return traces, eigens
 
 
+BATCHED = None  # None: hetcomp's default (vmap-batched HVPs on CUDA, looped on CPU)
+
+
 def ours(model, names, batches, probes, iters, seed, estimator):
     params = [model.get_parameter(n) for n in names]
-    op = HessianOperator(model, params, batches, F.cross_entropy)
+    op = HessianOperator(model, params, batches, F.cross_entropy, batched=BATCHED)
     result = op.hutchinson(probes, torch.Generator().manual_seed(seed), estimator)
     eigen, used = op.power_iteration(iters, 1e-3, torch.Generator().manual_seed(seed + 1))
     return list(zip(result.trace, result.trace_stderr)), eigen, used
@@ -130,11 +133,17 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--models", default="digits,resnet20")
+    parser.add_argument("--batched", choices=["auto", "yes", "no"], default="auto",
+                        help="batch HVPs with vmap (auto: on CUDA only)")
     args = parser.parse_args()
+    global BATCHED
+    BATCHED = {"auto": None, "yes": True, "no": False}[args.batched]
     set_quiet(True)
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 32)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device} ({name}), "
+          f"batched HVPs: {args.batched}")
 
     from digits_cnn import build
     from resnet20 import ResNet20, digits_as_cifar
