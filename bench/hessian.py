@@ -68,7 +68,7 @@ def reference(model, names, batches, probes, iters, seed):
     return traces, eigens
 
 
-BATCHED = None  # None: hetcomp's default (vmap-batched HVPs on CUDA, looped on CPU)
+BATCHED = None  # None: hetcomp's default (looped HVPs)
 
 
 def ours(model, names, batches, probes, iters, seed, estimator):
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--models", default="digits,resnet20")
     parser.add_argument("--batched", choices=["auto", "yes", "no"], default="auto",
-                        help="batch HVPs with vmap (auto: on CUDA only)")
+                        help="batch HVPs with vmap (auto: hetcomp default, looped)")
     args = parser.parse_args()
     global BATCHED
     BATCHED = {"auto": None, "yes": True, "no": False}[args.batched]

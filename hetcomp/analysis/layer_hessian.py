@@ -20,7 +20,7 @@ def weight_layers(gm: fx.GraphModule) -> list[LayerAnnotation]:
     return [a for _, a in mappable_nodes(gm) if a.layer.kind == WEIGHT_STATIC and a.layer.weight_param]
 
 
-def operator(gm: fx.GraphModule, ctx, batches: int, batched: bool | None = None) -> HessianOperator:
+def operator(gm: fx.GraphModule, ctx, batches: int, batched: bool = False) -> HessianOperator:
     def build() -> HessianOperator:
         device = ctx.device(gm)
         params = [gm.get_parameter(a.layer.weight_param) for a in weight_layers(gm)]
