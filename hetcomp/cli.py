@@ -1,0 +1,170 @@
+"""The ``hetcomp`` command line.
+
+    hetcomp targets
+    hetcomp compile examples/digits_cnn.py:build --target pcm+digital [--strategy S] --out DIR
+    hetcomp report DIR
+
+Errors print one line (``hetcomp: error: ...``) and exit 2; ``--debug`` shows the traceback.
+``--quiet`` silences progress bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from hetcomp.errors import ConfigError, HetcompError
+
+
+def _load_builder(spec: str):
+    """``path/to/file.py:function`` -> the function (the file is imported as a module)."""
+    if ":" not in spec:
+        raise ConfigError(f"MODEL must be 'path/to/file.py:function', got {spec!r}")
+    file_name, function = spec.rsplit(":", 1)
+    path = Path(file_name)
+    if not path.is_file():
+        raise ConfigError(f"model file {file_name!r} not found")
+    sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[path.stem] = module  # so inspect/pickle-free helpers can find the module's source
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, function):
+        raise ConfigError(f"{file_name} has no function {function!r}")
+    return getattr(module, function)
+
+
+def _calibration(data: Any) -> Any:
+    if isinstance(data, dict):
+        for key in ("calibration", "train"):
+            if key in data:
+                return data[key]
+        raise ConfigError("the data dict returned by MODEL needs a 'train' or 'calibration' loader")
+    return data
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from hetcomp import targets
+
+    print(f"{'name':10s} {'analog':6s} {'ops':22s} {'in/w/out bits':14s} {'noise':20s} {'capacity':>12s}  "
+          "description")
+    for name in targets.available():
+        t = targets.get(name)
+        bits = "/".join("fp" if b is None else str(b) for b in
+                        (t.precision.input_bits, t.precision.weight_bits, t.precision.output_bits))
+        capacity = "unbounded" if t.capacity_weights is None else f"{t.capacity_weights:,}"
+        print(f"{name:10s} {'yes' if t.analog else 'no':6s} {','.join(sorted(t.supports)):22s} {bits:14s} "
+              f"{t.noise.kind:20s} {capacity:>12s}  {t.description}")
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import torch
+
+    import hetcomp
+    from hetcomp import plots, targets
+
+    targets.parse(args.target)  # fail on a bad target before building the model
+    built = _load_builder(args.model)()
+    model, data = built if isinstance(built, tuple) else (built, None)
+    if args.data:
+        data = _load_builder(args.data)()
+    calibration = _calibration(data) if data is not None else None
+    example = None
+    if args.input_shape:
+        example = (torch.randn(*[int(d) for d in args.input_shape.split(",")]),)
+    compiled = hetcomp.compile(model, target=args.target, example_inputs=example,
+                               data=None if args.no_hessian else calibration, strategy=args.strategy,
+                               seed=args.seed)
+    if example is None and calibration is None:
+        raise ConfigError("no data to trace with: return (model, data) from MODEL, or pass --input-shape")
+    out = Path(args.out)
+    compiled.save(out)
+    written = plots.write_all(compiled.manifest, out)
+    summary = compiled.manifest.summary
+    ratio = ", ".join(f"{t} {r:.1%}" for t, r in summary["mac_ratio"].items())
+    print(f"compiled {compiled.manifest.model['class']} for {compiled.manifest.target_set} "
+          f"({compiled.manifest.strategy}): MAC ratio {ratio}")
+    print(f"wrote {out / 'manifest.json'}, {out / 'model.onnx'}, " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _format_metric(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from hetcomp import plots
+    from hetcomp.manifest import Manifest
+
+    manifest = Manifest.load(args.directory)
+    summary = manifest.summary
+    print(f"{manifest.model['class']} on {manifest.target_set}, strategy {manifest.strategy}, seed {manifest.seed}")
+    print("MAC ratio: " + ", ".join(f"{t} {r:.1%}" for t, r in summary["mac_ratio"].items()))
+    keys = ["hessian_trace", "lambda_max", "hni", "scr"]
+    print(f"{'layer':16s} {'kind':14s} {'MACs':>10s} " + " ".join(f"{k:>12s}" for k in keys)
+          + f" {'assignment':12s} reason")
+    for layer in manifest.layers:
+        metrics = " ".join(f"{_format_metric(layer['metrics'].get(k)):>12s}" for k in keys)
+        assignment = layer["assignment"] if isinstance(layer["assignment"], str) else str(layer["assignment"])
+        print(f"{layer['name']:16s} {layer['kind']:14s} {layer['macs']:>10,} {metrics} {assignment:12s} "
+              f"{layer['reason']}")
+    directory = Path(args.directory)
+    directory = directory if directory.is_dir() else directory.parent
+    written = plots.write_all(manifest, directory)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hetcomp", description="Compile PyTorch models for heterogeneous "
+                                     "analog/digital accelerators.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("targets", help="list the known targets").set_defaults(run=_cmd_targets)
+
+    compile_cmd = commands.add_parser("compile", help="compile a model; write manifest, ONNX and plots")
+    compile_cmd.add_argument("model", help="path/to/file.py:function returning a model or (model, data)")
+    compile_cmd.add_argument("--target", default="pcm+digital", help="'+'-joined targets (default pcm+digital)")
+    compile_cmd.add_argument("--strategy", default=None, help="partition strategy (default: the target set's)")
+    compile_cmd.add_argument("--data", default=None, help="path/to/file.py:function returning calibration data")
+    compile_cmd.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,1,8,8")
+    compile_cmd.add_argument("--no-hessian", action="store_true", help="skip the Hessian metrics")
+    compile_cmd.add_argument("--seed", type=int, default=0)
+    compile_cmd.add_argument("--out", required=True, help="output folder")
+    compile_cmd.set_defaults(run=_cmd_compile)
+
+    report = commands.add_parser("report", help="print a manifest's per-layer table and write its plots")
+    report.add_argument("directory", help="folder with manifest.json (or the file itself)")
+    report.set_defaults(run=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from hetcomp.progress import set_quiet
+
+    set_quiet(args.quiet)
+    try:
+        return args.run(args)
+    except Exception as err:  # one clear line for any failure; the traceback only with --debug
+        if args.debug:
+            raise
+        text = str(err).splitlines()[0] if str(err) else ""
+        message = text if isinstance(err, HetcompError) else f"{type(err).__name__}: {text}"
+        print(f"hetcomp: error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Plots people would rather see than read (PNG, headless matplotlib)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from hetcomp.manifest import Manifest, write_atomic  # noqa: E402
+
+TARGET_COLORS = {"digital": "#4c72b0", "pcm": "#dd8452", "sram": "#55a868", "reram": "#c44e52",
+                 "photonic": "#8172b3"}
+
+
+def _color(target: str, index: int) -> str:
+    return TARGET_COLORS.get(target, plt.get_cmap("tab10")(index % 10))
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return write_atomic(Path(path), buffer.getvalue())
+
+
+def assignment_bar(manifest: Manifest, path: str | Path) -> Path:
+    """Per-layer bar: share of output rows on each target (whole-layer assignments are one colour)."""
+    layers = manifest.layers
+    targets = [t["name"] for t in manifest.targets]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(layers) + 1.6))
+    names = [f"{layer['name']} ({'static' if layer['kind'] == 'weight-static' else 'dynamic'})" for layer in layers]
+    left = [0.0] * len(layers)
+    for index, target in enumerate(targets):
+        shares = []
+        for layer in layers:
+            assignment = layer["assignment"]
+            if isinstance(assignment, dict):
+                shares.append(assignment.get(target, 0) / layer["rows"])
+            else:
+                shares.append(1.0 if assignment == target else 0.0)
+        ax.barh(names, shares, left=left, color=_color(target, index), label=target)
+        left = [a + b for a, b in zip(left, shares)]
+    for position, layer in enumerate(layers):
+        ax.text(1.01, position, f"{layer['macs']:,} MACs", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the layer's output rows")
+    ratio = ", ".join(f"{t} {r:.1%}" for t, r in manifest.summary["mac_ratio"].items())
+    ax.set_title(f"{manifest.model['class']} on {manifest.target_set} — {manifest.strategy}\nMAC ratio: {ratio}",
+                 fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.2 / max(len(layers), 1)), ncol=len(targets),
+              frameon=False)
+    return _save(fig, path)
+
+
+def hni_scr_scatter(manifest: Manifest, path: str | Path, color_by: str = "assignment") -> Path | None:
+    """Layers in the (HNI, SCR) plane, coloured by assignment (or a metric key such as a cluster id).
+
+    Returns None when no layer has finite HNI and SCR (no Hessian metrics in the manifest).
+    """
+    points = [(layer["name"], layer["metrics"].get("hni"), layer["metrics"].get("scr"), layer)
+              for layer in manifest.layers]
+    points = [(n, h, s, layer) for n, h, s, layer in points
+              if isinstance(h, float) and isinstance(s, float) and h > 0 and math.isfinite(s)]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    groups: dict[str, list] = {}
+    for name, hni, scr, layer in points:
+        key = layer["assignment"] if color_by == "assignment" else layer["metrics"].get(color_by)
+        groups.setdefault(str(key), []).append((name, hni, scr))
+    for index, (group, members) in enumerate(sorted(groups.items())):
+        ax.scatter([m[1] for m in members], [m[2] for m in members], s=60, color=_color(group, index),
+                   label=group, edgecolor="black", linewidth=0.5, zorder=3)
+        for name, hni, scr in members:
+            ax.annotate(name, (hni, scr), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("HNI = σ²/(2d)·Tr(H)  (log scale)")
+    ax.set_ylabel("SCR = λmax / Tr(H)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"{manifest.model['class']}: layer sensitivity ({manifest.strategy})", fontsize=10)
+    ax.legend(title=color_by)
+    return _save(fig, path)
+
+
+def write_all(manifest: Manifest, directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    written = [assignment_bar(manifest, directory / "assignment.png")]
+    scatter = hni_scr_scatter(manifest, directory / "hni_scr.png")
+    if scatter is not None:
+        written.append(scatter)
+    return written
