@@ -108,8 +108,9 @@ def compare(label, model, batches, device, probes, iters):
             label_est = f"full m={count}"
         else:
             count, label_est = probes, f"{estimator} m={probes}"
+        kind = estimator.split("-")[0]
         t_ours, (traces, eigens, used) = timed(
-            lambda est=estimator.split("-")[0], c=count: ours(model, names, batches, c, iters, 0, est), device)
+            lambda est=kind, c=count: ours(model, names, batches, c, iters, 0, est), device)
         trace_diff = [abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(traces, ref_traces)]
         # agreement within the two estimators' combined standard error (2 sigma)
         within = sum(abs(a[0] - b[0]) <= 2 * (a[1] ** 2 + b[1] ** 2) ** 0.5 for a, b in zip(traces, ref_traces))

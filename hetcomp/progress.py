@@ -34,4 +34,5 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, leave: 
 
 def bar(total: int, desc: str, leave: bool = False):
     """A manual progress bar (``.update(n)``, ``.set_postfix(...)``); a no-op object when quiet."""
-    return tqdm(total=total, desc=desc, leave=leave, disable=True if _quiet else None, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, leave=leave, disable=True if _quiet else None, file=sys.stderr,
+                dynamic_ncols=True)

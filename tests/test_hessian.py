@@ -55,18 +55,18 @@ def test_trace_and_diag_match_exact(tiny, estimator):
     op = HessianOperator(model, params, [(x[:16], y[:16]), (x[16:], y[16:])], F.cross_entropy)
     probes = 3000
     result = op.hutchinson(probes, torch.Generator().manual_seed(0), estimator)
-    for l, block in enumerate(blocks):
+    for layer, block in enumerate(blocks):
         exact_trace = float(block.trace())
-        assert abs(result.trace[l] - exact_trace) < 4 * result.trace_stderr[l] + 1e-12
+        assert abs(result.trace[layer] - exact_trace) < 4 * result.trace_stderr[layer] + 1e-12
         # Per-entry std of v_i (Hv)_i is sqrt(sum_{j != i} H_ij^2) (the full estimator adds the
         # cross-layer entries): test within 5 standard errors.
         off_diag = (block**2).sum(1) - block.diagonal() ** 2
         bound = 5 * torch.sqrt(off_diag / probes) + 1e-9
         if estimator == "full":
-            cross = exact_cross_row_norms(model, x, y, l)
+            cross = exact_cross_row_norms(model, x, y, layer)
             bound = 5 * torch.sqrt((off_diag + cross) / probes) + 1e-9
-        error = (result.diag[l].flatten() - block.diagonal()).abs()
-        assert bool((error < bound).all()), f"layer {l}: max error {error.max()} vs bound {bound.min()}"
+        error = (result.diag[layer].flatten() - block.diagonal()).abs()
+        assert bool((error < bound).all()), f"layer {layer}: max error {error.max()} vs bound {bound.min()}"
 
 
 def exact_cross_row_norms(model, x, y, layer):
@@ -91,11 +91,11 @@ def test_power_iteration_matches_exact_eigenvalue(tiny):
     blocks = exact_blocks(model, x, y)
     op = HessianOperator(model, [model.fc1.weight, model.fc2.weight], [(x, y)], F.cross_entropy)
     eigen, iterations = op.power_iteration(max_iter=2000, tol=1e-10, generator=torch.Generator().manual_seed(0))
-    for l, block in enumerate(blocks):
+    for layer, block in enumerate(blocks):
         values = torch.linalg.eigvalsh(block)
         dominant = float(values[values.abs().argmax()])
-        assert eigen[l] == pytest.approx(dominant, rel=1e-4)
-        assert 1 < iterations[l] <= 2000
+        assert eigen[layer] == pytest.approx(dominant, rel=1e-4)
+        assert 1 < iterations[layer] <= 2000
 
 
 def test_batched_and_looped_hvps_agree(tiny):

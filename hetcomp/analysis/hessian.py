@@ -110,15 +110,17 @@ class HessianOperator:
                 tangents.append(stacked)
             full = self.hvp_many(tangents)
             if self.batched:
-                return {l: full[l][i] for i, l in enumerate(indices)}
+                return {layer: full[layer][i] for i, layer in enumerate(indices)}
         result = {}
-        for l in indices:
-            out = torch.zeros_like(self.params[l])
+        for layer in indices:
+            out = torch.zeros_like(self.params[layer])
             for grads, weight in self._graphs:
-                (part,) = torch.autograd.grad(grads[l], self.params[l], grad_outputs=vectors[l], retain_graph=True)
+                (part,) = torch.autograd.grad(
+                    grads[layer], self.params[layer], grad_outputs=vectors[layer], retain_graph=True
+                )
                 out.add_(part, alpha=weight)
             self.hvp_calls += 1
-            result[l] = out
+            result[layer] = out
         return result
 
     # -- estimators ---------------------------------------------------------------------------------
@@ -133,18 +135,18 @@ class HessianOperator:
         if estimator == "full":
             vectors = [_rademacher((probes, *p.shape), p, generator) for p in self.params]
             products = self.hvp_many(vectors)
-            for l, (v, hv) in enumerate(zip(vectors, products)):
+            for layer, (v, hv) in enumerate(zip(vectors, products)):
                 vhv = v * hv
-                samples[:, l] = vhv.flatten(1).sum(1).double().cpu()
-                diag[l] = vhv.mean(0)
+                samples[:, layer] = vhv.flatten(1).sum(1).double().cpu()
+                diag[layer] = vhv.mean(0)
         elif estimator == "block":
             for k in range(probes):
-                vectors = {l: _rademacher(p.shape, p, generator) for l, p in enumerate(self.params)}
+                vectors = {layer: _rademacher(p.shape, p, generator) for layer, p in enumerate(self.params)}
                 products = self.block_hvp(vectors)
-                for l, hv in products.items():
-                    vhv = vectors[l] * hv
-                    samples[k, l] = float(vhv.sum())
-                    diag[l] += vhv / probes
+                for layer, hv in products.items():
+                    vhv = vectors[layer] * hv
+                    samples[k, layer] = float(vhv.sum())
+                    diag[layer] += vhv / probes
         else:
             raise ValueError(f"estimator must be 'full' or 'block', got {estimator!r}")
         return HutchinsonResult(samples=samples, diag=diag)
@@ -153,22 +155,22 @@ class HessianOperator:
         self, max_iter: int, tol: float, generator: torch.Generator
     ) -> tuple[list[float], list[int]]:
         """Dominant eigenvalue of each block H_ll (Rayleigh quotient) and the iterations it took."""
-        vectors = {l: _unit(torch.randn(p.shape, generator=generator, device="cpu").to(p)) for l, p in
+        vectors = {layer: _unit(torch.randn(p.shape, generator=generator, device="cpu").to(p)) for layer, p in
                    enumerate(self.params)}
         eigen = [0.0] * len(self.params)
         iterations = [0] * len(self.params)
         active = set(vectors)
         for step in range(1, max_iter + 1):
-            products = self.block_hvp({l: vectors[l] for l in sorted(active)})
-            for l, hv in products.items():
-                rayleigh = float((vectors[l] * hv).sum())
-                converged = step > 1 and abs(rayleigh - eigen[l]) <= tol * max(abs(eigen[l]), 1e-30)
-                eigen[l], iterations[l] = rayleigh, step
+            products = self.block_hvp({layer: vectors[layer] for layer in sorted(active)})
+            for layer, hv in products.items():
+                rayleigh = float((vectors[layer] * hv).sum())
+                converged = step > 1 and abs(rayleigh - eigen[layer]) <= tol * max(abs(eigen[layer]), 1e-30)
+                eigen[layer], iterations[layer] = rayleigh, step
                 norm = hv.norm()
                 if converged or norm == 0:
-                    active.discard(l)
+                    active.discard(layer)
                 else:
-                    vectors[l] = hv / norm
+                    vectors[layer] = hv / norm
             if not active:
                 break
         return eigen, iterations
