@@ -1,8 +1,8 @@
 """The main job (``make demo``): digits CNN -> hetcomp.compile for pcm+digital with each strategy.
 
 Trains the CNN once (weights cached under build/weights), computes the Hessian metrics, compiles it
-with every strategy available for pcm+digital, prints a table and writes the manifests (and ONNX
-models) under build/demo/<strategy>/.
+with every strategy available for pcm+digital, prints a table and writes the manifests, ONNX
+models and plots under build/demo/<strategy>/.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hetcomp  # noqa: E402
+from hetcomp import plots  # noqa: E402
 from hetcomp.datasets import accuracy  # noqa: E402
 
 STRATEGIES = ["all-digital", "all-analog", "first-last-digital"]
@@ -32,6 +33,7 @@ def main() -> None:
         compiled = hetcomp.compile(model, target="pcm+digital", example_inputs=(example,), data=data["train"],
                                    strategy=strategy, seed=0)
         directory = compiled.save(OUT / strategy)
+        plots.write_all(compiled.manifest, directory)
         summary = compiled.manifest.summary
         rows.append((strategy, summary["mac_ratio"]["pcm"], summary["layers"]["pcm"], summary["layers"]["digital"],
                      directory))
@@ -48,7 +50,8 @@ def main() -> None:
         m = layer["metrics"]
         print(f"{layer['name']:8s} {layer['kind']:14s} {layer['macs']:8d} {m['hessian_trace']:10.4f} "
               f"{m['lambda_max']:11.4f} {m['hni']:10.3e} {m['scr']:7.3f}  {layer['assignment']}")
-    print(f"\ndone in {time.perf_counter() - start:.1f} s")
+    print(f"\nplots: {OUT}/<strategy>/assignment.png, hni_scr.png")
+    print(f"done in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ The batch dimension is exported dynamic when the model allows it, else static (r
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -46,9 +47,16 @@ def _exported_program(gm: fx.GraphModule, inputs: tuple) -> tuple[torch.export.E
 
 
 def _to_onnx(program: torch.export.ExportedProgram) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.onnx.export(program, dynamo=True, optimize=False, verbose=False)
+    # The exporter logs a warning per missing torchvision op at every export: noise for our users.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(program, dynamo=True, optimize=False, verbose=False)
+    finally:
+        registration_log.setLevel(level)
 
 
 def _tag_nodes(model_ir: Any, program: torch.export.ExportedProgram, layers: dict[str, dict]) -> int:
