@@ -144,7 +144,7 @@ def apply_manifest(model: nn.Module, manifest: Manifest | str | Path, example_in
         if found["weights"] != expected.get("weights"):
             problems.append("weights differ (manifest was made for other weights)")
         raise ManifestError("manifest does not match this model: " + "; ".join(problems))
-    target_set = target_registry.parse(manifest.target_set)
+    target_registry.parse(manifest.target_set)  # its targets must exist in this installation
     for layer in manifest.layers:
         annotation = annotations[layer["name"]]
         annotation.metrics = dict(layer["metrics"])
@@ -152,5 +152,4 @@ def apply_manifest(model: nn.Module, manifest: Manifest | str | Path, example_in
         annotation.reason = layer["reason"]
         annotation.row_targets = layer.get("row_targets")
     gm.meta[META_KEY]["applied_from_manifest"] = True
-    del target_set  # parsed to validate the target names exist in this installation
     return CompiledModel(gm, gm, copy.deepcopy(manifest), inputs)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from hetcomp.progress import bar, progress
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -94,7 +96,7 @@ class HessianOperator:
                 return result
             except RuntimeError:
                 self.batched = False  # no batching rule for some op: loop from now on
-        columns = [self.hvp([v[i] for v in vectors]) for i in range(count)]
+        columns = [self.hvp([v[i] for v in vectors]) for i in progress(range(count), "Hessian probes", count)]
         return [torch.stack([col[j] for col in columns]) for j in range(len(self.params))]
 
     def block_hvp(self, vectors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -140,7 +142,7 @@ class HessianOperator:
                 samples[:, layer] = vhv.flatten(1).sum(1).double().cpu()
                 diag[layer] = vhv.mean(0)
         elif estimator == "block":
-            for k in range(probes):
+            for k in progress(range(probes), "Hessian probes (per layer)", probes):
                 vectors = {layer: _rademacher(p.shape, p, generator) for layer, p in enumerate(self.params)}
                 products = self.block_hvp(vectors)
                 for layer, hv in products.items():
@@ -160,7 +162,10 @@ class HessianOperator:
         eigen = [0.0] * len(self.params)
         iterations = [0] * len(self.params)
         active = set(vectors)
+        steps = bar(max_iter, "power iteration")
         for step in range(1, max_iter + 1):
+            steps.update(1)
+            steps.set_postfix(unconverged=len(active))
             products = self.block_hvp({layer: vectors[layer] for layer in sorted(active)})
             for layer, hv in products.items():
                 rayleigh = float((vectors[layer] * hv).sum())
@@ -173,6 +178,7 @@ class HessianOperator:
                     vectors[layer] = hv / norm
             if not active:
                 break
+        steps.close()
         return eigen, iterations
 
 

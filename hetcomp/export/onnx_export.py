@@ -108,8 +108,9 @@ def export_onnx(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, path: str
         "hetcomp.manifest": manifest.to_json(), "hetcomp.dynamic_batch": json.dumps(dynamic)})
 
 
-def _segments(gm: fx.GraphModule, layers: dict[str, dict]) -> dict[str, int]:
-    """Partition id per node: contiguous runs (in graph order) of nodes on one target.
+def _segments(gm: fx.GraphModule, layers: dict[str, dict]) -> tuple[dict[str, int], dict[int, str]]:
+    """Partition id per node, and the target of each partition: contiguous runs (in graph order) of
+    nodes on one target.
 
     A node that is not a mapped layer joins the run it sits in (the target of the last mapped layer
     before it; nodes before the first mapped layer join the first run).
@@ -132,8 +133,7 @@ def _segments(gm: fx.GraphModule, layers: dict[str, dict]) -> dict[str, int]:
             current = target
             targets[segment] = target
         ids[node.name] = segment
-    gm.meta.setdefault("hetcomp", {})["segment_targets"] = targets
-    return ids
+    return ids, targets
 
 
 def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, directory: str | Path) -> Path:
@@ -146,8 +146,7 @@ def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, dir
     directory = Path(directory)
     layers = {layer["name"]: layer for layer in manifest.layers}
     _label_layers(gm)  # split_module copies node meta, so the submodules' nodes keep their labels
-    ids = _segments(gm, layers)
-    segment_targets = gm.meta["hetcomp"]["segment_targets"]
+    ids, segment_targets = _segments(gm, layers)
     parent = split_module(gm, gm, lambda node: ids[node.name], keep_original_order=True)
 
     # Run the parent once to capture each partition's real inputs (for tracing/export).
