@@ -98,6 +98,10 @@ def compile(  # noqa: A001 - the public name the issue and users expect
         raise ConfigError(f"strategy {chosen.name!r} needs calibration data: pass data=<DataLoader>")
     if hessian and data is None:
         raise ConfigError("hessian= settings given but no data= to compute the Hessian on")
+    allowed = {"probes", "max_iter", "tol", "batches", "estimator", "gamma"}
+    unknown = sorted(set(hessian or {}) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown hessian setting(s) {unknown}; known: {sorted(allowed)}")
     analysis = hessian_passes(**(hessian or {})) if data is not None else []
     pipeline = [*analysis, *(passes or []), *chosen.build(target_set)]
     manager = PassManager(pipeline)  # checks the order before anything runs

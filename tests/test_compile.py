@@ -89,6 +89,9 @@ def test_bad_inputs_fail_before_work():
         hetcomp.compile(MLP(), "sram+reram+photonic", (X,))
     with pytest.raises(ConfigError, match="example_inputs"):
         hetcomp.compile(MLP(), "pcm+digital")
+    with pytest.raises(ConfigError, match="unknown hessian setting.*'probs'"):
+        hetcomp.compile(MLP(), "pcm+digital", (X,), data=(X, torch.zeros(5, dtype=torch.long)),
+                        hessian={"probs": 3})
 
 
 class NeedsMetric(hetcomp.Pass):
