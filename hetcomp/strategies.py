@@ -1,19 +1,29 @@
 """Strategies: named partition pipelines. A strategy turns a target set into partition passes.
 
-Built in: ``all-digital``, ``all-analog`` (the set's one analog target), ``all-<target>`` for any
-target in the set, ``first-last-digital``. ``default_strategy`` documents what ``strategy=None`` picks.
+Built in: ``hilal`` (k-means on [HNI, SCR]; the default for one analog target + digital), its
+ablations ``hni-only`` and ``scr-only``, ``mac-greedy`` (LionHeart; ``mac_greedy(threshold=...)`` for
+other settings), ``all-digital``, ``all-analog`` (the set's one analog target), ``all-<target>`` for any
+target in the set, ``first-last-digital`` (DIANA-style). ``default_strategy`` documents what
+``strategy=None`` picks.
+
+``build(targets, finetune)`` returns the partition passes; ``finetune`` is the LAFT settings given to
+compile (or None). A strategy with ``trains=True`` retrains inside its own search (using those
+settings), so compile does not run LAFT after it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hetcomp.errors import ConfigError
 from hetcomp.passes.assign import most_accurate_digital, sole_analog
 from hetcomp.passes.assign_all import AssignAll
 from hetcomp.passes.base import Pass
 from hetcomp.passes.first_last_digital import FirstLastDigital
+from hetcomp.passes.kmeans_split import KMeansSplit
+from hetcomp.passes.mac_greedy import MacGreedy
 from hetcomp.targets import TargetSet
 
 
@@ -21,8 +31,9 @@ from hetcomp.targets import TargetSet
 class Strategy:
     name: str
     description: str
-    build: Callable[[TargetSet], list[Pass]]
-    needs_data: bool = False  # needs calibration data (Hessian metrics)
+    build: Callable[[TargetSet, Any], list[Pass]]
+    needs_data: bool = False  # needs calibration data (Hessian metrics, or training)
+    trains: bool = False  # its search retrains the model (LAFT is not run after it)
 
 
 _STRATEGIES: dict[str, Strategy] = {}
@@ -35,46 +46,80 @@ def register_strategy(strategy: Strategy) -> Strategy:
 
 register_strategy(Strategy(
     "all-digital", "every layer on the most accurate digital target",
-    lambda ts: [AssignAll(most_accurate_digital(ts, "all-digital"))],
+    lambda ts, _: [AssignAll(most_accurate_digital(ts, "all-digital"))],
 ))
 register_strategy(Strategy(
     "all-analog", "every layer on the set's analog target (ops it cannot run fall back, with a reason)",
-    lambda ts: [AssignAll(sole_analog(ts, "all-analog"))],
+    lambda ts, _: [AssignAll(sole_analog(ts, "all-analog"))],
 ))
 register_strategy(Strategy(
     "first-last-digital", "first and last mappable layer digital, the rest analog (DIANA-style)",
-    lambda ts: [FirstLastDigital(most_accurate_digital(ts, "first-last-digital"),
-                                 sole_analog(ts, "first-last-digital"))],
+    lambda ts, _: [FirstLastDigital(most_accurate_digital(ts, "first-last-digital"),
+                                    sole_analog(ts, "first-last-digital"))],
 ))
+
+
+def _kmeans(name: str, features: tuple[str, ...], description: str) -> Strategy:
+    return Strategy(
+        name, description,
+        lambda ts, _: [KMeansSplit(most_accurate_digital(ts, name), sole_analog(ts, name), features=features,
+                                   name=name)],
+        needs_data=True,
+    )
+
+
+register_strategy(_kmeans("hilal", ("hni", "scr"),
+                          "HILAL: k-means (k=2) on z-scored [HNI, SCR]; sensitive cluster digital, robust analog"))
+register_strategy(_kmeans("hni-only", ("hni",), "k-means on HNI alone (HILAL ablation)"))
+register_strategy(_kmeans("scr-only", ("scr",), "k-means on SCR alone (HILAL ablation)"))
+
+
+def mac_greedy(threshold: float = 0.02, eval_repeats: int = 5, t_inference: float = 86400.0) -> Strategy:
+    """LionHeart's greedy search with explicit settings (``strategy=mac_greedy(threshold=0.01)``)."""
+    return Strategy(
+        "mac-greedy",
+        f"LionHeart: layers by MACs, largest first, each kept analog only if retrained accuracy >= digital "
+        f"- {threshold}",
+        lambda ts, finetune: [MacGreedy(most_accurate_digital(ts, "mac-greedy"), sole_analog(ts, "mac-greedy"),
+                                        threshold=threshold, training=finetune, eval_repeats=eval_repeats,
+                                        t_inference=t_inference)],
+        needs_data=True, trains=True,
+    )
+
+
+register_strategy(mac_greedy())
 
 
 def available_strategies() -> list[str]:
     return sorted(_STRATEGIES) + ["all-<target>"]
 
 
-def resolve(name: str | None, targets: TargetSet) -> Strategy:
+def resolve(name: str | Strategy | None, targets: TargetSet) -> Strategy:
     """The strategy for ``name`` (None: the target set's default). Errors name the known strategies."""
+    if isinstance(name, Strategy):
+        name.build(targets, None)  # raises now, before any work, if the target set does not fit
+        return name
     if name is None:
         name = default_strategy(targets)
     if name in _STRATEGIES:
         strategy = _STRATEGIES[name]
-        strategy.build(targets)  # raises now, before any work, if the target set does not fit
+        strategy.build(targets, None)  # raises now, before any work, if the target set does not fit
         return strategy
     if name.startswith("all-") and name[4:] in targets:
         target = name[4:]
-        return Strategy(name, f"every layer on {target}", lambda ts: [AssignAll(target)])
+        return Strategy(name, f"every layer on {target}", lambda ts, _: [AssignAll(target)])
     raise ConfigError(
         f"unknown strategy {name!r} for target set {targets}; known: {', '.join(available_strategies())}"
     )
 
 
 def default_strategy(targets: TargetSet) -> str:
-    """One target: ``all-<it>``. One analog target + digital: ``first-last-digital``.
+    """One target: ``all-<it>``. One analog target + digital: ``hilal`` (needs data=).
     Otherwise (several analog targets) a strategy must be named."""
     if len(targets.targets) == 1:
         return f"all-{targets.names[0]}"
     if len(targets.analog) == 1 and targets.digital:
-        return "first-last-digital"
+        return "hilal"
     raise ConfigError(
         f"no default strategy for target set {targets} yet; pass strategy= one of "
         f"{', '.join(available_strategies())}"

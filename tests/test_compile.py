@@ -52,8 +52,9 @@ def test_strategies_assign_as_named():
     assert set(assignments(hetcomp.compile(model, "pcm+digital", (X,), strategy="all-analog")).values()) == {"pcm"}
     fld = assignments(hetcomp.compile(model, "pcm+digital", (X,), strategy="first-last-digital"))
     assert fld == {"fc1": "digital", "fc2": "pcm", "fc3": "pcm", "fc4": "digital"}
-    # strategy=None on pcm+digital is first-last-digital (documented default)
-    assert assignments(hetcomp.compile(model, "pcm+digital", (X,))) == fld
+    # strategy=None on pcm+digital is hilal, which needs data: the error says so and names an alternative
+    with pytest.raises(ConfigError, match="'hilal' needs data=.*first-last-digital"):
+        hetcomp.compile(model, "pcm+digital", (X,))
     assert set(assignments(hetcomp.compile(model, "reram", (X,))).values()) == {"reram"}
 
 
@@ -88,7 +89,7 @@ def test_bad_inputs_fail_before_work():
     with pytest.raises(ConfigError, match="no default strategy"):
         hetcomp.compile(MLP(), "sram+reram+photonic", (X,))
     with pytest.raises(ConfigError, match="example_inputs"):
-        hetcomp.compile(MLP(), "pcm+digital")
+        hetcomp.compile(MLP(), "pcm+digital", strategy="all-digital")
     with pytest.raises(ConfigError, match="unknown hessian setting.*'probs'"):
         hetcomp.compile(MLP(), "pcm+digital", (X,), data=(X, torch.zeros(5, dtype=torch.long)),
                         hessian={"probs": 3})
@@ -112,7 +113,7 @@ class ProvidesMetric(hetcomp.Pass):
 
 def test_pass_order_checked_before_running():
     with pytest.raises(PassOrderError, match="'needs_metric' .*requires 'made_up_metric'.*add a pass"):
-        hetcomp.compile(MLP(), "pcm+digital", (X,), passes=[NeedsMetric()])
+        hetcomp.compile(MLP(), "pcm+digital", (X,), passes=[NeedsMetric()], strategy="all-digital")
     with pytest.raises(PassOrderError, match="provided by 'provides_metric', which runs later"):
         hetcomp.PassManager([NeedsMetric(), ProvidesMetric()])
     hetcomp.PassManager([ProvidesMetric(), NeedsMetric()])  # right order is fine
@@ -147,12 +148,12 @@ def test_manifest_round_trip_and_apply(tmp_path):
     assert loaded.to_dict() == compiled.manifest.to_dict()
     applied = hetcomp.apply_manifest(model, loaded, (X,))
     assert assignments(applied) == assignments(compiled)
-    torch.testing.assert_close(applied(X), model(X))
+    torch.testing.assert_close(applied.graph(X), model(X))  # the digital graph; applied(X) is the lowered one
 
 
 def test_manifest_of_other_model_is_refused(tmp_path):
     model = MLP()
-    path = hetcomp.compile(model, "pcm+digital", (X,)).save(tmp_path).joinpath("manifest.json")
+    path = hetcomp.compile(model, "pcm+digital", (X,), strategy="first-last-digital").save(tmp_path).joinpath("manifest.json")
     other_weights = MLP()
     with pytest.raises(ManifestError, match="weights differ"):
         hetcomp.apply_manifest(other_weights, path, (X,))
@@ -176,7 +177,7 @@ def test_manifest_load_errors(tmp_path):
 
 
 def test_manifest_write_is_atomic(tmp_path, monkeypatch):
-    compiled = hetcomp.compile(MLP(), "pcm+digital", (X,))
+    compiled = hetcomp.compile(MLP(), "pcm+digital", (X,), strategy="first-last-digital")
     path = compiled.manifest.save(tmp_path / "manifest.json")
     before = path.read_text()
 

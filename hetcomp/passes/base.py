@@ -68,6 +68,8 @@ class CompileContext:
     loss_fn: LossFn | None = None
     seed: int = 0
     records: list[PassRecord] = field(default_factory=list)
+    # What passes want recorded in the manifest's ``extra`` (e.g. a fine-tuning log, a search trace).
+    manifest_extra: dict[str, Any] = field(default_factory=dict)
     _analyses: dict[Any, Any] = field(default_factory=dict)
     _calibration: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 

@@ -1,0 +1,174 @@
+"""Accuracy of a lowered model over independent hardware repeats (re-program, then drift, each repeat).
+
+Each repeat draws fresh programming noise and drift exponents (``program_and_drift``), seeded by
+(seed, repeat) so that an evaluation is reproducible and repeat r does not depend on repeat r-1.
+Repeats dominate wall time, so the evaluator:
+
+- stages the whole test set on the model's device once (no DataLoader work per repeat);
+- runs everything before the first analog layer once and reuses those activations in every repeat
+  (the digital prefix is deterministic), when they fit in ``prefix_cache_bytes``;
+- runs without autograd and in large batches.
+
+``plain_loop_accuracy`` is the straightforward loop (program, drift, iterate the loader) kept as the
+reference for tests and ``bench/evaluate.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from hetcomp.errors import ConfigError
+from hetcomp.lower import lowered_modules, program_and_drift
+from hetcomp.progress import progress
+
+
+@dataclass
+class Evaluation:
+    """Accuracies of independent repeats at ``t_inference`` seconds after programming."""
+
+    accuracies: list[float]
+    t_inference: float
+    mac_ratio: float  # fraction of mappable-layer MACs on analog targets
+    seconds: float
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over repeats (0 for one repeat)."""
+        n = len(self.accuracies)
+        if n < 2:
+            return 0.0
+        return math.sqrt(sum((a - self.mean) ** 2 for a in self.accuracies) / (n - 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": self.mean, "std": self.std, "repeats": len(self.accuracies)}
+
+    def __str__(self) -> str:
+        return (f"accuracy {self.mean:.4f} ± {self.std:.4f} over {len(self.accuracies)} repeats at "
+                f"t = {self.t_inference:g} s; analog MAC ratio {self.mac_ratio:.3f}")
+
+
+def _staged(loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(loader, tuple | list) and len(loader) == 2 and all(isinstance(t, torch.Tensor) for t in loader):
+        return loader[0].to(device), loader[1].to(device)
+    inputs, labels = [], []
+    try:
+        for batch in loader:
+            inputs.append(batch[0])
+            labels.append(batch[1])
+    except (TypeError, IndexError):
+        raise ConfigError("evaluation data must be an iterable of (inputs, labels) batches or an "
+                          "(inputs, labels) tensor pair") from None
+    if not inputs:
+        raise ConfigError("evaluation data yielded no batch")
+    return torch.cat(inputs).to(device), torch.cat(labels).to(device)
+
+
+def _frontier(gm: fx.GraphModule, stochastic: set[str]) -> fx.Node | None:
+    """The first node whose result changes between repeats (a call into a lowered module)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and any(node.target == m or node.target.startswith(m + ".") for m in stochastic):
+            return node
+    return None
+
+
+def _prefix_env(gm: fx.GraphModule, frontier: fx.Node, inputs: torch.Tensor) -> dict[fx.Node, Any]:
+    """Values of nodes before ``frontier`` that nodes from ``frontier`` on still need."""
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    cut = order[frontier]
+    needed = {node for node in gm.graph.nodes if order[node] < cut and any(order[u] >= cut for u in node.users)}
+    env: dict[fx.Node, Any] = {}
+
+    class Prefix(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            if order[node] >= cut:
+                raise _Stop
+            value = super().run_node(node)
+            if node in needed:
+                env[node] = value
+            return value
+
+    try:
+        Prefix(gm).run(inputs)
+    except _Stop:
+        pass
+    return env
+
+
+class _Stop(Exception):
+    pass
+
+
+def _nbytes(env: dict[fx.Node, Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in env.values() if isinstance(v, torch.Tensor))
+
+
+def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: Any, repeats: int = 20,
+             t_inference: float = 86400.0, seed: int = 0, mac_ratio: float = math.nan, batch_size: int = 1024,
+             prefix_cache_bytes: int = 1 << 30) -> Evaluation:
+    """Top-1 accuracy of the lowered ``module`` on ``data`` over ``repeats`` independent repeats."""
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    if not t_inference >= 0:
+        raise ConfigError(f"t_inference must be >= 0 seconds, got {t_inference}")
+    start = time.perf_counter()
+    device = next(module.parameters()).device
+    inputs, labels = _staged(data, device)
+    stochastic = set(lowered_modules(report))
+    was_training = module.training
+    module.eval()
+    chunks = [(inputs[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
+    accuracies = []
+    with torch.no_grad():  # not inference_mode: aihwkit keeps tensors made here (programmed weights)
+        frontier = _frontier(module, stochastic)
+        if frontier is None:  # nothing stochastic: one pass gives every repeat's result
+            correct = sum(int((module(x).argmax(-1) == y).sum()) for x, y in chunks)
+            accuracies = [correct / len(labels)] * repeats
+        else:
+            envs = [_prefix_env(module, frontier, x) for x, _ in chunks]
+            if sum(_nbytes(env) for env in envs) > prefix_cache_bytes:
+                envs = [{} for _ in chunks]
+            runner = fx.Interpreter(module)
+            for repeat in progress(range(repeats), desc="repeats", total=repeats):
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(_repeat_seed(seed, repeat))
+                    program_and_drift(module, report, t_inference)
+                    correct = 0
+                    for (x, y), env in zip(chunks, envs, strict=True):
+                        logits = runner.run(x, initial_env=dict(env)) if env else module(x)
+                        correct += int((logits.argmax(-1) == y).sum())
+                accuracies.append(correct / len(labels))
+    module.train(was_training)
+    return Evaluation(accuracies, float(t_inference), mac_ratio, time.perf_counter() - start)
+
+
+def _repeat_seed(seed: int, repeat: int) -> int:
+    return (seed * 1_000_003 + repeat) % (2**63)
+
+
+def plain_loop_accuracy(module: torch.nn.Module, report: dict[str, dict[str, Any]], loader: Any, repeats: int,
+                        t_inference: float, seed: int = 0) -> list[float]:
+    """The reference loop: each repeat programs, drifts and iterates the loader (same seeds as ``evaluate``)."""
+    device = next(module.parameters()).device
+    module.eval()
+    accuracies = []
+    with torch.no_grad():
+        for repeat in range(repeats):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(_repeat_seed(seed, repeat))
+                program_and_drift(module, report, t_inference)
+                correct = total = 0
+                for x, y in loader:
+                    correct += int((module(x.to(device)).argmax(-1) == y.to(device)).sum())
+                    total += len(y)
+            accuracies.append(correct / total)
+    return accuracies

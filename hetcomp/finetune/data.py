@@ -1,0 +1,57 @@
+"""Training data for fine-tuning: a seeded train/validation split of the compile ``data``.
+
+Validation is a split of the *training* data (or ``val_data`` the user hands in); the test split is
+never touched by fine-tuning or by a partition search. Epoch shuffles use their own seeded generator,
+so a stage's batches depend only on (seed, stage, epoch), which is what makes resuming exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from hetcomp.errors import ConfigError
+from hetcomp.evaluate import _staged
+
+
+@dataclass
+class TrainingData:
+    train: Dataset
+    val: tuple[torch.Tensor, torch.Tensor]  # staged validation inputs and labels (CPU)
+    batch_size: int
+
+    def epoch_loader(self, seed: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+
+def training_split(data: Any, val_data: Any = None, val_fraction: float = 0.1, seed: int = 0,
+                   batch_size: int | None = None) -> TrainingData:
+    """Split ``data`` (a DataLoader over a map-style dataset, or an (inputs, labels) tensor pair)."""
+    if isinstance(data, DataLoader):
+        dataset = data.dataset
+        batch_size = batch_size or data.batch_size or 64
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise ConfigError("fine-tuning needs a DataLoader over a map-style dataset (with __len__ and "
+                              "__getitem__) so that it can split off validation data and reshuffle per epoch")
+    elif isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        dataset = TensorDataset(data[0], data[1])
+        batch_size = batch_size or 64
+    else:
+        raise ConfigError("fine-tuning needs data= as a DataLoader or an (inputs, labels) tensor pair, "
+                          f"got {type(data).__name__}")
+    if val_data is not None:
+        return TrainingData(dataset, _staged(val_data, torch.device("cpu")), batch_size)
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = max(1, int(round(len(dataset) * val_fraction)))
+    if n_val >= len(dataset):
+        raise ConfigError(f"{len(dataset)} training samples are too few to split off {val_fraction:.0%} validation")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = Subset(dataset, order[:n_val])
+    train = Subset(dataset, order[n_val:])
+    staged = _staged(DataLoader(val, batch_size=max(batch_size, 256)), torch.device("cpu"))
+    return TrainingData(train, staged, batch_size)

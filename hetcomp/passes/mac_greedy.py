@@ -1,0 +1,98 @@
+"""Partition baseline (LionHeart): map layers to analog one at a time, largest MACs first, keep a layer
+only if accuracy after retraining stays within ``threshold`` of the digital baseline.
+
+Each candidate is a fine-tuning stage (``train_stage``, the same code LAFT uses) from the weights of
+the last accepted state, followed by LionHeart's acceptance test: accuracy over ``eval_repeats``
+programmed-and-drifted repeats at ``t_inference`` on the validation split must be at least the digital
+validation accuracy minus ``threshold`` (a fraction: 0.02 = 2 points). A rejected candidate is
+reverted. The retrained weights of the final accepted set become the compiled weights, so this
+strategy needs no separate ``finetune=`` run; a LAFT object given to compile supplies its training
+settings (epochs, patience, learning rates, validation split).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from hetcomp.errors import ConfigError
+from hetcomp.evaluate import evaluate
+from hetcomp.finetune.data import training_split
+from hetcomp.finetune.laft import LAFT
+from hetcomp.finetune.stage import derive_seed, train_stage, validation_accuracy
+from hetcomp.graph.layers import mappable_nodes
+from hetcomp.lower import lower_graph
+from hetcomp.passes.assign import assign_layer
+from hetcomp.passes.base import CompileContext, Pass
+from hetcomp.targets.base import WEIGHT_STATIC
+
+
+class MacGreedy(Pass):
+    name = "mac_greedy"
+    requires = ("layers",)
+    provides = ("assignment", "finetuned")
+    modifies_graph = True
+
+    def __init__(self, digital: str, analog: str, threshold: float = 0.02, training: LAFT | None = None,
+                 eval_repeats: int = 5, t_inference: float = 86400.0) -> None:
+        if not 0 <= threshold < 1:
+            raise ConfigError(f"mac-greedy threshold is a fraction of accuracy in [0, 1), got {threshold}")
+        if eval_repeats < 1:
+            raise ConfigError(f"eval_repeats must be >= 1, got {eval_repeats}")
+        self.digital, self.analog = digital, analog
+        self.threshold = threshold
+        self.training = training if training is not None else LAFT()
+        self.eval_repeats = eval_repeats
+        self.t_inference = t_inference
+
+    def settings(self) -> dict:
+        return {"digital": self.digital, "analog": self.analog, "threshold": self.threshold,
+                "eval_repeats": self.eval_repeats, "t_inference": self.t_inference,
+                "training": self.training.settings()}
+
+    def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+        training = self.training
+        data = training_split(ctx.data, training.val_data, training.val_fraction, ctx.seed, training.batch_size)
+        candidates = []
+        for _, annotation in mappable_nodes(gm):
+            if annotation.layer.kind == WEIGHT_STATIC and annotation.assignment is None:
+                candidates.append(annotation)
+        candidates.sort(key=lambda a: -a.layer.macs)  # stable: ties keep graph order
+        baseline = validation_accuracy(gm, data.val, 1, derive_seed(ctx.seed, "baseline"))
+        floor = baseline - self.threshold
+        accepted: list[str] = []
+        state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+        trials, verdicts = [], {}
+        for index, candidate in enumerate(candidates):
+            name = candidate.layer.name
+            candidate.assignment = self.analog  # tentatively, so lowering knows its target
+            gm.load_state_dict(state)
+            result = train_stage(gm, ctx.targets, [*accepted, name], data, training.stage_settings(), ctx.loss,
+                                 derive_seed(ctx.seed, "mac-greedy", index),
+                                 desc=f"mac-greedy {index + 1}/{len(candidates)} (+{name})")
+            gm.load_state_dict(result.state)
+            lowered, report = lower_graph(gm, ctx.targets, layers=[*accepted, name])
+            score = evaluate(lowered, report, data.val, repeats=self.eval_repeats, t_inference=self.t_inference,
+                             seed=derive_seed(ctx.seed, "mac-greedy-eval", index)).mean
+            keep = score >= floor
+            if keep:
+                accepted.append(name)
+                state = result.state
+            else:
+                candidate.assignment = None  # reverted
+            verdicts[name] = (index + 1, score, keep)
+            trials.append({**result.record(), "candidate": name, "macs": candidate.layer.macs,
+                           "drift_val_accuracy": score, "accepted": keep})
+        gm.load_state_dict(state)
+        test = f"validation accuracy at t={self.t_inference:g}s vs digital baseline {baseline:.4f} - {self.threshold}"
+        for _, annotation in mappable_nodes(gm):
+            if annotation.layer.name in verdicts:
+                rank, score, keep = verdicts[annotation.layer.name]
+                annotation.assignment = None  # the search's tentative tag; assign with the reason now
+                why = f"candidate {rank} by MACs; retrained {test}: {score:.4f} {'>=' if keep else '<'} {floor:.4f}"
+                assign_layer(annotation, self.analog if keep else self.digital, ctx.targets, "mac-greedy", why)
+            else:
+                assign_layer(annotation, self.digital, ctx.targets, "mac-greedy",
+                             "not an analog candidate (dynamic op or pinned earlier)")
+        ctx.manifest_extra["finetune"] = {"method": "mac-greedy", "baseline_val": baseline, "trials": trials,
+                                          "accepted": accepted}
+        return gm
