@@ -54,7 +54,8 @@ class LAFT(Pass):
     lr_decay: bool = True
     val_fraction: float = 0.1
     val_data: Any = None
-    val_repeats: int = 1
+    val_repeats: int = 3
+    val_t_inference: float | None = 86400.0
     batch_size: int | None = None
     checkpoint_dir: str | Path | None = "build/laft"
     resume: bool = True
@@ -75,13 +76,14 @@ class LAFT(Pass):
 
     def stage_settings(self) -> StageSettings:
         return StageSettings(self.epochs, self.patience, self.lr_analog, self.lr_digital, self.momentum,
-                             self.lr_decay, self.val_repeats)
+                             self.lr_decay, self.val_repeats, self.val_t_inference)
 
     def settings(self) -> dict:
         return {"epochs": self.epochs, "patience": self.patience, "lr_analog": self.lr_analog,
                 "lr_digital": self.lr_digital, "momentum": self.momentum, "lr_decay": self.lr_decay,
                 "val_fraction": None if self.val_data is not None else self.val_fraction,
                 "val_data": self.val_data is not None, "val_repeats": self.val_repeats,
+                "val_t_inference": self.val_t_inference,
                 "batch_size": self.batch_size}
 
     def order(self, gm: fx.GraphModule, ctx: CompileContext) -> list[str]:

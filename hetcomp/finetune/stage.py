@@ -10,6 +10,7 @@ the initial best, so a stage never returns weights worse on validation than thos
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from hetcomp.evaluate import evaluate
 from hetcomp.finetune.data import TrainingData
 from hetcomp.lower import digital_state_dict, lower_graph, lowered_modules
 from hetcomp.progress import bar
@@ -40,6 +42,7 @@ class StageSettings:
     momentum: float
     lr_decay: bool
     val_repeats: int
+    val_t_inference: float | None  # None: read/ADC noise only; else programmed and drifted to this time
 
 
 @dataclass
@@ -60,8 +63,16 @@ class StageResult:
 
 
 def validation_accuracy(module: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], repeats: int,
-                        seed: int, batch_size: int = 1024) -> float:
-    """Mean top-1 accuracy over ``repeats`` noisy forward passes (eval mode, no drift), seeded."""
+                        seed: int, t_inference: float | None = None, report: dict | None = None,
+                        batch_size: int = 1024) -> float:
+    """Mean top-1 accuracy over ``repeats`` noisy passes, seeded.
+
+    ``t_inference=None``: eval-mode forward noise only (read noise, ADC). Otherwise each repeat programs
+    and drifts a copy of the module (drift overwrites tile weights, so the trained module is untouched).
+    """
+    if t_inference is not None and report is not None and lowered_modules(report):
+        return evaluate(copy.deepcopy(module), report, val, repeats=repeats, t_inference=t_inference,
+                        seed=seed, batch_size=batch_size).mean
     device = next(module.parameters()).device
     was_training = module.training
     module.eval()
@@ -96,7 +107,8 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
                  if settings.lr_decay else None)
     val_seed = derive_seed(seed, "validation")
-    best_val = start_val = validation_accuracy(lowered, data.val, settings.val_repeats, val_seed)
+    best_val = start_val = validation_accuracy(lowered, data.val, settings.val_repeats, val_seed,
+                                                   settings.val_t_inference, report)
     best_state = digital_state_dict(lowered, report)
     best_epoch, since_best, history = 0, 0, []
     progress_bar = bar(settings.epochs, desc)
@@ -111,7 +123,8 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
                 optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            val = validation_accuracy(lowered, data.val, settings.val_repeats, val_seed)
+            val = validation_accuracy(lowered, data.val, settings.val_repeats, val_seed, settings.val_t_inference,
+                                      report)
             history.append(val)
             progress_bar.update(1)
             progress_bar.set_postfix(val=f"{val:.4f}", best=f"{max(best_val, val):.4f}")

@@ -3,8 +3,8 @@
 The rpu_config is built from the target's data: ``target.lowering`` (keys in ``DEFAULTS``; a target
 overrides any of them) and ``target.precision`` (DAC/ADC bits -> ``inp_res``/``out_res``). Defaults are
 HILAL's configuration: PCMLikeNoiseModel(g_max=25), GlobalDriftCompensation, digital bias, 256x256
-tiles, ADD_NORMAL training noise of 0.08 x max|W|, LAYER_GAUSSIAN clip at 2 sigma, layer-wise
-symmetric remap, out_noise 0.06, 8-bit input/output.
+tiles, weight scaling to max|W| = 1 (omega 1.0, layer-wise), ADD_NORMAL training noise of 0.08 x max|W|,
+LAYER_GAUSSIAN clip at 2 sigma, layer-wise symmetric remap, out_noise 0.06, 8-bit input/output.
 
 ``tile="torch"`` (default) uses ``TorchInferenceRPUConfig`` (a subclass of ``InferenceRPUConfig`` whose
 MVM is plain torch): its noise comes from torch's RNG, so results are reproducible under a seed, and it
@@ -32,6 +32,10 @@ DEFAULTS: dict[str, Any] = {
     "digital_bias": True,
     "max_input_size": 256,
     "max_output_size": 256,
+    # Map max|W| to the full conductance range when lowering (as LAFT's layer-wise remap does after every
+    # update): without it, a freshly lowered layer has a worse signal-to-output-noise ratio than a trained one.
+    "weight_scaling_omega": 1.0,
+    "weight_scaling_columnwise": False,
     "training_noise": "add_normal",  # aihwkit WeightModifierType name
     "training_noise_rel": 0.08,  # std relative to max|W| (HILAL's gamma)
     "clip": "layer_gaussian",  # aihwkit WeightClipType name
@@ -70,6 +74,8 @@ def rpu_config(target: Target) -> Any:
     config.mapping.digital_bias = bool(options["digital_bias"])
     config.mapping.max_input_size = int(options["max_input_size"])
     config.mapping.max_output_size = int(options["max_output_size"])
+    config.mapping.weight_scaling_omega = float(options["weight_scaling_omega"])
+    config.mapping.weight_scaling_columnwise = bool(options["weight_scaling_columnwise"])
     config.noise_model = PCMLikeNoiseModel(g_max=float(options["g_max"]))
     config.drift_compensation = GlobalDriftCompensation() if options["drift_compensation"] == "global" else None
     config.modifier.type = _enum(WeightModifierType, options["training_noise"], target)
