@@ -16,6 +16,7 @@ reference for tests and ``bench/evaluate.py``.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,15 +40,12 @@ class Evaluation:
 
     @property
     def mean(self) -> float:
-        return sum(self.accuracies) / len(self.accuracies)
+        return statistics.fmean(self.accuracies)
 
     @property
     def std(self) -> float:
         """Sample standard deviation over repeats (0 for one repeat)."""
-        n = len(self.accuracies)
-        if n < 2:
-            return 0.0
-        return math.sqrt(sum((a - self.mean) ** 2 for a in self.accuracies) / (n - 1))
+        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": self.mean, "std": self.std, "repeats": len(self.accuracies)}

@@ -153,7 +153,8 @@ def test_manifest_round_trip_and_apply(tmp_path):
 
 def test_manifest_of_other_model_is_refused(tmp_path):
     model = MLP()
-    path = hetcomp.compile(model, "pcm+digital", (X,), strategy="first-last-digital").save(tmp_path).joinpath("manifest.json")
+    compiled = hetcomp.compile(model, "pcm+digital", (X,), strategy="first-last-digital")
+    path = compiled.save(tmp_path).joinpath("manifest.json")
     other_weights = MLP()
     with pytest.raises(ManifestError, match="weights differ"):
         hetcomp.apply_manifest(other_weights, path, (X,))

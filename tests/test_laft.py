@@ -1,0 +1,138 @@
+"""LAFT (order, checkpoints, exact resume after a kill) and the mac-greedy search (constructed cases)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import hetcomp
+from hetcomp.finetune import LAFT
+from hetcomp.finetune import laft as laft_module
+
+HESSIAN = dict(probes=4, max_iter=5, batches=1)
+
+
+def compile_with_laft(digits_model, **settings):
+    model, data = digits_model
+    x = next(iter(data["test"]))[0]
+    finetune = LAFT(epochs=2, patience=1, val_repeats=1, val_data=data["val"], **settings)
+    return hetcomp.compile(model, "pcm+digital", (x,), data=data["train"], hessian=HESSIAN, finetune=finetune)
+
+
+def weights(compiled):
+    return compiled.graph.state_dict()
+
+
+def test_laft_orders_by_hni_and_leaves_the_callers_model_alone(digits_model, tmp_path):
+    model, _ = digits_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = compile_with_laft(digits_model, checkpoint_dir=tmp_path)
+    log = compiled.manifest.extra["finetune"]
+    analog = [layer for layer in compiled.manifest.layers if layer["assignment"] == "pcm"]
+    assert log["order"] == [layer["name"] for layer in sorted(analog, key=lambda layer: layer["metrics"]["hni"])]
+    assert [stage["layers"] for stage in log["stages"]] == [log["order"][: i + 1] for i in range(len(log["order"]))]
+    assert log["complete"] and all(1 <= stage["epochs"] <= 2 for stage in log["stages"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert compiled.manifest.model["weights"] != compiled.manifest.extra["finetuned_weights"]
+    # checkpoints are plain tensors (weights_only) and the progress file is JSON
+    directory = tmp_path / next(p.name for p in tmp_path.iterdir())
+    progress = json.loads((directory / "progress.json").read_text())
+    assert len(progress["stages"]) == len(log["order"])
+    last = torch.load(directory / f"stage-{len(log['order']) - 1:02d}.pt", weights_only=True)
+    assert all(torch.equal(last[k], v) for k, v in weights(compiled).items())
+
+
+def test_killed_laft_resumes_from_last_finished_stage_to_the_same_result(digits_model, tmp_path, monkeypatch):
+    uninterrupted = compile_with_laft(digits_model, checkpoint_dir=tmp_path / "a")
+    stages = len(uninterrupted.manifest.extra["finetune"]["order"])
+    assert stages >= 3
+
+    real_train_stage = laft_module.train_stage
+    calls = []
+
+    def killed_in_stage_3(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_train_stage(*args, **kwargs)
+
+    monkeypatch.setattr(laft_module, "train_stage", killed_in_stage_3)
+    with pytest.raises(KeyboardInterrupt):
+        compile_with_laft(digits_model, checkpoint_dir=tmp_path / "b")
+    (run,) = (tmp_path / "b").iterdir()
+    assert len(json.loads((run / "progress.json").read_text())["stages"]) == 2
+
+    calls.clear()
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        return real_train_stage(*args, **kwargs)
+
+    monkeypatch.setattr(laft_module, "train_stage", counted)
+    resumed = compile_with_laft(digits_model, checkpoint_dir=tmp_path / "b")
+    assert len(calls) == stages - 2 and calls[0].startswith(f"LAFT stage 3/{stages}")
+    expected = weights(uninterrupted)
+    assert all(torch.equal(expected[k], v) for k, v in weights(resumed).items())
+    strip = [{k: v for k, v in s.items() if k != "seconds"} for s in resumed.manifest.extra["finetune"]["stages"]]
+    assert strip == [{k: v for k, v in s.items() if k != "seconds"}
+                     for s in uninterrupted.manifest.extra["finetune"]["stages"]]
+
+
+def test_stop_after_then_resume_and_no_resume_restarts(digits_model, tmp_path):
+    partial = compile_with_laft(digits_model, checkpoint_dir=tmp_path, stop_after=1)
+    assert len(partial.manifest.extra["finetune"]["stages"]) == 1 and not partial.manifest.extra["finetune"]["complete"]
+    full = compile_with_laft(digits_model, checkpoint_dir=tmp_path)
+    assert full.manifest.extra["finetune"]["complete"]
+    fresh = compile_with_laft(digits_model, checkpoint_dir=None)  # in memory: same computation
+    assert all(torch.equal(weights(full)[k], v) for k, v in weights(fresh).items())
+
+
+def test_finetune_needs_data_and_valid_settings(digits_model):
+    model, data = digits_model
+    x = next(iter(data["test"]))[0]
+    with pytest.raises(hetcomp.ConfigError, match="finetune .*needs training data"):
+        hetcomp.compile(model, "pcm+digital", (x,), strategy="first-last-digital", finetune=LAFT())
+    with pytest.raises(hetcomp.ConfigError, match="patience must be >= 1"):
+        LAFT(patience=0)
+    with pytest.raises(hetcomp.ConfigError, match="finetune must be a hetcomp.LAFT"):
+        hetcomp.compile(model, "pcm+digital", (x,), data=data["train"], finetune={"epochs": 3})
+
+
+def greedy(digits_model, target, threshold):
+    model, data = digits_model
+    x = next(iter(data["test"]))[0]
+    strategy = hetcomp.strategies.mac_greedy(threshold=threshold, eval_repeats=2)
+    return hetcomp.compile(model, target, (x,), data=data["train"], strategy=strategy,
+                           finetune=LAFT(epochs=1, patience=1, val_repeats=1, val_data=data["val"]))
+
+
+def test_mac_greedy_tries_layers_by_macs_and_keeps_those_within_threshold(digits_model):
+    compiled = greedy(digits_model, "pcm+digital", threshold=0.5)  # a generous threshold keeps every layer
+    log = compiled.manifest.extra["finetune"]
+    by_macs = sorted(compiled.manifest.layers, key=lambda layer: -layer["macs"])
+    assert [t["candidate"] for t in log["trials"]] == [layer["name"] for layer in by_macs]
+    # hand-counted MACs per sample: conv2 16*9*32*64 = 294912 is the largest, fc2 64*10 = 640 the smallest
+    assert log["trials"][0]["candidate"] == "conv2" and log["trials"][0]["macs"] == 294912
+    assert log["trials"][-1]["candidate"] == "fc2" and log["trials"][-1]["macs"] == 640
+    assert all(t["accepted"] for t in log["trials"])
+    assert {layer["assignment"] for layer in compiled.manifest.layers} == {"pcm"}
+    assert "candidate 1 by MACs" in compiled.manifest.layer("conv2")["reason"]
+
+
+def test_mac_greedy_reverts_candidates_that_fail(digits_model, monkeypatch):
+    noisy = dataclasses.replace(hetcomp.targets.get("pcm"), name="noisy-pcm",
+                                lowering={**hetcomp.targets.get("pcm").lowering, "out_noise": 50.0})
+    monkeypatch.setitem(hetcomp.targets._REGISTRY, noisy.name, noisy)  # registered for this test only
+    compiled = greedy(digits_model, "noisy-pcm+digital", threshold=0.02)
+    log = compiled.manifest.extra["finetune"]
+    assert not any(t["accepted"] for t in log["trials"]) and log["accepted"] == []
+    assert all(t["drift_val_accuracy"] < log["baseline_val"] - 0.02 for t in log["trials"])
+    assert {layer["assignment"] for layer in compiled.manifest.layers} == {"digital"}
+    # every candidate was reverted: the compiled weights are the FP weights
+    model, _ = digits_model
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights(compiled).items())
+    assert math.isclose(compiled.manifest.summary["mac_ratio"]["noisy-pcm"], 0.0)

@@ -1,0 +1,146 @@
+"""Lowering to aihwkit (exactly the assigned layers become analog; digital layers untouched; grouped
+convolutions per group) and the repeat evaluation (independent, reproducible repeats)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+from aihwkit.nn import AnalogConv2d, AnalogLinear
+from aihwkit.simulator.tiles.inference import InferenceTileWithPeriphery
+
+import hetcomp
+from hetcomp.errors import ConfigError
+from hetcomp.evaluate import evaluate
+from hetcomp.lower import digital_state_dict, lower_graph
+from hetcomp.lower.aihwkit_sim import GroupedAnalogConv, lower_module
+from hetcomp.targets import Precision
+
+PCM = hetcomp.targets.get("pcm")
+# PCM without read noise or converters: an analog layer must then compute what its digital layer does.
+IDEAL_PCM = dataclasses.replace(PCM, name="ideal-pcm", precision=Precision(None, None, None),
+                                lowering={**PCM.lowering, "out_noise": 0.0})
+
+
+def compiled_digits(digits_model, strategy):
+    model, data = digits_model
+    x = next(iter(data["test"]))[0]
+    return hetcomp.compile(model, "pcm+digital", (x,), strategy=strategy), x
+
+
+def test_exactly_the_assigned_layers_become_analog(digits_model):
+    model, _ = digits_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled, x = compiled_digits(digits_model, "first-last-digital")
+    lowered = compiled.module
+    expected = {"conv1": nn.Conv2d, "conv2": AnalogConv2d, "conv3": GroupedAnalogConv, "conv4": AnalogConv2d,
+                "fc1": AnalogLinear, "fc2": nn.Linear}
+    for name, cls in expected.items():
+        assert type(lowered.get_submodule(name)) is cls, name
+    assert {k: v["simulator"] for k, v in compiled.lowering.items()} == {
+        "conv1": None, "conv2": "aihwkit", "conv3": "aihwkit", "conv4": "aihwkit", "fc1": "aihwkit", "fc2": None}
+    # digital layers compute exactly what the model's layers compute
+    probe_conv, probe_fc = torch.randn(3, 1, 8, 8), torch.randn(3, 64)
+    torch.testing.assert_close(lowered.conv1(probe_conv), model.conv1(probe_conv), rtol=0, atol=0)
+    torch.testing.assert_close(lowered.fc2(probe_fc), model.fc2(probe_fc), rtol=0, atol=0)
+    # the digital graph and the caller's model are untouched by lowering
+    torch.testing.assert_close(compiled.graph(x), model(x), rtol=0, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, AnalogConv2d | AnalogLinear) for m in model.modules())
+    # and the lowered model is noisy (eval mode still has read noise and converters)
+    assert not torch.equal(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("groups, in_channels, out_channels", [(4, 4, 8), (6, 6, 6)])
+def test_grouped_and_depthwise_convs_lower_per_group(groups, in_channels, out_channels):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, groups=groups)
+    lowered = lower_module(conv, IDEAL_PCM).eval()
+    assert isinstance(lowered, GroupedAnalogConv) and len(lowered.convs) == groups
+    assert all(type(c) is AnalogConv2d and c.in_channels == in_channels // groups for c in lowered.convs)
+    x = torch.randn(2, in_channels, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), conv(x), rtol=1e-4, atol=1e-4)
+    weight, bias = lowered.get_weights()
+    torch.testing.assert_close(weight.reshape(conv.weight.shape), conv.weight.detach())
+    torch.testing.assert_close(bias, conv.bias.detach())
+
+
+def test_digital_state_round_trips_through_lowering(digits_model):
+    compiled, x = compiled_digits(digits_model, "all-analog")
+    lowered, report = lower_graph(compiled.graph, compiled.targets)
+    state = digital_state_dict(lowered, report)
+    assert set(state) == set(compiled.graph.state_dict())
+    for key, value in compiled.graph.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_lowering_errors_name_the_cause(digits_model):
+    compiled, _ = compiled_digits(digits_model, "first-last-digital")
+    layer = next(a for _, a in hetcomp.mappable_nodes(compiled.graph) if a.layer.name == "conv2")
+    layer.assignment = {"pcm": 16, "digital": 16}
+    with pytest.raises(ConfigError, match="'conv2' is row-split"):
+        lower_graph(compiled.graph, compiled.targets)
+    odd = dataclasses.replace(PCM, name="odd-pcm", lowering={**PCM.lowering, "gmax": 10})
+    with pytest.raises(ConfigError, match="unknown aihwkit lowering setting.*'gmax'.*known"):
+        lower_module(nn.Linear(3, 3), odd)
+
+
+def test_repeats_are_independent_and_reproducible(digits_model):
+    compiled, _ = compiled_digits(digits_model, "all-analog")
+    _, data = digits_model
+    first = compiled.evaluate(data["test"], repeats=4, seed=1)
+    again = compiled.evaluate(data["test"], repeats=4, seed=1)  # after the module was drifted by `first`
+    assert first.accuracies == again.accuracies
+    # repeat r depends only on (seed, r), not on the repeats before it
+    assert compiled.evaluate(data["test"], repeats=2, seed=1).accuracies == first.accuracies[:2]
+    assert len(set(first.accuracies)) > 1 and first.std > 0
+    assert compiled.evaluate(data["test"], repeats=4, seed=2).accuracies != first.accuracies
+    assert first.mac_ratio == 1.0 and 0.5 < first.mean <= 1.0
+
+
+def test_each_repeat_reprograms_rather_than_only_redrifting(digits_model):
+    compiled, _ = compiled_digits(digits_model, "all-analog")
+    module, report = compiled.module.eval(), compiled.lowering
+    tile = next(m for m in module.modules() if isinstance(m, InferenceTileWithPeriphery))
+
+    from hetcomp.lower import program_and_drift
+
+    torch.manual_seed(0)
+    program_and_drift(module, report, 86400.0)
+    programmed0, nu0 = tile.programmed_weights.clone(), [p.clone() for p in tile.drift_noise_parameters]
+    torch.manual_seed(1)
+    program_and_drift(module, report, 86400.0)
+    programmed1, nu1 = tile.programmed_weights.clone(), [p.clone() for p in tile.drift_noise_parameters]
+    # fresh programming noise and drift exponents per repeat
+    assert not torch.equal(programmed0, programmed1)
+    assert not all(torch.equal(a, b) for a, b in zip(nu0, nu1, strict=True))
+    # what evaluating with drift alone would do: reuse that programming and those exponents
+    torch.manual_seed(2)
+    tile.drift_weights(86400.0)
+    assert torch.equal(tile.programmed_weights, programmed1)
+    assert all(torch.equal(a, b) for a, b in zip(tile.drift_noise_parameters, nu1, strict=True))
+
+
+def test_prefix_cache_is_exact_and_digital_models_have_no_spread(digits_model):
+    compiled, _ = compiled_digits(digits_model, "first-last-digital")  # conv1 (digital) is a cached prefix
+    _, data = digits_model
+    cached = evaluate(compiled.module, compiled.lowering, data["test"], repeats=3, seed=5)
+    uncached = evaluate(compiled.module, compiled.lowering, data["test"], repeats=3, seed=5, prefix_cache_bytes=0)
+    assert cached.accuracies == uncached.accuracies
+    digital, _ = compiled_digits(digits_model, "all-digital")
+    result = digital.evaluate(data["test"], repeats=3)
+    assert result.std == 0 and result.mac_ratio == 0
+    assert result.mean == pytest.approx(hetcomp.datasets.accuracy(digits_model[0], data["test"]))
+
+
+def test_bad_evaluation_arguments_fail_fast(digits_model):
+    compiled, _ = compiled_digits(digits_model, "all-analog")
+    with pytest.raises(ConfigError, match="repeats must be >= 1"):
+        compiled.evaluate(digits_model[1]["test"], repeats=0)
+    with pytest.raises(ConfigError, match="t_inference must be >= 0"):
+        compiled.evaluate(digits_model[1]["test"], t_inference=-1)
+    with pytest.raises(ConfigError, match="evaluation data"):
+        compiled.evaluate(42)
