@@ -66,7 +66,7 @@ class CompiledModel:
         return self.module(*args, **kwargs)
 
     def evaluate(self, data: Any, repeats: int = 20, t_inference: float = 86400.0, seed: int | None = None,
-                 batch_size: int = 1024) -> Evaluation:
+                 batch_size: int | None = None) -> Evaluation:
         """Top-1 accuracy over ``repeats`` independent hardware repeats, each re-programmed then drifted to
         ``t_inference`` seconds (default one day), plus the analog MAC ratio. ``seed`` defaults to the
         compile seed. See hetcomp.evaluate for what makes the repeats fast.

@@ -89,10 +89,35 @@ def hni_scr_scatter(manifest: Manifest, path: str | Path, color_by: str = "assig
     return _save(fig, path)
 
 
+def strategy_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
+    """One row per strategy: mean accuracy with a ±std bar over repeats, labelled with its analog MAC ratio.
+
+    ``rows``: dicts with ``label``, ``mac_ratio``, ``mean``, ``std``. (A dot plot rather than accuracy
+    against MAC ratio: mixed strategies crowd near ratio 1, which hides their differences.)
+    """
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.4))
+    labels = [f"{row['label']}  (MAC ratio {row['mac_ratio']:.3f})" for row in rows]
+    for position, row in enumerate(rows):
+        color = TARGET_COLORS["digital"] if row["mac_ratio"] == 0 else TARGET_COLORS["pcm"]
+        ax.errorbar(row["mean"], position, xerr=row["std"], fmt="s" if "LAFT" in row["label"] else "o",
+                    color=color, capsize=3, markersize=7, markeredgecolor="black", markeredgewidth=0.5)
+        ax.text(row["mean"] + row["std"], position, f"  {row['mean']:.4f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy (mean ± std over independent repeats; squares: with LAFT)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.margins(x=0.1)  # room for the value labels
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
 def write_all(manifest: Manifest, directory: str | Path) -> list[Path]:
+    """Assignment bar, and the (HNI, SCR) scatter when the manifest has Hessian metrics (coloured by
+    k-means cluster when the strategy clustered, else by assignment)."""
     directory = Path(directory)
     written = [assignment_bar(manifest, directory / "assignment.png")]
-    scatter = hni_scr_scatter(manifest, directory / "hni_scr.png")
+    clustered = any("cluster" in layer["metrics"] for layer in manifest.layers)
+    scatter = hni_scr_scatter(manifest, directory / "hni_scr.png", color_by="cluster" if clustered else "assignment")
     if scatter is not None:
         written.append(scatter)
     return written

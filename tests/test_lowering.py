@@ -53,14 +53,16 @@ def test_exactly_the_assigned_layers_become_analog(digits_model):
     assert not torch.equal(compiled(x), model(x))
 
 
-@pytest.mark.parametrize("groups, in_channels, out_channels", [(4, 4, 8), (6, 6, 6)])
-def test_grouped_and_depthwise_convs_lower_per_group(groups, in_channels, out_channels):
+@pytest.mark.parametrize("groups, in_channels, out_channels, conv_class, stride",
+                         [(4, 4, 8, nn.Conv2d, 1), (6, 6, 6, nn.Conv2d, 2), (2, 4, 6, nn.Conv1d, 1)])
+def test_grouped_and_depthwise_convs_lower_per_group(groups, in_channels, out_channels, conv_class, stride):
     torch.manual_seed(1)
-    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, groups=groups)
+    conv = conv_class(in_channels, out_channels, 3, padding=1, groups=groups, stride=stride)
     lowered = lower_module(conv, IDEAL_PCM).eval()
-    assert isinstance(lowered, GroupedAnalogConv) and len(lowered.convs) == groups
-    assert all(type(c) is AnalogConv2d and c.in_channels == in_channels // groups for c in lowered.convs)
-    x = torch.randn(2, in_channels, 6, 6)
+    assert isinstance(lowered, GroupedAnalogConv) and len(lowered.tiles) == groups
+    patch = in_channels // groups * 3 * (3 if conv_class is nn.Conv2d else 1)  # one tile per group's patches
+    assert all(type(t) is AnalogLinear and t.in_features == patch for t in lowered.tiles)
+    x = torch.randn(2, in_channels, 7, 7) if conv_class is nn.Conv2d else torch.randn(2, in_channels, 9)
     with torch.no_grad():
         torch.testing.assert_close(lowered(x), conv(x), rtol=1e-4, atol=1e-4)
     weight, bias = lowered.get_weights()

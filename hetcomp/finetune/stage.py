@@ -64,7 +64,7 @@ class StageResult:
 
 def validation_accuracy(module: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], repeats: int,
                         seed: int, t_inference: float | None = None, report: dict | None = None,
-                        batch_size: int = 1024) -> float:
+                        batch_size: int = 256) -> float:
     """Mean top-1 accuracy over ``repeats`` noisy passes, seeded.
 
     ``t_inference=None``: eval-mode forward noise only (read noise, ADC). Otherwise each repeat programs

@@ -99,26 +99,46 @@ def _enum(enum: Any, name: str, target: Target) -> Any:
 
 
 class GroupedAnalogConv(nn.Module):
-    """A grouped/depthwise convolution as one aihwkit analog convolution per group (aihwkit runs groups=1 only)."""
+    """A grouped/depthwise convolution as one aihwkit analog tile per group (aihwkit runs groups=1 only).
 
-    def __init__(self, convs: list[nn.Module], groups: int, template: nn.Module) -> None:
+    aihwkit's AnalogConv forward is ``unfold`` + the tile's MVM on the patches; this does the same with
+    one ``unfold`` for all groups and an ``AnalogLinear`` tile per group on that group's patch columns
+    (``unfold`` orders columns channel-major, so a group's columns are contiguous). One unfold instead
+    of one per group keeps depthwise layers from dominating evaluation time.
+    """
+
+    def __init__(self, tiles: list[nn.Module], conv: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(convs)
-        self.groups = groups
-        self.template = {"in_channels": template.in_channels, "out_channels": template.out_channels,
-                         "kernel_size": template.kernel_size, "stride": template.stride,
-                         "padding": template.padding, "dilation": template.dilation,
-                         "padding_mode": template.padding_mode, "bias": template.bias is not None,
-                         "dims": 1 if isinstance(template, nn.Conv1d) else 2}
+        self.tiles = nn.ModuleList(tiles)
+        self.groups = conv.groups
+        self.out_channels = conv.out_channels
+        self.one_d = isinstance(conv, nn.Conv1d)
+
+        def two_d(value: tuple[int, ...], fill: int) -> tuple[int, int]:
+            return (fill, value[0]) if self.one_d else (value[0], value[1])
+
+        self.kernel_size = two_d(conv.kernel_size, 1)
+        self.stride = two_d(conv.stride, 1)
+        self.padding = two_d(conv.padding, 0)
+        self.dilation = two_d(conv.dilation, 1)
+        self.weight_shape = tuple(conv.weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunks = x.chunk(self.groups, dim=1)
-        return torch.cat([conv(chunk) for conv, chunk in zip(self.convs, chunks, strict=True)], dim=1)
+        if self.one_d:
+            x = x.unsqueeze(-2)
+        height, width = x.shape[-2:]
+        patches = nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride).transpose(1, 2)
+        columns = patches.shape[-1] // self.groups
+        outputs = [tile(patches[..., g * columns : (g + 1) * columns]) for g, tile in enumerate(self.tiles)]
+        out = torch.cat(outputs, dim=-1).transpose(1, 2)
+        out_h = (height + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        out = out.reshape(x.shape[0], self.out_channels, out_h, -1)
+        return out.squeeze(-2) if self.one_d else out
 
     def get_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Digital-equivalent (weight, bias) of the whole grouped convolution."""
-        parts = [conv.get_weights() for conv in self.convs]
-        weight = torch.cat([w for w, _ in parts], dim=0)
+        parts = [tile.get_weights() for tile in self.tiles]
+        weight = torch.cat([w for w, _ in parts], dim=0).reshape(self.weight_shape)
         bias = None if parts[0][1] is None else torch.cat([b for _, b in parts], dim=0)
         return weight, bias
 
@@ -140,19 +160,20 @@ def lower_module(module: nn.Module, target: Target) -> nn.Module:
     groups = getattr(module, "groups", 1)
     if groups == 1:
         return analog_class.from_digital(module.cpu(), config).to(device)
-    convs = []
+    if getattr(module, "padding_mode", "zeros") != "zeros" or isinstance(module.padding, str):
+        raise ConfigError(f"grouped convolution with padding {module.padding!r} / padding_mode "
+                          f"{module.padding_mode!r} cannot be lowered per group yet; assign it to a digital target")
+    tiles = []
     out_per_group = module.out_channels // groups
     for group in range(groups):
-        part = type(module)(module.in_channels // groups, out_per_group, module.kernel_size, stride=module.stride,
-                            padding=module.padding, dilation=module.dilation, bias=module.bias is not None,
-                            padding_mode=module.padding_mode)
         rows = slice(group * out_per_group, (group + 1) * out_per_group)
+        part = nn.Linear(module.weight[rows][0].numel(), out_per_group, bias=module.bias is not None)
         with torch.no_grad():
-            part.weight.copy_(module.weight[rows])
+            part.weight.copy_(module.weight[rows].reshape(out_per_group, -1))
             if module.bias is not None:
                 part.bias.copy_(module.bias[rows])
-        convs.append(analog_class.from_digital(part.cpu(), config))
-    return GroupedAnalogConv(convs, groups, module).to(device)
+        tiles.append(analog_nn.AnalogLinear.from_digital(part, config))
+    return GroupedAnalogConv(tiles, module).to(device)
 
 
 def digital_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
