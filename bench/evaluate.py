@@ -39,7 +39,8 @@ def main() -> None:
     x = next(iter(data["test"]))[0].to(args.device)
     print(f"digits CNN, {len(data['test'].dataset)} test images, {args.repeats} repeats, t = 1 day, "
           f"device {args.device}, torch threads {torch.get_num_threads()}")
-    print(f"{'strategy':20s} {'plain loop s':>12s} {'hetcomp s':>10s} {'ratio':>6s} {'plain acc':>10s} {'hetcomp acc':>12s}")
+    print(f"{'strategy':20s} {'plain loop s':>12s} {'hetcomp s':>10s} {'ratio':>6s} {'plain acc':>10s} "
+          f"{'hetcomp acc':>12s}")
     for strategy in args.strategies:
         compiled = hetcomp.compile(model, "pcm+digital", (x,), data=data["train"], strategy=strategy)
         module, report = compiled.module, compiled.lowering

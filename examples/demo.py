@@ -73,7 +73,8 @@ def main() -> None:
 
     hilal = hetcomp.Manifest.load(OUT / "hilal")
     print("\nper-layer Hessian metrics and the hilal partition:")
-    print(f"{'layer':8s} {'MACs':>8s} {'Tr(H)':>10s} {'lambda_max':>11s} {'HNI':>10s} {'SCR':>7s} {'cluster':>10s}  target")
+    print(f"{'layer':8s} {'MACs':>8s} {'Tr(H)':>10s} {'lambda_max':>11s} {'HNI':>10s} {'SCR':>7s} "
+          f"{'cluster':>10s}  target")
     for layer in hilal.layers:
         m = layer["metrics"]
         print(f"{layer['name']:8s} {layer['macs']:8d} {m['hessian_trace']:10.4f} {m['lambda_max']:11.4f} "
