@@ -9,8 +9,8 @@ reloaded from its checkpoint, so a run that is resumed computes exactly what an 
 
 Checkpoints: ``<checkpoint_dir>/<run key>/stage-NN.pt`` (the digital-equivalent state dict, plain
 tensors, loaded with ``weights_only=True``) and ``progress.json`` (finished stages), both written
-atomically after each stage. The run key hashes the starting weights, the layer order, the targets,
-the settings and the seed, so ``resume=True`` only ever picks up the same run.
+atomically after each stage. The run key hashes everything a stage depends on (see ``_run_key``), so
+``resume=True`` only ever picks up the same run.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from hetcomp.errors import ConfigError
-from hetcomp.finetune.data import training_split
+from hetcomp.finetune.data import TrainingData, training_split
 from hetcomp.finetune.stage import StageResult, StageSettings, derive_seed, train_stage
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.manifest import fingerprint, write_atomic
@@ -101,7 +101,7 @@ class LAFT(Pass):
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         order = self.order(gm, ctx)
         data = training_split(ctx.data, self.val_data, self.val_fraction, ctx.seed, self.batch_size)
-        run_key = self._run_key(gm, ctx, order)
+        run_key = self._run_key(gm, ctx, order, data)
         directory = None if self.checkpoint_dir is None else Path(self.checkpoint_dir) / run_key
         finished = self._finished_stages(directory, run_key, order) if self.resume else []
         records = [stage["record"] for stage in finished]
@@ -127,10 +127,21 @@ class LAFT(Pass):
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def _run_key(self, gm: fx.GraphModule, ctx: CompileContext, order: list[str]) -> str:
-        description = json.dumps({"weights": fingerprint(gm, gm)["weights"], "order": order,
-                                  "targets": str(ctx.targets), "settings": self.settings(), "seed": ctx.seed},
-                                 sort_keys=True)
+    def _run_key(self, gm: fx.GraphModule, ctx: CompileContext, order: list[str], data: TrainingData) -> str:
+        """Everything a stage's result depends on: weights and architecture, layer order, the targets'
+        full parameters (lowering settings included), settings, seed, loss, hetcomp's version, and the
+        data (sizes, the validation tensors and the first training batch)."""
+        from hetcomp import __version__
+
+        data_hash = hashlib.sha256()
+        first_batch = next(iter(data.epoch_loader(0)))
+        for tensor in (*data.val, *first_batch[:2]):
+            data_hash.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        description = json.dumps({
+            "model": fingerprint(gm, gm), "order": order, "targets": [t.to_dict() for t in ctx.targets],
+            "settings": self.settings(), "seed": ctx.seed, "loss": getattr(ctx.loss, "__qualname__", repr(ctx.loss)),
+            "version": __version__, "data": [len(data.train), len(data.val[1]), data_hash.hexdigest()],
+        }, sort_keys=True, default=str)
         return hashlib.sha256(description.encode()).hexdigest()[:16]
 
     def _finished_stages(self, directory: Path | None, run_key: str, order: list[str]) -> list[dict]:
