@@ -69,11 +69,12 @@ def reference(model, names, batches, probes, iters, seed):
 
 
 BATCHED = None  # None: hetcomp's default (looped HVPs)
+CUDA_GRAPHS = False  # hetcomp's default: eager HVPs
 
 
 def ours(model, names, batches, probes, iters, seed, estimator):
     params = [model.get_parameter(n) for n in names]
-    op = HessianOperator(model, params, batches, F.cross_entropy, batched=BATCHED)
+    op = HessianOperator(model, params, batches, F.cross_entropy, batched=BATCHED, cuda_graphs=CUDA_GRAPHS)
     result = op.hutchinson(probes, torch.Generator().manual_seed(seed), estimator)
     eigen, used = op.power_iteration(iters, 1e-3, torch.Generator().manual_seed(seed + 1))
     return list(zip(result.trace, result.trace_stderr)), eigen, used
@@ -136,15 +137,18 @@ def main() -> None:
     parser.add_argument("--models", default="digits,resnet20")
     parser.add_argument("--batched", choices=["auto", "yes", "no"], default="auto",
                         help="batch HVPs with vmap (auto: hetcomp default, looped)")
+    parser.add_argument("--cuda-graphs", choices=["yes", "no"], default="no",
+                        help="capture HVPs in CUDA graphs (hetcomp's cuda_graphs=True; CUDA only)")
     args = parser.parse_args()
-    global BATCHED
+    global BATCHED, CUDA_GRAPHS
     BATCHED = {"auto": None, "yes": True, "no": False}[args.batched]
+    CUDA_GRAPHS = args.cuda_graphs == "yes"
     set_quiet(True)
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 32)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device} ({name}), "
-          f"batched HVPs: {args.batched}")
+          f"batched HVPs: {args.batched}, CUDA graphs: {args.cuda_graphs}")
 
     from digits_cnn import build
     from resnet20 import ResNet20, digits_as_cifar

@@ -1,5 +1,6 @@
 """Hessian estimators and passes against exact Hessians and measured noise injection."""
 
+import copy
 import math
 
 import pytest
@@ -196,3 +197,20 @@ def test_row_sensitivity_ranks_rows_like_noise_injection(digits_model):
     measured = [_noise_increase(model, weight, x, y, sigma, 30, generator, rows=[r]) for r in range(64)]
     correlation = spearmanr(predicted, measured).statistic
     assert correlation > 0.8, correlation
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_hvps_match_eager(digits_model):
+    model, data = digits_model
+    model = copy.deepcopy(model).cuda().eval()
+    x, y = next(iter(data["train"]))
+    params = [p for p in model.parameters() if p.dim() > 1]
+    batches = [(x.cuda(), y.cuda())]
+    eager = HessianOperator(model, params, batches, F.cross_entropy)
+    graphed = HessianOperator(model, params, batches, F.cross_entropy, cuda_graphs=True)
+    vectors = {i: torch.randn_like(p) for i, p in enumerate(params)}
+    for a, b in zip(eager.hvp(list(vectors.values())), graphed.hvp(list(vectors.values()))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    block_eager, block_graphed = eager.block_hvp(vectors), graphed.block_hvp(vectors)
+    for i in vectors:
+        torch.testing.assert_close(block_eager[i], block_graphed[i], rtol=1e-4, atol=1e-5)
