@@ -3,6 +3,7 @@
     hetcomp targets
     hetcomp compile examples/digits_cnn.py:build --target pcm+digital [--strategy S] --out DIR
     hetcomp report DIR
+    hetcomp curvature examples/digits_cnn.py:build [--split test] [--repeats 3] --out DIR
 
 Errors print one line (``hetcomp: error: ...``) and exit 2; ``--debug`` shows the traceback.
 ``--quiet`` silences progress bars.
@@ -124,6 +125,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curvature(args: argparse.Namespace) -> int:
+    from hetcomp.analysis.vulnerability import vulnerability_study
+
+    built = _load_builder(args.model)()
+    model, data = built if isinstance(built, tuple) else (built, None)
+    if isinstance(data, dict):
+        if args.split not in data:
+            raise ConfigError(f"the data dict returned by MODEL has no {args.split!r} split; it has {sorted(data)}")
+        data = data[args.split]
+    if data is None:
+        raise ConfigError("curvature needs labelled data: return (model, data) from MODEL")
+    study = vulnerability_study(model, data, repeats=args.repeats, h=args.h, n=args.probes, seed=args.seed,
+                                t_inference=args.t_inference, out=args.out, title=f"{type(model).__name__}: ")
+    print(study.report())
+    print("wrote " + ", ".join(str(p) for p in study.plots))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hetcomp", description="Compile PyTorch models for heterogeneous "
                                      "analog/digital accelerators.")
@@ -146,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print a manifest's per-layer table and write its plots")
     report.add_argument("directory", help="folder with manifest.json (or the file itself)")
     report.set_defaults(run=_cmd_report)
+
+    curvature = commands.add_parser("curvature", help="input-curvature study: failure rate by curvature decile "
+                                    "per analog non-ideality profile, and risk-gated routing")
+    curvature.add_argument("model", help="path/to/file.py:function returning (model, data)")
+    curvature.add_argument("--split", default="test", help="which split of a data dict to analyse (default test)")
+    curvature.add_argument("--repeats", type=int, default=3, help="independent programmings per profile")
+    curvature.add_argument("--probes", type=int, default=10, help="Rademacher probes n")
+    curvature.add_argument("--h", type=float, default=1e-3, help="finite-difference step h")
+    curvature.add_argument("--t-inference", type=float, default=86400.0, help="seconds of drift (PCM profiles)")
+    curvature.add_argument("--seed", type=int, default=0)
+    curvature.add_argument("--out", required=True, help="output folder for the plots")
+    curvature.set_defaults(run=_cmd_curvature)
     return parser
 
 

@@ -121,3 +121,37 @@ def write_all(manifest: Manifest, directory: str | Path) -> list[Path]:
     if scatter is not None:
         written.append(scatter)
     return written
+
+
+def failure_by_decile(analysis, path: str | Path, title: str) -> Path:
+    """Analog-only failure rate vs input-curvature decile, one line per non-ideality profile (Fig. 1 style)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for index, name in enumerate(analysis.profiles):
+        rates = [100 * r for r in analysis.rates[name]]
+        ax.plot(range(1, len(rates) + 1), rates, marker="o", markersize=4, label=name,
+                color=plt.get_cmap("tab10")(index % 10), linewidth=2.2 if name.count("+") == 2 else 1.2)
+    ax.set_xticks(range(1, len(analysis.rates[analysis.profiles[0]]) + 1))
+    ax.set_xlabel("input-curvature decile (1 = flattest, 10 = most curved)")
+    ax.set_ylabel("analog-only failure rate (% of digitally-correct samples)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, title="non-idealities", title_fontsize=8)
+    return _save(fig, path)
+
+
+def routing_curve(curve, path: str | Path, title: str) -> Path:
+    """Accuracy vs fraction of inputs re-run on the digital path, per risk score and for random routing."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fractions = [100 * f for f in curve.fractions]
+    for index, (name, accuracy) in enumerate(curve.accuracy.items()):
+        ax.plot(fractions, accuracy, marker="o", markersize=4, color=plt.get_cmap("tab10")(index % 10),
+                label=f"{name} (AUROC {curve.auroc[name]:.3f})")
+    ax.plot(fractions, curve.random, linestyle="--", color="gray", label="random routing (expected)")
+    ax.set_xscale("symlog", linthresh=5)
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    ax.set_xlabel("inputs routed to digital (%, symlog axis)")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -42,6 +42,14 @@ DEFAULTS: dict[str, Any] = {
     "clip_sigma": 2.0,
     "remap": "layerwise_symmetric",  # aihwkit WeightRemapType name
     "out_noise": 0.06,
+    "out_bound": 12.0,  # ADC range in units of the normalised output; <= 0: unbounded
+    # PCM device model knobs (aihwkit PCMLikeNoiseModel scales; 0 switches that effect off) and an extra
+    # static Gaussian weight noise at programming, std relative to g_max (the input-curvature
+    # paper's "WNoise" non-ideality).
+    "prog_noise_scale": 1.0,
+    "read_noise_scale": 1.0,
+    "drift_scale": 1.0,
+    "static_weight_noise": 0.0,
 }
 _NOT_RPU_KEYS = {"simulator"}
 
@@ -62,7 +70,7 @@ def _resolution(bits: int | None) -> float:
 
 def rpu_config(target: Target) -> Any:
     """The aihwkit rpu_config for ``target`` (see module docstring)."""
-    from aihwkit.inference import GlobalDriftCompensation, PCMLikeNoiseModel
+    from aihwkit.inference import GlobalDriftCompensation
     from aihwkit.simulator.configs import InferenceRPUConfig, TorchInferenceRPUConfig
     from aihwkit.simulator.parameters.enums import WeightClipType, WeightModifierType, WeightRemapType
 
@@ -76,7 +84,10 @@ def rpu_config(target: Target) -> Any:
     config.mapping.max_output_size = int(options["max_output_size"])
     config.mapping.weight_scaling_omega = float(options["weight_scaling_omega"])
     config.mapping.weight_scaling_columnwise = bool(options["weight_scaling_columnwise"])
-    config.noise_model = PCMLikeNoiseModel(g_max=float(options["g_max"]))
+    config.noise_model = _PCMWithStaticNoise(
+        static_std=float(options["static_weight_noise"]), g_max=float(options["g_max"]),
+        prog_noise_scale=float(options["prog_noise_scale"]), read_noise_scale=float(options["read_noise_scale"]),
+        drift_scale=float(options["drift_scale"]))
     config.drift_compensation = GlobalDriftCompensation() if options["drift_compensation"] == "global" else None
     config.modifier.type = _enum(WeightModifierType, options["training_noise"], target)
     config.modifier.std_dev = float(options["training_noise_rel"])
@@ -85,9 +96,24 @@ def rpu_config(target: Target) -> Any:
     config.clip.sigma = float(options["clip_sigma"])
     config.remap.type = _enum(WeightRemapType, options["remap"], target)
     config.forward.out_noise = float(options["out_noise"])
+    config.forward.out_bound = float(options["out_bound"])
     config.forward.inp_res = _resolution(target.precision.input_bits)
     config.forward.out_res = _resolution(target.precision.output_bits)
     return config
+
+
+def _PCMWithStaticNoise(static_std: float, **kwargs: Any) -> Any:  # noqa: N802 - a class factory
+    """aihwkit's PCMLikeNoiseModel plus static Gaussian weight noise (std ``static_std`` x g_max) at programming."""
+    from aihwkit.inference import PCMLikeNoiseModel
+
+    class PCMWithStaticNoise(PCMLikeNoiseModel):
+        def apply_programming_noise_to_conductance(self, g_target: torch.Tensor) -> torch.Tensor:
+            g_prog = super().apply_programming_noise_to_conductance(g_target)
+            if static_std > 0:
+                g_prog = (g_prog + torch.randn_like(g_prog) * static_std * self.g_max).clamp(min=0.0)
+            return g_prog
+
+    return PCMWithStaticNoise(**kwargs) if static_std > 0 else PCMLikeNoiseModel(**kwargs)
 
 
 def _enum(enum: Any, name: str, target: Target) -> Any:

@@ -1,0 +1,171 @@
+"""Which samples fail on analog hardware: analog-only failure rate by input-curvature decile, per
+non-ideality profile (Sharma et al., Table I / Fig. 1).
+
+Profiles toggle three non-idealities independently (2^3 = 8, "ideal" included), each a variant of
+the PCM target (targets are data: a profile only changes the target's lowering settings and output
+precision, and the aihwkit lowering reads them):
+
+- ADC: 9-bit output quantisation (out_res = 1/(2^9 - 2)) with the target's output range;
+- WNoise: static Gaussian weight noise at programming, std 2% of g_max;
+- PCM: aihwkit's PCM programming noise, read noise and drift to ``t_inference`` (global drift
+  compensation).
+
+Every profile maps *all* weight-static layers to analog, with no output noise and ideal DACs (the
+paper's "ideal" analog baseline), and no retraining. An *analog-only failure* is a sample the digital
+model classifies correctly and the analog model does not. The failure rate of a decile is the
+fraction of its digitally-correct samples that fail analog-only (with that denominator rates are
+comparable across deciles whose digital accuracy differs), averaged over independent programming
+repeats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from hetcomp.errors import ConfigError
+from hetcomp.evaluate import _repeat_seed, _staged
+from hetcomp.graph import trace
+from hetcomp.graph.layers import mappable_nodes
+from hetcomp.lower import lower_graph, program_and_drift
+from hetcomp.targets import Precision, TargetSet, get
+from hetcomp.targets.base import Target
+
+NON_IDEALITIES = ("ADC", "WNoise", "PCM")
+ADC_BITS = 9
+STATIC_WEIGHT_NOISE = 0.02
+
+
+def profile_name(enabled: tuple[str, ...]) -> str:
+    return "+".join(enabled) if enabled else "ideal"
+
+
+def all_profiles() -> list[tuple[str, ...]]:
+    """The 2^3 combinations, ideal first, full profile last."""
+    return [combo for size in range(4) for combo in itertools.combinations(NON_IDEALITIES, size)]
+
+
+def profile_target(enabled: tuple[str, ...], base: Target | None = None) -> Target:
+    """The PCM target with only the ``enabled`` non-idealities switched on."""
+    base = base or get("pcm")
+    unknown = set(enabled) - set(NON_IDEALITIES)
+    if unknown:
+        raise ConfigError(f"unknown non-ideality {sorted(unknown)}; known: {NON_IDEALITIES}")
+    pcm = "PCM" in enabled
+    lowering = {
+        **base.lowering, "out_noise": 0.0,
+        "out_bound": base.lowering.get("out_bound", 12.0) if "ADC" in enabled else 0.0,
+        "prog_noise_scale": 1.0 if pcm else 0.0, "read_noise_scale": 1.0 if pcm else 0.0,
+        "drift_scale": 1.0 if pcm else 0.0,
+        "static_weight_noise": STATIC_WEIGHT_NOISE if "WNoise" in enabled else 0.0,
+    }
+    precision = Precision(input_bits=None, weight_bits=None, output_bits=ADC_BITS if "ADC" in enabled else None)
+    return dataclasses.replace(base, name=f"{base.name}[{profile_name(enabled).replace('+', ',')}]", lowering=lowering,
+                               precision=precision)
+
+
+def lower_all_analog(model: nn.Module, example: torch.Tensor, target: Target) -> tuple[nn.Module, dict]:
+    """``model`` with every weight-static layer lowered to ``target`` (dynamic ops stay digital)."""
+    gm = trace(model, (example,))
+    digital = get("digital")
+    for _, annotation in mappable_nodes(gm):
+        annotation.assignment = target.name if target.supports_kind(annotation.layer.kind) else digital.name
+    return lower_graph(gm, TargetSet((digital, target)))
+
+
+def deciles(values: torch.Tensor, bins: int = 10) -> list[np.ndarray]:
+    """Indices of ``values`` sorted ascending and cut into ``bins`` equal-sized bins (sizes differ by at
+    most one when N is not a multiple of ``bins``). Ties keep input order (stable sort)."""
+    order = np.argsort(np.asarray(values, dtype=np.float64), kind="stable")
+    return np.array_split(order, bins)
+
+
+def decile_failure_rates(curvature: torch.Tensor, digital_correct: torch.Tensor, analog_correct: torch.Tensor,
+                         bins: int = 10) -> list[float]:
+    """Analog-only failure rate per curvature decile (low to high); NaN for a decile with no
+    digitally-correct sample. ``analog_correct`` may have a leading repeats dimension (averaged)."""
+    digital_correct = np.asarray(digital_correct, dtype=bool)
+    analog_correct = np.atleast_2d(np.asarray(analog_correct, dtype=bool))
+    if analog_correct.shape[1] != len(digital_correct) or len(curvature) != len(digital_correct):
+        raise ConfigError("curvature, digital and analog results must cover the same samples")
+    failures = digital_correct[None, :] & ~analog_correct  # [repeats, N]
+    rates = []
+    for members in deciles(curvature, bins):
+        eligible = members[digital_correct[members]]
+        rates.append(float(failures[:, eligible].mean()) if len(eligible) else float("nan"))
+    return rates
+
+
+@dataclass
+class FailureAnalysis:
+    profiles: list[str]
+    rates: dict[str, list[float]]  # profile -> failure rate per decile
+    overall: dict[str, float]  # profile -> analog-only failure rate over all digitally-correct samples
+    analog_accuracy: dict[str, float]
+    digital_accuracy: float
+    repeats: int
+    t_inference: float
+    # For routing: the full profile's logits per repeat [R, N, C], the digital logits and the labels.
+    full_logits: torch.Tensor | None = field(default=None, repr=False)
+    digital_logits: torch.Tensor | None = field(default=None, repr=False)
+    labels: torch.Tensor | None = field(default=None, repr=False)
+
+    def table(self) -> str:
+        lines = [f"{'profile':18s} {'D1 FR %':>8s} {'D10 FR %':>9s} {'all FR %':>9s} {'analog acc':>11s}"]
+        for name in self.profiles:
+            rates = self.rates[name]
+            lines.append(f"{name:18s} {100 * rates[0]:8.2f} {100 * rates[-1]:9.2f} {100 * self.overall[name]:9.2f} "
+                         f"{self.analog_accuracy[name]:11.4f}")
+        lines.append(f"(digital accuracy {self.digital_accuracy:.4f}; FR = analog-only failures / digitally-correct "
+                     f"samples, mean over {self.repeats} programming repeats, t = {self.t_inference:g} s)")
+        return "\n".join(lines)
+
+
+def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repeats: int = 3,
+                      t_inference: float = 86400.0, seed: int = 0,
+                      profiles: list[tuple[str, ...]] | None = None, bins: int = 10) -> FailureAnalysis:
+    """Analog-only failure rate per curvature decile for each non-ideality profile."""
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    device = next(model.parameters()).device
+    inputs, labels = _staged(data, device)
+    if len(curvature) != len(labels):
+        raise ConfigError(f"curvature has {len(curvature)} values for {len(labels)} samples: compute it on the "
+                          "same data, in the same order (shuffle=False)")
+    model.eval()
+    with torch.no_grad():
+        digital_logits = _logits(model, inputs)
+    digital_correct = (digital_logits.argmax(-1) == labels).cpu()
+    profiles = profiles if profiles is not None else all_profiles()
+    analysis = FailureAnalysis([profile_name(p) for p in profiles], {}, {}, {}, float(digital_correct.float().mean()),
+                               repeats, t_inference, digital_logits=digital_logits.cpu(), labels=labels.cpu())
+    for enabled in profiles:
+        name = profile_name(enabled)
+        lowered, report = lower_all_analog(model, inputs[:2], profile_target(enabled))
+        lowered.eval()
+        logits = []
+        with torch.no_grad():
+            for repeat in range(repeats):
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(_repeat_seed(seed, repeat))
+                    program_and_drift(lowered, report, t_inference)
+                    logits.append(_logits(lowered, inputs).cpu())
+        stacked = torch.stack(logits)
+        analog_correct = stacked.argmax(-1) == labels.cpu()[None]
+        analysis.rates[name] = decile_failure_rates(curvature, digital_correct, analog_correct, bins)
+        failures = digital_correct[None] & ~analog_correct
+        analysis.overall[name] = float(failures[:, digital_correct].float().mean()) if digital_correct.any() else 0.0
+        analysis.analog_accuracy[name] = float(analog_correct.float().mean())
+        if len(enabled) == len(NON_IDEALITIES):
+            analysis.full_logits = stacked
+    return analysis
+
+
+def _logits(module: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([module(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
