@@ -5,6 +5,8 @@ Trains the CNN once (weights cached under build/weights), then for each strategy
 the validation split), and evaluates 1-day accuracy on the held-out test split over independent
 hardware repeats (re-programmed and drifted each repeat). Prints a table of accuracy (mean ± std)
 and analog MAC ratio per strategy, and writes manifests, ONNX models and plots under build/demo/.
+Then the input-curvature study: analog-only failure rate by curvature decile for the 8 non-ideality
+profiles, and risk-gated routing to digital (build/demo/curvature/).
 
 LAFT checkpoints go to build/laft/, so a second ``make demo`` resumes finished stages instead of
 re-training. ``--repeats`` and ``--epochs`` trade time for precision.
@@ -83,6 +85,14 @@ def main() -> None:
     summary = plots.strategy_comparison(rows, OUT / "strategies.png",
                                         f"digits CNN on pcm+digital: accuracy {days:g} day after programming")
     print(f"\nplots: {summary}, {OUT}/hilal/hni_scr.png, {OUT}/<strategy>/assignment.png")
+
+    from hetcomp.analysis.vulnerability import vulnerability_study
+
+    print("\ninput-curvature study on the test split (all layers analog, no fine-tuning):")
+    study = vulnerability_study(model, data["test"], repeats=5, seed=0, t_inference=args.t_inference,
+                                out=OUT / "curvature", title="digits CNN: ")
+    print(study.report())
+    print("plots: " + ", ".join(str(p) for p in study.plots))
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 
