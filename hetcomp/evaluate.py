@@ -15,9 +15,11 @@ reference for tests and ``bench/evaluate.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -151,9 +153,7 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
                 envs = [{} for _ in chunks]
             runner = fx.Interpreter(module)
             for repeat in progress(range(repeats), desc="repeats", total=repeats):
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(_repeat_seed(seed, repeat))
-                    program_and_drift(module, report, t_inference)
+                with hardware_repeat(module, report, t_inference, seed, repeat):
                     correct = 0
                     for (x, y), env in zip(chunks, envs, strict=True):
                         logits = runner.run(x, initial_env=dict(env)) if env else module(x)
@@ -167,6 +167,18 @@ def _repeat_seed(seed: int, repeat: int) -> int:
     return (seed * 1_000_003 + repeat) % (2**63)
 
 
+@contextlib.contextmanager
+def hardware_repeat(module: torch.nn.Module, report: dict[str, dict[str, Any]], t_inference: float, seed: int,
+                    repeat: int) -> Iterator[None]:
+    """Repeat ``repeat``: fresh programming and drift seeded by (seed, repeat); the caller's RNG is untouched
+    and the forward noise inside the block continues the same seeded stream."""
+    device = next(module.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(_repeat_seed(seed, repeat))
+        program_and_drift(module, report, t_inference)
+        yield
+
+
 def plain_loop_accuracy(module: torch.nn.Module, report: dict[str, dict[str, Any]], loader: Any, repeats: int,
                         t_inference: float, seed: int = 0) -> list[float]:
     """The reference loop: each repeat programs, drifts and iterates the loader (same seeds as ``evaluate``)."""
@@ -175,9 +187,7 @@ def plain_loop_accuracy(module: torch.nn.Module, report: dict[str, dict[str, Any
     accuracies = []
     with torch.no_grad():
         for repeat in range(repeats):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(_repeat_seed(seed, repeat))
-                program_and_drift(module, report, t_inference)
+            with hardware_repeat(module, report, t_inference, seed, repeat):
                 correct = total = 0
                 for x, y in loader:
                     correct += int((module(x.to(device)).argmax(-1) == y.to(device)).sum())

@@ -30,10 +30,10 @@ import torch
 import torch.nn as nn
 
 from hetcomp.errors import ConfigError
-from hetcomp.evaluate import _repeat_seed, _staged
+from hetcomp.evaluate import _staged, hardware_repeat
 from hetcomp.graph import trace
 from hetcomp.graph.layers import mappable_nodes
-from hetcomp.lower import lower_graph, program_and_drift
+from hetcomp.lower import lower_graph
 from hetcomp.targets import Precision, TargetSet, get
 from hetcomp.targets.base import Target
 
@@ -152,9 +152,7 @@ def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repe
         logits = []
         with torch.no_grad():
             for repeat in range(repeats):
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(_repeat_seed(seed, repeat))
-                    program_and_drift(lowered, report, t_inference)
+                with hardware_repeat(lowered, report, t_inference, seed, repeat):
                     logits.append(_logits(lowered, inputs).cpu())
         stacked = torch.stack(logits)
         analog_correct = stacked.argmax(-1) == labels.cpu()[None]
