@@ -1,7 +1,7 @@
 """The ``hetcomp`` command line.
 
     hetcomp targets
-    hetcomp compile examples/digits_cnn.py:build --target pcm+digital [--strategy S] --out DIR
+    hetcomp compile examples/digits_cnn.py:build --target pcm+digital [--strategy S] [--laft] [--evaluate 20] --out DIR
     hetcomp report DIR
     hetcomp curvature examples/digits_cnn.py:build [--split test] [--repeats 3] --out DIR
 
@@ -78,9 +78,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     example = None
     if args.input_shape:
         example = (torch.randn(*[int(d) for d in args.input_shape.split(",")]),)
+    finetune = None
+    if args.laft:
+        validation = data.get("val") if isinstance(data, dict) else None
+        finetune = hetcomp.LAFT(epochs=args.laft_epochs, patience=args.laft_patience, val_data=validation,
+                                checkpoint_dir=args.laft_checkpoints)
     compiled = hetcomp.compile(model, target=args.target, example_inputs=example,
                                data=None if args.no_hessian else calibration, strategy=args.strategy,
-                               seed=args.seed)
+                               seed=args.seed, finetune=finetune)
     if example is None and calibration is None:
         raise ConfigError("no data to trace with: return (model, data) from MODEL, or pass --input-shape")
     out = Path(args.out)
@@ -90,7 +95,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     ratio = ", ".join(f"{t} {r:.1%}" for t, r in summary["mac_ratio"].items())
     print(f"compiled {compiled.manifest.model['class']} for {compiled.manifest.target_set} "
           f"({compiled.manifest.strategy}): MAC ratio {ratio}")
-    print(f"wrote {out / 'manifest.json'}, {out / 'model.onnx'}, " + ", ".join(str(p) for p in written))
+    print(f"wrote {out / 'manifest.json'}, {out / 'weights.pt'}, {out / 'model.onnx'}, "
+          + ", ".join(str(p) for p in written))
+    if args.evaluate:
+        if not (isinstance(data, dict) and "test" in data):
+            raise ConfigError("--evaluate needs a 'test' loader in the data dict returned by MODEL")
+        print(f"test: {compiled.evaluate(data['test'], repeats=args.evaluate, t_inference=args.t_inference)}")
     return 0
 
 
@@ -159,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     compile_cmd.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,1,8,8")
     compile_cmd.add_argument("--no-hessian", action="store_true", help="skip the Hessian metrics")
     compile_cmd.add_argument("--seed", type=int, default=0)
+    compile_cmd.add_argument("--laft", action="store_true", help="layer-wise analog fine-tuning after partitioning "
+                             "(validation: the data dict's 'val' loader, else a split of the training data)")
+    compile_cmd.add_argument("--laft-epochs", type=int, default=10, help="LAFT epochs per stage")
+    compile_cmd.add_argument("--laft-patience", type=int, default=3, help="LAFT early-stop patience")
+    compile_cmd.add_argument("--laft-checkpoints", default="build/laft",
+                             help="folder for LAFT stage checkpoints (a rerun resumes finished stages)")
+    compile_cmd.add_argument("--evaluate", type=int, default=0, metavar="REPEATS",
+                             help="evaluate on the data dict's 'test' loader over this many hardware repeats")
+    compile_cmd.add_argument("--t-inference", type=float, default=86400.0, help="seconds of drift for --evaluate")
     compile_cmd.add_argument("--out", required=True, help="output folder")
     compile_cmd.set_defaults(run=_cmd_compile)
 

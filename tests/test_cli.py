@@ -56,3 +56,16 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert no_manifest.returncode == 2 and "no manifest at" in no_manifest.stderr
     debug = run_cli("--debug", "compile", "no/such/file.py:build", "--out", str(tmp_path))
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_compile_with_laft_and_evaluation(tmp_path, capsys, digits_model):
+    out = tmp_path / "laft"
+    assert main(["--quiet", "compile", EXAMPLE, "--laft", "--laft-epochs", "1", "--laft-checkpoints",
+                 str(tmp_path / "checkpoints"), "--evaluate", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["strategy"] == "hilal" and manifest["extra"]["finetune"]["complete"]
+    assert "test: accuracy" in printed and "over 2 repeats" in printed
+    assert list((tmp_path / "checkpoints").iterdir())  # one run folder with its stage checkpoints
+    assert main(["compile", EXAMPLE, "--evaluate", "2", "--input-shape", "1,1,8,8", "--data",
+                 "nonexistent.py:f", "--out", str(out)]) == 2
