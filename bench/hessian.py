@@ -70,13 +70,15 @@ def reference(model, names, batches, probes, iters, seed):
 
 BATCHED = None  # None: hetcomp's default (looped HVPs)
 CUDA_GRAPHS = False  # hetcomp's default: eager HVPs
+EIGEN = "lanczos"  # lambda_max method (hetcomp's default); "power" for tolerance-stopped power iteration
 
 
 def ours(model, names, batches, probes, iters, seed, estimator):
     params = [model.get_parameter(n) for n in names]
     op = HessianOperator(model, params, batches, F.cross_entropy, batched=BATCHED, cuda_graphs=CUDA_GRAPHS)
     result = op.hutchinson(probes, torch.Generator().manual_seed(seed), estimator)
-    eigen, used = op.power_iteration(iters, 1e-3, torch.Generator().manual_seed(seed + 1))
+    eigen_method = op.lanczos if EIGEN == "lanczos" else op.power_iteration
+    eigen, used = eigen_method(iters, 1e-3, torch.Generator().manual_seed(seed + 1))
     return list(zip(result.trace, result.trace_stderr)), eigen, used
 
 
@@ -123,7 +125,7 @@ def compare(label, model, batches, device, probes, iters):
               f"trace rel.diff median {statistics.median(trace_diff):.3f} "
               f"(within 2 s.e.: {within}/{len(names)}; s.e. ratio vs ref {stderr_ratio:.2f})   "
               f"lambda_max rel.diff median {statistics.median(eig_diff):.4f} max {max(eig_diff):.4f}   "
-              f"power iters mean {statistics.mean(used):.1f}")
+              f"{EIGEN} iters mean {statistics.mean(used):.1f}")
     return t_ref
 
 
@@ -139,8 +141,10 @@ def main() -> None:
                         help="batch HVPs with vmap (auto: hetcomp default, looped)")
     parser.add_argument("--cuda-graphs", choices=["yes", "no"], default="no",
                         help="capture HVPs in CUDA graphs (hetcomp's cuda_graphs=True; CUDA only)")
+    parser.add_argument("--eigen", choices=["power", "lanczos"], default="lanczos", help="lambda_max method")
     args = parser.parse_args()
-    global BATCHED, CUDA_GRAPHS
+    global BATCHED, CUDA_GRAPHS, EIGEN
+    EIGEN = args.eigen
     BATCHED = {"auto": None, "yes": True, "no": False}[args.batched]
     CUDA_GRAPHS = args.cuda_graphs == "yes"
     set_quiet(True)
@@ -148,7 +152,7 @@ def main() -> None:
     batch = args.batch or (128 if device.type == "cuda" else 32)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device} ({name}), "
-          f"batched HVPs: {args.batched}, CUDA graphs: {args.cuda_graphs}")
+          f"batched HVPs: {args.batched}, CUDA graphs: {args.cuda_graphs}, lambda_max: {args.eigen}")
 
     from digits_cnn import build
     from resnet20 import ResNet20, digits_as_cifar

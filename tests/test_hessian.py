@@ -214,3 +214,16 @@ def test_cuda_graph_hvps_match_eager(digits_model):
     block_eager, block_graphed = eager.block_hvp(vectors), graphed.block_hvp(vectors)
     for i in vectors:
         torch.testing.assert_close(block_eager[i], block_graphed[i], rtol=1e-4, atol=1e-5)
+
+
+def test_lanczos_matches_exact_eigenvalue_in_fewer_steps(tiny):
+    model, x, y = tiny
+    blocks = exact_blocks(model, x, y)
+    op = HessianOperator(model, [model.fc1.weight, model.fc2.weight], [(x, y)], F.cross_entropy)
+    eigen, iterations = op.lanczos(max_iter=200, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    _, power_iterations = op.power_iteration(max_iter=2000, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    for layer, block in enumerate(blocks):
+        values = torch.linalg.eigvalsh(block)
+        dominant = float(values[values.abs().argmax()])
+        assert eigen[layer] == pytest.approx(dominant, rel=1e-6)
+        assert iterations[layer] < power_iterations[layer]

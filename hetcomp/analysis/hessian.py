@@ -11,6 +11,8 @@ Estimators (all layers at once):
   estimate is only 2 * sum_{i!=j} (H_ll)_ij^2, at L times the cost.
 - ``power_iteration``: lambda_max of every block H_ll, batched across layers, stopped per layer when
   the relative change of its Rayleigh quotient falls under ``tol``.
+- ``lanczos``: the same eigenvalue from the Lanczos tridiagonal's dominant Ritz value, same stopping
+  rule; fewer HVPs for the same tolerance.
 
 Opt-in on CUDA (``cuda_graphs=True``): each calibration batch's forward, gradient and HVPs are
 captured once in a CUDA graph and replayed per probe / power iteration; the block graph computes
@@ -241,6 +243,52 @@ class HessianOperator:
         steps.close()
         return eigen, iterations
 
+    def lanczos(self, max_iter: int, tol: float, generator: torch.Generator) -> tuple[list[float], list[int]]:
+        """Dominant eigenvalue of each block H_ll by Lanczos, all layers in lockstep. Same HVP per step as
+        power iteration, but the Krylov space converges much faster when the top eigenvalues are close.
+
+        Stops per layer when the Ritz pair's residual ||H y - theta y|| = beta_k |s_k| falls under
+        ``tol * |theta|``: an a-posteriori bound (some eigenvalue lies within the residual of theta),
+        not the change between steps, which stagnates and stopped too early on a ResNet-20 layer
+        (measured: 8.48 after 4 steps vs 9.64 converged).
+
+        Plain three-term recurrence without re-orthogonalisation: loss of orthogonality only adds
+        spurious copies of converged Ritz values, which does not change the dominant one, and memory
+        stays at three vectors per layer.
+        """
+        current = {layer: _unit(torch.randn(p.shape, generator=generator, device="cpu").to(p)) for layer, p in
+                   enumerate(self.params)}
+        previous = {layer: torch.zeros_like(p) for layer, p in enumerate(self.params)}
+        alphas: dict[int, list[float]] = {layer: [] for layer in current}
+        betas: dict[int, list[float]] = {layer: [] for layer in current}
+        eigen = [0.0] * len(self.params)
+        iterations = [0] * len(self.params)
+        active = set(current)
+        steps = bar(max_iter, "Lanczos")
+        for step in range(1, max_iter + 1):
+            steps.update(1)
+            steps.set_postfix(unconverged=len(active))
+            products = self.block_hvp({layer: current[layer] for layer in sorted(active)})
+            for layer, hv in products.items():
+                alpha = float((current[layer] * hv).sum())
+                residual = hv - alpha * current[layer]
+                if betas[layer]:
+                    residual -= betas[layer][-1] * previous[layer]
+                alphas[layer].append(alpha)
+                value, last_component = _dominant_ritz(alphas[layer], betas[layer])
+                eigen[layer], iterations[layer] = value, step
+                beta = float(residual.norm())
+                converged = beta * abs(last_component) <= tol * max(abs(value), 1e-30)
+                if converged or beta <= 1e-12 * max(abs(value), 1e-30):  # converged, or an invariant subspace
+                    active.discard(layer)
+                    continue
+                betas[layer].append(beta)
+                previous[layer], current[layer] = current[layer], residual / beta
+            if not active:
+                break
+        steps.close()
+        return eigen, iterations
+
 
 class _CapturedHVP:
     """One calibration batch's forward, gradient and HVPs, captured as a CUDA graph.
@@ -281,6 +329,21 @@ class _CapturedHVP:
                 tangent.zero_()
         self.graph.replay()
         return self.outputs
+
+
+def _dominant_ritz(alphas: list[float], betas: list[float]) -> tuple[float, float]:
+    """Ritz value of largest magnitude of the Lanczos tridiagonal matrix (the eigenvalue power iteration
+    would converge to) and the last component of its eigenvector (for the residual bound)."""
+    size = len(alphas)
+    tridiagonal = torch.zeros(size, size, dtype=torch.float64)
+    tridiagonal[range(size), range(size)] = torch.tensor(alphas, dtype=torch.float64)
+    if size > 1:
+        off = torch.tensor(betas[: size - 1], dtype=torch.float64)
+        tridiagonal[range(1, size), range(size - 1)] = off
+        tridiagonal[range(size - 1), range(1, size)] = off
+    values, vectors = torch.linalg.eigh(tridiagonal)
+    index = int(values.abs().argmax())
+    return float(values[index]), float(vectors[-1, index])
 
 
 @dataclass

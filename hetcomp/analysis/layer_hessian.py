@@ -37,9 +37,14 @@ def hutchinson(gm: fx.GraphModule, ctx, batches: int, probes: int, estimator: st
     return ctx.analysis(("hutchinson", id(gm), batches, probes, estimator, ctx.seed), compute)
 
 
-def power_iteration(gm: fx.GraphModule, ctx, batches: int, max_iter: int, tol: float):
+def dominant_eigenvalue(gm: fx.GraphModule, ctx, batches: int, max_iter: int, tol: float, method: str = "lanczos"):
+    """(eigenvalues, iterations used) per weight layer, by ``method`` "lanczos" or "power"."""
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+
     def compute():
         generator = torch.Generator().manual_seed(ctx.seed + 1)
-        return operator(gm, ctx, batches).power_iteration(max_iter, tol, generator)
+        op = operator(gm, ctx, batches)
+        return (op.lanczos if method == "lanczos" else op.power_iteration)(max_iter, tol, generator)
 
-    return ctx.analysis(("power-iteration", id(gm), batches, max_iter, tol, ctx.seed), compute)
+    return ctx.analysis(("dominant-eigenvalue", method, id(gm), batches, max_iter, tol, ctx.seed), compute)

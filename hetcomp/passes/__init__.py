@@ -16,11 +16,11 @@ __all__ = [
 
 
 def hessian_passes(probes: int = 10, max_iter: int = 20, tol: float = 1e-3, batches: int = 2,
-                   estimator: str = "full", gamma: float = 0.08) -> list[Pass]:
+                   estimator: str = "full", gamma: float = 0.08, eigen_method: str = "lanczos") -> list[Pass]:
     """The standard annotation pipeline: Tr(H), lambda_max, HNI, SCR, row sensitivity."""
     return [
         HessianTrace(probes=probes, estimator=estimator, batches=batches),
-        LambdaMax(max_iter=max_iter, tol=tol, batches=batches),
+        LambdaMax(max_iter=max_iter, tol=tol, batches=batches, method=eigen_method),
         HNI(gamma=gamma),
         SCR(),
         RowSensitivity(probes=probes, estimator=estimator, batches=batches),
