@@ -1,18 +1,23 @@
 """Hessian statistics: hetcomp's shared-graph batched estimator vs a HILAL-style per-layer loop.
 
-Both compute, for every weight layer, Tr(H_l) by Hutchinson (m Rademacher probes) and lambda_max by
-power iteration (up to K iterations), on the same calibration batches and trained weights.
+Both compute, for every weight layer, Tr(H_l) by Hutchinson (m Rademacher probes) and lambda_max
+(up to K iterations), on the same calibration batches and trained weights.
 
 - reference: what HILAL's code does -- for each layer and batch, a new forward/backward graph with
   create_graph=True, m sequential HVPs w.r.t. that layer, then K fixed power-iteration HVPs.
-- hetcomp "full": one gradient graph per batch for all layers; all m probes in one batched
-  (vmapped) full-model HVP; power iteration batched over layers, stopped per layer at rel. tol 1e-3.
-- hetcomp "block": same, but per-layer probes (lower variance, L times the HVPs, still batched).
+- hetcomp "full": one gradient graph per batch for all layers, reused by every HVP; m full-model
+  HVPs (one per probe); lambda_max by Lanczos (``--eigen``, default) or power iteration, all layers
+  in lockstep, stopped per layer at tolerance 1e-3.
+- hetcomp "full m=...": the full estimator with the probes needed to match the reference's
+  standard error (equal accuracy).
+- hetcomp "block": per-layer probes (the reference's estimator and variance), same graph reuse.
+
+``--batched yes`` vmaps HVPs over probes; ``--cuda-graphs yes`` replays captured HVPs (CUDA only).
 
 Prints per-model wall times, the speed ratio, and the agreement of the estimates (relative
 difference of traces and lambda_max vs the reference, with the estimators' standard errors).
 
-    python bench/hessian.py [--device cuda] [--batch 128] [--probes 10] [--iters 20]
+    python bench/hessian.py [--device cuda] [--batch 128] [--probes 10] [--iters 20] [--eigen power]
 """
 
 from __future__ import annotations
