@@ -102,12 +102,13 @@ def test_finetune_needs_data_and_valid_settings(digits_model):
         hetcomp.compile(model, "pcm+digital", (x,), data=data["train"], finetune={"epochs": 3})
 
 
-def greedy(digits_model, target, threshold):
+def greedy(digits_model, target, threshold, checkpoints=None):
     model, data = digits_model
     x = next(iter(data["test"]))[0]
     strategy = hetcomp.strategies.mac_greedy(threshold=threshold, eval_repeats=2)
     return hetcomp.compile(model, target, (x,), data=data["train"], strategy=strategy,
-                           finetune=LAFT(epochs=1, patience=1, val_repeats=1, val_data=data["val"]))
+                           finetune=LAFT(epochs=1, patience=1, val_repeats=1, val_data=data["val"],
+                                         checkpoint_dir=checkpoints))
 
 
 def test_mac_greedy_tries_layers_by_macs_and_keeps_those_within_threshold(digits_model):
@@ -136,3 +137,32 @@ def test_mac_greedy_reverts_candidates_that_fail(digits_model, monkeypatch):
     model, _ = digits_model
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights(compiled).items())
     assert math.isclose(compiled.manifest.summary["mac_ratio"]["noisy-pcm"], 0.0)
+
+
+def test_killed_mac_greedy_search_resumes_to_the_same_result(digits_model, tmp_path, monkeypatch):
+    from hetcomp.passes import mac_greedy as greedy_module
+
+    uninterrupted = greedy(digits_model, "pcm+digital", threshold=0.005)
+    real_train_stage = greedy_module.train_stage
+    calls = []
+
+    def killed_in_trial_3(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_train_stage(*args, **kwargs)
+
+    monkeypatch.setattr(greedy_module, "train_stage", killed_in_trial_3)
+    with pytest.raises(KeyboardInterrupt):
+        greedy(digits_model, "pcm+digital", threshold=0.005, checkpoints=tmp_path)
+    calls.clear()
+    monkeypatch.setattr(greedy_module, "train_stage", lambda *a, **k: calls.append(k["desc"]) or
+                        real_train_stage(*a, **k))
+    resumed = greedy(digits_model, "pcm+digital", threshold=0.005, checkpoints=tmp_path)
+    assert len(calls) == 6 - 2 and calls[0].startswith("mac-greedy 3/6")
+    assert [layer["assignment"] for layer in resumed.manifest.layers] == \
+        [layer["assignment"] for layer in uninterrupted.manifest.layers]
+    assert all(torch.equal(weights(uninterrupted)[k], v) for k, v in weights(resumed).items())
+    strip = lambda trials: [{k: v for k, v in t.items() if k != "seconds"} for t in trials]  # noqa: E731
+    trials = resumed.manifest.extra["finetune"]["trials"]
+    assert strip(trials) == strip(uninterrupted.manifest.extra["finetune"]["trials"])

@@ -7,30 +7,25 @@ cosine learning-rate decay. Stage 1 starts from the FP weights of the model bein
 never starts from an analog-trained model); stage t starts from stage t-1's validation-best weights,
 reloaded from its checkpoint, so a run that is resumed computes exactly what an uninterrupted run does.
 
-Checkpoints: ``<checkpoint_dir>/<run key>/stage-NN.pt`` (the digital-equivalent state dict, plain
-tensors, loaded with ``weights_only=True``) and ``progress.json`` (finished stages), both written
-atomically after each stage. The run key hashes everything a stage depends on (see ``_run_key``), so
-``resume=True`` only ever picks up the same run.
+Checkpoints (hetcomp.finetune.checkpoints): ``<checkpoint_dir>/<run key>/stage-NN.pt`` (the
+digital-equivalent state dict) and ``progress.json``, written atomically after each stage; the run
+key hashes everything a stage depends on, so ``resume=True`` only ever picks up the same run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from hetcomp.errors import ConfigError
-from hetcomp.finetune.data import TrainingData, training_split
-from hetcomp.finetune.stage import StageResult, StageSettings, derive_seed, train_stage
+from hetcomp.finetune.checkpoints import StageCheckpoints, run_key
+from hetcomp.finetune.data import training_split
+from hetcomp.finetune.stage import StageSettings, derive_seed, train_stage
 from hetcomp.graph.layers import mappable_nodes
-from hetcomp.manifest import fingerprint, write_atomic
 from hetcomp.passes.base import CompileContext, Pass
 
 
@@ -101,69 +96,24 @@ class LAFT(Pass):
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         order = self.order(gm, ctx)
         data = training_split(ctx.data, self.val_data, self.val_fraction, ctx.seed, self.batch_size)
-        run_key = self._run_key(gm, ctx, order, data)
-        directory = None if self.checkpoint_dir is None else Path(self.checkpoint_dir) / run_key
-        finished = self._finished_stages(directory, run_key, order) if self.resume else []
-        records = [stage["record"] for stage in finished]
+        checkpoints = StageCheckpoints(self.checkpoint_dir, run_key(gm, ctx, data, method="laft", order=order,
+                                                                     settings=self.settings()))
+        records = checkpoints.finished() if self.resume else []
+        done = len(records)
         # Stage 1 starts from the FP weights; a resumed run starts from the last finished checkpoint.
-        state = (self._load_stage(directory, len(finished) - 1) if finished else
-                 {k: v.detach().clone() for k, v in gm.state_dict().items()})
-        for index in range(len(finished), len(order)):
-            if self.stop_after is not None and index - len(finished) >= self.stop_after:
+        state = checkpoints.load(done - 1) if done else {k: v.detach().clone() for k, v in gm.state_dict().items()}
+        for index in range(done, len(order)):
+            if self.stop_after is not None and index - done >= self.stop_after:
                 break
             gm.load_state_dict(state)
-            result: StageResult = train_stage(
+            result = train_stage(
                 gm, ctx.targets, order[: index + 1], data, self.stage_settings(), ctx.loss,
                 derive_seed(ctx.seed, "laft", index), desc=f"LAFT stage {index + 1}/{len(order)} (+{order[index]})")
             records.append(result.record())
-            if directory is not None:
-                self._save_stage(directory, run_key, order, index, result, records)
+            checkpoints.save(index, result.state, records)
             state = result.state
         gm.load_state_dict(state)
         ctx.manifest_extra["finetune"] = {
             "method": "laft", "order": order, "stages": records, "complete": len(records) == len(order),
-            "checkpoints": None if directory is None else str(directory)}
+            "checkpoints": None if checkpoints.directory is None else str(checkpoints.directory)}
         return gm
-
-    # -- checkpoints -----------------------------------------------------------------------------
-
-    def _run_key(self, gm: fx.GraphModule, ctx: CompileContext, order: list[str], data: TrainingData) -> str:
-        """Everything a stage's result depends on: weights and architecture, layer order, the targets'
-        full parameters (lowering settings included), settings, seed, loss, hetcomp's version, and the
-        data (sizes, the validation tensors and the first training batch)."""
-        from hetcomp import __version__
-
-        data_hash = hashlib.sha256()
-        first_batch = next(iter(data.epoch_loader(0)))
-        for tensor in (*data.val, *first_batch[:2]):
-            data_hash.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        description = json.dumps({
-            "model": fingerprint(gm, gm), "order": order, "targets": [t.to_dict() for t in ctx.targets],
-            "settings": self.settings(), "seed": ctx.seed, "loss": getattr(ctx.loss, "__qualname__", repr(ctx.loss)),
-            "version": __version__, "data": [len(data.train), len(data.val[1]), data_hash.hexdigest()],
-        }, sort_keys=True, default=str)
-        return hashlib.sha256(description.encode()).hexdigest()[:16]
-
-    def _finished_stages(self, directory: Path | None, run_key: str, order: list[str]) -> list[dict]:
-        if directory is None or not (directory / "progress.json").exists():
-            return []
-        progress = json.loads((directory / "progress.json").read_text())
-        if progress.get("run_key") != run_key or progress.get("order") != order:
-            return []
-        stages = []
-        for index, record in enumerate(progress.get("stages", [])):
-            if not (directory / f"stage-{index:02d}.pt").exists():
-                break
-            stages.append({"record": record})
-        return stages
-
-    def _save_stage(self, directory: Path, run_key: str, order: list[str], index: int, result: StageResult,
-                    records: list[dict]) -> None:
-        buffer = io.BytesIO()
-        torch.save({k: v.cpu() for k, v in result.state.items()}, buffer)
-        write_atomic(directory / f"stage-{index:02d}.pt", buffer.getvalue())  # checkpoint before progress
-        write_atomic(directory / "progress.json",
-                     json.dumps({"run_key": run_key, "order": order, "stages": records}, indent=2))
-
-    def _load_stage(self, directory: Path, index: int) -> dict[str, torch.Tensor]:
-        return torch.load(directory / f"stage-{index:02d}.pt", weights_only=True, map_location="cpu")

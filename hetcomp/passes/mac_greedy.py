@@ -7,7 +7,9 @@ programmed-and-drifted repeats at ``t_inference`` on the validation split must b
 validation accuracy minus ``threshold`` (a fraction: 0.02 = 2 points). A rejected candidate is
 reverted. The retrained weights of the final accepted set become the compiled weights, so this
 strategy needs no separate ``finetune=`` run; a LAFT object given to compile supplies its training
-settings (epochs, patience, learning rates, validation split).
+settings (epochs, patience, learning rates, validation split) and its checkpoint folder: after each
+candidate the accepted state is checkpointed, and a killed search resumes after the last finished
+candidate (``resume=True``), reaching the same result.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.fx as fx
 
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate
+from hetcomp.finetune.checkpoints import StageCheckpoints, run_key
 from hetcomp.finetune.data import training_split
 from hetcomp.finetune.laft import LAFT
 from hetcomp.finetune.stage import derive_seed, train_stage, validation_accuracy
@@ -59,10 +62,20 @@ class MacGreedy(Pass):
         candidates.sort(key=lambda a: -a.layer.macs)  # stable: ties keep graph order
         baseline = validation_accuracy(gm, data.val, 1, derive_seed(ctx.seed, "baseline"))
         floor = baseline - self.threshold
-        accepted: list[str] = []
-        state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
-        trials, verdicts = [], {}
+        checkpoints = StageCheckpoints(training.checkpoint_dir, run_key(
+            gm, ctx, data, method="mac-greedy", candidates=[c.layer.name for c in candidates],
+            settings=self.settings()))
+        trials = checkpoints.finished() if training.resume else []
+        accepted = [t["candidate"] for t in trials if t["accepted"]]
+        verdicts = {t["candidate"]: (i + 1, t["drift_val_accuracy"], t["accepted"]) for i, t in enumerate(trials)}
+        for candidate in candidates:  # a resumed search: the accepted layers keep their tentative tag
+            if candidate.layer.name in accepted:
+                candidate.assignment = self.analog
+        state = (checkpoints.load(len(trials) - 1) if trials else
+                 {k: v.detach().clone() for k, v in gm.state_dict().items()})
         for index, candidate in enumerate(candidates):
+            if index < len(trials):
+                continue
             name = candidate.layer.name
             candidate.assignment = self.analog  # tentatively, so lowering knows its target
             gm.load_state_dict(state)
@@ -82,6 +95,7 @@ class MacGreedy(Pass):
             verdicts[name] = (index + 1, score, keep)
             trials.append({**result.record(), "candidate": name, "macs": candidate.layer.macs,
                            "drift_val_accuracy": score, "accepted": keep})
+            checkpoints.save(index, state, trials)
         gm.load_state_dict(state)
         test = f"validation accuracy at t={self.t_inference:g}s vs digital baseline {baseline:.4f} - {self.threshold}"
         for _, annotation in mappable_nodes(gm):
@@ -93,6 +107,7 @@ class MacGreedy(Pass):
             else:
                 assign_layer(annotation, self.digital, ctx.targets, "mac-greedy",
                              "not an analog candidate (dynamic op or pinned earlier)")
-        ctx.manifest_extra["finetune"] = {"method": "mac-greedy", "baseline_val": baseline, "trials": trials,
-                                          "accepted": accepted}
+        ctx.manifest_extra["finetune"] = {
+            "method": "mac-greedy", "baseline_val": baseline, "trials": trials, "accepted": accepted,
+            "checkpoints": None if checkpoints.directory is None else str(checkpoints.directory)}
         return gm
