@@ -219,29 +219,19 @@ class HessianOperator:
         self, max_iter: int, tol: float, generator: torch.Generator
     ) -> tuple[list[float], list[int]]:
         """Dominant eigenvalue of each block H_ll (Rayleigh quotient) and the iterations it took."""
-        vectors = {layer: _unit(torch.randn(p.shape, generator=generator, device="cpu").to(p)) for layer, p in
-                   enumerate(self.params)}
-        eigen = [0.0] * len(self.params)
-        iterations = [0] * len(self.params)
-        active = set(vectors)
-        steps = bar(max_iter, "power iteration")
-        for step in range(1, max_iter + 1):
-            steps.update(1)
-            steps.set_postfix(unconverged=len(active))
-            products = self.block_hvp({layer: vectors[layer] for layer in sorted(active)})
-            for layer, hv in products.items():
-                rayleigh = float((vectors[layer] * hv).sum())
-                converged = step > 1 and abs(rayleigh - eigen[layer]) <= tol * max(abs(eigen[layer]), 1e-30)
-                eigen[layer], iterations[layer] = rayleigh, step
-                norm = hv.norm()
-                if converged or norm == 0:
-                    active.discard(layer)
-                else:
-                    vectors[layer] = hv / norm
-            if not active:
-                break
-        steps.close()
-        return eigen, iterations
+        vectors = self._random_unit_vectors(generator)
+        previous = [0.0] * len(self.params)
+
+        def step(layer: int, hv: torch.Tensor, count: int) -> tuple[float, bool]:
+            rayleigh = float((vectors[layer] * hv).sum())
+            converged = count > 1 and abs(rayleigh - previous[layer]) <= tol * max(abs(previous[layer]), 1e-30)
+            previous[layer] = rayleigh
+            norm = hv.norm()
+            if not (converged or norm == 0):
+                vectors[layer] = hv / norm
+            return rayleigh, bool(converged or norm == 0)
+
+        return self._lockstep(vectors, max_iter, "power iteration", step)
 
     def lanczos(self, max_iter: int, tol: float, generator: torch.Generator) -> tuple[list[float], list[int]]:
         """Dominant eigenvalue of each block H_ll by Lanczos, all layers in lockstep. Same HVP per step as
@@ -256,34 +246,51 @@ class HessianOperator:
         spurious copies of converged Ritz values, which does not change the dominant one, and memory
         stays at three vectors per layer.
         """
-        current = {layer: _unit(torch.randn(p.shape, generator=generator, device="cpu").to(p)) for layer, p in
-                   enumerate(self.params)}
+        current = self._random_unit_vectors(generator)
         previous = {layer: torch.zeros_like(p) for layer, p in enumerate(self.params)}
         alphas: dict[int, list[float]] = {layer: [] for layer in current}
         betas: dict[int, list[float]] = {layer: [] for layer in current}
+
+        def step(layer: int, hv: torch.Tensor, count: int) -> tuple[float, bool]:
+            alpha = float((current[layer] * hv).sum())
+            residual = hv - alpha * current[layer]
+            if betas[layer]:
+                residual -= betas[layer][-1] * previous[layer]
+            alphas[layer].append(alpha)
+            value, last_component = _dominant_ritz(alphas[layer], betas[layer])
+            beta = float(residual.norm())
+            converged = beta * abs(last_component) <= tol * max(abs(value), 1e-30)
+            if converged or beta <= 1e-12 * max(abs(value), 1e-30):  # converged, or an invariant subspace
+                return value, True
+            betas[layer].append(beta)
+            previous[layer], current[layer] = current[layer], residual / beta
+            return value, False
+
+        return self._lockstep(current, max_iter, "Lanczos", step)
+
+    def _random_unit_vectors(self, generator: torch.Generator) -> dict[int, torch.Tensor]:
+        # Drawn on the CPU generator so results are identical on every device for the same seed.
+        return {layer: _unit(torch.randn(p.shape, generator=generator, device="cpu").to(p))
+                for layer, p in enumerate(self.params)}
+
+    def _lockstep(self, vectors: dict[int, torch.Tensor], max_iter: int, desc: str,
+                  step: Callable[[int, torch.Tensor, int], tuple[float, bool]]) -> tuple[list[float], list[int]]:
+        """Run an iterative eigensolver on every layer at once: each round, one block HVP per unconverged
+        layer with its current vector; ``step(layer, H v, round)`` returns (estimate, converged) and
+        updates ``vectors`` in place."""
         eigen = [0.0] * len(self.params)
         iterations = [0] * len(self.params)
-        active = set(current)
-        steps = bar(max_iter, "Lanczos")
-        for step in range(1, max_iter + 1):
+        active = set(vectors)
+        steps = bar(max_iter, desc)
+        for count in range(1, max_iter + 1):
             steps.update(1)
             steps.set_postfix(unconverged=len(active))
-            products = self.block_hvp({layer: current[layer] for layer in sorted(active)})
+            products = self.block_hvp({layer: vectors[layer] for layer in sorted(active)})
             for layer, hv in products.items():
-                alpha = float((current[layer] * hv).sum())
-                residual = hv - alpha * current[layer]
-                if betas[layer]:
-                    residual -= betas[layer][-1] * previous[layer]
-                alphas[layer].append(alpha)
-                value, last_component = _dominant_ritz(alphas[layer], betas[layer])
-                eigen[layer], iterations[layer] = value, step
-                beta = float(residual.norm())
-                converged = beta * abs(last_component) <= tol * max(abs(value), 1e-30)
-                if converged or beta <= 1e-12 * max(abs(value), 1e-30):  # converged, or an invariant subspace
+                eigen[layer], done = step(layer, hv, count)
+                iterations[layer] = count
+                if done:
                     active.discard(layer)
-                    continue
-                betas[layer].append(beta)
-                previous[layer], current[layer] = current[layer], residual / beta
             if not active:
                 break
         steps.close()
