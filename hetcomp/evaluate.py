@@ -57,7 +57,8 @@ class Evaluation:
                 f"t = {self.t_inference:g} s; analog MAC ratio {self.mac_ratio:.3f}")
 
 
-def _staged(loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def staged(loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (inputs, labels) of ``loader`` (or a tensor pair) concatenated on ``device``."""
     if isinstance(loader, tuple | list) and len(loader) == 2 and all(isinstance(t, torch.Tensor) for t in loader):
         return loader[0].to(device), loader[1].to(device)
     inputs, labels = [], []
@@ -71,6 +72,11 @@ def _staged(loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     if not inputs:
         raise ConfigError("evaluation data yielded no batch")
     return torch.cat(inputs).to(device), torch.cat(labels).to(device)
+
+
+def batched_logits(module: torch.nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``module`` applied to ``inputs`` in batches (the caller sets eval mode and no_grad)."""
+    return torch.cat([module(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
 def _frontier(gm: fx.GraphModule, stochastic: set[str]) -> fx.Node | None:
@@ -134,7 +140,7 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
         raise ConfigError(f"t_inference must be >= 0 seconds, got {t_inference}")
     start = time.perf_counter()
     device = next(module.parameters()).device
-    inputs, labels = _staged(data, device)
+    inputs, labels = staged(data, device)
     batch_size = batch_size or (4096 if device.type == "cuda" else 128)
     stochastic = set(lowered_modules(report))
     was_training = module.training

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from hetcomp.errors import ConfigError
-from hetcomp.evaluate import _staged, hardware_repeat
+from hetcomp.evaluate import batched_logits, hardware_repeat, staged
 from hetcomp.graph import trace
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import lower_graph
@@ -134,13 +134,13 @@ def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repe
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
     device = next(model.parameters()).device
-    inputs, labels = _staged(data, device)
+    inputs, labels = staged(data, device)
     if len(curvature) != len(labels):
         raise ConfigError(f"curvature has {len(curvature)} values for {len(labels)} samples: compute it on the "
                           "same data, in the same order (shuffle=False)")
     model.eval()
     with torch.no_grad():
-        digital_logits = _logits(model, inputs)
+        digital_logits = batched_logits(model, inputs)
     digital_correct = (digital_logits.argmax(-1) == labels).cpu()
     profiles = profiles if profiles is not None else all_profiles()
     analysis = FailureAnalysis([profile_name(p) for p in profiles], {}, {}, {}, float(digital_correct.float().mean()),
@@ -153,7 +153,7 @@ def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repe
         with torch.no_grad():
             for repeat in range(repeats):
                 with hardware_repeat(lowered, report, t_inference, seed, repeat):
-                    logits.append(_logits(lowered, inputs).cpu())
+                    logits.append(batched_logits(lowered, inputs).cpu())
         stacked = torch.stack(logits)
         analog_correct = stacked.argmax(-1) == labels.cpu()[None]
         analysis.rates[name] = decile_failure_rates(curvature, digital_correct, analog_correct, bins)
@@ -164,6 +164,3 @@ def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repe
             analysis.full_logits = stacked
     return analysis
 
-
-def _logits(module: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    return torch.cat([module(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from hetcomp.errors import ConfigError
-from hetcomp.evaluate import _staged
+from hetcomp.evaluate import staged
 
 
 @dataclass
@@ -44,7 +44,7 @@ def training_split(data: Any, val_data: Any = None, val_fraction: float = 0.1, s
         raise ConfigError("fine-tuning needs data= as a DataLoader or an (inputs, labels) tensor pair, "
                           f"got {type(data).__name__}")
     if val_data is not None:
-        return TrainingData(dataset, _staged(val_data, torch.device("cpu")), batch_size)
+        return TrainingData(dataset, staged(val_data, torch.device("cpu")), batch_size)
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     n_val = max(1, int(round(len(dataset) * val_fraction)))
@@ -53,5 +53,5 @@ def training_split(data: Any, val_data: Any = None, val_fraction: float = 0.1, s
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     val = Subset(dataset, order[:n_val])
     train = Subset(dataset, order[n_val:])
-    staged = _staged(DataLoader(val, batch_size=max(batch_size, 256)), torch.device("cpu"))
-    return TrainingData(train, staged, batch_size)
+    val_tensors = staged(DataLoader(val, batch_size=max(batch_size, 256)), torch.device("cpu"))
+    return TrainingData(train, val_tensors, batch_size)

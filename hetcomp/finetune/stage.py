@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from hetcomp.evaluate import evaluate
+from hetcomp.evaluate import batched_logits, evaluate
 from hetcomp.finetune.data import TrainingData
 from hetcomp.lower import digital_state_dict, lower_graph, lowered_modules
 from hetcomp.progress import bar
@@ -81,9 +81,7 @@ def validation_accuracy(module: torch.nn.Module, val: tuple[torch.Tensor, torch.
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for _ in range(repeats):
-            for start in range(0, len(labels), batch_size):
-                logits = module(inputs[start : start + batch_size])
-                correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
+            correct += int((batched_logits(module, inputs, batch_size).argmax(-1) == labels).sum())
     module.train(was_training)
     return correct / (len(labels) * repeats)
 

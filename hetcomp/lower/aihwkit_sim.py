@@ -17,6 +17,7 @@ per group: ``GroupedAnalogConv`` holds one analog convolution per group and conc
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -84,7 +85,7 @@ def rpu_config(target: Target) -> Any:
     config.mapping.max_output_size = int(options["max_output_size"])
     config.mapping.weight_scaling_omega = float(options["weight_scaling_omega"])
     config.mapping.weight_scaling_columnwise = bool(options["weight_scaling_columnwise"])
-    config.noise_model = _PCMWithStaticNoise(
+    config.noise_model = _noise_model(
         static_std=float(options["static_weight_noise"]), g_max=float(options["g_max"]),
         prog_noise_scale=float(options["prog_noise_scale"]), read_noise_scale=float(options["read_noise_scale"]),
         drift_scale=float(options["drift_scale"]))
@@ -102,18 +103,30 @@ def rpu_config(target: Target) -> Any:
     return config
 
 
-def _PCMWithStaticNoise(static_std: float, **kwargs: Any) -> Any:  # noqa: N802 - a class factory
-    """aihwkit's PCMLikeNoiseModel plus static Gaussian weight noise (std ``static_std`` x g_max) at programming."""
+@functools.cache
+def _static_noise_class() -> type:
+    """aihwkit's PCMLikeNoiseModel plus static Gaussian weight noise at programming (built once, on first
+    use, so that importing hetcomp does not import aihwkit)."""
     from aihwkit.inference import PCMLikeNoiseModel
 
     class PCMWithStaticNoise(PCMLikeNoiseModel):
+        def __init__(self, static_std: float, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.static_std = static_std
+
         def apply_programming_noise_to_conductance(self, g_target: torch.Tensor) -> torch.Tensor:
             g_prog = super().apply_programming_noise_to_conductance(g_target)
-            if static_std > 0:
-                g_prog = (g_prog + torch.randn_like(g_prog) * static_std * self.g_max).clamp(min=0.0)
-            return g_prog
+            noise = torch.randn_like(g_prog) * self.static_std * self.g_max
+            return (g_prog + noise).clamp(min=0.0)
 
-    return PCMWithStaticNoise(**kwargs) if static_std > 0 else PCMLikeNoiseModel(**kwargs)
+    return PCMWithStaticNoise
+
+
+def _noise_model(static_std: float, **kwargs: Any) -> Any:
+    """PCMLikeNoiseModel, with static weight noise (std ``static_std`` x g_max) added when > 0."""
+    from aihwkit.inference import PCMLikeNoiseModel
+
+    return _static_noise_class()(static_std, **kwargs) if static_std > 0 else PCMLikeNoiseModel(**kwargs)
 
 
 def _enum(enum: Any, name: str, target: Target) -> Any:
