@@ -31,7 +31,8 @@ def test_builtin_targets_are_declarative_and_complete():
     for name in ("digital", "pcm", "sram", "reram", "photonic"):
         target = targets.get(name)
         assert target.supports, name
-        assert target.cost.placeholder, f"{name}: uncalibrated costs must be marked placeholder"
+        assert target.cost.modeled, f"{name}: every built-in target has a cost model"
+        assert all(term.source for term in target.cost.terms), f"{name}: every energy names its source"
     assert targets.get("pcm").supports == {"weight-static"}
     assert targets.get("photonic").supports_kind("dynamic")
     assert targets.get("digital").supports_kind("dynamic")

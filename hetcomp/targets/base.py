@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hetcomp.targets.cost import CostModel, EnergyTerm
+
+__all__ = ["CostModel", "EnergyTerm", "NoiseModel", "Precision", "Target", "TileGeometry", "WEIGHT_STATIC", "DYNAMIC"]
+
 WEIGHT_STATIC = "weight-static"
 DYNAMIC = "dynamic"
 OP_KINDS = (WEIGHT_STATIC, DYNAMIC)
@@ -41,20 +45,6 @@ class TileGeometry:
     crossbars_per_tile: int = 1
     tiles: int | None = None  # None: as many as needed (capacity unbounded)
     cells_per_weight: int = 1  # bit-sliced weights occupy several cells of a row
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Per-operation cost coefficients.
-
-    ``placeholder=True`` marks values that are not yet calibrated to a hardware source: the
-    multi-tier cost-model work replaces them. They must never be reported as real costs.
-    """
-
-    energy_per_mac_pj: float | None = None
-    latency_per_mac_ns: float | None = None
-    placeholder: bool = True
-    sources: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,15 @@
 """Phase-change-memory analog in-memory computing, simulated by aihwkit (HILAL's configuration)."""
 
-from hetcomp.targets.base import WEIGHT_STATIC, CostModel, NoiseModel, Precision, Target, TileGeometry
+from hetcomp.targets.base import WEIGHT_STATIC, NoiseModel, Precision, Target, TileGeometry
+from hetcomp.targets.cost import CostModel, EnergyTerm
+
+# Measured chip, not a component model: IBM HERMES (Le Gallo et al., Nature Electronics 2023), 64 PCM cores
+# of 256x256, 14 nm: 16.1 TOPS at 2.48 TOPS/W with 8-bit inputs/outputs -> 8.05e12 MAC/s, 0.806 pJ/MAC.
+COST = CostModel(
+    macs_per_second=8.05e12,
+    terms=(EnergyTerm("chip", 0.806, 1.0, "HERMES (Le Gallo et al., Nat. Electron. 2023): 2.48 TOPS/W at 8 bit"),),
+    notes={"throughput": "HERMES: 16.1 TOPS at 8-bit I/O"},
+)
 
 TARGET = Target(
     name="pcm",
@@ -17,7 +26,7 @@ TARGET = Target(
     tile=TileGeometry(rows=256, cols=256, tiles=None),
     clock_hz=None,
     supports=frozenset({WEIGHT_STATIC}),
-    cost=CostModel(placeholder=True),
+    cost=COST,
     accuracy_rank=3,
     lowering={
         "simulator": "aihwkit",

@@ -1,0 +1,1 @@
+"""Row-level multi-tier mapping (H3PIMAP): the cost problem, its Pareto search, and row assignment."""

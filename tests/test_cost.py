@@ -1,0 +1,96 @@
+"""Tier cost models and mapping costs against hand-computed numbers (H3PIMAP Eq. 2, Table I/V)."""
+
+import numpy as np
+import pytest
+
+from hetcomp import targets
+from hetcomp.errors import ConfigError
+from hetcomp.graph.layers import LayerInfo
+from hetcomp.partition.mapping_cost import MappingProblem, lep_scores
+from hetcomp.targets.base import NoiseModel, Precision, Target, TileGeometry
+from hetcomp.targets.cost import CostModel, EnergyTerm
+
+
+def _layer(name, rows, cols, macs, kind="weight-static"):
+    return LayerInfo(name=name, kind=kind, op="linear", weight_shape=(rows, cols), rows=rows,
+                     params=rows * cols if kind == "weight-static" else 0, macs=macs, node_name=name)
+
+
+def _tier(name, macs_per_s, pj, static_w=0.0, tiles=None, supports=("weight-static",), rank=0):
+    return Target(name=name, description="", analog=True, precision=Precision(8, 8, 8), noise=NoiseModel("none"),
+                  tile=TileGeometry(10, 10, tiles=tiles), clock_hz=1e9, supports=frozenset(supports),
+                  cost=CostModel(macs_per_s, (EnergyTerm("mac", pj, 1.0, "test"),), static_w), accuracy_rank=rank)
+
+
+def test_sram_geometry_gives_throughput_and_energy_by_hand():
+    cost = targets.get("sram").cost
+    # 100 tiles x 256 ADCs x 100 MHz; a conversion sums 128 rows of 1-bit input x 1-bit cell = 128 / (8 * 8) MACs
+    assert cost.macs_per_second == pytest.approx(100 * 256 * 100e6 * 2)
+    per_mac = {t.name: t.pj_per_mac for t in cost.terms}
+    assert per_mac["adc"] == pytest.approx(0.065 / 2)
+    assert per_mac["dac"] == pytest.approx(0.039 * 8 * 8 / 128)  # 8 input cycles, a row drive feeds 16 weights
+    assert per_mac["cell"] == pytest.approx(0.00112 * 64)  # 8 cells x 8 input cycles
+    # a 128 -> 16 linear: 2048 MACs
+    macs = 2048
+    latency = macs / 5.12e12
+    assert cost.latency_s(macs) == pytest.approx(latency)
+    dynamic = macs * (0.065 / 2 + 0.039 * 0.5 + 0.00112 * 64 + 0.0195 / 2) * 1e-12
+    assert cost.energy_j(macs) == pytest.approx(dynamic + cost.static_power_w * latency)
+
+
+def test_reram_and_photonic_throughput_by_hand():
+    # ReRAM: 100 x 64 ADCs x 100 MHz x 128 / (4 cells x 8 input cycles)
+    assert targets.get("reram").cost.macs_per_second == pytest.approx(6400 * 100e6 * 4)
+    photonic = targets.get("photonic")
+    from hetcomp.targets import photonic as module
+    assert photonic.cost.macs_per_second == pytest.approx(2 * 2 * 14 * 14 * module.WAVELENGTHS * 3e9)
+    assert photonic.cost.static_power_w == pytest.approx(4 * 0.524)  # laser per core x 4 cores
+
+
+def test_eq2_latency_is_sum_of_max_and_energy_is_sum():
+    a, b = _tier("a", 1e9, 1.0), _tier("b", 4e9, 2.0, static_w=0.5)
+    layers = [_layer("l1", 100, 10, 1_000_000), _layer("l2", 50, 10, 200_000)]
+    problem = MappingProblem.build(layers, [a, b])
+    counts = np.array([[60, 40], [0, 50]])
+    cost = problem.evaluate(counts)
+    # l1: a runs 0.6e6 MACs in 0.6 ms, b 0.4e6 in 0.1 ms -> 0.6 ms; l2: b only, 0.2e6 in 0.05 ms
+    assert cost.latency_s[0] == pytest.approx(0.6e-3 + 0.05e-3)
+    assert cost.layer_latency_s[0].tolist() == pytest.approx([0.6e-3, 0.05e-3])
+    energy = 0.6e6 * 1e-12 + 0.4e6 * 2e-12 + 0.5 * 0.1e-3 + 0.2e6 * 2e-12 + 0.5 * 0.05e-3
+    assert cost.energy_j[0] == pytest.approx(energy)
+    # usage: a holds 60% of l1's 1000 weights; b 40% of l1 + all of l2's 500
+    assert cost.usage[0].tolist() == pytest.approx([600, 400 + 500])
+    # a population evaluates the same as one at a time
+    population = np.stack([counts, problem.equal_split(), problem.single_tier("b")])
+    batch = problem.evaluate(population)
+    for p in range(3):
+        assert batch.latency_s[p] == pytest.approx(problem.evaluate(population[p]).latency_s[0])
+
+
+def test_op_support_and_capacity_errors():
+    pim = _tier("pim", 1e9, 1.0, tiles=1)  # holds 10 x 10 weights
+    dynamic = [_layer("attn", 8, 8, 1000, kind="dynamic")]
+    with pytest.raises(ConfigError, match="no target in pim runs layer"):
+        MappingProblem.build(dynamic, [pim])
+    problem = MappingProblem.build([_layer("big", 20, 10, 2000)], [pim])
+    with pytest.raises(ConfigError, match="does not fit: 200 weights .* 100"):
+        problem.check_feasible()
+    single = problem.single_tier("pim")
+    assert problem.capacity_violation(problem.evaluate(single).usage)[0, 0] == pytest.approx(100)
+
+
+def test_equal_split_and_single_tier_respect_op_support():
+    pim = _tier("pim", 1e9, 1.0)
+    opt = _tier("opt", 1e9, 1.0, supports=("weight-static", "dynamic"))
+    layers = [_layer("w", 10, 4, 40), _layer("attn", 7, 4, 28, kind="dynamic")]
+    problem = MappingProblem.build(layers, [pim, opt])
+    assert problem.equal_split().tolist() == [[5, 5], [0, 7]]
+    assert problem.single_tier("pim").tolist() == [[10, 0], [0, 7]]
+
+
+def test_lep_reproduces_table_v():
+    latency = [10.21, 14.73, 0.91, 4.90, 1.34, 2.25]
+    energy = [13.79, 13.44, 8.92, 12.02, 9.85, 10.39]
+    perplexity = [1.1017, 1.1128, 2.2272, 1.1861, 1.3772, 1.2012]
+    paper = [0.5580, 0.6428, 0.3333, 0.3339, 0.1568, 0.1637]
+    assert lep_scores(latency, energy, perplexity) == pytest.approx(paper, abs=0.004)
