@@ -3,8 +3,8 @@
     python bench/table_v.py          # the table with relative errors (goal: within 25% each)
     python bench/table_v.py --fit    # re-derive the calibrated constants (see below)
 
-Pythia-70M-shaped model (GPT-NeoX: d=512, 6 layers, 8 heads, MLP 2048, vocab 50304; random weights, cost only),
-24 linear layers + 12 attention matmuls as in Table III. Attention matmuls are dynamic: in the 100%-SRAM and
+Pythia-70M-shaped model (GPT-NeoX: d=512, 6 layers, 8 heads, MLP 2048, vocab 50304; random weights, cost
+only), 24 linear layers + 12 attention matmuls as in Table III. Attention matmuls are dynamic: in the 100%-SRAM and
 100%-ReRAM rows (and the equal split) they run on the photonic tier, the only one of the three that runs them.
 
 Calibration, stated: Table V does not give the workload, so SEQUENCES (sequences of TOKENS = 128 tokens per
@@ -85,7 +85,8 @@ def fit() -> None:
         counts = rows_of(problem)[row]
         cost = problem.evaluate(counts)
         tier_index = problem.names.index(tier.name)
-        busy_s = float((counts[:, tier_index] / problem.rows * problem.macs * problem.seconds_per_mac[tier_index]).sum())
+        share = counts[:, tier_index] / problem.rows
+        busy_s = float((share * problem.macs * problem.seconds_per_mac[tier_index]).sum())
         power = (PAPER[row][1] - energy_mj) * 1e-3 / busy_s
         print(f"{tier.name} static_power_w = {power:.3f} (dynamic {energy_mj:.2f} mJ over {busy_s * 1e3:.2f} ms busy; "
               f"latency {busy_ms:.2f} ms; total now {float(cost.energy_j[0]) * 1e3:.2f} mJ)")
@@ -103,7 +104,8 @@ def _photonic_args() -> dict:
     cost = module.COST
     terms = {t.name: (t.energy_pj, t.source) for t in cost.terms}
     return dict(tiles=module.TILES, cores_per_tile=module.CORES_PER_TILE, core_height=module.CORE,
-                core_width=module.CORE, wavelengths=module.WAVELENGTHS, clock_hz=module.CLOCK_HZ, accumulation_cycles=3,
+                core_width=module.CORE, wavelengths=module.WAVELENGTHS, clock_hz=module.CLOCK_HZ,
+                accumulation_cycles=3,
                 stationary_reuse=module.STATIONARY_REUSE,
                 dac_pj=terms["dac"], modulator_pj=terms["modulator"], adc_pj=terms["adc"], tia_pj=terms["tia"],
                 photodetector_pj=terms["photodetector"],
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tiers = [targets.get(n) for n in ("sram", "reram", "photonic")]
     rows = table(tiers, SEQUENCES)
-    print(f"Pythia-70M-shaped, {SEQUENCES:g} sequences x {TOKENS} tokens (calibrated workload); paper = H3PIMAP Table V")
+    print(f"Pythia-70M-shaped, {SEQUENCES:g} sequences x {TOKENS} tokens (calibrated workload); "
+          "paper = H3PIMAP Table V")
     print(f"{'strategy':<20} {'latency ms':>10} {'paper':>7} {'error':>7}   {'energy mJ':>9} {'paper':>7} {'error':>7}")
     worst = 0.0
     for name, (latency, energy) in rows.items():

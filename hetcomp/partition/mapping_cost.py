@@ -112,19 +112,19 @@ class MappingProblem:
         """Counts with every layer on ``tier``; layers it cannot run go to their most accurate allowed tier."""
         index = self.names.index(tier)
         counts = np.zeros((len(self.layers), len(self.tiers)), dtype=np.int64)
-        for l, ok in enumerate(self.allowed):
+        for layer, ok in enumerate(self.allowed):
             target = index if ok[index] else int(np.flatnonzero(ok)[0])
-            counts[l, target] = self.rows[l]
+            counts[layer, target] = self.rows[layer]
         return counts
 
     def equal_split(self) -> np.ndarray:
         """Counts with each layer's rows split as evenly as possible over the tiers that run it."""
         counts = np.zeros((len(self.layers), len(self.tiers)), dtype=np.int64)
-        for l, ok in enumerate(self.allowed):
+        for layer, ok in enumerate(self.allowed):
             tiers = np.flatnonzero(ok)
-            base, extra = divmod(int(self.rows[l]), len(tiers))
-            counts[l, tiers] = base
-            counts[l, tiers[:extra]] += 1
+            base, extra = divmod(int(self.rows[layer]), len(tiers))
+            counts[layer, tiers] = base
+            counts[layer, tiers[:extra]] += 1
         return counts
 
 

@@ -140,7 +140,8 @@ def photonic_dot_product(*, tiles: int, cores_per_tile: int, core_height: int, c
     )
     notes = {
         "macs_per_cycle": str(macs_per_cycle),
-        "throughput": f"{tiles_} tiles x {cores} cores x {height}x{width} x {n_lambda} wavelengths x {clock_hz:g} Hz",
+        "throughput": f"{tiles_} tiles x {cores} cores x {height}x{width} x {n_lambda} wavelengths x "
+                      f"{clock_hz:g} Hz",
         "laser": laser_w_per_core[1],
     }
     return CostModel(macs_per_cycle * clock_hz, terms, laser_w_per_core[0] * tiles_ * cores, notes,
