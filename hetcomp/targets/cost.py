@@ -123,7 +123,8 @@ def photonic_dot_product(*, tiles: int, cores_per_tile: int, core_height: int, c
     stationary one, which is re-modulated only every ``stationary_reuse`` cycles (weight-stationary dataflow:
     a weight tile, or K in Q K^T, is held while that many input vectors stream through). Both operands
     are modulated, so dynamic matmuls run too. It also drives ``H*W*R*C`` photodetectors, and, once per
-    ``accumulation_cycles`` (temporal accumulation), ``H*W*R*C`` TIAs and ``H*W*R`` ADCs (shared by the cores of a tile).
+    ``accumulation_cycles`` (temporal accumulation), ``H*W*R*C`` TIAs and ``H*W*R`` ADCs (shared by the
+    cores of a tile).
     The laser draws ``laser_w_per_core`` per core while busy (static power).
     """
     height, width, n_lambda, tiles_, cores = core_height, core_width, wavelengths, tiles, cores_per_tile
