@@ -8,11 +8,11 @@ only), 24 linear layers + 12 attention matmuls as in Table III. Attention matmul
 100%-ReRAM rows (and the equal split) they run on the photonic tier, the only one of the three that runs them.
 
 Calibration, stated: Table V does not give the workload, so SEQUENCES (sequences of TOKENS = 128 tokens per
-inference) is fitted to make the SRAM and ReRAM latency errors equal and opposite; the photonic WAVELENGTHS
-(not in Table I), the SRAM and ReRAM static powers (Table I says only "medium" / "low") are fitted to the
-100% photonic latency and the 100% SRAM / ReRAM energies. Everything else (throughputs from Table I's
-geometry, per-event energies, the laser power) comes from the sources named in hetcomp/targets/*.py. What the fit does not touch, and so tests the model: the ReRAM-to-
-SRAM latency ratio, the photonic energy, and both equal-split numbers.
+inference) is fitted to make the SRAM and ReRAM latency errors equal and opposite; the photonic WAVELENGTHS (not in
+Table I), the SRAM and ReRAM static powers (Table I says only "medium" / "low") are fitted to the 100% photonic
+latency and the 100% SRAM / ReRAM energies. Everything else (throughputs from Table I's geometry, per-event
+energies, the laser power) comes from the sources named in hetcomp/targets/*.py. What the fit does not touch, and
+so tests the model: the ReRAM-to- SRAM latency ratio, the photonic energy, and both equal-split numbers.
 """
 
 from __future__ import annotations
