@@ -142,10 +142,11 @@ def _recognize_matmul(gm: fx.GraphModule, node: fx.Node, batch_size: int) -> Lay
     macs = _per_sample(math.prod(out_shape) * reduction, batch_size)
     weight_param = _is_parameter(gm, rhs)
     if weight_param is not None:
+        bias = (node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")) if is_linear else None
         return LayerInfo(
             name=node.name, kind=WEIGHT_STATIC, op="linear" if is_linear else "matmul",
             weight_shape=rhs_shape, rows=rows, params=math.prod(rhs_shape), macs=macs, node_name=node.name,
-            weight_param=weight_param,
+            weight_param=weight_param, extra={"bias_param": _is_parameter(gm, bias)},
         )
     # Both operands are activations: a dynamic matrix product (e.g. attention scores/context).
     return LayerInfo(

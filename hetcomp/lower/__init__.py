@@ -19,9 +19,10 @@ import torch.nn as nn
 
 from hetcomp.errors import ConfigError
 from hetcomp.graph.layers import mappable_nodes
-from hetcomp.lower import aihwkit_sim
+from hetcomp.lower import aihwkit_sim, tier_sim
+from hetcomp.lower.row_split import RowSplit, slice_rows
 from hetcomp.targets import TargetSet
-from hetcomp.targets.base import Target
+from hetcomp.targets.base import DYNAMIC, Target
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,35 @@ class Simulator:
     program_and_drift: Callable[[nn.Module, float], None]
 
 
+def _row_split_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = bias = None
+    for tier, part in module.parts.items():
+        simulator = module.simulators[tier]
+        w, b = SIMULATORS[simulator].digital_weights(part) if simulator else (part.weight, part.bias)
+        index = module.rows(tier)
+        if weight is None:
+            weight = w.new_empty((module.out_rows, *w.shape[1:]))
+            bias = None if b is None else b.new_empty(module.out_rows)
+        weight[index] = w.detach()
+        if bias is not None and b is not None:
+            bias[index] = b.detach()
+    return weight, bias
+
+
+def _row_split_program(module: nn.Module, t_inference: float) -> None:
+    for tier, part in module.parts.items():
+        if module.simulators[tier]:
+            SIMULATORS[module.simulators[tier]].program_and_drift(part, t_inference)
+
+
 SIMULATORS: dict[str, Simulator] = {
     "aihwkit": Simulator("aihwkit", aihwkit_sim.lower_module, aihwkit_sim.digital_weights,
                          aihwkit_sim.program_and_drift),
+    "pim-crossbar": Simulator("pim-crossbar", tier_sim.lower_pim, tier_sim.digital_weights,
+                              tier_sim.program_and_drift),
+    "photonic": Simulator("photonic", tier_sim.lower_photonic, tier_sim.digital_weights, tier_sim.program_and_drift),
+    # Not a target's simulator: the wrapper lower_graph builds for a layer whose rows span several tiers.
+    "row-split": Simulator("row-split", lambda module, target: module, _row_split_weights, _row_split_program),
 }
 
 
@@ -53,8 +80,11 @@ def lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | 
                 ) -> tuple[fx.GraphModule, dict[str, dict[str, Any]]]:
     """A copy of ``gm`` with every assigned layer (or only those named in ``layers``) lowered.
 
-    Returns (lowered graph, report: layer name -> {module, target, simulator}); simulator is None where
-    the layer runs as the ideal digital layer (a digital target, or a target without a simulator).
+    A layer that is an ``nn.Module`` is swapped by its qualified name; a functional layer (a dynamic matmul,
+    or ``F.linear``/``aten.linear`` on a parameter, as the torch.export front end yields) is replaced at its
+    graph node by a call to an inserted module ``hetcomp_lowered_<node>``. A row-split layer becomes a
+    ``RowSplit`` with one part per tier. Returns (lowered graph, report: layer name -> {module, target,
+    simulator, weight_shape}); simulator is None where the layer runs as the ideal digital layer.
     """
     only = None if layers is None else set(layers)
     plan = []
@@ -64,26 +94,83 @@ def lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | 
             continue
         if annotation.assignment is None:
             raise ConfigError(f"layer {layer.name!r} has no assignment; run a partition pass before lowering")
-        if isinstance(annotation.assignment, dict):
-            raise ConfigError(f"layer {layer.name!r} is row-split {annotation.assignment}; row-split lowering "
-                              "is not available in this version")
-        target = targets[annotation.assignment]
-        simulator = simulator_of(target)
-        if simulator is not None and layer.module_name is None:
-            raise ConfigError(f"layer {layer.name!r} is a functional {layer.op} on {target.name}; lowering needs "
-                              "an nn.Linear/nn.Conv module: wrap the weight in a module or assign it digital")
-        plan.append((layer, target, simulator))
+        plan.append((layer, annotation.assignment, annotation.row_targets))
     lowered = copy.deepcopy(gm)
+    nodes = {node.name: node for node in lowered.graph.nodes}
     report = {}
-    for layer, target, simulator in plan:
-        if simulator is not None and layer.module_name is not None:
-            lowered.set_submodule(layer.module_name, simulator.lower_module(lowered.get_submodule(layer.module_name),
-                                                                           target))
-        report[layer.name] = {"module": layer.module_name, "target": target.name,
-                              "simulator": None if simulator is None else simulator.name,
-                              "weight_shape": list(layer.weight_shape)}
+    for layer, assignment, row_targets in plan:
+        if isinstance(assignment, dict):
+            module, simulator = _row_split(lowered, layer, targets, assignment, row_targets), "row-split"
+        else:
+            sim = simulator_of(targets[assignment])
+            simulator = None if sim is None else sim.name
+            module = None if sim is None else sim.lower_module(_source_module(lowered, layer), targets[assignment])
+        name = layer.module_name
+        if module is not None:
+            if name is not None:
+                lowered.set_submodule(name, module)
+            else:
+                name = _replace_node(lowered, nodes[layer.node_name], layer, module)
+        report[layer.name] = {"module": name, "target": assignment, "simulator": simulator,
+                              "weight_shape": list(layer.weight_shape), "kind": layer.kind}
+    lowered.graph.eliminate_dead_code()
     lowered.recompile()
     return lowered, report
+
+
+def _source_module(gm: fx.GraphModule, layer) -> nn.Module | None:
+    """The layer as a module to lower: its own module, a Linear around a functional weight, or None (dynamic)."""
+    if layer.module_name is not None:
+        return gm.get_submodule(layer.module_name)
+    if layer.kind == DYNAMIC:
+        return None
+    weight = gm.get_parameter(layer.weight_param)
+    if layer.op == "matmul":  # x @ W with W [in, out]
+        weight = weight.t()
+    bias_name = layer.extra.get("bias_param")
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias_name is not None).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias_name is not None:
+            linear.bias.copy_(gm.get_parameter(bias_name))
+    return linear
+
+
+def _row_split(gm: fx.GraphModule, layer, targets: TargetSet, assignment: dict[str, int],
+               row_targets: list[str] | None) -> RowSplit:
+    if row_targets is None or len(row_targets) != layer.rows:
+        raise ConfigError(f"layer {layer.name!r} is row-split {assignment} but has no per-row targets "
+                          "(row_targets); a partition pass must set both")
+    source = _source_module(gm, layer)
+    parts, rows, simulators = {}, {}, {}
+    for tier in assignment:
+        index = [r for r, t in enumerate(row_targets) if t == tier]
+        sim = simulator_of(targets[tier])
+        if source is None:  # a dynamic product: the part computes a @ b[..., rows]
+            part = sim.lower_module(None, targets[tier]) if sim else _MatMul()
+        else:
+            sliced = slice_rows(source, index)
+            part = sim.lower_module(sliced, targets[tier]) if sim else sliced
+        parts[tier], rows[tier], simulators[tier] = part, index, None if sim is None else sim.name
+    dim = 1 if layer.op.startswith("conv") else -1
+    return RowSplit(parts, rows, simulators, layer.rows, dim)
+
+
+class _MatMul(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
+def _replace_node(gm: fx.GraphModule, node: fx.Node, layer, module: nn.Module) -> str:
+    name = f"hetcomp_lowered_{node.name}"
+    gm.add_submodule(name, module)
+    args = (node.args[0],) if layer.kind != DYNAMIC else (node.args[0], node.args[1])
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(name, args)
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return name
 
 
 def lowered_modules(report: dict[str, dict[str, Any]]) -> dict[str, Simulator]:
@@ -97,7 +184,8 @@ def digital_state_dict(lowered: nn.Module, report: dict[str, dict[str, Any]]) ->
     Used for checkpoints (plain tensors: loadable with ``weights_only=True``) and to carry fine-tuned
     weights back into the digital graph for export.
     """
-    modules = lowered_modules(report)
+    modules = {name: simulator for name, simulator in lowered_modules(report).items()
+               if not name.startswith("hetcomp_lowered_")}  # inserted modules: the digital weights stay put
     shapes = {entry["module"]: entry["weight_shape"] for entry in report.values()}
     state = {key: value.detach().clone() for key, value in lowered.state_dict().items()
              if not any(key.startswith(name + ".") for name in modules)}

@@ -1,0 +1,222 @@
+"""Torch simulations of the H3PIMAP tiers: PIM crossbars (SRAM, ReRAM) and photonic tensor cores.
+
+Every simulator reads its settings from ``target.lowering`` (data) and draws its noise from torch's RNG, so a
+seeded evaluation is reproducible and runs on whatever device the model is on.
+
+``pim-crossbar`` (ISAAC-style bit-serial, bit-sliced): inputs and weights are quantized symmetrically per
+tensor to ``input_bits`` / ``weight_bits`` (sign-magnitude: positive and negative parts run separately, as
+differential arrays do); weight magnitudes are sliced into ``cell_bits`` cells; each crossbar of
+``xbar_rows`` rows sums one input bit-plane times one cell slice, and the ADC digitizes that column sum with
+a one-level LSB (one cell level times one input bit), saturating at ``2^adc_bits - 1``: exact for noise-free
+sums that fit (SRAM's 7-bit ADC clips a full 128-row column at 127; ReRAM's 8-bit ADC saturates sums above
+255 of the 384 possible), and analog noise smaller than half a level is rounded away, as on the chip.
+Shift-and-add recombines. With
+``conductance_noise`` (ReRAM, H3PIMAP Eq. 1) every cell's conductance gets fresh Gaussian noise of std
+``sqrt(G f (4kT + 2qV)) / V`` on every forward (thermal and shot noise are read noise).
+
+``photonic`` (TeMPO): both operands quantized to ``input_bits`` / ``weight_bits``, each perturbed by
+relative Gaussian noise ``N(0, (sigma |x|)^2)`` (H3PIMAP §III-C), the product quantized to ``output_bits``.
+
+``IDEAL`` switches every simulator here to the exact float layer (for equivalence checks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hetcomp.errors import ConfigError
+from hetcomp.targets.base import Target
+
+_IDEAL = [False]
+BOLTZMANN = 1.380649e-23
+ELECTRON_CHARGE = 1.602176634e-19
+
+
+@contextlib.contextmanager
+def ideal() -> Iterator[None]:
+    """Inside this block every torch tier simulator computes the exact float result (no quantization, no noise)."""
+    _IDEAL[0] = True
+    try:
+        yield
+    finally:
+        _IDEAL[0] = False
+
+
+def quantize(x: torch.Tensor, bits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-tensor quantization: (integer-valued tensor, scale); bits None -> (x, 1)."""
+    if bits is None:
+        return x, torch.ones((), device=x.device, dtype=x.dtype)
+    levels = 2 ** (bits - 1) - 1
+    scale = x.detach().abs().max().clamp_min(1e-12) / levels
+    return torch.round(x / scale).clamp(-levels, levels), scale
+
+
+def _bit_planes(magnitude: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """[slices, ...] digits of ``width`` bits of an integer-valued magnitude, least significant first."""
+    slices = math.ceil(bits / width)
+    base = 2**width
+    value = magnitude.to(torch.int64)
+    return torch.stack([((value >> (width * s)) % base).to(magnitude.dtype) for s in range(slices)])
+
+
+class PimCrossbarCore(nn.Module):
+    """y = x W^T (+ b) through bit-serial, bit-sliced crossbars with per-column ADC quantization."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, settings: dict[str, Any]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.settings = dict(settings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _IDEAL[0]:
+            return F.linear(x, self.weight, self.bias)
+        s = self.settings
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, x_scale = quantize(x2, s["input_bits"])
+        wq, w_scale = quantize(self.weight, s["weight_bits"])
+        magnitude_bits = s["weight_bits"] - 1
+        cell_bits, rows = s["cell_bits"], s["xbar_rows"]
+        levels = 2**cell_bits - 1
+        # Cells of the positive and negative arrays: [2, slices, R, K]
+        cells = torch.stack([_bit_planes(wq.clamp(min=0), magnitude_bits, cell_bits),
+                             _bit_planes((-wq).clamp(min=0), magnitude_bits, cell_bits)])
+        noise = s.get("conductance_noise")
+        if noise:
+            cells = _conductance_noise(cells, levels, noise)
+        sign_w = torch.tensor([1.0, -1.0], device=x.device, dtype=x.dtype).view(2, 1, 1)
+        slices = torch.arange(cells.shape[1], device=x.device, dtype=x.dtype)
+        slice_weight = (2.0 ** (cell_bits * slices)).view(1, -1, 1)
+        k = shape[-1]
+        chunks = math.ceil(k / rows)
+        pad = chunks * rows - k
+        cells = F.pad(cells, (0, pad)).reshape(2, cells.shape[1], -1, chunks, rows)  # [2, S, R, C, rows]
+        saturation = float(2 ** s["adc_bits"] - 1)
+        out = x2.new_zeros(x2.shape[0], self.weight.shape[0])
+        input_bits = s["input_bits"] - 1
+        for sign_x, part in ((1.0, xq.clamp(min=0)), (-1.0, (-xq).clamp(min=0))):
+            planes = _bit_planes(part, input_bits, s["dac_bits"])  # [B_in, N, K]
+            planes = F.pad(planes, (0, pad)).reshape(planes.shape[0], -1, chunks, rows)  # [B_in, N, C, rows]
+            for b, plane in enumerate(planes):
+                sums = torch.einsum("ncr,wsocr->wsnoc", plane, cells)  # column sums per crossbar
+                sums = torch.round(sums).clamp(0, saturation)  # the ADC
+                combined = (sums.sum(-1) * slice_weight.unsqueeze(-1) * sign_w.unsqueeze(-1)).sum((0, 1))
+                out += sign_x * (2.0 ** (s["dac_bits"] * b)) * combined
+        y = out * (x_scale * w_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], -1)
+
+
+def _conductance_noise(cells: torch.Tensor, levels: int, p: dict[str, float]) -> torch.Tensor:
+    """Cell digits -> conductances -> + Eq. 1 noise -> digits (same units as the ADC sees)."""
+    g_min, g_max = p["g_min_s"], p["g_max_s"]
+    conductance = g_min + cells / levels * (g_max - g_min)
+    sigma = torch.sqrt(conductance * p["freq_hz"] * (4 * BOLTZMANN * p["temperature_k"]
+                                                     + 2 * ELECTRON_CHARGE * p["voltage_v"])) / p["voltage_v"]
+    noisy = conductance + sigma * torch.randn_like(conductance)
+    return (noisy - g_min) / (g_max - g_min) * levels
+
+
+def _relative_noise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    return x + sigma * x.abs() * torch.randn_like(x) if sigma else x
+
+
+class PhotonicCore(nn.Module):
+    """y = x W^T (+ b), or a @ b for a dynamic product, on a noisy low-precision photonic core."""
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, settings: dict[str, Any]) -> None:
+        super().__init__()
+        self.weight = None if weight is None else nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.settings = dict(settings)
+
+    def _operand(self, x: torch.Tensor, bits: int | None) -> torch.Tensor:
+        q, scale = quantize(x, bits)
+        return _relative_noise(q, self.settings["input_noise_rel"]) * scale
+
+    def product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if _IDEAL[0]:
+            return torch.matmul(a, b)
+        s = self.settings
+        y = torch.matmul(self._operand(a, s["input_bits"]), self._operand(b, s["weight_bits"]))
+        q, scale = quantize(y, s["output_bits"])
+        return q * scale
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if self.weight is None:  # dynamic: both operands are activations
+            return self.product(x, other)
+        y = self.product(x, self.weight.t())
+        return y if self.bias is None else y + self.bias
+
+
+class UnfoldConv(nn.Module):
+    """A 2-D convolution (groups=1) as unfold + a simulated linear core."""
+
+    def __init__(self, conv: nn.Conv2d, core: nn.Module) -> None:
+        super().__init__()
+        self.core = core
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.out_channels = conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.padding, str):
+            raise ConfigError("padding='same'/'valid' convolutions are not supported by the tier simulators")
+        n, _, h, w = x.shape
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [N, C*k*k, L]
+        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        y = self.core(cols.transpose(1, 2))  # [N, L, out]
+        return y.transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
+
+
+def _settings(target: Target, required: tuple[str, ...]) -> dict[str, Any]:
+    missing = [key for key in required if key not in target.lowering]
+    if missing:
+        raise ConfigError(f"target {target.name!r} lowering is missing {missing} for simulator "
+                          f"{target.lowering.get('simulator')!r}")
+    return {k: v for k, v in target.lowering.items() if k != "simulator"}
+
+
+PIM_KEYS = ("input_bits", "weight_bits", "cell_bits", "dac_bits", "adc_bits", "xbar_rows")
+PHOTONIC_KEYS = ("input_bits", "weight_bits", "output_bits", "input_noise_rel")
+
+
+def _wrap(module: nn.Module | None, make_core) -> nn.Module:
+    if module is None:
+        return make_core(None, None)
+    if isinstance(module, nn.Linear):
+        return make_core(module.weight, module.bias)
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        core = make_core(module.weight.reshape(module.out_channels, -1), module.bias)
+        return UnfoldConv(module, core)
+    raise ConfigError(f"the tier simulators lower nn.Linear and nn.Conv2d (groups=1), not {type(module).__name__}; "
+                      "assign this layer to digital or pcm")
+
+
+def lower_pim(module: nn.Module, target: Target) -> nn.Module:
+    settings = _settings(target, PIM_KEYS)
+    return _wrap(module, lambda w, b: PimCrossbarCore(w, b, settings))
+
+
+def lower_photonic(module: nn.Module | None, target: Target) -> nn.Module:
+    settings = _settings(target, PHOTONIC_KEYS)
+    return _wrap(module, lambda w, b: PhotonicCore(w, b, settings))
+
+
+def digital_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    core = module.core if isinstance(module, UnfoldConv) else module
+    return core.weight, core.bias
+
+
+def program_and_drift(module: nn.Module, t_inference: float) -> None:
+    """Nothing to program: these tiers' noise is drawn on every forward (read noise)."""

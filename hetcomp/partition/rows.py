@@ -1,0 +1,59 @@
+"""Turn per-tier row counts into a row-split assignment: most sensitive rows to the most accurate tiers.
+
+H3PIMAP §III-D: only the row *counts* per tier matter for latency and energy; which rows go where is
+chosen by row sensitivity (Eq. 4), the most sensitive rows on the most accurate tier. Without a
+``row_sensitivity`` metric rows are taken in index order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from hetcomp.graph.layers import LayerAnnotation
+from hetcomp.targets.base import Target
+
+
+def rows_by_sensitivity(annotation: LayerAnnotation) -> np.ndarray:
+    """Row indices, most sensitive first (index order when the layer has no row sensitivity)."""
+    sensitivity = annotation.metrics.get("row_sensitivity")
+    rows = annotation.layer.rows
+    if sensitivity is None or len(sensitivity) != rows:
+        return np.arange(rows)
+    return np.argsort(-np.asarray(sensitivity, dtype=float), kind="stable")
+
+
+def apply_counts(annotation: LayerAnnotation, counts: Sequence[int], tiers: Sequence[Target], reason: str) -> None:
+    """Assign ``counts[i]`` rows of the layer to ``tiers[i]``; ``tiers`` in any order (sorted here by accuracy).
+
+    A layer whose rows all land on one tier gets a plain target name; otherwise ``assignment`` is
+    {tier: rows} and ``row_targets`` names each row's tier in row order.
+    """
+    counts = [int(c) for c in counts]
+    if sum(counts) != annotation.layer.rows or min(counts) < 0:
+        raise ValueError(f"row counts {counts} for layer {annotation.layer.name!r} do not sum to its "
+                         f"{annotation.layer.rows} rows")
+    used = [(tier, count) for tier, count in zip(tiers, counts) if count > 0]
+    annotation.reason = reason
+    if len(used) == 1:
+        annotation.assignment, annotation.row_targets = used[0][0].name, None
+        return
+    used.sort(key=lambda pair: (pair[0].accuracy_rank, pair[0].name))
+    order = rows_by_sensitivity(annotation)
+    row_targets = [""] * annotation.layer.rows
+    start = 0
+    for tier, count in used:
+        for row in order[start : start + count]:
+            row_targets[int(row)] = tier.name
+        start += count
+    annotation.assignment = {tier.name: count for tier, count in used}
+    annotation.row_targets = row_targets
+
+
+def counts_of(annotation: LayerAnnotation, tiers: Sequence[Target]) -> list[int]:
+    """The layer's current rows per tier (inverse of ``apply_counts``)."""
+    assignment = annotation.assignment
+    if isinstance(assignment, dict):
+        return [int(assignment.get(t.name, 0)) for t in tiers]
+    return [annotation.layer.rows if t.name == assignment else 0 for t in tiers]
