@@ -147,7 +147,8 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     chosen = resolve(strategy, target_set)
     if chosen.needs_data and data is None:
         raise ConfigError(f"strategy {chosen.name!r} needs data=<DataLoader of (inputs, labels)> (Hessian "
-                          "metrics or retraining); without data use e.g. strategy='first-last-digital'")
+                          "metrics, accuracy or retraining); without data use e.g. strategy='first-last-digital' "
+                          "(one analog tier) or 'pareto-po' (several)")
     if finetune is not None and data is None:
         raise ConfigError("finetune (LAFT) needs training data: pass data=<DataLoader of (inputs, labels)>")
     if hessian and data is None:

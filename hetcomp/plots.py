@@ -155,3 +155,53 @@ def routing_curve(curve, path: str | Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def pareto_front(manifest: Manifest, path: str | Path, baselines: dict[str, tuple[float, float]] | None = None,
+                 final: tuple[float, float] | None = None) -> Path:
+    """Stage-1 front (latency vs energy) with the chosen point marked; optional baselines and the point
+    row remap ended at (``final``), all as (latency s, energy J)."""
+    pareto = manifest.extra.get("pareto")
+    if not pareto:
+        raise ValueError("the manifest has no Pareto front (extra['pareto']): compile with strategy='pareto'")
+    front = pareto["front"]
+    latency = [p["latency_s"] * 1e6 for p in front]
+    energy = [p["energy_j"] * 1e6 for p in front]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax.plot(latency, energy, "o-", color="#8172b3", markersize=3, linewidth=1, label=f"Pareto front ({len(front)})")
+    chosen = pareto["chosen"]
+    ax.plot(latency[chosen], energy[chosen], "*", color="black", markersize=14, label="chosen (stage 1)")
+    for index, (name, (lat, en)) in enumerate((baselines or {}).items()):
+        ax.plot(lat * 1e6, en * 1e6, "s", color=plt.get_cmap("tab10")(index), label=name)
+    if final is not None:
+        ax.plot(final[0] * 1e6, final[1] * 1e6, "P", color="#c44e52", markersize=11, label="after row remap")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"latency (µs, {pareto['samples']:g} samples)")
+    ax.set_ylabel("energy (µJ)")
+    ax.set_title(f"{manifest.model['class']} on {manifest.target_set}: latency vs energy", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def row_remap_trajectory(manifest: Manifest, path: str | Path) -> Path:
+    """Accuracy and latency at each row-remap step, with the digital baseline and tolerance band."""
+    remap = manifest.extra.get("row_remap")
+    if not remap:
+        raise ValueError("the manifest has no row-remap record (extra['row_remap']): compile with strategy='pareto'")
+    steps = [s["step"] for s in remap["trajectory"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(steps, [s["accuracy"] for s in remap["trajectory"]], "o-", color="#55a868", label="accuracy (validation)")
+    ax.axhline(remap["baseline_accuracy"], color="black", linestyle="--", linewidth=1, label="digital")
+    ax.axhspan(remap["baseline_accuracy"] - remap["tolerance"], remap["baseline_accuracy"], color="grey", alpha=0.2,
+               label=f"tolerance {remap['tolerance']:g}")
+    ax.set_xlabel(f"row-remap step ({remap['step_rows']} rows each)")
+    ax.set_ylabel("accuracy")
+    twin = ax.twinx()
+    twin.plot(steps, [s["latency_s"] * 1e6 for s in remap["trajectory"]], "s:", color="#8172b3", label="latency")
+    twin.set_ylabel("latency (µs)")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")
+    ax.set_title(f"Row remap: {remap['stopped']}", fontsize=10)
+    return _save(fig, path)

@@ -1,6 +1,8 @@
 """Strategies: named partition pipelines. A strategy turns a target set into partition passes.
 
-Built in: ``hilal`` (k-means on [HNI, SCR]; the default for one analog target + digital), its
+Built in: ``pareto`` (H3PIMAP: NSGA-II over rows per tier, then accuracy-driven row remap; the default for
+several analog tiers; ``pareto(...)`` for settings, ``pareto-po`` for the search alone), ``equal-split``,
+``hilal`` (k-means on [HNI, SCR]; the default for one analog target + digital), its
 ablations ``hni-only`` and ``scr-only``, ``mac-greedy`` (LionHeart; ``mac_greedy(threshold=...)`` for
 other settings), ``all-digital``, ``all-analog`` (the set's one analog target), ``all-<target>`` for any
 target in the set, ``first-last-digital`` (DIANA-style). ``default_strategy`` documents what
@@ -21,9 +23,12 @@ from hetcomp.errors import ConfigError
 from hetcomp.passes.assign import most_accurate_digital, sole_analog
 from hetcomp.passes.assign_all import AssignAll
 from hetcomp.passes.base import Pass
+from hetcomp.passes.equal_split import EqualSplit
 from hetcomp.passes.first_last_digital import FirstLastDigital
 from hetcomp.passes.kmeans_split import KMeansSplit
 from hetcomp.passes.mac_greedy import MacGreedy
+from hetcomp.passes.pareto_search import ParetoSearch
+from hetcomp.passes.row_remap import RowRemap
 from hetcomp.targets import TargetSet
 
 
@@ -90,6 +95,29 @@ def mac_greedy(threshold: float = 0.02, eval_repeats: int = 5, t_inference: floa
 register_strategy(mac_greedy())
 
 
+def pareto(population: int = 64, generations: int = 100, samples: float = 1.0, tolerance: float = 0.01,
+           step: float = 0.02, candidates: int = 5, repeats: int = 3, max_steps: int = 60,
+           remap: bool = True, choose: str = "knee", val_data: Any = None) -> Strategy:
+    """H3PIMAP with explicit settings: NSGA-II (stage 1) then, with ``remap``, accuracy-driven row remap
+    measured on ``val_data`` (default: the data given to compile; pass held-out data)."""
+    search = ParetoSearch(population, generations, samples, choose)  # validates now, before any work
+    stages: list[Pass] = [search]
+    if remap:
+        stages.append(RowRemap(tolerance, step, candidates, repeats, max_steps, samples, val_data))
+    name = "pareto" if remap else "pareto-po"
+    return Strategy(
+        name, "H3PIMAP: NSGA-II Pareto search over rows per tier (latency, energy)"
+        + (f", then row remap until accuracy is within {tolerance} of digital" if remap else ""),
+        lambda ts, _: list(stages), needs_data=remap,
+    )
+
+
+register_strategy(pareto())
+register_strategy(pareto(remap=False))
+register_strategy(Strategy("equal-split", "every layer's rows split evenly over the tiers that run it",
+                           lambda ts, _: [EqualSplit()]))
+
+
 def available_strategies() -> list[str]:
     return sorted(_STRATEGIES) + ["all-<target>"]
 
@@ -114,13 +142,11 @@ def resolve(name: str | Strategy | None, targets: TargetSet) -> Strategy:
 
 
 def default_strategy(targets: TargetSet) -> str:
-    """One target: ``all-<it>``. One analog target + digital: ``hilal`` (needs data=).
-    Otherwise (several analog targets) a strategy must be named."""
+    """One target: ``all-<it>``. One analog target + digital: ``hilal`` (needs data=). Several analog
+    tiers (e.g. sram+reram+photonic): ``pareto`` (H3PIMAP; needs data= for its row remap; without data
+    name ``pareto-po``)."""
     if len(targets.targets) == 1:
         return f"all-{targets.names[0]}"
     if len(targets.analog) == 1 and targets.digital:
         return "hilal"
-    raise ConfigError(
-        f"no default strategy for target set {targets} yet; pass strategy= one of "
-        f"{', '.join(available_strategies())}"
-    )
+    return "pareto"

@@ -86,7 +86,7 @@ def test_bad_inputs_fail_before_work():
         hetcomp.compile(MLP(), "pcm+digital", (X,), strategy="magic")
     with pytest.raises(TargetError, match="needs a digital target"):
         hetcomp.compile(MLP(), "pcm", (X,), strategy="all-digital")
-    with pytest.raises(ConfigError, match="no default strategy"):
+    with pytest.raises(ConfigError, match="strategy 'pareto' needs data=.*pareto-po"):
         hetcomp.compile(MLP(), "sram+reram+photonic", (X,))
     with pytest.raises(ConfigError, match="example_inputs"):
         hetcomp.compile(MLP(), "pcm+digital", strategy="all-digital")

@@ -93,7 +93,7 @@ class _Progress(Callback):
 
     def notify(self, algorithm):
         opt = algorithm.opt
-        feasible = opt.get("feasible")[:, 0] if len(opt) else np.zeros(0, dtype=bool)
+        feasible = opt.get("CV")[:, 0] <= 0 if len(opt) else np.zeros(0, dtype=bool)
         front = opt.get("F")[feasible] if feasible.any() else np.zeros((0, 2))
         value = float(self.indicator(front / self.scale)) if len(front) else 0.0
         self.hypervolume.append(value)
@@ -131,7 +131,7 @@ def run_nsga2(mapping: MappingProblem, population: int = 64, generations: int = 
     result = minimize(problem, algorithm, ("n_gen", generations), seed=seed, callback=callback, verbose=False)
     callback.bar.close()
     opt = result.opt
-    feasible = opt.get("feasible")[:, 0]
+    feasible = opt.get("CV")[:, 0] <= 0
     if not feasible.any():
         raise RuntimeError("NSGA-II found no mapping within the tiers' capacities")  # check_feasible rules this out
     x = opt.get("X")[feasible]

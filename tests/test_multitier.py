@@ -1,0 +1,242 @@
+"""Multi-tier mapping: tier simulators, row-split lowering, NSGA-II search, row remap, strategies."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import hetcomp
+from hetcomp import targets
+from hetcomp.errors import ConfigError
+from hetcomp.graph import mappable_nodes, trace
+from hetcomp.lower import lower_graph, tier_sim
+from hetcomp.partition.mapping_cost import MappingProblem
+from hetcomp.partition.nsga import run_nsga2
+from hetcomp.partition.rows import apply_counts
+from hetcomp.targets.base import NoiseModel, Precision, Target, TileGeometry
+from hetcomp.targets.cost import CostModel, EnergyTerm
+from hetcomp.zoo import DigitsTransformer
+
+TIERS = "sram+reram+photonic"
+
+
+def _split_everything(gm, target_set):
+    tiers = list(target_set)
+    for _, annotation in mappable_nodes(gm):
+        rows = annotation.layer.rows
+        allowed = [t for t in tiers if t.supports_kind(annotation.layer.kind)]
+        counts = [rows // len(allowed) if t in allowed else 0 for t in tiers]
+        counts[tiers.index(allowed[-1])] += rows - sum(counts)
+        apply_counts(annotation, counts, tiers, "test")
+
+
+def test_pim_crossbar_with_lossless_adc_is_exact_int8_arithmetic():
+    torch.manual_seed(0)
+    linear = nn.Linear(300, 20)  # 300 inputs: 3 crossbars of 128 rows, the last one partly used
+    x = torch.randn(16, 300)
+    wide_adc = dataclasses.replace(targets.get("sram"), lowering={**targets.get("sram").lowering, "adc_bits": 16})
+    core = tier_sim.lower_pim(linear, wide_adc)
+    xq, x_scale = tier_sim.quantize(x, 8)
+    wq, w_scale = tier_sim.quantize(linear.weight.detach(), 8)
+    expected = (xq @ wq.T) * x_scale * w_scale + linear.bias.detach()
+    with torch.no_grad():
+        assert torch.allclose(core(x), expected, atol=1e-4)
+        # the real 7-bit ADC saturates full columns: close to, but not exactly, int8 arithmetic
+        real = tier_sim.lower_pim(linear, targets.get("sram"))(x)
+    assert 0 < float((real - expected).abs().max()) < 0.05 * float(expected.abs().max())
+
+
+def test_reram_conductance_noise_follows_eq1():
+    settings = targets.get("reram").lowering["conductance_noise"]
+    levels = 3
+    cells = torch.full((200_000,), 3.0)  # every cell at G_max
+    torch.manual_seed(0)
+    noisy = tier_sim._conductance_noise(cells, levels, settings)
+    g = settings["g_max_s"]
+    sigma = np.sqrt(g * settings["freq_hz"] * (4 * 1.380649e-23 * 300 + 2 * 1.602176634e-19 * 0.2)) / 0.2
+    expected_levels = sigma / (settings["g_max_s"] - settings["g_min_s"]) * levels
+    assert float(noisy.std()) == pytest.approx(expected_levels, rel=0.02)
+    assert float(noisy.mean()) == pytest.approx(3.0, abs=1e-4)
+
+
+def test_photonic_noise_is_relative_gaussian():
+    torch.manual_seed(0)
+    x = torch.full((100_000,), 0.5)
+    noisy = tier_sim._relative_noise(x, 0.0031)
+    assert float(noisy.std()) == pytest.approx(0.0031 * 0.5, rel=0.02)
+    assert float(tier_sim._relative_noise(torch.zeros(10), 0.0031).abs().max()) == 0.0
+
+
+def test_row_split_lowering_equals_original_with_noise_off():
+    torch.manual_seed(0)
+    model = DigitsTransformer().eval()
+    x = torch.randn(6, 1, 8, 8)
+    gm = trace(model, (x,))
+    target_set = targets.parse(TIERS)
+    _split_everything(gm, target_set)
+    lowered, report = lower_graph(gm, target_set)
+    assert report["blocks.0.fc1"]["simulator"] == "row-split"
+    assert report["matmul"]["simulator"] == "photonic"  # dynamic: photonic only, replaced at its graph node
+    with torch.no_grad():
+        reference = model(x)
+        with tier_sim.ideal():
+            assert torch.allclose(lowered(x), reference, atol=1e-5)
+        noisy = lowered(x)
+    assert not torch.allclose(noisy, reference, atol=1e-5)  # the simulators are really in the path
+    # a dynamic product split over photonic and digital columns is also exact when ideal
+    mixed = targets.parse("photonic+digital")
+    _split_everything(gm, mixed)
+    lowered, report = lower_graph(gm, mixed)
+    assert report["matmul"]["simulator"] == "row-split"
+    with torch.no_grad(), tier_sim.ideal():
+        assert torch.allclose(lowered(x), reference, atol=1e-5)
+
+
+def test_rows_go_to_tiers_by_sensitivity():
+    gm = trace(nn.Sequential(nn.Linear(4, 6)), (torch.zeros(2, 4),))
+    (_, annotation), = mappable_nodes(gm)
+    annotation.metrics["row_sensitivity"] = [0.1, 5.0, 0.2, 3.0, 0.0, 1.0]
+    tiers = list(targets.parse(TIERS))  # sram (most accurate), reram, photonic
+    apply_counts(annotation, [2, 1, 3], tiers, "test")
+    assert annotation.assignment == {"sram": 2, "reram": 1, "photonic": 3}
+    assert annotation.row_targets == ["photonic", "sram", "photonic", "sram", "photonic", "reram"]
+
+
+def _pythia_like_problem(samples=1.0, tiers=TIERS):
+    layers = []
+    for index in range(4):
+        from hetcomp.graph.layers import LayerInfo
+        layers.append(LayerInfo(f"fc{index}", "weight-static", "linear", (256, 128), 256, 256 * 128,
+                                256 * 128 * 64, f"fc{index}"))
+    layers.append(LayerInfo("attn", "dynamic", "matmul", (1, 64, 64), 64, 0, 64 * 64 * 64, "attn"))
+    return MappingProblem.build(layers, targets.parse(tiers), samples=samples)
+
+
+def test_nsga2_front_is_seeded_feasible_and_beats_baselines():
+    problem = _pythia_like_problem()
+    first = run_nsga2(problem, population=24, generations=15, seed=3)
+    again = run_nsga2(problem, population=24, generations=15, seed=3)
+    assert np.array_equal(first.counts, again.counts)
+    assert (first.counts.sum(axis=2) == problem.rows).all()
+    assert (first.counts[:, -1, :2] == 0).all()  # the dynamic product never lands on SRAM/ReRAM
+    assert (np.diff(first.latency_s) >= 0).all()
+    # non-dominated within itself
+    for i in range(len(first.latency_s)):
+        dominated = (first.latency_s <= first.latency_s[i]) & (first.energy_j <= first.energy_j[i]) & (
+            (first.latency_s < first.latency_s[i]) | (first.energy_j < first.energy_j[i]))
+        assert not dominated.any()
+    # no baseline dominates any front point (they seed the first population)
+    for counts in [problem.single_tier(n) for n in problem.names] + [problem.equal_split()]:
+        cost = problem.evaluate(counts)
+        assert not ((cost.latency_s[0] < first.latency_s) & (cost.energy_j[0] < first.energy_j)).any()
+    assert first.hypervolume[-1] >= first.hypervolume[0] > 0
+
+
+def test_nsga2_respects_capacity():
+    tiny_sram = dataclasses.replace(targets.get("sram"), name="tinysram",
+                                    tile=TileGeometry(128, 128, crossbars_per_tile=2, tiles=1, cells_per_weight=8))
+    targets.register(tiny_sram)
+    try:
+        problem = _pythia_like_problem(tiers="tinysram+photonic")
+        result = run_nsga2(problem, population=16, generations=10, seed=0)
+        capacity = tiny_sram.capacity_weights
+        assert (problem.evaluate(result.counts).usage[:, 0] <= capacity).all()
+        no_room = dataclasses.replace(tiny_sram, name="tinysram2", supports=frozenset({"weight-static", "dynamic"}))
+        targets.register(no_room)
+        with pytest.raises(ConfigError, match="does not fit"):
+            run_nsga2(_pythia_like_problem(tiers="tinysram2"), population=8, generations=2)
+    finally:
+        targets._REGISTRY.pop("tinysram", None)
+        targets._REGISTRY.pop("tinysram2", None)
+
+
+class _Teacher(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _noisy_tier(name: str, sigma: float, rank: int, tiles: int | None = None) -> Target:
+    return Target(name=name, description="test tier with large relative input noise", analog=True,
+                  precision=Precision(None, None, None), noise=NoiseModel("relative-gaussian", sigma),
+                  tile=TileGeometry(8, 8, tiles=tiles), clock_hz=1e9,
+                  supports=frozenset({"weight-static", "dynamic"}),
+                  cost=CostModel(1e13, (EnergyTerm("mac", 0.01, 1.0, "test"),)), accuracy_rank=rank,
+                  lowering={"simulator": "photonic", "input_bits": None, "weight_bits": None, "output_bits": None,
+                            "input_noise_rel": sigma})
+
+
+@pytest.fixture
+def teacher_task():
+    torch.manual_seed(0)
+    model = _Teacher().eval()
+    x = torch.randn(512, 8)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    noisy = _noisy_tier("noisytier", 1.5, rank=9)
+    small = _noisy_tier("exacttier", 0.0, rank=0, tiles=2)  # holds 2 x 8 x 8 = 128 weights
+    for target in (noisy, small):
+        targets.register(target, overwrite=True)
+    yield model, (x, y)
+    for name in ("noisytier", "exacttier"):
+        targets._REGISTRY.pop(name, None)
+
+
+def test_row_remap_moves_rows_until_accuracy_is_back(teacher_task):
+    model, data = teacher_task
+    strategy = hetcomp.strategies.pareto(population=12, generations=5, tolerance=0.02, step=4, repeats=2)
+    compiled = hetcomp.compile(model, "digital+noisytier", data=data, strategy=strategy)
+    remap = compiled.manifest.extra["row_remap"]
+    assert remap["baseline_accuracy"] == 1.0  # the labels are the model's own predictions
+    trajectory = remap["trajectory"]
+    assert trajectory[0]["accuracy"] < 1.0 - 0.02  # the cheap stage-1 points are too noisy
+    assert remap["met"] and trajectory[-1]["accuracy"] >= 1.0 - 0.02
+    for step in trajectory[1:]:
+        assert step["moved"] and all("noisytier->digital" in move for move in step["moved"])
+        assert sum(step["moved"].values()) <= 4
+    # moving rows to the slower digital tier costs latency, step after step
+    assert trajectory[-1]["latency_s"] > trajectory[0]["latency_s"]
+    # the final manifest is the remapped one
+    digital_rows = sum(layer["assignment"].get("digital", 0) if isinstance(layer["assignment"], dict)
+                       else layer["rows"] * (layer["assignment"] == "digital") for layer in compiled.manifest.layers)
+    assert digital_rows > 0
+
+
+def test_row_remap_stops_when_the_accurate_tier_is_full(teacher_task):
+    model, data = teacher_task
+    strategy = hetcomp.strategies.pareto(population=12, generations=5, tolerance=0.0, step=4, repeats=1)
+    compiled = hetcomp.compile(model, "exacttier+noisytier", data=data, strategy=strategy)
+    remap = compiled.manifest.extra["row_remap"]
+    assert not remap["met"]
+    assert remap["stopped"] == "no row can move to a more accurate tier"
+    weights_on_exact = 0
+    for layer in compiled.manifest.layers:
+        assignment = layer["assignment"]
+        rows = assignment.get("exacttier", 0) if isinstance(assignment, dict) else layer["rows"] * (
+            assignment == "exacttier")
+        weights_on_exact += rows * layer["params"] // layer["rows"]
+    assert weights_on_exact <= 128
+
+
+def test_pareto_is_the_default_for_several_analog_tiers_and_records_its_front():
+    torch.manual_seed(0)
+    model = DigitsTransformer().eval()
+    x = torch.randn(16, 1, 8, 8)
+    compiled = hetcomp.compile(model, TIERS, example_inputs=(x,), strategy=hetcomp.strategies.pareto(
+        population=12, generations=4, remap=False))
+    pareto = compiled.manifest.extra["pareto"]
+    assert pareto["tiers"] == ["sram", "reram", "photonic"] and len(pareto["front"]) >= 1
+    assert len(pareto["hypervolume"]) == 4
+    chosen = pareto["front"][pareto["chosen"]]
+    for layer, counts in zip(compiled.manifest.layers, chosen["counts"]):
+        assert sum(counts) == layer["rows"]
+    assert hetcomp.strategies.default_strategy(targets.parse(TIERS)) == "pareto"
+    for name in ("equal-split", "all-sram"):
+        other = hetcomp.compile(model, TIERS, example_inputs=(x,), strategy=name)
+        kinds = {layer["name"]: layer["assignment"] for layer in other.manifest.layers}
+        assert kinds["matmul"] == "photonic"  # only photonic runs dynamic products
