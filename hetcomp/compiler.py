@@ -86,6 +86,9 @@ class CompiledModel:
         """
         from hetcomp.export import export_onnx, export_onnx_split
 
+        if self.graph.meta.get(META_KEY, {}).get("frontend") == "export":
+            raise ConfigError("ONNX export of a model traced with the torch.export front end is not supported yet; "
+                              "export the original model with torch.onnx and use the manifest's per-layer targets")
         inputs = tuple(x.detach().cpu()[:2] if isinstance(x, torch.Tensor) else x for x in self.example_inputs)
         graph = copy.deepcopy(self.graph).cpu()  # export from a CPU copy; the compiled module stays put
         if split:
@@ -105,8 +108,10 @@ class CompiledModel:
         return directory
 
 
-def _example_inputs(example_inputs: Any, data: Any) -> tuple:
+def _example_inputs(example_inputs: Any, data: Any) -> tuple | dict:
     if example_inputs is not None:
+        if isinstance(example_inputs, dict):  # keyword inputs (Hugging Face style)
+            return example_inputs
         return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if data is None:
         raise ConfigError("compile needs example_inputs=(x,) or data= to trace the model")
@@ -131,6 +136,7 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     seed: int = 0,
     hessian: dict[str, Any] | None = None,
     leaf_modules: Sequence[type | str] = (),
+    frontend: str = "auto",
 ) -> CompiledModel:
     """Compile ``model`` for a target set.
 
@@ -140,6 +146,8 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     (``hetcomp.LAFT(...)``: layer-wise analog fine-tuning of the analog-assigned layers). Lowering to
     the simulators happens when ``compiled.module`` is first used. Everything is validated before any
     work: target string, strategy, pass order, data needs. ``model`` itself is never modified.
+    ``example_inputs`` may be a dict of keyword inputs; ``frontend`` picks the tracer (see hetcomp.trace:
+    "auto" uses torch.fx and falls back to torch.export, e.g. for Hugging Face transformers).
     """
     if finetune is not None and not isinstance(finetune, LAFT):
         raise ConfigError(f"finetune must be a hetcomp.LAFT(...), got {type(finetune).__name__}")
@@ -165,7 +173,7 @@ def compile(  # noqa: A001 - the public name the issue and users expect
 
     inputs = _example_inputs(example_inputs, data)
     working = copy.deepcopy(model)  # passes that retrain change weights: never the caller's
-    gm = trace(working, inputs, leaf_modules=leaf_modules)
+    gm = trace(working, inputs, leaf_modules=leaf_modules, frontend=frontend)
     fingerprint_of_input = fingerprint(gm, working)  # before any pass changes weights
     ctx = CompileContext(targets=target_set, model=working, data=data, loss_fn=loss_fn, seed=seed)
     gm = manager.run(gm, ctx)

@@ -44,6 +44,6 @@ if ! "$VENV/bin/python" -c "import aihwkit.simulator.tiles" 2>/dev/null; then
 fi
 
 echo "[setup] installing hetcomp and its dependencies"
-$PIP install -e ".[dev]"
+$PIP install -e ".[dev,hf]"
 "$VENV/bin/python" -c "import torch, aihwkit, hetcomp; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 touch "$STAMP"

@@ -82,7 +82,7 @@ def lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | 
 
     A layer that is an ``nn.Module`` is swapped by its qualified name; a functional layer (a dynamic matmul,
     or ``F.linear``/``aten.linear`` on a parameter, as the torch.export front end yields) is replaced at its
-    graph node by a call to an inserted module ``hetcomp_lowered_<node>``. A row-split layer becomes a
+    graph node by a call to an inserted module ``hetcomp_lowered_<layer name>``. A row-split layer becomes a
     ``RowSplit`` with one part per tier. Returns (lowered graph, report: layer name -> {module, target,
     simulator, weight_shape}); simulator is None where the layer runs as the ideal digital layer.
     """
@@ -162,7 +162,7 @@ class _MatMul(nn.Module):
 
 
 def _replace_node(gm: fx.GraphModule, node: fx.Node, layer, module: nn.Module) -> str:
-    name = f"hetcomp_lowered_{node.name}"
+    name = "hetcomp_lowered_" + "".join(c if c.isalnum() else "_" for c in layer.name)
     gm.add_submodule(name, module)
     args = (node.args[0],) if layer.kind != DYNAMIC else (node.args[0], node.args[1])
     with gm.graph.inserting_before(node):
