@@ -6,7 +6,9 @@ the validation split), and evaluates 1-day accuracy on the held-out test split o
 hardware repeats (re-programmed and drifted each repeat). Prints a table of accuracy (mean ± std)
 and analog MAC ratio per strategy, and writes manifests, ONNX models and plots under build/demo/.
 Then the input-curvature study: analog-only failure rate by curvature decile for the 8 non-ideality
-profiles, and risk-gated routing to digital (build/demo/curvature/).
+profiles, and risk-gated routing to digital (build/demo/curvature/). Last, the multi-tier run
+(examples/multitier.py): a digits transformer on sram+reram+photonic, every strategy with latency,
+energy, accuracy and LEP (Table V style), Pareto front and row-remap plots (build/demo/multitier/).
 
 LAFT checkpoints go to build/laft/, so a second ``make demo`` resumes finished stages instead of
 re-training. ``--repeats`` and ``--epochs`` trade time for precision.
@@ -93,6 +95,11 @@ def main() -> None:
                                 out=OUT / "curvature", title="digits CNN: ")
     print(study.report())
     print("plots: " + ", ".join(str(p) for p in study.plots))
+
+    import multitier
+
+    print("\nmulti-tier mapping (H3PIMAP) of the digits transformer:")
+    multitier.main(repeats=args.repeats // 2 or 1)
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 

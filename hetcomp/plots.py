@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -17,7 +18,9 @@ TARGET_COLORS = {"digital": "#4c72b0", "pcm": "#dd8452", "sram": "#55a868", "rer
 
 
 def _color(target: str, index: int) -> str:
-    return TARGET_COLORS.get(target, plt.get_cmap("tab10")(index % 10))
+    """A built-in target's colour; a variant named after one (``photonic4``) gets its family's colour."""
+    family = next((name for name in TARGET_COLORS if target.startswith(name)), None)
+    return TARGET_COLORS[family] if family else plt.get_cmap("tab10")(index % 10)
 
 
 def _save(fig, path: Path) -> Path:
@@ -176,7 +179,9 @@ def pareto_front(manifest: Manifest, path: str | Path, baselines: dict[str, tupl
     if final is not None:
         ax.plot(final[0] * 1e6, final[1] * 1e6, "P", color="#c44e52", markersize=11, label="after row remap")
     ax.set_xscale("log")
-    ax.set_xlabel(f"latency (µs, {pareto['samples']:g} samples)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(f"latency (µs, {pareto['samples']:g} samples; log scale)")
     ax.set_ylabel("energy (µJ)")
     ax.set_title(f"{manifest.model['class']} on {manifest.target_set}: latency vs energy", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)

@@ -144,3 +144,23 @@ def lep_scores(latency: Sequence[float], energy: Sequence[float], error: Sequenc
         span = column.max() - column.min()
         normalized.append(np.zeros_like(column) if span == 0 else (column - column.min()) / span)
     return np.mean(normalized, axis=0)
+
+
+def manifest_cost(manifest, samples: float = 1.0) -> tuple[float, float]:
+    """(latency s, energy J) of a compiled manifest's assignment on its own targets (``samples`` x one forward
+    of the traced example input)."""
+    from hetcomp import targets as registry
+
+    layers = [LayerInfo(name=layer["name"], kind=layer["kind"], op=layer["op"], weight_shape=tuple(layer["shape"]),
+                        rows=layer["rows"], params=layer["params"], macs=layer["macs"], node_name=layer["name"])
+              for layer in manifest.layers]
+    tiers = list(registry.parse(manifest.target_set))
+    problem = MappingProblem.build(layers, tiers, samples=samples)
+    counts = np.zeros((len(layers), len(tiers)))
+    names = problem.names
+    for index, layer in enumerate(manifest.layers):
+        assignment = layer["assignment"]
+        for tier, rows in (assignment.items() if isinstance(assignment, dict) else [(assignment, layer["rows"])]):
+            counts[index, names.index(tier)] = rows
+    cost = problem.evaluate(counts)
+    return float(cost.latency_s[0]), float(cost.energy_j[0])

@@ -110,7 +110,7 @@ def _digital_accuracy(gm: fx.GraphModule, data) -> float:
     was_training = gm.training
     gm.eval()
     with torch.no_grad():
-        accuracy = float((batched_logits(gm, inputs).argmax(-1) == labels).float().mean())
+        accuracy = int((batched_logits(gm, inputs).argmax(-1) == labels).sum()) / len(labels)  # as evaluate()
     gm.train(was_training)
     return accuracy
 
