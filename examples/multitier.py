@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import hetcomp  # noqa: E402
 from digits_transformer import build  # noqa: E402
+
+import hetcomp  # noqa: E402
 from hetcomp import plots, targets  # noqa: E402
 from hetcomp.datasets import accuracy  # noqa: E402
 from hetcomp.partition.mapping_cost import lep_scores, manifest_cost  # noqa: E402
