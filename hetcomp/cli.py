@@ -51,15 +51,18 @@ def _calibration(data: Any) -> Any:
 def _cmd_targets(args: argparse.Namespace) -> int:
     from hetcomp import targets
 
-    print(f"{'name':10s} {'analog':6s} {'ops':22s} {'in/w/out bits':14s} {'noise':20s} {'capacity':>12s}  "
-          "description")
+    print(f"{'name':10s} {'analog':6s} {'ops':22s} {'in/w/out bits':14s} {'noise':20s} {'capacity':>12s} "
+          f"{'TMAC/s':>7s} {'pJ/MAC':>7s} {'static W':>8s}  description")
     for name in targets.available():
         t = targets.get(name)
         bits = "/".join("fp" if b is None else str(b) for b in
                         (t.precision.input_bits, t.precision.weight_bits, t.precision.output_bits))
         capacity = "unbounded" if t.capacity_weights is None else f"{t.capacity_weights:,}"
+        cost = t.cost
+        rate = f"{cost.macs_per_second / 1e12:7.2f}" if cost.modeled else f"{'-':>7s}"
+        energy = f"{cost.energy_per_mac_pj:7.3f}" if cost.modeled else f"{'-':>7s}"
         print(f"{name:10s} {'yes' if t.analog else 'no':6s} {','.join(sorted(t.supports)):22s} {bits:14s} "
-              f"{t.noise.kind:20s} {capacity:>12s}  {t.description}")
+              f"{t.noise.kind:20s} {capacity:>12s} {rate} {energy} {cost.static_power_w:8.3f}  {t.description}")
     return 0
 
 

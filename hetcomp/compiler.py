@@ -22,7 +22,7 @@ from hetcomp.finetune import LAFT
 from hetcomp.graph import META_KEY, trace
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import lower_graph
-from hetcomp.manifest import Manifest, fingerprint, write_atomic
+from hetcomp.manifest import Manifest, decode_row_targets, fingerprint, write_atomic
 from hetcomp.passes import Pass, PassManager, hessian_passes
 from hetcomp.passes.base import CompileContext
 from hetcomp.strategies import Strategy, resolve
@@ -224,6 +224,6 @@ def apply_manifest(model: nn.Module, manifest: Manifest | str | Path, example_in
         annotation.metrics = dict(layer["metrics"])
         annotation.assignment = layer["assignment"]
         annotation.reason = layer["reason"]
-        annotation.row_targets = layer.get("row_targets")
+        annotation.row_targets = decode_row_targets(layer.get("row_tiers"))
     gm.meta[META_KEY]["applied_from_manifest"] = True
     return CompiledModel(gm, copy.deepcopy(manifest), inputs, target_registry.parse(manifest.target_set))

@@ -2,7 +2,7 @@
 
 Schema (``schema_version`` 1): model fingerprint (architecture + weights), target set with each
 target's parameters, strategy, seed, per-layer records (name, kind, op, shape, rows, macs, params,
-metrics, assignment, reason), pass timings and settings, and a summary with the MAC ratio per target.
+metrics, assignment, reason; a row-split layer also ``row_tiers``, each row's tier compactly), pass timings and settings, and a summary with the MAC ratio per target.
 Written atomically; loaded with ``json`` only (never unpickled). NaN metrics are written as null.
 """
 
@@ -64,8 +64,29 @@ def layer_record(annotation: LayerAnnotation) -> dict[str, Any]:
         "metrics": dict(annotation.metrics),
         "assignment": annotation.assignment,
         "reason": annotation.reason,
-        **({"row_targets": annotation.row_targets} if annotation.row_targets else {}),
+        **({"row_tiers": encode_row_targets(annotation.row_targets)} if annotation.row_targets else {}),
     }
+
+
+def encode_row_targets(row_targets: list[str]) -> dict[str, Any]:
+    """Compact per-row tiers: ``{"tiers": [names], "codes": "0120..."}``, one character per row (index into
+    tiers), so a 2048-row layer costs 2 KB in the manifest instead of a list of 2048 names."""
+    tiers = sorted(set(row_targets), key=row_targets.index)
+    if len(tiers) > 36:
+        raise ManifestError("more than 36 tiers in one layer cannot be encoded")
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    index = {tier: digits[i] for i, tier in enumerate(tiers)}
+    return {"tiers": tiers, "codes": "".join(index[t] for t in row_targets)}
+
+
+def decode_row_targets(record: dict[str, Any] | None) -> list[str] | None:
+    if not record:
+        return None
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    try:
+        return [record["tiers"][digits.index(code)] for code in record["codes"]]
+    except (KeyError, ValueError, IndexError, TypeError):
+        raise ManifestError("a layer's row_tiers is malformed; expected {'tiers': [...], 'codes': '...'}") from None
 
 
 def mac_summary(layers: list[dict[str, Any]], target_names: list[str]) -> dict[str, Any]:

@@ -240,3 +240,19 @@ def test_pareto_is_the_default_for_several_analog_tiers_and_records_its_front():
         other = hetcomp.compile(model, TIERS, example_inputs=(x,), strategy=name)
         kinds = {layer["name"]: layer["assignment"] for layer in other.manifest.layers}
         assert kinds["matmul"] == "photonic"  # only photonic runs dynamic products
+
+
+def test_row_split_manifest_round_trips_compactly(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsTransformer().eval()
+    x = torch.randn(16, 1, 8, 8)
+    compiled = hetcomp.compile(model, TIERS, example_inputs=(x,), strategy="equal-split")
+    path = compiled.manifest.save(tmp_path / "manifest.json")
+    record = hetcomp.Manifest.load(path).layer("blocks.0.fc1")
+    assert record["assignment"] == {"sram": 22, "reram": 21, "photonic": 21}
+    assert len(record["row_tiers"]["codes"]) == 64 and set(record["row_tiers"]["tiers"]) == {"sram", "reram", "photonic"}
+    again = hetcomp.apply_manifest(model, path, (x,))
+    original = {a.layer.name: a.row_targets for _, a in mappable_nodes(compiled.graph)}
+    assert {a.layer.name: a.row_targets for _, a in mappable_nodes(again.graph)} == original
+    with torch.no_grad(), tier_sim.ideal():
+        assert torch.allclose(again.module(x), model(x), atol=1e-5)

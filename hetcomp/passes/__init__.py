@@ -2,16 +2,19 @@
 
 from hetcomp.passes.assign_all import AssignAll
 from hetcomp.passes.base import CompileContext, Pass, PassManager
+from hetcomp.passes.equal_split import EqualSplit
 from hetcomp.passes.first_last_digital import FirstLastDigital
 from hetcomp.passes.hessian_trace import HessianTrace
 from hetcomp.passes.hni import HNI
 from hetcomp.passes.lambda_max import LambdaMax
+from hetcomp.passes.pareto_search import ParetoSearch
+from hetcomp.passes.row_remap import RowRemap
 from hetcomp.passes.row_sensitivity import RowSensitivity
 from hetcomp.passes.scr import SCR
 
 __all__ = [
-    "AssignAll", "CompileContext", "FirstLastDigital", "HNI", "HessianTrace", "LambdaMax", "Pass",
-    "PassManager", "RowSensitivity", "SCR", "hessian_passes",
+    "AssignAll", "CompileContext", "EqualSplit", "FirstLastDigital", "HNI", "HessianTrace", "LambdaMax",
+    "ParetoSearch", "Pass", "PassManager", "RowRemap", "RowSensitivity", "SCR", "hessian_passes",
 ]
 
 
