@@ -1,9 +1,10 @@
 """The partition manifest: the JSON record of what was decided for each layer, and why.
 
-Schema (``schema_version`` 1): model fingerprint (architecture + weights), target set with each
-target's parameters, strategy, seed, per-layer records (name, kind, op, shape, rows, macs, params,
-metrics, assignment, reason; a row-split layer also ``row_tiers``, each row's tier compactly), pass timings and settings, and a summary with the MAC ratio per target.
-Written atomically; loaded with ``json`` only (never unpickled). NaN metrics are written as null.
+Schema (``schema_version`` 1): model fingerprint (architecture + weights), target set with each target's
+parameters, strategy, seed, per-layer records (name, kind, op, shape, rows, macs, params, metrics, assignment,
+reason; a row-split layer also ``row_tiers``, each row's tier compactly), pass timings and settings, and a summary
+with the MAC ratio per target. Written atomically; loaded with ``json`` only (never unpickled). NaN metrics are
+written as null.
 """
 
 from __future__ import annotations
