@@ -86,8 +86,12 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         validation = data.get("val") if isinstance(data, dict) else None
         finetune = hetcomp.LAFT(epochs=args.laft_epochs, patience=args.laft_patience, val_data=validation,
                                 checkpoint_dir=args.laft_checkpoints)
+    strategy = args.strategy
+    if strategy in (None, "pareto") and isinstance(data, dict) and "val" in data and \
+            hetcomp.strategies.resolve(strategy, targets.parse(args.target)).name == "pareto":
+        strategy = hetcomp.strategies.pareto(val_data=data["val"])  # row remap measures on held-out data
     compiled = hetcomp.compile(model, target=args.target, example_inputs=example,
-                               data=None if args.no_hessian else calibration, strategy=args.strategy,
+                               data=None if args.no_hessian else calibration, strategy=strategy,
                                seed=args.seed, finetune=finetune)
     if example is None and calibration is None:
         raise ConfigError("no data to trace with: return (model, data) from MODEL, or pass --input-shape")
@@ -100,11 +104,30 @@ def _cmd_compile(args: argparse.Namespace) -> int:
           f"({compiled.manifest.strategy}): MAC ratio {ratio}")
     print(f"wrote {out / 'manifest.json'}, {out / 'weights.pt'}, {out / 'model.onnx'}, "
           + ", ".join(str(p) for p in written))
+    pareto = compiled.manifest.extra.get("pareto")
+    if pareto:
+        chosen = pareto["front"][pareto["chosen"]]
+        print(f"Pareto front: {len(pareto['front'])} points; chosen latency {_si(chosen['latency_s'], 's')}, "
+              f"energy {_si(chosen['energy_j'], 'J')} per sample")
+    remap = compiled.manifest.extra.get("row_remap")
+    if remap:
+        last = remap["trajectory"][-1]
+        print(f"row remap: accuracy {remap['trajectory'][0]['accuracy']:.4f} -> {last['accuracy']:.4f} (digital "
+              f"{remap['baseline_accuracy']:.4f}) in {len(remap['trajectory']) - 1} steps; {remap['stopped']}; "
+              f"latency {_si(last['latency_s'], 's')}, energy {_si(last['energy_j'], 'J')} per sample")
     if args.evaluate:
         if not (isinstance(data, dict) and "test" in data):
             raise ConfigError("--evaluate needs a 'test' loader in the data dict returned by MODEL")
         print(f"test: {compiled.evaluate(data['test'], repeats=args.evaluate, t_inference=args.t_inference)}")
     return 0
+
+
+def _si(value: float, unit: str) -> str:
+    """3 significant digits with an SI prefix: 2.74e-9 s -> '2.74 ns'."""
+    for scale, prefix in ((1, ""), (1e-3, "m"), (1e-6, "µ"), (1e-9, "n"), (1e-12, "p")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
 
 
 def _format_metric(value: Any) -> str:

@@ -115,10 +115,17 @@ def strategy_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
 
 
 def write_all(manifest: Manifest, directory: str | Path) -> list[Path]:
-    """Assignment bar, and the (HNI, SCR) scatter when the manifest has Hessian metrics (coloured by
-    k-means cluster when the strategy clustered, else by assignment)."""
+    """Assignment bar, the (HNI, SCR) scatter when the manifest has Hessian metrics (coloured by
+    k-means cluster when the strategy clustered, else by assignment), and the Pareto front and row-remap
+    trajectory when the pareto strategy ran."""
     directory = Path(directory)
     written = [assignment_bar(manifest, directory / "assignment.png")]
+    if manifest.extra.get("pareto"):
+        remap = manifest.extra.get("row_remap")
+        final = (remap["trajectory"][-1]["latency_s"], remap["trajectory"][-1]["energy_j"]) if remap else None
+        written.append(pareto_front(manifest, directory / "pareto_front.png", final=final))
+    if manifest.extra.get("row_remap"):
+        written.append(row_remap_trajectory(manifest, directory / "row_remap.png"))
     clustered = any("cluster" in layer["metrics"] for layer in manifest.layers)
     scatter = hni_scr_scatter(manifest, directory / "hni_scr.png", color_by="cluster" if clustered else "assignment")
     if scatter is not None:

@@ -69,3 +69,20 @@ def test_compile_with_laft_and_evaluation(tmp_path, capsys, digits_model):
     assert list((tmp_path / "checkpoints").iterdir())  # one run folder with its stage checkpoints
     assert main(["compile", EXAMPLE, "--evaluate", "2", "--input-shape", "1,1,8,8", "--data",
                  "nonexistent.py:f", "--out", str(out)]) == 2
+
+
+def test_compile_multitier_writes_front_and_row_split_onnx(tmp_path, capsys):
+    source = tmp_path / "tiny.py"
+    source.write_text("from hetcomp.zoo import DigitsTransformer\n\ndef build():\n    return DigitsTransformer()\n")
+    out = tmp_path / "mt"
+    assert main(["--quiet", "compile", f"{source}:build", "--target", "sram+reram+photonic", "--strategy",
+                 "pareto-po", "--input-shape", "4,1,8,8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Pareto front: " in printed and " ns, energy " in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["strategy"] == "pareto-po" and manifest["extra"]["pareto"]["front"]
+    assert (out / "pareto_front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model)
+    split = [json.loads(p.value) for node in model.graph.node for p in node.metadata_props if p.key == "hetcomp.rows"]
+    assert split and all(sum(rows.values()) > 0 for rows in split)
