@@ -257,3 +257,18 @@ def test_row_split_manifest_round_trips_compactly(tmp_path):
     assert {a.layer.name: a.row_targets for _, a in mappable_nodes(again.graph)} == original
     with torch.no_grad(), tier_sim.ideal():
         assert torch.allclose(again.module(x), model(x), atol=1e-5)
+
+
+def test_pythia_shaped_model_compiles_for_three_tiers():
+    from hetcomp.zoo import pythia_70m_shaped
+
+    torch.manual_seed(0)
+    model = pythia_70m_shaped().eval()
+    ids = torch.randint(0, 50304, (1, 8))
+    compiled = hetcomp.compile(model, TIERS, example_inputs=(ids,), strategy="equal-split")
+    layers = compiled.manifest.layers
+    assert sum(layer["kind"] == "weight-static" for layer in layers) == 24  # H3PIMAP Table III: 24 linear
+    assert sum(layer["kind"] == "dynamic" for layer in layers) == 12  # and 12 matmuls
+    assert compiled.manifest.layer("blocks.0.fc1")["macs"] == 8 * 512 * 2048
+    with torch.no_grad(), tier_sim.ideal():
+        assert torch.allclose(compiled.module(ids), model(ids), atol=1e-4)
