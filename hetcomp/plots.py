@@ -167,6 +167,15 @@ def routing_curve(curve, path: str | Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def _si_scale(values: list[float], unit: str) -> tuple[float, str]:
+    """A factor and unit label that bring the largest of ``values`` into [1, 1000)."""
+    top = max(abs(v) for v in values) if values else 1.0
+    for factor, prefix in ((1, ""), (1e3, "m"), (1e6, "µ"), (1e9, "n"), (1e12, "p")):
+        if top * factor >= 1:
+            return factor, f"{prefix}{unit}"
+    return 1e12, f"p{unit}"
+
+
 def pareto_front(manifest: Manifest, path: str | Path, baselines: dict[str, tuple[float, float]] | None = None,
                  final: tuple[float, float] | None = None) -> Path:
     """Stage-1 front (latency vs energy) with the chosen point marked; optional baselines and the point
@@ -175,24 +184,42 @@ def pareto_front(manifest: Manifest, path: str | Path, baselines: dict[str, tupl
     if not pareto:
         raise ValueError("the manifest has no Pareto front (extra['pareto']): compile with strategy='pareto'")
     front = pareto["front"]
-    latency = [p["latency_s"] * 1e6 for p in front]
-    energy = [p["energy_j"] * 1e6 for p in front]
+    points = [(p["latency_s"], p["energy_j"]) for p in front] + list((baselines or {}).values())
+    points += [final] if final is not None else []
+    t_scale, t_unit = _si_scale([p[0] for p in points], "s")
+    e_scale, e_unit = _si_scale([p[1] for p in points], "J")
+    latency = [p["latency_s"] * t_scale for p in front]
+    energy = [p["energy_j"] * e_scale for p in front]
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     ax.plot(latency, energy, "o-", color="#8172b3", markersize=3, linewidth=1, label=f"Pareto front ({len(front)})")
     chosen = pareto["chosen"]
     ax.plot(latency[chosen], energy[chosen], "*", color="black", markersize=14, label="chosen (stage 1)")
     for index, (name, (lat, en)) in enumerate((baselines or {}).items()):
-        ax.plot(lat * 1e6, en * 1e6, "s", color=plt.get_cmap("tab10")(index), label=name)
+        ax.plot(lat * t_scale, en * e_scale, "s", color=plt.get_cmap("tab10")(index), label=name)
     if final is not None:
-        ax.plot(final[0] * 1e6, final[1] * 1e6, "P", color="#c44e52", markersize=11, label="after row remap")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel(f"latency (µs, {pareto['samples']:g} samples; log scale)")
-    ax.set_ylabel("energy (µJ)")
+        ax.plot(final[0] * t_scale, final[1] * e_scale, "P", color="#c44e52", markersize=11, label="after row remap")
+    all_latency = [p[0] for p in points]
+    log = max(all_latency) > 10 * min(all_latency)  # log scale only when latencies span a decade
+    if log:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel(f"latency ({t_unit}, {pareto['samples']:g} sample{'s' if pareto['samples'] != 1 else ''}"
+                  + ("; log scale)" if log else ")"))
+    ax.set_ylabel(f"energy ({e_unit})")
     ax.set_title(f"{manifest.model['class']} on {manifest.target_set}: latency vs energy", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
+    if baselines:  # the front is small next to the baselines: show it enlarged
+        inset = ax.inset_axes([0.47, 0.1, 0.48, 0.36])
+        inset.plot(latency, energy, "o-", color="#8172b3", markersize=2, linewidth=1)
+        inset.plot(latency[chosen], energy[chosen], "*", color="black", markersize=10)
+        if final is not None:
+            inset.plot(final[0] * t_scale, final[1] * e_scale, "P", color="#c44e52", markersize=8)
+        inset.set_title("front, enlarged", fontsize=7)
+        inset.tick_params(labelsize=6)
+        inset.grid(True, alpha=0.3)
     return _save(fig, path)
 
 
@@ -210,8 +237,9 @@ def row_remap_trajectory(manifest: Manifest, path: str | Path) -> Path:
     ax.set_xlabel(f"row-remap step ({remap['step_rows']} rows each)")
     ax.set_ylabel("accuracy")
     twin = ax.twinx()
-    twin.plot(steps, [s["latency_s"] * 1e6 for s in remap["trajectory"]], "s:", color="#8172b3", label="latency")
-    twin.set_ylabel("latency (µs)")
+    t_scale, t_unit = _si_scale([s["latency_s"] for s in remap["trajectory"]], "s")
+    twin.plot(steps, [s["latency_s"] * t_scale for s in remap["trajectory"]], "s:", color="#8172b3", label="latency")
+    twin.set_ylabel(f"latency ({t_unit})")
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")
