@@ -141,8 +141,8 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     """Compile ``model`` for a target set.
 
     Pipeline: trace; when ``data`` is given, the Hessian annotation passes (``hessian`` overrides
-    their settings: probes, max_iter, tol, batches, estimator, gamma, eigen_method); the user's ``passes`` (they run
-    before partitioning, so they can pin layers); the strategy's partition passes; ``finetune``
+    their settings: probes, max_iter, tol, batches, estimator, gamma, eigen_method, deflate); the user's
+    ``passes`` (they run before partitioning, so they can pin layers); the strategy's partition passes; ``finetune``
     (``hetcomp.LAFT(...)``: layer-wise analog fine-tuning of the analog-assigned layers). Lowering to
     the simulators happens when ``compiled.module`` is first used. Everything is validated before any
     work: target string, strategy, pass order, data needs. ``model`` itself is never modified.
@@ -161,7 +161,7 @@ def compile(  # noqa: A001 - the public name the issue and users expect
         raise ConfigError("finetune (LAFT) needs training data: pass data=<DataLoader of (inputs, labels)>")
     if hessian and data is None:
         raise ConfigError("hessian= settings given but no data= to compute the Hessian on")
-    allowed = {"probes", "max_iter", "tol", "batches", "estimator", "gamma", "eigen_method"}
+    allowed = {"probes", "max_iter", "tol", "batches", "estimator", "gamma", "eigen_method", "deflate"}
     unknown = sorted(set(hessian or {}) - allowed)
     if unknown:
         raise ConfigError(f"unknown hessian setting(s) {unknown}; known: {sorted(allowed)}")

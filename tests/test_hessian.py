@@ -227,3 +227,63 @@ def test_lanczos_matches_exact_eigenvalue_in_fewer_steps(tiny):
         dominant = float(values[values.abs().argmax()])
         assert eigen[layer] == pytest.approx(dominant, rel=1e-6)
         assert iterations[layer] < power_iterations[layer]
+
+
+def _offdiag_sq(matrix):
+    return float((matrix**2).sum() - (matrix.diagonal() ** 2).sum())
+
+
+@pytest.mark.parametrize("estimator", ["full", "block"])
+def test_deflated_hutchinson_is_exact_in_expectation_with_less_variance(tiny, estimator):
+    model, x, y = tiny
+    blocks = exact_blocks(model, x, y)
+    params = [model.fc1.weight, model.fc2.weight]
+    op = HessianOperator(model, params, [(x, y)], F.cross_entropy)
+    eigen, _ = op.lanczos(max_iter=200, tol=1e-10, generator=torch.Generator().manual_seed(0), keep_vectors=True)
+    probes = 3000
+    plain = op.hutchinson(probes, torch.Generator().manual_seed(1), estimator)
+    deflated = op.hutchinson(probes, torch.Generator().manual_seed(1), estimator, deflate=op.ritz_vectors)
+    for layer, block in enumerate(blocks):
+        values, vectors = torch.linalg.eigh(block)
+        top = vectors[:, values.abs().argmax()]
+        ritz = op.ritz_vectors[layer].flatten()
+        assert abs(float(ritz @ top)) > 0.999  # the kept Ritz vector is the dominant eigenvector
+        exact_trace = float(block.trace())
+        assert abs(deflated.trace[layer] - exact_trace) < 4 * deflated.trace_stderr[layer] + 1e-12
+        projector = torch.eye(len(ritz), dtype=block.dtype) - torch.outer(ritz, ritz)
+        # Rademacher variance: 2 * off-diagonal mass; deflation removes lambda_1's share of it
+        if estimator == "block":
+            assert _offdiag_sq(projector @ block @ projector) < _offdiag_sq(block)
+            assert deflated.trace_stderr[layer] < plain.trace_stderr[layer]
+        error = (deflated.diag[layer].flatten() - block.diagonal()).abs()
+        assert float(error.max()) < 5 * math.sqrt(max(_offdiag_sq(block), 1e-30) / probes) + 1e-9
+
+
+def test_deflation_by_any_unit_vector_stays_unbiased(tiny):
+    model, x, y = tiny
+    blocks = exact_blocks(model, x, y)
+    params = [model.fc1.weight, model.fc2.weight]
+    op = HessianOperator(model, params, [(x, y)], F.cross_entropy)
+    generator = torch.Generator().manual_seed(3)
+    vectors = {i: (lambda v: v / v.norm())(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+               for i, p in enumerate(params)}
+    result = op.hutchinson(4000, torch.Generator().manual_seed(2), "block", deflate=vectors)
+    for layer, block in enumerate(blocks):
+        assert abs(result.trace[layer] - float(block.trace())) < 4 * result.trace_stderr[layer] + 1e-12
+
+
+def test_compile_with_deflation_shares_the_lanczos_run(tiny):
+    model, x, y = tiny
+    compiled = hetcomp.compile(model.float(), "pcm+digital", data=(x.float(), y), strategy="all-digital",
+                               hessian={"deflate": True, "probes": 4})
+    names = [p["name"] for p in compiled.manifest.passes]
+    assert names.index("lambda_max") < names.index("hessian_trace")
+    trace_settings = next(p["settings"] for p in compiled.manifest.passes if p["name"] == "hessian_trace")
+    assert trace_settings["deflated_by_lanczos"] == [20, 1e-3]
+    plain = hetcomp.compile(model.float(), "pcm+digital", data=(x.float(), y), strategy="all-digital",
+                            hessian={"probes": 4})
+    for deflated, undeflated in zip(compiled.manifest.layers, plain.manifest.layers):
+        d, u = deflated["metrics"], undeflated["metrics"]
+        assert d["lambda_max"] == u["lambda_max"]  # the same Lanczos run, only its vectors kept
+        assert abs(d["hessian_trace"] - u["hessian_trace"]) < 4 * math.hypot(d["hessian_trace_stderr"],
+                                                                             u["hessian_trace_stderr"])

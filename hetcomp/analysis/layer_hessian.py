@@ -29,22 +29,43 @@ def operator(gm: fx.GraphModule, ctx, batches: int, batched: bool = False) -> He
     return ctx.analysis(("hessian-operator", id(gm), batches, batched), build)
 
 
-def hutchinson(gm: fx.GraphModule, ctx, batches: int, probes: int, estimator: str) -> HutchinsonResult:
+def hutchinson(gm: fx.GraphModule, ctx, batches: int, probes: int, estimator: str,
+               deflate: tuple[int, float] | None = None) -> HutchinsonResult:
+    """Hutchinson probes; ``deflate=(max_iter, tol)``: deflated by the Lanczos Ritz vectors of the
+    ``dominant_eigenvalue`` run with those settings (shared with LambdaMax through the cache)."""
     def compute() -> HutchinsonResult:
         generator = torch.Generator().manual_seed(ctx.seed)
-        return operator(gm, ctx, batches).hutchinson(probes, generator, estimator)
+        vectors = None
+        if deflate is not None:
+            dominant_eigenvalue(gm, ctx, batches, deflate[0], deflate[1], "lanczos", keep_vectors=True)
+            vectors = ctx.analysis(("ritz-vectors", id(gm), batches, deflate[0], deflate[1], ctx.seed), dict)
+        return operator(gm, ctx, batches).hutchinson(probes, generator, estimator, deflate=vectors)
 
-    return ctx.analysis(("hutchinson", id(gm), batches, probes, estimator, ctx.seed), compute)
+    return ctx.analysis(("hutchinson", id(gm), batches, probes, estimator, deflate, ctx.seed), compute)
 
 
-def dominant_eigenvalue(gm: fx.GraphModule, ctx, batches: int, max_iter: int, tol: float, method: str = "lanczos"):
-    """(eigenvalues, iterations used) per weight layer, by ``method`` "lanczos" or "power"."""
+def dominant_eigenvalue(gm: fx.GraphModule, ctx, batches: int, max_iter: int, tol: float, method: str = "lanczos",
+                        keep_vectors: bool = False):
+    """(eigenvalues, iterations used) per weight layer, by ``method`` "lanczos" or "power".
+    ``keep_vectors`` (Lanczos): also cache the dominant Ritz vectors for deflated Hutchinson."""
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    if keep_vectors and method != "lanczos":
+        raise ValueError("keep_vectors needs method='lanczos'")
 
     def compute():
         generator = torch.Generator().manual_seed(ctx.seed + 1)
         op = operator(gm, ctx, batches)
-        return (op.lanczos if method == "lanczos" else op.power_iteration)(max_iter, tol, generator)
+        if method == "power":
+            return op.power_iteration(max_iter, tol, generator)
+        result = op.lanczos(max_iter, tol, generator, keep_vectors=keep_vectors)
+        if keep_vectors:
+            ctx.analysis(("ritz-vectors", id(gm), batches, max_iter, tol, ctx.seed), lambda: dict(op.ritz_vectors))
+        return result
 
-    return ctx.analysis(("dominant-eigenvalue", method, id(gm), batches, max_iter, tol, ctx.seed), compute)
+    # The eigenvalues do not depend on keep_vectors: one cache entry, upgraded when vectors are first needed.
+    key = ("dominant-eigenvalue", method, id(gm), batches, max_iter, tol, ctx.seed)
+    vectors_key = ("ritz-vectors", id(gm), batches, max_iter, tol, ctx.seed)
+    if keep_vectors and not ctx.has_analysis(vectors_key):
+        ctx.drop_analysis(key)
+    return ctx.analysis(key, compute)

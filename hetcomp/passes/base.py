@@ -89,6 +89,12 @@ class CompileContext:
             self._analyses[key] = compute()
         return self._analyses[key]
 
+    def has_analysis(self, key: Any) -> bool:
+        return key in self._analyses
+
+    def drop_analysis(self, key: Any) -> None:
+        self._analyses.pop(key, None)
+
     def invalidate_analyses(self) -> None:
         self._analyses.clear()
 

@@ -25,9 +25,9 @@ class RowSensitivity(Pass):
     provides = ("row_sensitivity",)
 
     def __init__(self, gamma: float | None = None, weight_bits: int | None = None, probes: int = 10,
-                 estimator: str = "full", batches: int = 2) -> None:
+                 estimator: str = "full", batches: int = 2, deflate: tuple[int, float] | None = None) -> None:
         self.gamma, self.weight_bits = gamma, weight_bits
-        self.probes, self.estimator, self.batches = probes, estimator, batches
+        self.probes, self.estimator, self.batches, self.deflate = probes, estimator, batches, deflate
         self._resolved: dict = {}
 
     def settings(self) -> dict:
@@ -44,7 +44,7 @@ class RowSensitivity(Pass):
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         gamma, bits, source = self._noise(ctx)
         self._resolved = {"gamma": gamma, "weight_bits": bits, "noise_from_target": source}
-        result = layer_hessian.hutchinson(gm, ctx, self.batches, self.probes, self.estimator)
+        result = layer_hessian.hutchinson(gm, ctx, self.batches, self.probes, self.estimator, self.deflate)
         gradient = layer_hessian.operator(gm, ctx, self.batches).gradient
         for annotation, diag, grad in zip(layer_hessian.weight_layers(gm), result.diag, gradient):
             weight = gm.get_parameter(annotation.layer.weight_param).detach()
