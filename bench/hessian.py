@@ -11,6 +11,8 @@ Both compute, for every weight layer, Tr(H_l) by Hutchinson (m Rademacher probes
 - hetcomp "full m=...": the full estimator with the probes needed to match the reference's
   standard error (equal accuracy).
 - hetcomp "block": per-layer probes (the reference's estimator and variance), same graph reuse.
+- hetcomp "block+deflate": the block estimator deflated by the Lanczos Ritz vectors (Lanczos runs first,
+  its vectors are kept); then with the probes needed to match the reference's standard error.
 
 ``--batched yes`` vmaps HVPs over probes; ``--cuda-graphs yes`` replays captured HVPs (CUDA only).
 
@@ -81,7 +83,12 @@ EIGEN = "lanczos"  # lambda_max method (hetcomp's default); "power" for toleranc
 def ours(model, names, batches, probes, iters, seed, estimator):
     params = [model.get_parameter(n) for n in names]
     op = HessianOperator(model, params, batches, F.cross_entropy, batched=BATCHED, cuda_graphs=CUDA_GRAPHS)
-    result = op.hutchinson(probes, torch.Generator().manual_seed(seed), estimator)
+    kind, _, deflate = estimator.partition("+")
+    if deflate:  # Lanczos first; its Ritz vectors deflate the probes
+        eigen, used = op.lanczos(iters, 1e-3, torch.Generator().manual_seed(seed + 1), keep_vectors=True)
+        result = op.hutchinson(probes, torch.Generator().manual_seed(seed), kind, deflate=op.ritz_vectors)
+        return list(zip(result.trace, result.trace_stderr)), eigen, used
+    result = op.hutchinson(probes, torch.Generator().manual_seed(seed), kind)
     eigen_method = op.lanczos if EIGEN == "lanczos" else op.power_iteration
     eigen, used = eigen_method(iters, 1e-3, torch.Generator().manual_seed(seed + 1))
     return list(zip(result.trace, result.trace_stderr)), eigen, used
@@ -98,6 +105,10 @@ def timed(fn, device, repeats=1):
     return best, out
 
 
+ALL_ESTIMATORS = ("full", "full-matched", "block", "block+deflate", "block+deflate-matched")
+ESTIMATORS = ALL_ESTIMATORS
+
+
 def compare(label, model, batches, device, probes, iters):
     model = model.to(device).eval()
     batches = [(x.to(device), y.to(device)) for x, y in batches]
@@ -107,16 +118,17 @@ def compare(label, model, batches, device, probes, iters):
     print(f"\n== {label}: {len(names)} weight layers, {len(batches)} batch(es) of {batches[0][0].shape[0]}, "
           f"m={probes}, K={iters}, device={device}")
     print(f"reference (HILAL-style loop): {t_ref:8.2f} s")
-    matched = None
-    for estimator in ("full", "full-matched", "block"):
-        if estimator == "full-matched":
-            # Equal estimate accuracy: the full estimator's variance is higher by the measured s.e. ratio^2,
-            # so give it that many times the probes.
-            count = max(probes, round(probes * matched**2))
-            label_est = f"full m={count}"
+    matched = {}
+    for estimator in ESTIMATORS:
+        kind = estimator.split("-")[0]
+        if estimator.endswith("-matched"):
+            if kind not in matched:
+                continue
+            # Equal estimate accuracy: variance scales as 1/m, so scale the probes by the measured s.e. ratio^2.
+            count = max(4, round(probes * matched[kind] ** 2))  # fewer probes give no usable s.e.
+            label_est = f"{kind} m={count}"
         else:
             count, label_est = probes, f"{estimator} m={probes}"
-        kind = estimator.split("-")[0]
         t_ours, (traces, eigens, used) = timed(
             lambda est=kind, c=count: ours(model, names, batches, c, iters, 0, est), device)
         trace_diff = [abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(traces, ref_traces)]
@@ -124,9 +136,9 @@ def compare(label, model, batches, device, probes, iters):
         within = sum(abs(a[0] - b[0]) <= 2 * (a[1] ** 2 + b[1] ** 2) ** 0.5 for a, b in zip(traces, ref_traces))
         eig_diff = [abs(a - b) / abs(b) for a, b in zip(eigens, ref_eigens)]
         stderr_ratio = statistics.median(a[1] / b[1] for a, b in zip(traces, ref_traces) if b[1] > 0)
-        if estimator == "full":
-            matched = stderr_ratio
-        print(f"hetcomp {label_est:13s}: {t_ours:8.2f} s   speed ratio {t_ref / t_ours:6.2f}x   "
+        if not estimator.endswith("-matched"):
+            matched[kind] = stderr_ratio
+        print(f"hetcomp {label_est:19s}: {t_ours:8.2f} s   speed ratio {t_ref / t_ours:6.2f}x   "
               f"trace rel.diff median {statistics.median(trace_diff):.3f} "
               f"(within 2 s.e.: {within}/{len(names)}; s.e. ratio vs ref {stderr_ratio:.2f})   "
               f"lambda_max rel.diff median {statistics.median(eig_diff):.4f} max {max(eig_diff):.4f}   "
@@ -147,8 +159,11 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", choices=["yes", "no"], default="no",
                         help="capture HVPs in CUDA graphs (hetcomp's cuda_graphs=True; CUDA only)")
     parser.add_argument("--eigen", choices=["power", "lanczos"], default="lanczos", help="lambda_max method")
+    parser.add_argument("--estimators", default=",".join(ALL_ESTIMATORS),
+                        help=f"comma-separated subset of {', '.join(ALL_ESTIMATORS)}")
     args = parser.parse_args()
-    global BATCHED, CUDA_GRAPHS, EIGEN
+    global BATCHED, CUDA_GRAPHS, EIGEN, ESTIMATORS
+    ESTIMATORS = tuple(e for e in args.estimators.split(",") if e)
     EIGEN = args.eigen
     BATCHED = {"auto": None, "yes": True, "no": False}[args.batched]
     CUDA_GRAPHS = args.cuda_graphs == "yes"
