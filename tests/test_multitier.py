@@ -272,3 +272,13 @@ def test_pythia_shaped_model_compiles_for_three_tiers():
     assert compiled.manifest.layer("blocks.0.fc1")["macs"] == 8 * 512 * 2048
     with torch.no_grad(), tier_sim.ideal():
         assert torch.allclose(compiled.module(ids), model(ids), atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_row_split_lowering_runs_on_cuda():
+    torch.manual_seed(0)
+    model = DigitsTransformer().cuda().eval()
+    x = torch.randn(8, 1, 8, 8, device="cuda")
+    compiled = hetcomp.compile(model, TIERS, example_inputs=(x,), strategy="equal-split")
+    with torch.no_grad(), tier_sim.ideal():
+        assert torch.allclose(compiled.module(x), model(x), atol=1e-5)

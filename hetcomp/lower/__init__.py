@@ -153,7 +153,8 @@ def _row_split(gm: fx.GraphModule, layer, targets: TargetSet, assignment: dict[s
             part = sim.lower_module(sliced, targets[tier]) if sim else sliced
         parts[tier], rows[tier], simulators[tier] = part, index, None if sim is None else sim.name
     dim = 1 if layer.op.startswith("conv") else -1
-    return RowSplit(parts, rows, simulators, layer.rows, dim)
+    device = next(gm.parameters()).device  # the index buffers live with the model
+    return RowSplit(parts, rows, simulators, layer.rows, dim, device)
 
 
 class _MatMul(nn.Module):

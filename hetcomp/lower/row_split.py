@@ -14,13 +14,14 @@ import torch.nn as nn
 
 class RowSplit(nn.Module):
     def __init__(self, parts: dict[str, nn.Module], rows: dict[str, list[int]], simulators: dict[str, str | None],
-                 out_rows: int, dim: int) -> None:
+                 out_rows: int, dim: int, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.parts = nn.ModuleDict(parts)
         self.simulators = dict(simulators)
         self.out_rows, self.dim = out_rows, dim
         for tier, index in rows.items():
-            self.register_buffer(f"rows_{tier}", torch.tensor(index, dtype=torch.long), persistent=False)
+            self.register_buffer(f"rows_{tier}", torch.tensor(index, dtype=torch.long, device=device),
+                                 persistent=False)
 
     def rows(self, tier: str) -> torch.Tensor:
         return getattr(self, f"rows_{tier}")

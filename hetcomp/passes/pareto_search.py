@@ -15,7 +15,6 @@ import torch.fx as fx
 from hetcomp.errors import ConfigError
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.partition.mapping_cost import MappingProblem
-from hetcomp.partition.nsga import run_nsga2
 from hetcomp.partition.rows import apply_counts, counts_of
 from hetcomp.passes.base import CompileContext, Pass
 
@@ -66,6 +65,8 @@ class ParetoSearch(Pass):
                 "choose": self.choose}
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+        from hetcomp.partition.nsga import run_nsga2  # pymoo is imported only when the search runs
+
         problem = mapping_problem(gm, ctx, self.samples)
         result = run_nsga2(problem, self.population, self.generations, seed=ctx.seed)
         chosen = choose_point(result.latency_s, result.energy_j, self.choose)
