@@ -19,6 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Per-event energies shared by several tiers, (pJ, source).
+# ISAAC Table I: 1-bit DACs 4 mW for 8x128 -> 3.9 uW each, for one 10 ns cycle at 100 MHz.
+ISAAC_DAC_1BIT_100MHZ = (0.039, "ISAAC (ISCA'16) Table I 1-bit DAC, 3.9 uW x 10 ns")
+# ISAAC: S+A 0.2 mW per IMA serving 8 ADCs at 1.28 GS/s -> 0.0195 pJ per conversion.
+ISAAC_SHIFT_ADD = (0.0195, "ISAAC Table I shift-and-add, 0.2 mW / (8 x 1.28 GS/s)")
+
 
 @dataclass(frozen=True)
 class EnergyTerm:

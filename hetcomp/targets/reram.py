@@ -12,7 +12,7 @@ Table I clock): G in [0.333 uS, 333 uS], V = 0.2 V read voltage, f = 100 MHz, T 
 import math
 
 from hetcomp.targets.base import WEIGHT_STATIC, NoiseModel, Precision, Target, TileGeometry
-from hetcomp.targets.cost import crossbar_pim
+from hetcomp.targets.cost import ISAAC_DAC_1BIT_100MHZ, ISAAC_SHIFT_ADD, crossbar_pim
 
 CLOCK_HZ = 100e6
 XBAR = 128
@@ -44,10 +44,10 @@ COST = crossbar_pim(
     clock_hz=CLOCK_HZ, weight_bits=WEIGHT_BITS, cell_bits=CELL_BITS, input_bits=INPUT_BITS, dac_bits=DAC_BITS,
     # NeuroSim V1.4 SarADC.cpp, 32 nm LP: P = (1.1294*8 + 8.8998) uW = 17.9 uW for 9 ns.
     adc_pj=(0.161, "NeuroSim V1.4 SarADC.cpp closed form, 32 nm, 8-bit: 17.9 uW x 9 ns"),
-    dac_pj=(0.039, "ISAAC (ISCA'16) Table I 1-bit DAC, 3.9 uW x 10 ns"),
+    dac_pj=ISAAC_DAC_1BIT_100MHZ,
     # ISAAC: memristor arrays 2.4 mW for 8 arrays of 128x128 cells per 100 ns read -> 1.83 fJ per cell read.
     cell_pj=(0.00183, "ISAAC Table I memristor array, 2.4 mW x 100 ns / (8 x 128 x 128)"),
-    shift_add_pj=(0.0195, "ISAAC Table I shift-and-add, 0.2 mW / (8 x 1.28 GS/s)"),
+    shift_add_pj=ISAAC_SHIFT_ADD,
     # Peripheral static power (non-volatile cells leak nothing); fitted like SRAM's.
     static_power_w=0.479,
     calibration={"static_power_w": "fitted to H3PIMAP Table V 100% ReRAM energy (13.44 mJ), bench/table_v.py --fit"},

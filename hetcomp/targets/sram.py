@@ -6,7 +6,7 @@ Per-event energies and their sources are next to each constant; the static power
 """
 
 from hetcomp.targets.base import WEIGHT_STATIC, NoiseModel, Precision, Target, TileGeometry
-from hetcomp.targets.cost import crossbar_pim
+from hetcomp.targets.cost import ISAAC_DAC_1BIT_100MHZ, ISAAC_SHIFT_ADD, crossbar_pim
 
 CLOCK_HZ = 100e6
 XBAR = 128
@@ -21,11 +21,9 @@ COST = crossbar_pim(
     # NeuroSim V1.4 SarADC.cpp, 22 nm LP: P = (0.538*log2(L) + 4.3753) uW for (log2(L)+1) ns, L = 128 levels:
     # 8.14 uW x 8 ns = 0.065 pJ per conversion.
     adc_pj=(0.065, "NeuroSim V1.4 SarADC.cpp closed form, 22 nm, 7-bit: 8.14 uW x 8 ns"),
-    # ISAAC Table I: 1-bit DACs 4 mW for 8x128 -> 3.9 uW each, for one 10 ns cycle at 100 MHz.
-    dac_pj=(0.039, "ISAAC (ISCA'16) Table I 1-bit DAC, 3.9 uW x 10 ns"),
+    dac_pj=ISAAC_DAC_1BIT_100MHZ,
     cell_pj=(0.00112, "MNSIM-2.0 SRAM read energy 1.12 fJ/bit"),
-    # ISAAC: S+A 0.2 mW per IMA serving 8 ADCs at 1.28 GS/s -> 0.0195 pJ per conversion.
-    shift_add_pj=(0.0195, "ISAAC Table I shift-and-add, 0.2 mW / (8 x 1.28 GS/s)"),
+    shift_add_pj=ISAAC_SHIFT_ADD,
     # Leakage + peripheral static power of 52 MB of SRAM arrays: no public number for this design;
     # fitted to H3PIMAP Table V's 100%-SRAM energy by bench/table_v.py --fit.
     static_power_w=0.897,
