@@ -111,9 +111,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
               f"energy {_si(chosen['energy_j'], 'J')} per sample")
     remap = compiled.manifest.extra.get("row_remap")
     if remap:
-        last = remap["trajectory"][-1]
-        print(f"row remap: accuracy {remap['trajectory'][0]['accuracy']:.4f} -> {last['accuracy']:.4f} (digital "
-              f"{remap['baseline_accuracy']:.4f}) in {len(remap['trajectory']) - 1} steps; {remap['stopped']}; "
+        last, metric = remap["trajectory"][-1], remap["metric"]
+        print(f"row remap: {metric} {remap['trajectory'][0][metric]:.4f} -> {last[metric]:.4f} (digital "
+              f"{remap[f'baseline_{metric}']:.4f}) in {len(remap['trajectory']) - 1} steps; {remap['stopped']}; "
               f"latency {_si(last['latency_s'], 's')}, energy {_si(last['energy_j'], 'J')} per sample")
     if args.evaluate:
         if not (isinstance(data, dict) and "test" in data):

@@ -230,12 +230,15 @@ def row_remap_trajectory(manifest: Manifest, path: str | Path) -> Path:
         raise ValueError("the manifest has no row-remap record (extra['row_remap']): compile with strategy='pareto'")
     steps = [s["step"] for s in remap["trajectory"]]
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(steps, [s["accuracy"] for s in remap["trajectory"]], "o-", color="#55a868", label="accuracy (validation)")
-    ax.axhline(remap["baseline_accuracy"], color="black", linestyle="--", linewidth=1, label="digital")
-    ax.axhspan(remap["baseline_accuracy"] - remap["tolerance"], remap["baseline_accuracy"], color="grey", alpha=0.2,
-               label=f"tolerance {remap['tolerance']:g}")
+    metric = remap.get("metric", "accuracy")
+    baseline = remap[f"baseline_{metric}"]
+    ax.plot(steps, [s[metric] for s in remap["trajectory"]], "o-", color="#55a868", label=f"{metric} (validation)")
+    ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="digital")
+    band = (baseline - remap["tolerance"], baseline) if remap.get("higher_is_better", True) else (
+        baseline, baseline + remap["tolerance"])
+    ax.axhspan(*band, color="grey", alpha=0.2, label=f"tolerance {remap['tolerance']:g}")
     ax.set_xlabel(f"row-remap step ({remap['step_rows']} rows each)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(metric)
     twin = ax.twinx()
     t_scale, t_unit = _si_scale([s["latency_s"] for s in remap["trajectory"]], "s")
     twin.plot(steps, [s["latency_s"] * t_scale for s in remap["trajectory"]], "s:", color="#8172b3", label="latency")

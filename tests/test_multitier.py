@@ -282,3 +282,57 @@ def test_row_split_lowering_runs_on_cuda():
     compiled = hetcomp.compile(model, TIERS, example_inputs=(x,), strategy="equal-split")
     with torch.no_grad(), tier_sim.ideal():
         assert torch.allclose(compiled.module(x), model(x), atol=1e-5)
+
+
+class _CrossEntropy:
+    """A lower-is-better quality (like perplexity) that can simulate a crash after ``crash_after`` calls."""
+
+    def __init__(self, crash_after: int | None = None) -> None:
+        self.calls, self.crash_after = 0, crash_after
+
+    def __call__(self, module, data) -> float:
+        self.calls += 1
+        if self.crash_after is not None and self.calls > self.crash_after:
+            raise KeyboardInterrupt("simulated kill")
+        x, y = data
+        return float(torch.nn.functional.cross_entropy(module(x), y))
+
+
+def _remap_strategy(quality, checkpoint=None, tolerance=0.05, max_steps=60):
+    return hetcomp.strategies.pareto(population=12, generations=5, tolerance=tolerance, step=4, repeats=2,
+                                     max_steps=max_steps, quality=quality, higher_is_better=False,
+                                     checkpoint=checkpoint)
+
+
+def test_row_remap_with_a_lower_is_better_quality(teacher_task):
+    model, data = teacher_task
+    compiled = hetcomp.compile(model, "digital+noisytier", data=data, strategy=_remap_strategy(_CrossEntropy()))
+    remap = compiled.manifest.extra["row_remap"]
+    assert remap["metric"] == "quality" and remap["higher_is_better"] is False
+    trajectory = remap["trajectory"]
+    assert trajectory[0]["quality"] > remap["baseline_quality"] + 0.05  # noisy start: loss well above digital
+    assert remap["met"] and trajectory[-1]["quality"] <= remap["baseline_quality"] + 0.05 + 1e-9
+
+
+def test_killed_row_remap_resumes_to_the_same_result(teacher_task, tmp_path):
+    model, data = teacher_task
+    settings = {"tolerance": 0.0, "max_steps": 4}  # stops on max_steps: 5 trajectory entries
+    reference = hetcomp.compile(model, "digital+noisytier", data=data,
+                                strategy=_remap_strategy(_CrossEntropy(), **settings))
+    expected = reference.manifest.extra["row_remap"]["trajectory"]
+    assert len(expected) == 5
+    checkpoint = tmp_path / "remap.json"
+    # baseline (1 call) + candidates + start (2 repeats each) + one step: killed during the second step
+    candidates = len(reference.manifest.extra["row_remap"]["candidates"])
+    crash_after = 1 + 2 * (candidates + 1) + 2 + 1
+    with pytest.raises(KeyboardInterrupt):
+        hetcomp.compile(model, "digital+noisytier", data=data,
+                        strategy=_remap_strategy(_CrossEntropy(crash_after), checkpoint, **settings))
+    saved = __import__("json").loads(checkpoint.read_text())
+    assert len(saved["trajectory"]) == 2  # the start and one finished step survived the kill
+    quality = _CrossEntropy()
+    resumed = hetcomp.compile(model, "digital+noisytier", data=data,
+                              strategy=_remap_strategy(quality, checkpoint, **settings))
+    assert resumed.manifest.extra["row_remap"]["trajectory"] == expected
+    assert quality.calls == 1 + 2 * (len(expected) - 2)  # baseline + only the steps not done before the kill
+    assert [a["assignment"] for a in resumed.manifest.layers] == [a["assignment"] for a in reference.manifest.layers]

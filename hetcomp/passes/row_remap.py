@@ -11,23 +11,36 @@
 
 Within every layer the most sensitive rows sit on the most accurate tiers (``apply_counts``). The
 trajectory (accuracy, latency, energy and the move of every step) goes to ``extra["row_remap"]``.
-Accuracy is top-1 on ``val_data`` (default: the data given to compile).
+Accuracy is top-1 on ``val_data`` (default: the data given to compile). ``quality=f(module, data) ->
+float`` replaces it (e.g. perplexity, with ``higher_is_better=False``; H3PIMAP's tolerance is 0.1 PPL),
+averaged over ``repeats`` noisy repeats. ``checkpoint=path.json``: the state is written atomically after
+every step, and a killed run started again with the same settings resumes where it stopped (the
+evaluations are seeded per repeat, so the result is the same as an uninterrupted run).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 
 from hetcomp.errors import ConfigError
-from hetcomp.evaluate import batched_logits, evaluate, staged
+from hetcomp.evaluate import batched_logits, evaluate, hardware_repeat, staged
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import lower_graph
+from hetcomp.manifest import fingerprint, write_atomic
 from hetcomp.partition.rows import apply_counts, rows_by_sensitivity
 from hetcomp.passes.base import CompileContext, Pass
 from hetcomp.passes.pareto_search import mapping_problem
 from hetcomp.progress import bar
+
+Quality = Callable[[torch.nn.Module, Any], float]
 
 
 class RowRemap(Pass):
@@ -36,19 +49,44 @@ class RowRemap(Pass):
     provides = ("assignment", "row_remap")
 
     def __init__(self, tolerance: float = 0.01, step: float = 0.02, candidates: int = 5, repeats: int = 3,
-                 max_steps: int = 60, samples: float = 1.0, val_data=None) -> None:
-        if not 0 <= tolerance < 1:
-            raise ConfigError(f"tolerance is a fraction of accuracy in [0, 1), got {tolerance}")
+                 max_steps: int = 60, samples: float = 1.0, val_data=None, quality: Quality | None = None,
+                 higher_is_better: bool = True, checkpoint: str | Path | None = None) -> None:
+        if not tolerance >= 0 or (quality is None and tolerance >= 1):
+            raise ConfigError(f"tolerance must be >= 0 (a fraction of accuracy in [0, 1) for the default quality), "
+                              f"got {tolerance}")
         if not (0 < step < 1 or (step >= 1 and float(step).is_integer())):
             raise ConfigError(f"step is a fraction (0, 1) of the movable rows or a whole number of rows, got {step}")
         if candidates < 1 or repeats < 1 or max_steps < 0:
             raise ConfigError("candidates and repeats must be >= 1 and max_steps >= 0")
+        if quality is not None and not callable(quality):
+            raise ConfigError("quality must be a function (module, data) -> float, e.g. a perplexity")
         self.tolerance, self.step, self.candidates = tolerance, step, candidates
         self.repeats, self.max_steps, self.samples, self.val_data = repeats, max_steps, samples, val_data
+        self.quality, self.higher_is_better = quality, higher_is_better
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
 
     def settings(self) -> dict:
         return {"tolerance": self.tolerance, "step": self.step, "candidates": self.candidates,
-                "repeats": self.repeats, "max_steps": self.max_steps}
+                "repeats": self.repeats, "max_steps": self.max_steps,
+                "quality": "top-1 accuracy" if self.quality is None else getattr(self.quality, "__qualname__",
+                                                                                 "custom"),
+                "higher_is_better": self.higher_is_better,
+                "checkpoint": None if self.checkpoint is None else str(self.checkpoint)}
+
+    def _shortfall(self, baseline: float, value: float) -> float:
+        """How far ``value`` is worse than ``baseline`` (<= tolerance: good enough)."""
+        return baseline - value if self.higher_is_better else value - baseline
+
+    def _score(self, module: torch.nn.Module, report: dict, data, seed: int) -> float:
+        if self.quality is None:
+            return evaluate(module, report, data, repeats=self.repeats, seed=seed).mean
+        values = []
+        module.eval()
+        with torch.no_grad():
+            for repeat in range(self.repeats):
+                with hardware_repeat(module, report, 86400.0, seed, repeat):
+                    values.append(float(self.quality(module, data)))
+        return sum(values) / len(values)
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         data = self.val_data if self.val_data is not None else ctx.data
@@ -57,7 +95,14 @@ class RowRemap(Pass):
         problem = mapping_problem(gm, ctx, self.samples, pinned=[not movable for movable in free])
         tiers = problem.tiers
         front = ctx.manifest_extra["pareto"]["front"]
-        baseline = _digital_accuracy(gm, data)
+        if self.quality is None:
+            baseline = _digital_accuracy(gm, data)
+        else:
+            gm.eval()
+            with torch.no_grad():
+                baseline = float(self.quality(gm, data))
+        key = self._run_key(gm, ctx, front, baseline)
+        saved = self._load(key)
 
         def apply(counts: np.ndarray, why: str) -> None:
             for annotation, layer_counts, movable in zip(annotations, counts, free):
@@ -67,41 +112,80 @@ class RowRemap(Pass):
         def measure(counts: np.ndarray, why: str) -> dict:
             apply(counts, why)
             module, report = lower_graph(gm, ctx.targets)
-            accuracy = evaluate(module, report, data, repeats=self.repeats, seed=ctx.seed).mean
+            value = self._score(module, report, data, ctx.seed)
             cost = problem.evaluate(counts)
-            return {"accuracy": accuracy, "latency_s": float(cost.latency_s[0]), "energy_j": float(cost.energy_j[0])}
+            return {"accuracy" if self.quality is None else "quality": value,
+                    "latency_s": float(cost.latency_s[0]), "energy_j": float(cost.energy_j[0])}
 
-        picks = sorted(set(np.linspace(0, len(front) - 1, min(self.candidates, len(front))).round().astype(int)))
-        tried = []
-        for index in picks:
-            counts = np.array(front[index]["counts"])
-            tried.append({"front_index": int(index), **measure(counts, f"{self.name}: Pareto point {index}")})
-        start = max(tried, key=lambda r: r["accuracy"])
-        counts = np.array(front[start["front_index"]]["counts"])
-        state = measure(counts, f"{self.name}: Pareto point {start['front_index']} (most accurate of {len(picks)})")
-        trajectory = [{"step": 0, **state, "moved": None}]
+        metric = "accuracy" if self.quality is None else "quality"
+        if saved is not None:  # resume: the same run was interrupted after saved["trajectory"][-1]
+            tried, trajectory = saved["tried"], saved["trajectory"]
+            counts = np.array(saved["counts"])
+            apply(counts, f"{self.name}: resumed after {len(trajectory) - 1} move(s)")
+        else:
+            picks = sorted(set(np.linspace(0, len(front) - 1, min(self.candidates, len(front))).round().astype(int)))
+            tried = []
+            for index in picks:
+                counts = np.array(front[index]["counts"])
+                tried.append({"front_index": int(index), **measure(counts, f"{self.name}: Pareto point {index}")})
+            pick = min(tried, key=lambda r: self._shortfall(baseline, r[metric]))
+            counts = np.array(front[pick["front_index"]]["counts"])
+            state = measure(counts, f"{self.name}: Pareto point {pick['front_index']} (best of {len(picks)})")
+            trajectory = [{"step": 0, **state, "moved": None}]
+            self._save(key, tried, trajectory, counts)
+        state = trajectory[-1]
         sensitivity = _row_sensitivities(annotations)
         movable_rows = int(sum(a.layer.rows for a, m in zip(annotations, free) if m))
         step_rows = int(self.step) if self.step >= 1 else max(1, round(self.step * movable_rows))
         progress = bar(self.max_steps, "row remap")
-        while baseline - state["accuracy"] > self.tolerance + 1e-9 and len(trajectory) <= self.max_steps:
+        progress.update(len(trajectory) - 1)
+        stopped = None
+        while self._shortfall(baseline, state[metric]) > self.tolerance + 1e-9:  # means of repeats: float noise
+            if len(trajectory) > self.max_steps:
+                stopped = "max_steps"
+                break
             move = _plan_move(problem, counts, sensitivity, free, step_rows)
             if move is None:
+                stopped = "no row can move to a more accurate tier"
                 break
             counts, moved = move
             state = measure(counts, f"{self.name}: after {len(trajectory)} move(s) of up to {step_rows} rows")
             trajectory.append({"step": len(trajectory), **state, "moved": moved})
+            self._save(key, tried, trajectory, counts)
             progress.update(1)
-            progress.set_postfix(accuracy=f"{state['accuracy']:.4f}", target=f"{baseline - self.tolerance:.4f}")
+            progress.set_postfix({metric: f"{state[metric]:.4f}", "baseline": f"{baseline:.4f}"})
         progress.close()
-        met = baseline - state["accuracy"] <= self.tolerance + 1e-9  # means of repeats: float noise
+        met = stopped is None
         ctx.manifest_extra["row_remap"] = {
-            "baseline_accuracy": baseline, "tolerance": self.tolerance, "met": met, "step_rows": step_rows,
-            "candidates": tried, "trajectory": trajectory,
-            "stopped": "within tolerance" if met else ("max_steps" if len(trajectory) > self.max_steps
-                                                       else "no row can move to a more accurate tier"),
+            "metric": metric, "higher_is_better": self.higher_is_better,
+            "baseline_accuracy" if self.quality is None else "baseline_quality": baseline,
+            "tolerance": self.tolerance, "met": met, "step_rows": step_rows,
+            "candidates": tried, "trajectory": trajectory, "stopped": "within tolerance" if met else stopped,
         }
         return gm
+
+    # -- checkpoint: JSON of the candidates, the trajectory and the current row counts, after every step --
+    def _run_key(self, gm: fx.GraphModule, ctx: CompileContext, front: list, baseline: float) -> str:
+        description = json.dumps({
+            "model": fingerprint(gm, gm), "targets": [t.to_dict() for t in ctx.targets], "seed": ctx.seed,
+            "settings": self.settings(), "front": [p["counts"] for p in front], "baseline": baseline,
+            "rows": {a.layer.name: a.metrics.get("row_sensitivity") for _, a in mappable_nodes(gm)},
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(description.encode()).hexdigest()[:16]
+
+    def _load(self, key: str) -> dict | None:
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return None
+        try:
+            saved = json.loads(self.checkpoint.read_text())
+        except json.JSONDecodeError:
+            return None  # not ours, or torn: start over (writes are atomic, so this is rare)
+        return saved if saved.get("run_key") == key else None
+
+    def _save(self, key: str, tried: list, trajectory: list, counts: np.ndarray) -> None:
+        if self.checkpoint is not None:
+            write_atomic(self.checkpoint, json.dumps({"run_key": key, "tried": tried, "trajectory": trajectory,
+                                                      "counts": counts.tolist()}, indent=1))
 
 
 def _digital_accuracy(gm: fx.GraphModule, data) -> float:
