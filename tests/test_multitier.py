@@ -336,3 +336,12 @@ def test_killed_row_remap_resumes_to_the_same_result(teacher_task, tmp_path):
     assert resumed.manifest.extra["row_remap"]["trajectory"] == expected
     assert quality.calls == 1 + 2 * (len(expected) - 2)  # baseline + only the steps not done before the kill
     assert [a["assignment"] for a in resumed.manifest.layers] == [a["assignment"] for a in reference.manifest.layers]
+
+
+def test_laft_refuses_layers_it_cannot_train():
+    torch.manual_seed(0)
+    model = DigitsTransformer().eval()
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    with pytest.raises(ConfigError, match="LAFT cannot fine-tune .*row-split"):
+        hetcomp.compile(model, TIERS, data=(x, y), strategy="equal-split", finetune=hetcomp.LAFT(epochs=1),
+                        hessian={"probes": 2, "max_iter": 3})

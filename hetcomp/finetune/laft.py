@@ -94,6 +94,7 @@ class LAFT(Pass):
         return [a.layer.name for a in sorted(chosen, key=key)]
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+        _check_trainable(gm, ctx)
         order = self.order(gm, ctx)
         data = training_split(ctx.data, self.val_data, self.val_fraction, ctx.seed, self.batch_size)
         checkpoints = StageCheckpoints(self.checkpoint_dir, run_key(gm, ctx, data, method="laft", order=order,
@@ -117,3 +118,23 @@ class LAFT(Pass):
             "method": "laft", "order": order, "stages": records, "complete": len(records) == len(order),
             "checkpoints": None if checkpoints.directory is None else str(checkpoints.directory)}
         return gm
+
+
+def _check_trainable(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """LAFT trains through simulators that pass gradients to the weights (aihwkit); refuse, before any
+    training, layers it would silently leave untrained."""
+    from hetcomp.lower import simulator_of
+
+    problems = []
+    for _, annotation in mappable_nodes(gm):
+        assignment = annotation.assignment
+        if isinstance(assignment, dict):
+            problems.append(f"{annotation.layer.name} (row-split over {'+'.join(assignment)})")
+        elif assignment is not None and ctx.targets[assignment].analog:
+            simulator = simulator_of(ctx.targets[assignment])
+            if simulator is not None and not simulator.trainable:
+                problems.append(f"{annotation.layer.name} (on {assignment}, simulator {simulator.name})")
+    if problems:
+        raise ConfigError(
+            f"LAFT cannot fine-tune {', '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}: it trains "
+            "whole layers through aihwkit (PCM) only; compile without finetune= for these targets")

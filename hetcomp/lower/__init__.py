@@ -33,6 +33,7 @@ class Simulator:
     lower_module: Callable[[nn.Module, Target], nn.Module]
     digital_weights: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
     program_and_drift: Callable[[nn.Module, float], None]
+    trainable: bool = False  # gradients reach the weights through the simulation (LAFT can train it)
 
 
 def _row_split_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -58,7 +59,7 @@ def _row_split_program(module: nn.Module, t_inference: float) -> None:
 
 SIMULATORS: dict[str, Simulator] = {
     "aihwkit": Simulator("aihwkit", aihwkit_sim.lower_module, aihwkit_sim.digital_weights,
-                         aihwkit_sim.program_and_drift),
+                         aihwkit_sim.program_and_drift, trainable=True),
     "pim-crossbar": Simulator("pim-crossbar", tier_sim.lower_pim, tier_sim.digital_weights,
                               tier_sim.program_and_drift),
     "photonic": Simulator("photonic", tier_sim.lower_photonic, tier_sim.digital_weights, tier_sim.program_and_drift),
