@@ -94,3 +94,19 @@ def test_lep_reproduces_table_v():
     perplexity = [1.1017, 1.1128, 2.2272, 1.1861, 1.3772, 1.2012]
     paper = [0.5580, 0.6428, 0.3333, 0.3339, 0.1568, 0.1637]
     assert lep_scores(latency, energy, perplexity) == pytest.approx(paper, abs=0.004)
+
+
+def test_table_v_bench_stays_within_25_percent(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("table_v", Path(__file__).parents[1] / "bench" / "table_v.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.table([targets.get(n) for n in ("sram", "reram", "photonic")], bench.SEQUENCES)
+    for name, (latency, energy) in rows.items():
+        paper_latency, paper_energy = bench.PAPER[name]
+        assert abs(latency / paper_latency - 1) <= 0.25, name
+        assert abs(energy / paper_energy - 1) <= 0.25, name
+    # equal split = the slowest tier's third (Eq. 2: tiers of a layer run in parallel)
+    assert rows["Equal Distribution"][0] == pytest.approx(rows["100% ReRAM"][0] / 3, rel=0.02)
