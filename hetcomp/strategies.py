@@ -108,10 +108,18 @@ def pareto(population: int = 64, generations: int = 100, samples: float = 1.0, t
         stages.append(RowRemap(tolerance, step, candidates, repeats, max_steps, samples, val_data, quality,
                                higher_is_better, checkpoint))
     name = "pareto" if remap else "pareto-po"
+
+    def build(targets: TargetSet, _: Any) -> list[Pass]:
+        unmodeled = [t.name for t in targets if not t.cost.modeled]
+        if unmodeled:  # resolve() calls build before any work: fail there
+            raise ConfigError(f"strategy {name!r} needs a cost model for every target; {unmodeled} have no cost "
+                              "model (CostModel.macs_per_second); use 'equal-split' or add one")
+        return list(stages)
+
     return Strategy(
         name, "H3PIMAP: NSGA-II Pareto search over rows per tier (latency, energy)"
         + (f", then row remap until accuracy is within {tolerance} of digital" if remap else ""),
-        lambda ts, _: list(stages), needs_data=remap,
+        build, needs_data=remap,
     )
 
 

@@ -345,3 +345,19 @@ def test_laft_refuses_layers_it_cannot_train():
     with pytest.raises(ConfigError, match="LAFT cannot fine-tune .*row-split"):
         hetcomp.compile(model, TIERS, data=(x, y), strategy="equal-split", finetune=hetcomp.LAFT(epochs=1),
                         hessian={"probes": 2, "max_iter": 3})
+
+
+def test_equal_split_needs_no_cost_model_but_the_search_does():
+    plain = Target(name="nocost", description="a user tier without a cost model", analog=True,
+                   precision=Precision(None, None, None), noise=NoiseModel("none"), tile=None, clock_hz=None,
+                   supports=frozenset({"weight-static"}), cost=CostModel())
+    targets.register(plain, overwrite=True)
+    try:
+        gm_model = nn.Sequential(nn.Linear(4, 6))
+        compiled = hetcomp.compile(gm_model, "nocost+digital", example_inputs=(torch.zeros(2, 4),),
+                                   strategy="equal-split")
+        assert compiled.manifest.layers[0]["assignment"] == {"digital": 3, "nocost": 3}
+        with pytest.raises(ConfigError, match="have no cost model"):
+            hetcomp.compile(gm_model, "nocost+digital", example_inputs=(torch.zeros(2, 4),), strategy="pareto-po")
+    finally:
+        targets._REGISTRY.pop("nocost", None)

@@ -47,12 +47,13 @@ class MappingProblem:
     static_w: np.ndarray  # (n,)
 
     @classmethod
-    def build(cls, layers: Sequence[LayerInfo], targets: TargetSet | Sequence[Target], samples: float = 1.0
-              ) -> MappingProblem:
-        """Errors (before any search): a tier without a cost model, a layer no tier can run."""
+    def build(cls, layers: Sequence[LayerInfo], targets: TargetSet | Sequence[Target], samples: float = 1.0,
+              require_costs: bool = True) -> MappingProblem:
+        """Errors (before any search): a tier without a cost model (unless ``require_costs=False``: then
+        costs are NaN and only op support and capacity are usable), a layer no tier can run."""
         tiers = list(targets)
         unmodeled = [t.name for t in tiers if not t.cost.modeled]
-        if unmodeled:
+        if unmodeled and require_costs:
             raise ConfigError(f"target(s) {unmodeled} have no cost model (CostModel.macs_per_second); the multi-tier "
                               "search needs latency and energy for every tier")
         layers = list(layers)
@@ -69,8 +70,8 @@ class MappingProblem:
             macs=np.array([layer.macs for layer in layers], dtype=float) * samples,
             weights=np.array([layer.params if layer.kind == "weight-static" else 0 for layer in layers], dtype=float),
             allowed=allowed, capacity=capacity,
-            seconds_per_mac=np.array([1.0 / t.cost.macs_per_second for t in tiers]),
-            joules_per_mac=np.array([t.cost.energy_per_mac_pj * 1e-12 for t in tiers]),
+            seconds_per_mac=np.array([1.0 / t.cost.macs_per_second if t.cost.modeled else np.nan for t in tiers]),
+            joules_per_mac=np.array([t.cost.energy_per_mac_pj * 1e-12 if t.cost.modeled else np.nan for t in tiers]),
             static_w=np.array([t.cost.static_power_w for t in tiers]),
         )
 

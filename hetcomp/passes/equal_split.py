@@ -16,7 +16,7 @@ class EqualSplit(Pass):
     provides = ("assignment",)
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-        problem = mapping_problem(gm, ctx, 1.0)
+        problem = mapping_problem(gm, ctx, 1.0, require_costs=False)  # an even split needs no costs
         for annotation, counts in zip((a for _, a in mappable_nodes(gm)), problem.equal_split()):
             if annotation.assignment is None:
                 apply_counts(annotation, counts, problem.tiers, f"{self.name}: rows split evenly over the tiers "

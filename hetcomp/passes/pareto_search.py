@@ -21,12 +21,13 @@ from hetcomp.passes.base import CompileContext, Pass
 CHOICES = ("knee", "min-latency", "min-energy")
 
 
-def mapping_problem(gm: fx.GraphModule, ctx: CompileContext, samples: float, pinned: list[bool] | None = None
-                    ) -> MappingProblem:
+def mapping_problem(gm: fx.GraphModule, ctx: CompileContext, samples: float, pinned: list[bool] | None = None,
+                    require_costs: bool = True) -> MappingProblem:
     """The cost problem of the graph's layers on the context's targets; ``pinned`` layers (default: those
     already assigned) keep their current tiers."""
     annotations = [a for _, a in mappable_nodes(gm)]
-    problem = MappingProblem.build([a.layer for a in annotations], ctx.targets, samples=samples)
+    problem = MappingProblem.build([a.layer for a in annotations], ctx.targets, samples=samples,
+                                   require_costs=require_costs)
     if pinned is None:
         pinned = [a.assignment is not None for a in annotations]
     for index, annotation in enumerate(annotations):
