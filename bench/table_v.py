@@ -27,7 +27,7 @@ import torch
 from hetcomp import targets
 from hetcomp.graph import layer_annotations, trace
 from hetcomp.partition.mapping_cost import MappingProblem
-from hetcomp.targets.cost import photonic_dot_product
+from hetcomp.targets.photonic import photonic_target
 from hetcomp.zoo import pythia_70m_shaped
 
 TOKENS = 128  # sequence length (TinyStories stories are short)
@@ -72,44 +72,27 @@ def fit() -> None:
     # 2. wavelengths: the 100% photonic latency.
     errors = {}
     for n in range(4, 65):
-        model = photonic_dot_product(**{**_photonic_args(), "wavelengths": n})
-        tier = dataclasses.replace(photonic, cost=model)
+        tier = photonic_target(photonic.precision.input_bits, wavelengths=n)
         errors[n] = abs(table([*zero, tier], best)["100% TeMPO"][0] / PAPER["100% TeMPO"][0] - 1)
     n_best = min(errors, key=errors.get)
     print(f"WAVELENGTHS = {n_best} (photonic latency error {errors[n_best]:.1%})")
     # 3. static powers: E = E_dynamic + P * busy time of that tier.
+    photonic = photonic_target(photonic.precision.input_bits, wavelengths=n_best)
+    problem = MappingProblem.build(pythia_layers(), [*zero, photonic], samples=best)
     for tier, row in ((zero[0], "100% SRAM"), (zero[1], "100% ReRAM")):
-        latency_ms, energy_mj = table([*zero, photonic], best)[row]
-        busy_ms = latency_ms  # the tier is busy for all weight-static layers; photonic runs attention
-        problem = MappingProblem.build(pythia_layers(), [*zero, photonic], samples=best)
         counts = rows_of(problem)[row]
-        cost = problem.evaluate(counts)
+        energy_mj = float(problem.evaluate(counts).energy_j[0]) * 1e3  # without this tier's static power
         tier_index = problem.names.index(tier.name)
         share = counts[:, tier_index] / problem.rows
         busy_s = float((share * problem.macs * problem.seconds_per_mac[tier_index]).sum())
         power = (PAPER[row][1] - energy_mj) * 1e-3 / busy_s
-        print(f"{tier.name} static_power_w = {power:.3f} (dynamic {energy_mj:.2f} mJ over {busy_s * 1e3:.2f} ms busy; "
-              f"latency {busy_ms:.2f} ms; total now {float(cost.energy_j[0]) * 1e3:.2f} mJ)")
+        print(f"{tier.name} static_power_w = {power:.3f} (dynamic {energy_mj:.2f} mJ over {busy_s * 1e3:.2f} ms busy)")
 
 
 def _latency_spread(rows) -> float:
     a = rows["100% SRAM"][0] / PAPER["100% SRAM"][0] - 1
     b = rows["100% ReRAM"][0] / PAPER["100% ReRAM"][0] - 1
     return max(abs(a), abs(b))
-
-
-def _photonic_args() -> dict:
-    from hetcomp.targets import photonic as module
-
-    cost = module.COST
-    terms = {t.name: (t.energy_pj, t.source) for t in cost.terms}
-    return dict(tiles=module.TILES, cores_per_tile=module.CORES_PER_TILE, core_height=module.CORE,
-                core_width=module.CORE, wavelengths=module.WAVELENGTHS, clock_hz=module.CLOCK_HZ,
-                accumulation_cycles=3,
-                stationary_reuse=module.STATIONARY_REUSE,
-                dac_pj=terms["dac"], modulator_pj=terms["modulator"], adc_pj=terms["adc"], tia_pj=terms["tia"],
-                photodetector_pj=terms["photodetector"],
-                laser_w_per_core=(cost.static_power_w / (module.TILES * module.CORES_PER_TILE), cost.notes["laser"]))
 
 
 def main(argv: list[str] | None = None) -> int:

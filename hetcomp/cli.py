@@ -124,10 +124,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _si(value: float, unit: str) -> str:
     """3 significant digits with an SI prefix: 2.74e-9 s -> '2.74 ns'."""
-    for scale, prefix in ((1, ""), (1e-3, "m"), (1e-6, "µ"), (1e-9, "n"), (1e-12, "p")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
+    from hetcomp.plots import si_scale
+
+    factor, label = si_scale([value], unit)
+    return f"{value * factor:.3g} {label}"
 
 
 def _format_metric(value: Any) -> str:

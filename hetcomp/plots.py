@@ -167,7 +167,7 @@ def routing_curve(curve, path: str | Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def _si_scale(values: list[float], unit: str) -> tuple[float, str]:
+def si_scale(values: list[float], unit: str) -> tuple[float, str]:
     """A factor and unit label that bring the largest of ``values`` into [1, 1000)."""
     top = max(abs(v) for v in values) if values else 1.0
     for factor, prefix in ((1, ""), (1e3, "m"), (1e6, "µ"), (1e9, "n"), (1e12, "p")):
@@ -186,8 +186,8 @@ def pareto_front(manifest: Manifest, path: str | Path, baselines: dict[str, tupl
     front = pareto["front"]
     points = [(p["latency_s"], p["energy_j"]) for p in front] + list((baselines or {}).values())
     points += [final] if final is not None else []
-    t_scale, t_unit = _si_scale([p[0] for p in points], "s")
-    e_scale, e_unit = _si_scale([p[1] for p in points], "J")
+    t_scale, t_unit = si_scale([p[0] for p in points], "s")
+    e_scale, e_unit = si_scale([p[1] for p in points], "J")
     latency = [p["latency_s"] * t_scale for p in front]
     energy = [p["energy_j"] * e_scale for p in front]
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
@@ -240,7 +240,7 @@ def row_remap_trajectory(manifest: Manifest, path: str | Path) -> Path:
     ax.set_xlabel(f"row-remap step ({remap['step_rows']} rows each)")
     ax.set_ylabel(metric)
     twin = ax.twinx()
-    t_scale, t_unit = _si_scale([s["latency_s"] for s in remap["trajectory"]], "s")
+    t_scale, t_unit = si_scale([s["latency_s"] for s in remap["trajectory"]], "s")
     twin.plot(steps, [s["latency_s"] * t_scale for s in remap["trajectory"]], "s:", color="#8172b3", label="latency")
     twin.set_ylabel(f"latency ({t_unit})")
     lines = ax.get_legend_handles_labels()

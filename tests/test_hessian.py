@@ -287,3 +287,18 @@ def test_compile_with_deflation_shares_the_lanczos_run(tiny):
         assert d["lambda_max"] == u["lambda_max"]  # the same Lanczos run, only its vectors kept
         assert abs(d["hessian_trace"] - u["hessian_trace"]) < 4 * math.hypot(d["hessian_trace_stderr"],
                                                                              u["hessian_trace_stderr"])
+
+
+def test_deflated_compile_runs_lanczos_once(tiny, monkeypatch):
+    model, x, y = tiny
+    runs = []
+    original = HessianOperator.lanczos
+
+    def counting(self, *args, **kwargs):
+        runs.append(kwargs.get("keep_vectors", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HessianOperator, "lanczos", counting)
+    hetcomp.compile(model.float(), "pcm+digital", data=(x.float(), y), strategy="all-digital",
+                    hessian={"deflate": True, "probes": 4})
+    assert runs == [True]  # LambdaMax keeps its vectors; the deflated trace reuses that run

@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import ShapeProp
 
 from hetcomp.errors import TraceError
-from hetcomp.graph.fx_frontend import _is_parameter, _per_sample, _shape
+from hetcomp.graph.fx_frontend import is_parameter, per_sample, shape_of
 from hetcomp.graph.layers import LayerInfo
 from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC
 
@@ -116,13 +116,13 @@ def find_layers(gm: fx.GraphModule, batch_size: int) -> list[tuple[fx.Node, Laye
         if node.op != "call_function" or (node.target is not aten.linear.default and node.target not in _MATMULS):
             continue
         lhs, rhs = node.args[0], node.args[1]
-        out_shape, lhs_shape, rhs_shape = _shape(node), _shape(lhs), _shape(rhs)
+        out_shape, lhs_shape, rhs_shape = shape_of(node), shape_of(lhs), shape_of(rhs)
         if out_shape is None or lhs_shape is None or rhs_shape is None:
             continue
-        macs = _per_sample(math.prod(out_shape) * lhs_shape[-1], batch_size)
+        macs = per_sample(math.prod(out_shape) * lhs_shape[-1], batch_size)
         path = _module_path(node)
         if node.target is aten.linear.default:
-            weight = _is_parameter(gm, rhs)
+            weight = is_parameter(gm, rhs)
             if weight is None:
                 continue  # a linear on an activation: not a fixed weight matrix
             bias = node.args[2] if len(node.args) > 2 else None
@@ -130,9 +130,9 @@ def find_layers(gm: fx.GraphModule, batch_size: int) -> list[tuple[fx.Node, Laye
             name = name if name not in names else f"{name}@{node.name}"  # a module called twice
             info = LayerInfo(name=name, kind=WEIGHT_STATIC, op="linear", weight_shape=rhs_shape, rows=rhs_shape[0],
                              params=math.prod(rhs_shape), macs=macs, node_name=node.name, weight_param=weight,
-                             extra={"bias_param": _is_parameter(gm, bias), "module_path": path})
+                             extra={"bias_param": is_parameter(gm, bias), "module_path": path})
         else:
-            if _is_parameter(gm, rhs) is not None:
+            if is_parameter(gm, rhs) is not None:
                 continue  # x @ W on a parameter is rare in exported HF models; not mapped
             rows = rhs_shape[-1] if len(rhs_shape) > 1 else 1
             role = node.meta.get("hetcomp_role", node.name)

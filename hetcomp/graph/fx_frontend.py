@@ -72,12 +72,14 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         ) from err
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
+# Helpers shared by both front ends (export_frontend imports them).
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    """The node's output shape from ShapeProp's tensor_meta (None if it has none)."""
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _is_parameter(gm: fx.GraphModule, node: object) -> str | None:
+def is_parameter(gm: fx.GraphModule, node: object) -> str | None:
     """The qualified parameter name if ``node`` is a get_attr of a parameter."""
     if isinstance(node, fx.Node) and node.op == "get_attr":
         try:
@@ -88,7 +90,8 @@ def _is_parameter(gm: fx.GraphModule, node: object) -> str | None:
     return None
 
 
-def _per_sample(total: int, batch_size: int) -> int:
+def per_sample(total: int, batch_size: int) -> int:
+    """MACs of the traced batch, per sample."""
     return int(total // max(batch_size, 1))
 
 
@@ -96,7 +99,7 @@ def _recognize_module(gm: fx.GraphModule, node: fx.Node, batch_size: int) -> Lay
     if node.op != "call_module":
         return None
     module = gm.get_submodule(node.target)
-    out_shape = _shape(node)
+    out_shape = shape_of(node)
     if out_shape is None:
         return None
     out_numel = math.prod(out_shape)
@@ -106,7 +109,7 @@ def _recognize_module(gm: fx.GraphModule, node: fx.Node, batch_size: int) -> Lay
         return LayerInfo(
             name=str(node.target), kind=WEIGHT_STATIC, op="linear", weight_shape=tuple(weight.shape),
             rows=module.out_features, params=weight.numel() + bias_params,
-            macs=_per_sample(out_numel * module.in_features, batch_size), node_name=node.name,
+            macs=per_sample(out_numel * module.in_features, batch_size), node_name=node.name,
             module_name=str(node.target), weight_param=f"{node.target}.weight",
         )
     if isinstance(module, nn.Conv1d | nn.Conv2d):
@@ -116,7 +119,7 @@ def _recognize_module(gm: fx.GraphModule, node: fx.Node, batch_size: int) -> Lay
         return LayerInfo(
             name=str(node.target), kind=WEIGHT_STATIC, op=f"conv{weight.dim() - 2}d",
             weight_shape=tuple(weight.shape), rows=module.out_channels, params=weight.numel() + bias_params,
-            macs=_per_sample(out_numel * macs_per_output, batch_size), node_name=node.name,
+            macs=per_sample(out_numel * macs_per_output, batch_size), node_name=node.name,
             module_name=str(node.target), weight_param=f"{node.target}.weight", groups=module.groups,
         )
     return None
@@ -134,19 +137,19 @@ def _recognize_matmul(gm: fx.GraphModule, node: fx.Node, batch_size: int) -> Lay
     if not (is_matmul or is_linear):
         return None
     lhs, rhs = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    out_shape, lhs_shape, rhs_shape = _shape(node), _shape(lhs), _shape(rhs)
+    out_shape, lhs_shape, rhs_shape = shape_of(node), shape_of(lhs), shape_of(rhs)
     if out_shape is None or lhs_shape is None or rhs_shape is None:
         return None
     reduction = lhs_shape[-1]  # K in [.., N, K] @ [.., K, M] and in linear(x[.., K], w[M, K])
     rows = rhs_shape[0] if is_linear else (rhs_shape[-1] if len(rhs_shape) > 1 else 1)
-    macs = _per_sample(math.prod(out_shape) * reduction, batch_size)
-    weight_param = _is_parameter(gm, rhs)
+    macs = per_sample(math.prod(out_shape) * reduction, batch_size)
+    weight_param = is_parameter(gm, rhs)
     if weight_param is not None:
         bias = (node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")) if is_linear else None
         return LayerInfo(
             name=node.name, kind=WEIGHT_STATIC, op="linear" if is_linear else "matmul",
             weight_shape=rhs_shape, rows=rows, params=math.prod(rhs_shape), macs=macs, node_name=node.name,
-            weight_param=weight_param, extra={"bias_param": _is_parameter(gm, bias)},
+            weight_param=weight_param, extra={"bias_param": is_parameter(gm, bias)},
         )
     # Both operands are activations: a dynamic matrix product (e.g. attention scores/context).
     return LayerInfo(

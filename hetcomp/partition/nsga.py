@@ -57,8 +57,9 @@ class RowCountProblem(Problem):
         return counts.astype(np.int64)
 
     def variables(self, counts: np.ndarray) -> np.ndarray:
-        return np.atleast_3d(counts)[..., self.layer_of, self.tier_of] if counts.ndim == 3 else \
-            counts[self.layer_of, self.tier_of][None]
+        """(P, L, n) or (L, n) row counts -> (P, V) variables (inverse of ``counts``)."""
+        counts = np.asarray(counts)
+        return (counts if counts.ndim == 3 else counts[None])[:, self.layer_of, self.tier_of]
 
     def _evaluate(self, x, out, *args, **kwargs):
         cost = self.mapping.evaluate(self.counts(x))
@@ -84,10 +85,10 @@ class ParetoResult:
 
 
 class _Progress(Callback):
-    def __init__(self, generations: int, reference: np.ndarray, scale: np.ndarray) -> None:
+    def __init__(self, generations: int, scale: np.ndarray) -> None:
         super().__init__()
         self.indicator = HV(ref_point=np.ones(2))
-        self.reference, self.scale = reference, scale
+        self.scale = scale
         self.hypervolume: list[float] = []
         self.bar = bar(generations, "NSGA-II")
 
@@ -112,13 +113,13 @@ def run_nsga2(mapping: MappingProblem, population: int = 64, generations: int = 
     mapping.check_feasible()
     problem = RowCountProblem(mapping)
     baselines = [mapping.single_tier(t.name) for t in mapping.tiers] + [mapping.equal_split()]
-    start = np.stack([problem.variables(c)[0] for c in baselines + list(seeds or [])]).astype(float)
+    start = problem.variables(np.stack(baselines + list(seeds or []))).astype(float)
     base_cost = mapping.evaluate(np.stack(baselines))
     scale = np.array([base_cost.latency_s.max(), base_cost.energy_j.max()]) * 1.1
     rng = np.random.default_rng(seed)
     random = IntegerRandomSampling()._do(problem, max(population - len(start), 0), random_state=rng) \
         if population > len(start) else np.zeros((0, problem.n_var))
-    initial = SumRepair()._do(problem, np.vstack([start, random])[:population])
+    initial = problem.variables(problem.counts(np.vstack([start, random])[:population])).astype(float)
     algorithm = NSGA2(
         pop_size=population,
         sampling=initial,
@@ -127,7 +128,7 @@ def run_nsga2(mapping: MappingProblem, population: int = 64, generations: int = 
         repair=SumRepair(),
         eliminate_duplicates=True,
     )
-    callback = _Progress(generations, np.ones(2), scale)
+    callback = _Progress(generations, scale)
     result = minimize(problem, algorithm, ("n_gen", generations), seed=seed, callback=callback, verbose=False)
     callback.bar.close()
     opt = result.opt

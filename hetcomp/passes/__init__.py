@@ -27,7 +27,7 @@ def hessian_passes(probes: int = 10, max_iter: int = 20, tol: float = 1e-3, batc
     the trace and row sensitivity (same HVPs, less variance; see HessianTrace)."""
     if deflate and eigen_method != "lanczos":
         raise ValueError("deflate=True needs eigen_method='lanczos' (its Ritz vectors deflate the probes)")
-    eigen = LambdaMax(max_iter=max_iter, tol=tol, batches=batches, method=eigen_method)
+    eigen = LambdaMax(max_iter=max_iter, tol=tol, batches=batches, method=eigen_method, keep_vectors=deflate)
     deflation = (max_iter, tol) if deflate else None
     trace = HessianTrace(probes=probes, estimator=estimator, batches=batches, deflate=deflation)
     return [

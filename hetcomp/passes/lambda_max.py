@@ -24,19 +24,24 @@ class LambdaMax(Pass):
     requires = ("layers",)
     provides = ("lambda_max",)
 
-    def __init__(self, max_iter: int = 20, tol: float = 1e-3, batches: int = 2, method: str = "lanczos") -> None:
+    def __init__(self, max_iter: int = 20, tol: float = 1e-3, batches: int = 2, method: str = "lanczos",
+                 keep_vectors: bool = False) -> None:
         if max_iter < 1 or batches < 1 or tol < 0:
             raise ValueError("max_iter and batches must be >= 1 and tol >= 0")
         if method not in ("lanczos", "power"):
             raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+        if keep_vectors and method != "lanczos":
+            raise ValueError("keep_vectors needs method='lanczos'")
         self.max_iter, self.tol, self.batches, self.method = max_iter, tol, batches, method
+        # Keep the Ritz vectors for a deflated HessianTrace later in the pipeline (one Lanczos run, shared).
+        self.keep_vectors = keep_vectors
 
     def settings(self) -> dict:
         return {"max_iter": self.max_iter, "tol": self.tol, "batches": self.batches, "method": self.method}
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         eigen, iterations = layer_hessian.dominant_eigenvalue(gm, ctx, self.batches, self.max_iter, self.tol,
-                                                              self.method)
+                                                              self.method, keep_vectors=self.keep_vectors)
         for annotation, value, used in zip(layer_hessian.weight_layers(gm), eigen, iterations):
             annotation.metrics["lambda_max"] = value
             annotation.metrics["lambda_max_iterations"] = used

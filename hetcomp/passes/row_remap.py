@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from hetcomp.errors import ConfigError
-from hetcomp.evaluate import batched_logits, evaluate, hardware_repeat, staged
+from hetcomp.evaluate import evaluate, hardware_repeat
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import lower_graph
 from hetcomp.manifest import fingerprint, write_atomic
@@ -96,7 +96,7 @@ class RowRemap(Pass):
         tiers = problem.tiers
         front = ctx.manifest_extra["pareto"]["front"]
         if self.quality is None:
-            baseline = _digital_accuracy(gm, data)
+            baseline = evaluate(gm, {}, data, repeats=1).mean  # nothing lowered: the digital model's accuracy
         else:
             gm.eval()
             with torch.no_grad():
@@ -186,17 +186,6 @@ class RowRemap(Pass):
         if self.checkpoint is not None:
             write_atomic(self.checkpoint, json.dumps({"run_key": key, "tried": tried, "trajectory": trajectory,
                                                       "counts": counts.tolist()}, indent=1))
-
-
-def _digital_accuracy(gm: fx.GraphModule, data) -> float:
-    device = next(gm.parameters()).device
-    inputs, labels = staged(data, device)
-    was_training = gm.training
-    gm.eval()
-    with torch.no_grad():
-        accuracy = int((batched_logits(gm, inputs).argmax(-1) == labels).sum()) / len(labels)  # as evaluate()
-    gm.train(was_training)
-    return accuracy
 
 
 def _row_sensitivities(annotations) -> list[np.ndarray]:

@@ -29,13 +29,14 @@ def dac_pj(bits: int) -> float:
     return power_w / CLOCK_HZ * 1e12
 
 
-def photonic_target(bits: int = 6, name: str | None = None) -> Target:
+def photonic_target(bits: int = 6, name: str | None = None, wavelengths: int = WAVELENGTHS) -> Target:
     """The photonic tier at ``bits``-bit operands (Table I: 4 to 6). DAC energy and laser power scale with the
-    bits by SimPhony's formulas; everything else is as for the registered 6-bit ``photonic`` target."""
+    bits by SimPhony's formulas; everything else is as for the registered 6-bit ``photonic`` target.
+    ``wavelengths``: the calibrated count by default (bench/table_v.py --fit varies it)."""
     if not 2 <= bits <= 8:
         raise ValueError(f"photonic operand bits must be in [2, 8], got {bits}")
     cost = photonic_dot_product(
-        tiles=TILES, cores_per_tile=CORES_PER_TILE, core_height=CORE, core_width=CORE, wavelengths=WAVELENGTHS,
+        tiles=TILES, cores_per_tile=CORES_PER_TILE, core_height=CORE, core_width=CORE, wavelengths=wavelengths,
         clock_hz=CLOCK_HZ, accumulation_cycles=3,  # SimPhony dptc.yml: temporal accumulation over 3 cycles
         # Weight-stationary dataflow (a SimPhony dataflow option): a stationary operand is held while one
         # 128-token sequence streams through. An assumption about the mapping, not a fitted number.
