@@ -11,10 +11,14 @@ Both compute, for every weight layer, Tr(H_l) by Hutchinson (m Rademacher probes
 - hetcomp "full m=...": the full estimator with the probes needed to match the reference's
   standard error (equal accuracy).
 - hetcomp "block": per-layer probes (the reference's estimator and variance), same graph reuse.
-- hetcomp "block+deflate": the block estimator deflated by the Lanczos Ritz vectors (Lanczos runs first,
-  its vectors are kept); then with the probes needed to match the reference's standard error.
+- hetcomp "block+deflate": the block estimator deflated by the Lanczos Krylov bases (Lanczos runs first,
+  keeps its bases; no extra HVP); then with the probes needed to match the reference's standard error.
+- "reference + efficient double backward": the reference loop with only hetcomp's convolution/BatchNorm
+  double backward switched on -- how much of the ratio that change alone gives.
 
-``--batched yes`` vmaps HVPs over probes; ``--cuda-graphs yes`` replays captured HVPs (CUDA only).
+All hetcomp rows include building the operator (gradient graphs) and, on CUDA, capturing the CUDA graphs.
+``--batched yes`` vmaps each layer's probes; ``--cuda-graphs no`` turns off the replayed HVPs (on by
+default on CUDA).
 
 Prints per-model wall times, the speed ratio, and the agreement of the estimates (relative
 difference of traces and lambda_max vs the reference, with the estimators' standard errors).
@@ -25,6 +29,7 @@ difference of traces and lambda_max vs the reference, with the estimators' stand
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+from hetcomp.analysis.double_backward import efficient_double_backward  # noqa: E402
 from hetcomp.analysis.hessian import HessianOperator  # noqa: E402
 from hetcomp.progress import set_quiet  # noqa: E402
 from hetcomp.training import trained  # noqa: E402
@@ -45,15 +51,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def reference(model, names, batches, probes, iters, seed):
+def reference(model, names, batches, probes, iters, seed, fast_double_backward=False):
     """HILAL-style loop: new graph per layer and batch; fixed power iterations; per-layer probes."""
     generator = torch.Generator().manual_seed(seed)
+    mode = efficient_double_backward if fast_double_backward else contextlib.nullcontext
     traces, eigens = [], []
     for name in names:
         weight = model.get_parameter(name)
         layer_traces, layer_eigens = [], []
         for inputs, labels in batches:
-            loss = F.cross_entropy(model(inputs), labels)
+            with mode():
+                loss = F.cross_entropy(model(inputs), labels)
             (grad,) = torch.autograd.grad(loss, weight, create_graph=True)
             samples = []
             for _ in range(probes):
@@ -75,23 +83,47 @@ def reference(model, names, batches, probes, iters, seed):
     return traces, eigens
 
 
-BATCHED = None  # None: hetcomp's default (looped HVPs)
-CUDA_GRAPHS = False  # hetcomp's default: eager HVPs
+BATCHED = False  # hetcomp's default: one probe per HVP
+CUDA_GRAPHS = None  # hetcomp's default: replayed HVPs on CUDA
 EIGEN = "lanczos"  # lambda_max method (hetcomp's default); "power" for tolerance-stopped power iteration
 
 
 def ours(model, names, batches, probes, iters, seed, estimator):
     params = [model.get_parameter(n) for n in names]
+    clock = Phases(params[0].device)
     op = HessianOperator(model, params, batches, F.cross_entropy, batched=BATCHED, cuda_graphs=CUDA_GRAPHS)
+    clock("operator")
     kind, _, deflate = estimator.partition("+")
-    if deflate:  # Lanczos first; its Ritz vectors deflate the probes
+    if deflate:  # Lanczos first; its Krylov bases deflate the probes
         eigen, used = op.lanczos(iters, 1e-3, torch.Generator().manual_seed(seed + 1), keep_vectors=True)
-        result = op.hutchinson(probes, torch.Generator().manual_seed(seed), kind, deflate=op.ritz_vectors)
+        clock("lanczos")
+        result = op.hutchinson(probes, torch.Generator().manual_seed(seed), kind, deflate=op.deflations)
+        clock("hutchinson")
+        clock.report(f"{estimator} m={probes}: {op.hvp_calls} block HVPs")
         return list(zip(result.trace, result.trace_stderr)), eigen, used
     result = op.hutchinson(probes, torch.Generator().manual_seed(seed), kind)
     eigen_method = op.lanczos if EIGEN == "lanczos" else op.power_iteration
     eigen, used = eigen_method(iters, 1e-3, torch.Generator().manual_seed(seed + 1))
     return list(zip(result.trace, result.trace_stderr)), eigen, used
+
+
+class Phases:
+    """Wall time of each phase of one hetcomp run (printed with --phases)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+        sync(device)
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.times.append((name, now - self.last))
+        self.last = now
+
+    def report(self, label: str) -> None:
+        if PHASES:
+            print(f"    phases ({label}): " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in self.times))
 
 
 def timed(fn, device, repeats=1):
@@ -106,6 +138,8 @@ def timed(fn, device, repeats=1):
 
 
 ALL_ESTIMATORS = ("full", "full-matched", "block", "block+deflate", "block+deflate-matched")
+REFERENCE_FAST = False
+PHASES = False
 ESTIMATORS = ALL_ESTIMATORS
 
 
@@ -118,6 +152,9 @@ def compare(label, model, batches, device, probes, iters):
     print(f"\n== {label}: {len(names)} weight layers, {len(batches)} batch(es) of {batches[0][0].shape[0]}, "
           f"m={probes}, K={iters}, device={device}")
     print(f"reference (HILAL-style loop): {t_ref:8.2f} s")
+    if REFERENCE_FAST:
+        t_fast, _ = timed(lambda: reference(model, names, batches, probes, iters, 0, True), device)
+        print(f"reference + efficient double backward: {t_fast:8.2f} s   speed ratio {t_ref / t_fast:6.2f}x")
     matched = {}
     for estimator in ESTIMATORS:
         kind = estimator.split("-")[0]
@@ -125,7 +162,7 @@ def compare(label, model, batches, device, probes, iters):
             if kind not in matched:
                 continue
             # Equal estimate accuracy: variance scales as 1/m, so scale the probes by the measured s.e. ratio^2.
-            count = max(4, round(probes * matched[kind] ** 2))  # fewer probes give no usable s.e.
+            count = max(2, round(probes * matched[kind] ** 2))  # 2: the fewest that give an s.e.
             label_est = f"{kind} m={count}"
         else:
             count, label_est = probes, f"{estimator} m={probes}"
@@ -154,19 +191,23 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--models", default="digits,resnet20")
-    parser.add_argument("--batched", choices=["auto", "yes", "no"], default="auto",
-                        help="batch HVPs with vmap (auto: hetcomp default, looped)")
-    parser.add_argument("--cuda-graphs", choices=["yes", "no"], default="no",
-                        help="capture HVPs in CUDA graphs (hetcomp's cuda_graphs=True; CUDA only)")
+    parser.add_argument("--batched", choices=["yes", "no"], default="no",
+                        help="vmap each layer's probes (hetcomp default: no)")
+    parser.add_argument("--cuda-graphs", choices=["auto", "yes", "no"], default="auto",
+                        help="replay captured HVPs (hetcomp default auto: on CUDA)")
+    parser.add_argument("--phases", action="store_true", help="print each hetcomp run's phase times")
+    parser.add_argument("--reference-fast", action="store_true",
+                        help="also time the reference loop with hetcomp's efficient double backward")
     parser.add_argument("--eigen", choices=["power", "lanczos"], default="lanczos", help="lambda_max method")
     parser.add_argument("--estimators", default=",".join(ALL_ESTIMATORS),
                         help=f"comma-separated subset of {', '.join(ALL_ESTIMATORS)}")
     args = parser.parse_args()
-    global BATCHED, CUDA_GRAPHS, EIGEN, ESTIMATORS
+    global BATCHED, CUDA_GRAPHS, EIGEN, ESTIMATORS, REFERENCE_FAST, PHASES
+    REFERENCE_FAST, PHASES = args.reference_fast, args.phases
     ESTIMATORS = tuple(e for e in args.estimators.split(",") if e)
     EIGEN = args.eigen
-    BATCHED = {"auto": None, "yes": True, "no": False}[args.batched]
-    CUDA_GRAPHS = args.cuda_graphs == "yes"
+    BATCHED = args.batched == "yes"
+    CUDA_GRAPHS = {"auto": None, "yes": True, "no": False}[args.cuda_graphs]
     set_quiet(True)
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 32)

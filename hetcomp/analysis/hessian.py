@@ -34,19 +34,34 @@ falls back to the loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.func import functional_call
 
+from hetcomp.analysis.double_backward import efficient_double_backward
 from hetcomp.progress import bar, progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class HessianOperator:
-    """The loss Hessian w.r.t. ``params``, averaged over ``batches`` (weighted by batch size)."""
+    """The loss Hessian w.r.t. ``params``, averaged over ``batches`` (weighted by batch size).
+
+    ``cuda_graphs``: replay captured HVPs (default: on when the parameters are on a CUDA device). Each
+    (layer, batch) block HVP and each full HVP is captured the first time it is asked for -- that call
+    runs eagerly and returns its result, so capture costs no extra HVP -- and replayed afterwards. The
+    gradient graphs are built on a side stream, because capture cannot record on the default stream and
+    autograd runs each backward op on its forward op's stream. A capture that fails (an op that cannot be
+    captured) switches the operator to eager HVPs, with a warning.
+
+    ``batched``: the block estimator's probes of one layer go through one vmapped backward
+    (``is_grads_batched``); the full estimator's probes likewise. Off by default (measured: see module doc).
+    """
 
     def __init__(
         self,
@@ -55,173 +70,158 @@ class HessianOperator:
         batches: Sequence[Batch],
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         batched: bool = False,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if not params:
             raise ValueError("HessianOperator needs at least one parameter tensor")
-        self.params = list(params)
+        names = {id(p): name for name, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(params) if id(p) not in names]
+        if missing:
+            raise ValueError(f"params {missing} are not parameters of the model (model.named_parameters())")
+        # Fresh leaves sharing the parameters' storage: the operator's autograd graph is its own (own
+        # gradient accumulators, made on its stream), whatever the caller did with the parameters before
+        # -- autograd use on the default stream would otherwise break CUDA-graph capture.
+        self.params = [p.detach().requires_grad_(True) for p in params]
+        self._names = [names[id(p)] for p in params]
+        on_cuda = self.params[0].is_cuda
+        if cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs the parameters on a CUDA device")
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.batched = batched
         self.hvp_calls = 0
-        self.ritz_vectors: dict[int, torch.Tensor] = {}  # filled by lanczos(..., keep_vectors=True)
-        self.cuda_graphs = cuda_graphs
-        if self.cuda_graphs and not self.params[0].is_cuda:
-            raise ValueError("cuda_graphs=True needs the parameters on a CUDA device")
-        self._model, self._loss_fn = model, loss_fn
+        self.deflations: dict[int, Deflation] = {}  # filled by lanczos(..., keep_vectors=True)
+        self._stream = torch.cuda.Stream(self.params[0].device) if self.cuda_graphs else None
+        self._replays: dict[tuple, _Replay] = {}
+        self._pool = None
         was_training = model.training
         model.eval()  # BatchNorm running stats, no dropout: the deployed function's curvature
         total = sum(int(y.shape[0]) for _, y in batches)
-        self._batches = [(inputs, targets, int(targets.shape[0]) / total) for inputs, targets in batches]
         self._graphs: list[tuple[tuple[torch.Tensor, ...], float]] = []
-        self._captured: dict[str, list[tuple[_CapturedHVP, float]]] = {}
         self.gradient = [torch.zeros_like(p) for p in self.params]
         self.loss = 0.0
-        with torch.enable_grad():
-            for inputs, targets, weight in self._batches:
-                loss = loss_fn(model(inputs), targets)
-                # The captured graphs rebuild the double-backward graph themselves: keep none here.
-                grads = torch.autograd.grad(loss, self.params, create_graph=not self.cuda_graphs)
-                if not self.cuda_graphs:
-                    self._graphs.append((grads, weight))
+        with self._on_stream(), torch.enable_grad():
+            for inputs, targets in batches:
+                weight = int(targets.shape[0]) / total
+                with efficient_double_backward():  # same function; cheaper graph to differentiate again
+                    outputs = functional_call(model, dict(zip(self._names, self.params)), (inputs,))
+                    loss = loss_fn(outputs, targets)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True)
+                self._graphs.append((grads, weight))
                 for accumulated, g in zip(self.gradient, grads):
                     accumulated.add_(g.detach(), alpha=weight)
                 self.loss += weight * float(loss.detach())
         model.train(was_training)
 
-    def _eager_graphs(self) -> None:
-        """Build the retained gradient graphs of the eager path (after a failed capture)."""
-        was_training = self._model.training
-        self._model.eval()
-        with torch.enable_grad():
-            for inputs, targets, weight in self._batches:
-                loss = self._loss_fn(self._model(inputs), targets)
-                self._graphs.append((torch.autograd.grad(loss, self.params, create_graph=True), weight))
-        self._model.train(was_training)
+    @contextmanager
+    def _on_stream(self) -> Iterator[None]:
+        """Run on the operator's side stream (CUDA graphs), ordered after and before the caller's stream."""
+        if self._stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self._stream.device)
+        self._stream.wait_stream(caller)
+        with torch.cuda.stream(self._stream):
+            yield
+        caller.wait_stream(self._stream)
 
-    def _replay(self, mode: str, vectors: dict[int, torch.Tensor]) -> list[torch.Tensor] | None:
-        """Weighted sum over batches of the captured HVP graph's outputs; None when capture failed."""
-        if mode not in self._captured:
-            try:
-                was_training = self._model.training
-                self._model.eval()
-                self._captured[mode] = [(_CapturedHVP(self._model, self.params, x, y, self._loss_fn, mode), weight)
-                                        for x, y, weight in self._batches]
-                self._model.train(was_training)
-            except RuntimeError:
-                self.cuda_graphs = False  # an op that cannot be captured: eager from now on
-                self._captured.clear()
-                self._eager_graphs()
-                return None
-        result = None
-        for captured, weight in self._captured[mode]:
-            outputs = captured.replay(vectors)
-            if result is None:
-                result = [out * weight for out in outputs]
-            else:
-                for acc, out in zip(result, outputs):
-                    acc.add_(out, alpha=weight)
+    def _products(self, layer: int | None, tangents: list[torch.Tensor], batched: bool = False) -> list[torch.Tensor]:
+        """Sum over batches of weight_b * d(g_b . t)/dw: ``layer=None`` is the full-model H t (one tangent
+        per parameter); ``layer=l`` is H_ll t (one tangent, layer l's). ``batched``: leading probe dim."""
+        result: list[torch.Tensor] | None = None
+        with self._on_stream():
+            for index, (grads, weight) in enumerate(self._graphs):
+                outputs = grads if layer is None else (grads[layer],)
+                inputs = self.params if layer is None else [self.params[layer]]
+                key = (layer, index, batched, tuple(tangents[0].shape))
+                parts = self._differentiate(key, outputs, inputs, tangents, batched)
+                if result is None:
+                    result = [part * weight for part in parts]
+                else:
+                    for acc, part in zip(result, parts):
+                        acc.add_(part, alpha=weight)
         return result
+
+    def _differentiate(self, key: tuple, outputs, inputs, tangents, batched: bool) -> list[torch.Tensor]:
+        if self.cuda_graphs:
+            replay = self._replays.get(key)
+            if replay is None:
+                # Captured without an eager warm-up: building the gradient graph already ran every cuDNN
+                # convolution kind the double backward uses (forward, data and weight gradient) at these
+                # shapes, so their plans and handles exist.
+                try:
+                    if self._pool is None:
+                        self._pool = torch.cuda.graph_pool_handle()
+                    replay = self._replays[key] = _Replay(outputs, inputs, tangents, batched, self._stream, self._pool)
+                except RuntimeError as error:
+                    warnings.warn(f"CUDA graph capture failed ({error}); computing HVPs eagerly", stacklevel=2)
+                    self.cuda_graphs = False
+                    self._replays.clear()
+            if replay is not None:
+                return replay(tangents)
+        try:
+            return list(torch.autograd.grad(outputs, inputs, tangents, retain_graph=True, is_grads_batched=batched))
+        except RuntimeError:
+            if not batched:
+                raise
+            self.batched = False  # an op without a batching rule: one probe at a time from now on
+            columns = [torch.autograd.grad(outputs, inputs, [t[i] for t in tangents], retain_graph=True)
+                       for i in range(tangents[0].shape[0])]
+            return [torch.stack(column) for column in zip(*columns)]
 
     # -- HVPs ---------------------------------------------------------------------------------------
     def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Full-model H v for one vector given per parameter."""
-        if self.cuda_graphs:
-            replayed = self._replay("full", dict(enumerate(vectors)))
-            if replayed is not None:
-                self.hvp_calls += 1
-                return replayed
-        result = [torch.zeros_like(p) for p in self.params]
-        for grads, weight in self._graphs:
-            parts = torch.autograd.grad(grads, self.params, grad_outputs=list(vectors), retain_graph=True)
-            for acc, part in zip(result, parts):
-                acc.add_(part, alpha=weight)
         self.hvp_calls += 1
-        return result
+        return self._products(None, list(vectors))
 
     def hvp_many(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Full-model H v for a batch of vectors: each tensor has a leading probe dimension."""
         count = vectors[0].shape[0]
-        if self.batched and count > 1 and not self.cuda_graphs:
-            try:
-                result = [torch.zeros_like(v) for v in vectors]
-                for grads, weight in self._graphs:
-                    parts = torch.autograd.grad(
-                        grads, self.params, grad_outputs=list(vectors), retain_graph=True,
-                        is_grads_batched=True,
-                    )
-                    for acc, part in zip(result, parts):
-                        acc.add_(part, alpha=weight)
-                self.hvp_calls += count
-                return result
-            except RuntimeError:
-                self.batched = False  # no batching rule for some op: loop from now on
+        if self.batched and count > 1:
+            self.hvp_calls += count
+            return self._products(None, list(vectors), batched=True)
         columns = [self.hvp([v[i] for v in vectors]) for i in progress(range(count), "Hessian probes", count)]
         return [torch.stack([col[j] for col in columns]) for j in range(len(self.params))]
 
     def block_hvp(self, vectors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """H_ll v_l for each layer index l given (the diagonal blocks only)."""
-        indices = list(vectors)
-        if self.cuda_graphs:
-            replayed = self._replay("block", vectors)
-            if replayed is not None:
-                self.hvp_calls += len(indices)
-                return {layer: replayed[layer] for layer in indices}
-        if self.batched and len(indices) > 1:
-            # One vmapped backward over one-hot layer tangents: tangent i is v_l in block l, 0 elsewhere.
-            tangents = []
-            for j, p in enumerate(self.params):
-                stacked = torch.zeros((len(indices), *p.shape), dtype=p.dtype, device=p.device)
-                if j in vectors:
-                    stacked[indices.index(j)] = vectors[j]
-                tangents.append(stacked)
-            full = self.hvp_many(tangents)
-            if self.batched:
-                return {layer: full[layer][i] for i, layer in enumerate(indices)}
+        """H_ll v_l for each layer index l given (the diagonal blocks only). A vector with one more
+        dimension than its layer's weight is a batch of probes (one vmapped backward)."""
         result = {}
-        for layer in indices:
-            out = torch.zeros_like(self.params[layer])
-            for grads, weight in self._graphs:
-                (part,) = torch.autograd.grad(
-                    grads[layer], self.params[layer], grad_outputs=vectors[layer], retain_graph=True
-                )
-                out.add_(part, alpha=weight)
-            self.hvp_calls += 1
-            result[layer] = out
+        for layer, vector in vectors.items():
+            batched = vector.dim() > self.params[layer].dim()
+            self.hvp_calls += vector.shape[0] if batched else 1
+            (result[layer],) = self._products(layer, [vector], batched)
         return result
 
     # -- estimators ---------------------------------------------------------------------------------
     def hutchinson(
         self, probes: int, generator: torch.Generator, estimator: str = "full",
-        deflate: dict[int, torch.Tensor] | None = None,
+        deflate: dict[int, Deflation] | None = None,
     ) -> HutchinsonResult:
         """Tr(H_ll) and diag(H_ll) for every layer from ``probes`` Rademacher probes.
 
-        ``deflate``: a unit vector y_l per layer (the dominant Ritz vector from ``lanczos(...,
-        keep_vectors=True)``). With P = I - y y^T, Tr(H) = y^T H y + Tr(P H P) exactly, for any unit y:
-        y^T H y costs one block HVP, and Hutchinson estimates only Tr(P H P), from probes P v. Still
-        unbiased; its variance 2 ||P H P||_F^2 (off-diagonal) no longer contains the top eigenvalue's
-        lambda_1^2, which carries 30-100% of ||H_ll||_F^2 on the measured models. diag(H) is recovered
-        exactly as diag(P H P) + 2 y * (H y) - (y^T H y) y * y.
+        ``deflate``: per layer, an orthonormal basis Q with H Q (``lanczos(..., keep_vectors=True)`` leaves
+        its Krylov basis in ``self.deflations``). With P = I - Q Q^T, Tr(H) = Tr(Q^T H Q) + Tr(P H P)
+        exactly, for any orthonormal Q: the first term is known, and Hutchinson estimates only the second,
+        from probes w = P v. Still unbiased; its variance 2 ||P H P||_F^2 (off-diagonal) no longer holds the
+        dominant eigenvalues' squares, which carry 30-100% of ||H_ll||_F^2 on the measured models.
+        diag(H) = E[w * H w] + sum_j q_j * (H q_j) exactly (E[w * Hw] is the row sum of H * P).
         """
         if probes < 1:
             raise ValueError(f"probes must be >= 1, got {probes}")
+        deflate = deflate or {}
+        unknown = set(deflate) - set(range(len(self.params)))
+        if unknown:
+            raise ValueError(f"deflate names layers {sorted(unknown)}; there are {len(self.params)}")
         samples = torch.zeros(probes, len(self.params), dtype=torch.float64)
-        diag = [torch.zeros_like(p) for p in self.params]
         offset = torch.zeros(len(self.params), dtype=torch.float64)
-        if deflate is not None:
-            missing = set(range(len(self.params))) - set(deflate)
-            if missing:
-                raise ValueError(f"deflate needs a vector for every layer; missing {sorted(missing)}")
-            hy = self.block_hvp(dict(deflate))
-            for layer, y in deflate.items():
-                rayleigh = float((y * hy[layer]).sum())
-                offset[layer] = rayleigh
-                diag[layer] = 2 * y * hy[layer] - rayleigh * y * y
+        diag = [torch.zeros_like(p) for p in self.params]
+        for layer, basis in deflate.items():
+            offset[layer] = basis.trace
+            diag[layer] = basis.diagonal.clone()
 
         def project(layer: int, v: torch.Tensor) -> torch.Tensor:
-            if deflate is None:
-                return v
-            y = deflate[layer]
-            return v - y * (v * y).flatten(-y.dim()).sum(-1).reshape(v.shape[: v.dim() - y.dim()] + (1,) * y.dim())
+            return deflate[layer].project(v) if layer in deflate else v
 
         if estimator == "full":
             vectors = [project(layer, _rademacher((probes, *p.shape), p, generator))
@@ -231,15 +231,22 @@ class HessianOperator:
                 vhv = v * hv
                 samples[:, layer] = vhv.flatten(1).sum(1).double().cpu()
                 diag[layer] += vhv.mean(0)
+        elif estimator == "block" and self.batched:
+            for layer, p in progress(list(enumerate(self.params)), "Hessian probes (per layer)", len(self.params)):
+                v = project(layer, _rademacher((probes, *p.shape), p, generator))
+                vhv = v * self.block_hvp({layer: v})[layer]
+                samples[:, layer] = vhv.flatten(1).sum(1).double().cpu()
+                diag[layer] += vhv.mean(0)
         elif estimator == "block":
+            sums = torch.zeros(probes, len(self.params), dtype=torch.float64, device=self.params[0].device)
             for k in progress(range(probes), "Hessian probes (per layer)", probes):
                 vectors = {layer: project(layer, _rademacher(p.shape, p, generator))
                            for layer, p in enumerate(self.params)}
-                products = self.block_hvp(vectors)
-                for layer, hv in products.items():
+                for layer, hv in self.block_hvp(vectors).items():
                     vhv = vectors[layer] * hv
-                    samples[k, layer] = float(vhv.sum())
+                    sums[k, layer] = vhv.sum()  # stays on the device: no sync per HVP
                     diag[layer] += vhv / probes
+            samples = sums.cpu()
         else:
             raise ValueError(f"estimator must be 'full' or 'block', got {estimator!r}")
         return HutchinsonResult(samples=samples + offset, diag=diag)
@@ -272,40 +279,42 @@ class HessianOperator:
         not the change between steps, which stagnates and stopped too early on a ResNet-20 layer
         (measured: 8.48 after 4 steps vs 9.64 converged).
 
-        Plain three-term recurrence without re-orthogonalisation: loss of orthogonality only adds
-        spurious copies of converged Ritz values, which does not change the dominant one, and memory
-        stays at three vectors per layer. ``keep_vectors=True`` also keeps the Krylov basis (one vector per
-        step) to form each layer's dominant Ritz vector, left in ``self.ritz_vectors`` (unit norm), which
-        deflated Hutchinson uses.
+        Without ``keep_vectors``: the plain three-term recurrence, three vectors per layer; loss of
+        orthogonality only adds spurious copies of converged Ritz values, which does not change the
+        dominant one. ``keep_vectors=True`` keeps the Krylov basis and its products (2 vectors per step
+        per layer), re-orthogonalises every step against it (classical Gram-Schmidt, twice), and leaves
+        each layer's basis in ``self.deflations`` for deflated Hutchinson -- at no extra HVP.
         """
         current = self._random_unit_vectors(generator)
         previous = {layer: torch.zeros_like(p) for layer, p in enumerate(self.params)}
         alphas: dict[int, list[float]] = {layer: [] for layer in current}
         betas: dict[int, list[float]] = {layer: [] for layer in current}
         basis: dict[int, list[torch.Tensor]] = {layer: [] for layer in current}
-        self.ritz_vectors = {}
+        products: dict[int, list[torch.Tensor]] = {layer: [] for layer in current}
+        self.deflations = {}
 
         def step(layer: int, hv: torch.Tensor, count: int) -> tuple[float, bool]:
+            q = current[layer]
+            alpha = float((q * hv).sum())
             if keep_vectors:
-                basis[layer].append(current[layer])
-            alpha = float((current[layer] * hv).sum())
-            residual = hv - alpha * current[layer]
-            if betas[layer]:
-                residual -= betas[layer][-1] * previous[layer]
+                basis[layer].append(q)
+                products[layer].append(hv)
+                residual = _orthogonalise(hv, torch.stack(basis[layer]))
+            else:
+                residual = hv - alpha * q
+                if betas[layer]:
+                    residual -= betas[layer][-1] * previous[layer]
             alphas[layer].append(alpha)
             value, last_component = _dominant_ritz(alphas[layer], betas[layer])
             beta = float(residual.norm())
             converged = beta * abs(last_component) <= tol * max(abs(value), 1e-30)
             done = converged or beta <= 1e-12 * max(abs(value), 1e-30)  # converged, or an invariant subspace
             if keep_vectors and (done or count == max_iter):
-                coefficients = _dominant_ritz_vector(alphas[layer], betas[layer])
-                ritz = sum(float(c) * q for c, q in zip(coefficients, basis[layer]))
-                self.ritz_vectors[layer] = _unit(ritz)
-                basis[layer] = []
+                self.deflations[layer] = Deflation(torch.stack(basis.pop(layer)), torch.stack(products.pop(layer)))
             if done:
                 return value, True
             betas[layer].append(beta)
-            previous[layer], current[layer] = current[layer], residual / beta
+            previous[layer], current[layer] = q, residual / beta
             return value, False
 
         return self._lockstep(current, max_iter, "Lanczos", step)
@@ -339,45 +348,56 @@ class HessianOperator:
         return eigen, iterations
 
 
-class _CapturedHVP:
-    """One calibration batch's forward, gradient and HVPs, captured as a CUDA graph.
+@dataclass
+class Deflation:
+    """An orthonormal basis Q (``vectors``, [k, *weight shape]) of part of a layer's weight space and
+    ``products`` = H Q: the exactly known part of the trace and diagonal in deflated Hutchinson."""
 
-    ``mode="full"``: outputs (H v)_k for all k. ``mode="block"``: outputs H_kk v_k for all k (each
-    layer's gradient differentiated w.r.t. that layer only). Tangents are copied into static buffers
-    before each replay; layers without a tangent get zeros.
-    """
+    vectors: torch.Tensor
+    products: torch.Tensor
 
-    def __init__(self, model: nn.Module, params: list[torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
-                 loss_fn: Callable, mode: str) -> None:
-        self.tangents = [torch.zeros_like(p) for p in params]
+    @property
+    def trace(self) -> float:
+        """Tr(Q^T H Q)."""
+        return float((self.vectors.double() * self.products.double()).sum())
 
-        def step() -> list[torch.Tensor]:
-            with torch.enable_grad():
-                loss = loss_fn(model(inputs), targets)
-                grads = torch.autograd.grad(loss, params, create_graph=True)
-                if mode == "full":
-                    return list(torch.autograd.grad(grads, params, grad_outputs=self.tangents))
-                return [torch.autograd.grad(g, p, grad_outputs=t, retain_graph=True)[0]
-                        for g, p, t in zip(grads, params, self.tangents)]
+    @property
+    def diagonal(self) -> torch.Tensor:
+        """sum_j q_j * (H q_j): diag(H) minus the row sums of H * (I - Q Q^T)."""
+        return (self.vectors * self.products).sum(0)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        """(I - Q Q^T) v, for v of the weight's shape or with leading probe dimensions."""
+        return _orthogonalise(v, self.vectors, passes=1)
+
+
+class _Replay:
+    """One captured HVP: ``torch.autograd.grad(outputs, inputs, tangents)`` on a retained gradient
+    graph, as a CUDA graph. Tangents are copied into static buffers before each replay."""
+
+    def __init__(self, outputs, inputs, tangents, batched: bool, stream: torch.cuda.Stream, pool) -> None:
+        self.tangents = [t.clone() for t in tangents]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = step()
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
+            self.outputs = torch.autograd.grad(outputs, inputs, self.tangents, retain_graph=True,
+                                               is_grads_batched=batched)
 
-    def replay(self, vectors: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        for index, tangent in enumerate(self.tangents):
-            if index in vectors:
-                tangent.copy_(vectors[index])
-            else:
-                tangent.zero_()
+    def __call__(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        for static, tangent in zip(self.tangents, tangents):
+            static.copy_(tangent)
         self.graph.replay()
-        return self.outputs
+        return list(self.outputs)
+
+
+def _orthogonalise(v: torch.Tensor, basis: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    """v minus its projection on the orthonormal rows of ``basis`` ([k, *shape]); v may carry leading
+    probe dimensions. Two passes (CGS2) keep the result orthogonal to working precision."""
+    flat = basis.flatten(1)
+    lead = v.shape[: v.dim() - (basis.dim() - 1)]
+    out = v.reshape(-1, flat.shape[1])
+    for _ in range(passes):
+        out = out - (out @ flat.T) @ flat
+    return out.reshape(*lead, *basis.shape[1:]) if lead else out.reshape(basis.shape[1:])
 
 
 def _dominant_ritz(alphas: list[float], betas: list[float]) -> tuple[float, float]:
@@ -386,12 +406,6 @@ def _dominant_ritz(alphas: list[float], betas: list[float]) -> tuple[float, floa
     values, vectors = _tridiagonal_eigh(alphas, betas)
     index = int(values.abs().argmax())
     return float(values[index]), float(vectors[-1, index])
-
-
-def _dominant_ritz_vector(alphas: list[float], betas: list[float]) -> torch.Tensor:
-    """Coefficients, in the Krylov basis, of the dominant Ritz vector."""
-    values, vectors = _tridiagonal_eigh(alphas, betas)
-    return vectors[:, int(values.abs().argmax())]
 
 
 def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

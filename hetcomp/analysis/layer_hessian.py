@@ -31,14 +31,14 @@ def operator(gm: fx.GraphModule, ctx, batches: int, batched: bool = False) -> He
 
 def hutchinson(gm: fx.GraphModule, ctx, batches: int, probes: int, estimator: str,
                deflate: tuple[int, float] | None = None) -> HutchinsonResult:
-    """Hutchinson probes; ``deflate=(max_iter, tol)``: deflated by the Lanczos Ritz vectors of the
+    """Hutchinson probes; ``deflate=(max_iter, tol)``: deflated by the Krylov bases of the Lanczos
     ``dominant_eigenvalue`` run with those settings (shared with LambdaMax through the cache)."""
     def compute() -> HutchinsonResult:
         generator = torch.Generator().manual_seed(ctx.seed)
         vectors = None
         if deflate is not None:
             dominant_eigenvalue(gm, ctx, batches, deflate[0], deflate[1], "lanczos", keep_vectors=True)
-            vectors = ctx.analysis(("ritz-vectors", id(gm), batches, deflate[0], deflate[1], ctx.seed), dict)
+            vectors = ctx.analysis(("krylov-bases", id(gm), batches, deflate[0], deflate[1], ctx.seed), dict)
         return operator(gm, ctx, batches).hutchinson(probes, generator, estimator, deflate=vectors)
 
     return ctx.analysis(("hutchinson", id(gm), batches, probes, estimator, deflate, ctx.seed), compute)
@@ -47,7 +47,7 @@ def hutchinson(gm: fx.GraphModule, ctx, batches: int, probes: int, estimator: st
 def dominant_eigenvalue(gm: fx.GraphModule, ctx, batches: int, max_iter: int, tol: float, method: str = "lanczos",
                         keep_vectors: bool = False):
     """(eigenvalues, iterations used) per weight layer, by ``method`` "lanczos" or "power".
-    ``keep_vectors`` (Lanczos): also cache the dominant Ritz vectors for deflated Hutchinson."""
+    ``keep_vectors`` (Lanczos): also cache the Krylov bases for deflated Hutchinson."""
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     if keep_vectors and method != "lanczos":
@@ -60,12 +60,12 @@ def dominant_eigenvalue(gm: fx.GraphModule, ctx, batches: int, max_iter: int, to
             return op.power_iteration(max_iter, tol, generator)
         result = op.lanczos(max_iter, tol, generator, keep_vectors=keep_vectors)
         if keep_vectors:
-            ctx.analysis(("ritz-vectors", id(gm), batches, max_iter, tol, ctx.seed), lambda: dict(op.ritz_vectors))
+            ctx.analysis(("krylov-bases", id(gm), batches, max_iter, tol, ctx.seed), lambda: dict(op.deflations))
         return result
 
     # The eigenvalues do not depend on keep_vectors: one cache entry, upgraded when vectors are first needed.
     key = ("dominant-eigenvalue", method, id(gm), batches, max_iter, tol, ctx.seed)
-    vectors_key = ("ritz-vectors", id(gm), batches, max_iter, tol, ctx.seed)
+    vectors_key = ("krylov-bases", id(gm), batches, max_iter, tol, ctx.seed)
     if keep_vectors and not ctx.has_analysis(vectors_key):
         ctx.drop_analysis(key)
     return ctx.analysis(key, compute)

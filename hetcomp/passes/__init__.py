@@ -23,10 +23,10 @@ def hessian_passes(probes: int = 10, max_iter: int = 20, tol: float = 1e-3, batc
                    deflate: bool = False) -> list[Pass]:
     """The standard annotation pipeline: Tr(H), lambda_max, HNI, SCR, row sensitivity.
 
-    ``deflate=True``: LambdaMax (Lanczos) runs first and its Ritz vectors deflate the Hutchinson probes of
+    ``deflate=True``: LambdaMax (Lanczos) runs first and its Krylov bases deflate the Hutchinson probes of
     the trace and row sensitivity (same HVPs, less variance; see HessianTrace)."""
     if deflate and eigen_method != "lanczos":
-        raise ValueError("deflate=True needs eigen_method='lanczos' (its Ritz vectors deflate the probes)")
+        raise ValueError("deflate=True needs eigen_method='lanczos' (its Krylov bases deflate the probes)")
     eigen = LambdaMax(max_iter=max_iter, tol=tol, batches=batches, method=eigen_method, keep_vectors=deflate)
     deflation = (max_iter, tol) if deflate else None
     trace = HessianTrace(probes=probes, estimator=estimator, batches=batches, deflate=deflation)

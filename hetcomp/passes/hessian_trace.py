@@ -13,8 +13,9 @@ class HessianTrace(Pass):
 
     ``estimator="full"`` (default): one full-model HVP per probe serves every layer; ``"block"``: one
     HVP per layer per probe, lower variance (see hetcomp.analysis.hessian). ``deflate=(max_iter, tol)``:
-    deflated Hutchinson, Tr(H) = y^T H y + Tr(P H P) with y the dominant Lanczos Ritz vector of the
-    LambdaMax run with those settings (shared, not recomputed); unbiased, with less variance per probe.
+    deflated Hutchinson, Tr(H) = Tr(Q^T H Q) + Tr(P H P) with Q the Krylov basis of the LambdaMax
+    Lanczos run with those settings (shared, not recomputed; H Q is known from it, so no extra HVP);
+    unbiased, with less variance per probe.
     """
 
     name = "hessian_trace"

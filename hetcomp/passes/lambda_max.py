@@ -33,7 +33,7 @@ class LambdaMax(Pass):
         if keep_vectors and method != "lanczos":
             raise ValueError("keep_vectors needs method='lanczos'")
         self.max_iter, self.tol, self.batches, self.method = max_iter, tol, batches, method
-        # Keep the Ritz vectors for a deflated HessianTrace later in the pipeline (one Lanczos run, shared).
+        # Keep the Krylov bases for a deflated HessianTrace later in the pipeline (one Lanczos run, shared).
         self.keep_vectors = keep_vectors
 
     def settings(self) -> dict:
