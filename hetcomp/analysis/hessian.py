@@ -11,25 +11,25 @@ Estimators (all layers at once):
   estimate is only 2 * sum_{i!=j} (H_ll)_ij^2, at L times the cost.
 - ``power_iteration``: lambda_max of every block H_ll, batched across layers, stopped per layer when
   the relative change of its Rayleigh quotient falls under ``tol``.
-- ``lanczos``: the same eigenvalue from the Lanczos tridiagonal's dominant Ritz value, same stopping
-  rule; fewer HVPs for the same tolerance.
+- ``lanczos``: the same eigenvalue from the Lanczos tridiagonal's dominant Ritz value (stopped on its
+  residual bound); fewer HVPs for the same tolerance. With ``keep_vectors`` its Krylov bases deflate
+  Hutchinson (``deflate=``) at no extra HVP: on the trained ResNet-20 the trace's standard error falls
+  to 0.17x the per-layer estimator's at equal probes.
 
-Opt-in on CUDA (``cuda_graphs=True``): each calibration batch's forward, gradient and HVPs are
-captured once in a CUDA graph and replayed per probe / power iteration; the block graph computes
-every layer's H_ll v_l in one replay (power iteration advances all layers in lockstep). Measured on
-an H100 (bench/results/): it halves the time for the launch-bound digits CNN (block estimator 0.28 s
--> 0.14 s), but ResNet-20 at batch 128 is *not* launch-bound (full HVP 27.7 ms eager vs 29.2 ms
-replayed; all 22 block HVPs 169 vs 143 ms), so capture cost and the lockstep sweep over converged
-layers made it slower there (3.21 s -> 4.87 s). Hence off by default. Capture failure (an op that
-cannot be captured) falls back to the eager path.
-
-Optionally (``batched=True``) HVPs are batched with ``torch.autograd.grad(..., is_grads_batched=True)``
-(vmap over tangents). Measured, it loses on both devices for these models, so the loop is the default:
-ResNet-20, batch 32, 2-core CPU: power iteration 13.7 s looped vs 69 s vmapped; batch 128 on an H100:
-full-estimator run 1.92 s looped vs 5.89 s vmapped (bench/results/). A looped block HVP
-``grad(g_l, w_l)`` prunes the double-backward graph to what layer l needs; vmap over one-hot layer
-tangents does the full-model work for every layer. Where an op has no batching rule the operator
-falls back to the loop.
+Where the time goes, and what the operator does about it (ResNet-20, batch 128, H100;
+bench/results/hvp_variants_h100.txt):
+- PyTorch's double backward of convolution computes its weight term as a convolution with batch and
+  channels swapped (0.5 ms a call, 80% of a block-HVP sweep's GPU time); eval-mode BatchNorm's is a
+  composite of ~20 small ops (40% of the CPU time). The gradient graphs are built under
+  ``efficient_double_backward`` (hetcomp.analysis.double_backward): same function and derivatives, but
+  the second derivatives use cuDNN's forward / data-gradient / weight-gradient kernels and an affine
+  map. A full HVP 28 -> 15 ms eager; all 22 block HVPs 157 -> 115 ms eager (CPU-bound).
+- On CUDA (``cuda_graphs``, default on there) each (layer, batch) block HVP and each full HVP is a
+  CUDA graph captured on the retained gradient graph and replayed: 22 block HVPs 115 -> 40 ms, a full
+  HVP 6.5 ms. Per-layer graphs let converged layers drop out of the Lanczos sweeps.
+- Not used: forward-over-reverse with ``torch.func.linearize`` + vmap over one-hot layer tangents
+  (73 ms per sweep, but 7.8 s to trace); vmapped probes (``batched=True``, ``is_grads_batched``) were
+  slower with the graphs (ResNet-20 run 1.94 s vs 1.06 s), so probes are looped by default.
 """
 
 from __future__ import annotations
