@@ -1,7 +1,7 @@
 """Where an HVP's time goes on a GPU: times one sweep of block HVPs (H_ll v_l for every layer) and one
 full-model HVP of ResNet-20 in several formulations, checks they agree, and profiles the kernels.
 
-    python bench/hvp_variants.py [--batch 128] [--profile]
+    python bench/hvp_variants.py [--batch 128] [--profile] [--only-new]   (--only-new: CUDA only)
 """
 
 from __future__ import annotations
@@ -281,6 +281,8 @@ def main():
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only-new", action="store_true", help="only the rev-over-rev/efficient variants")
     args = parser.parse_args()
+    if args.only_new and DEV != "cuda":
+        parser.error("--only-new times CUDA-graph replays: it needs a CUDA device")
     torch.manual_seed(0)
     print(torch.__version__, DEV, "cudnn.allow_tf32", torch.backends.cudnn.allow_tf32)
     model = ResNet20().to(DEV).eval()
