@@ -100,6 +100,12 @@ def test_power_iteration_matches_exact_eigenvalue(tiny):
         assert 1 < iterations[layer] <= 2000
 
 
+def test_params_outside_the_model_are_refused(tiny):
+    model, x, y = tiny
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        HessianOperator(model, [model.fc1.weight, torch.zeros(3, 4, requires_grad=True)], [(x, y)], F.cross_entropy)
+
+
 def test_batched_and_looped_hvps_agree(tiny):
     model, x, y = tiny
     params = [model.fc1.weight, model.fc2.weight]

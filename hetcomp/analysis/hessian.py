@@ -135,6 +135,7 @@ class HessianOperator:
                 key = (layer, index, batched, tuple(tangents[0].shape))
                 parts = self._differentiate(key, outputs, inputs, tangents, batched)
                 if result is None:
+                    # a fresh tensor: a replay's outputs are static buffers the next replay overwrites
                     result = [part * weight for part in parts]
                 else:
                     for acc, part in zip(result, parts):
@@ -218,7 +219,7 @@ class HessianOperator:
         diag = [torch.zeros_like(p) for p in self.params]
         for layer, basis in deflate.items():
             offset[layer] = basis.trace
-            diag[layer] = basis.diagonal.clone()
+            diag[layer] = basis.diagonal  # a fresh tensor per access
 
         def project(layer: int, v: torch.Tensor) -> torch.Tensor:
             return deflate[layer].project(v) if layer in deflate else v
