@@ -3,19 +3,34 @@
 Pipeline: trace -> annotate -> partition -> lower -> export.
 """
 
+from importlib import metadata as _metadata
+
 from hetcomp import targets
-from hetcomp.compiler import CompiledModel, apply_manifest, compile
-from hetcomp.errors import ConfigError, HetcompError, ManifestError, PassOrderError, TargetError, TraceError
+from hetcomp.compiler import CompiledModel, compile
+from hetcomp.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    HetcompError,
+    ManifestError,
+    PassOrderError,
+    TargetError,
+    TraceError,
+)
 from hetcomp.evaluate import Evaluation
 from hetcomp.finetune import LAFT
 from hetcomp.graph import LayerAnnotation, LayerInfo, mappable_nodes, trace
 from hetcomp.manifest import Manifest
 from hetcomp.passes import CompileContext, Pass, PassManager
+from hetcomp.rebuild import apply_manifest, load
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("hetcomp")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
-    "CompileContext", "CompiledModel", "ConfigError", "Evaluation", "HetcompError", "LAFT", "LayerAnnotation",
-    "LayerInfo", "Manifest", "ManifestError", "Pass", "PassManager", "PassOrderError", "TargetError", "TraceError",
-    "apply_manifest", "compile", "mappable_nodes", "targets", "trace",
+    "CheckpointError", "CompileContext", "CompiledModel", "ConfigError", "DataError", "Evaluation", "HetcompError",
+    "LAFT", "LayerAnnotation", "LayerInfo", "Manifest", "ManifestError", "Pass", "PassManager", "PassOrderError",
+    "TargetError", "TraceError", "apply_manifest", "compile", "load", "mappable_nodes", "targets", "trace",
 ]

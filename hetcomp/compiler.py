@@ -1,12 +1,12 @@
 """``hetcomp.compile``: trace -> annotate -> partition -> (fine-tune) -> lower -> manifest.
 
-compile never modifies the model it is given: it works on a deep copy (fine-tuning changes weights).
+compile never modifies the model it is given, nor its BatchNorm statistics: it traces, analyses and
+fine-tunes a deep copy in eval mode (the deployed function: running statistics, no dropout).
 """
 
 from __future__ import annotations
 
 import copy
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,15 +16,17 @@ import torch.fx as fx
 import torch.nn as nn
 
 from hetcomp import targets as target_registry
-from hetcomp.errors import ConfigError, ManifestError
+from hetcomp.errors import ConfigError
 from hetcomp.evaluate import Evaluation, evaluate
 from hetcomp.finetune import LAFT
 from hetcomp.graph import META_KEY, trace
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import lower_graph
-from hetcomp.manifest import Manifest, decode_row_targets, fingerprint, write_atomic
+from hetcomp.manifest import Manifest, fingerprint, weights_hash
+from hetcomp.partition.summary import mapping_summary
 from hetcomp.passes import Pass, PassManager, hessian_passes
 from hetcomp.passes.base import CompileContext
+from hetcomp.storage import replace_directory, write_atomic
 from hetcomp.strategies import Strategy, resolve
 
 
@@ -95,17 +97,37 @@ class CompiledModel:
             return export_onnx_split(graph, inputs, self.manifest, path)
         return export_onnx(graph, inputs, self.manifest, path)
 
-    def save(self, directory: str | Path, onnx: bool = True) -> Path:
-        """Write ``manifest.json``, ``weights.pt`` (the compiled digital weights: a plain state dict, load it
-        with ``torch.load(..., weights_only=True)``) and ``model.onnx`` (unless ``onnx=False``)."""
-        directory = Path(directory)
-        self.manifest.save(directory / "manifest.json")
-        buffer = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in self.graph.state_dict().items()}, buffer)
-        write_atomic(directory / "weights.pt", buffer.getvalue())
-        if onnx:
-            self.export_onnx(directory / "model.onnx")
-        return directory
+    def save(self, directory: str | Path, onnx: bool = True, split_onnx: bool = False, plots: bool = False) -> Path:
+        """Write the compiled model to ``directory`` as one unit; ``hetcomp.load`` reads it back.
+
+        The folder holds ``manifest.json``, ``weights.safetensors`` (the compiled digital weights, fine-tuned
+        ones after LAFT; their hash is the manifest's ``model.compiled_weights``), ``model.onnx`` (unless
+        ``onnx=False``), ``onnx/`` (one graph per partition, with ``split_onnx=True``) and the plots (with
+        ``plots=True``). It is built beside ``directory`` and swapped in whole (hetcomp.storage): a reader sees
+        the previous output or this one, never a mix, and nothing of the previous output is left. An
+        existing non-empty folder without a manifest.json is refused rather than replaced.
+        """
+        from safetensors.torch import save as safetensors_bytes
+
+        if (onnx or split_onnx) and self.graph.meta.get(META_KEY, {}).get("frontend") == "export":
+            raise ConfigError("ONNX export of a model traced with the torch.export front end is not supported yet; "
+                              "save with onnx=False")
+        # Clones: safetensors refuses tensors that share storage (tied weights).
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.graph.state_dict().items()}
+
+        def write(folder: Path) -> None:
+            self.manifest.save(folder / "manifest.json")
+            write_atomic(folder / "weights.safetensors", safetensors_bytes(state))
+            if onnx:
+                self.export_onnx(folder / "model.onnx")
+            if split_onnx:
+                self.export_onnx(folder / "onnx", split=True)
+            if plots:
+                from hetcomp import plots as plotting
+
+                plotting.write_all(self.manifest, folder)
+
+        return replace_directory(directory, write, owned=lambda folder: (folder / "manifest.json").exists())
 
 
 def _example_inputs(example_inputs: Any, data: Any) -> tuple | dict:
@@ -172,58 +194,46 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     manager = PassManager(pipeline)  # checks the order before anything runs
 
     inputs = _example_inputs(example_inputs, data)
-    working = copy.deepcopy(model)  # passes that retrain change weights: never the caller's
+    working = copy.deepcopy(model).eval()  # never the caller's model (nor its BatchNorm statistics)
     gm = trace(working, inputs, leaf_modules=leaf_modules, frontend=frontend)
     fingerprint_of_input = fingerprint(gm, working)  # before any pass changes weights
     ctx = CompileContext(targets=target_set, model=working, data=data, loss_fn=loss_fn, seed=seed)
     gm = manager.run(gm, ctx)
     ctx.invalidate_analyses()  # free the gradient graphs
+    set_eval(gm)
     unassigned = [a.layer.name for _, a in mappable_nodes(gm) if a.assignment is None]
     if unassigned:
         raise ConfigError(f"no pass assigned layers {unassigned}; the strategy's partition pass must run last")
-    manifest = Manifest.from_graph(gm, model, target_set, chosen.name, seed, ctx.records, extra=ctx.manifest_extra)
-    manifest.model = fingerprint_of_input
-    if "finetuned" in manager.provided:
-        manifest.extra["finetuned_weights"] = fingerprint(gm, gm)["weights"]
+    model_record = {**fingerprint_of_input, "compiled_weights": weights_hash(gm),
+                    "frontend": gm.meta[META_KEY]["frontend"], "leaf_modules": leaf_module_names(leaf_modules)}
+    manifest = build_manifest(gm, model_record, target_set, chosen.name, seed, ctx)
     return CompiledModel(gm, manifest, inputs, target_set)
 
 
-def apply_manifest(model: nn.Module, manifest: Manifest | str | Path, example_inputs: Any) -> CompiledModel:
-    """Re-create a compiled model from a manifest without re-running analysis.
+def build_manifest(gm: fx.GraphModule, model_record: dict[str, Any], target_set: target_registry.TargetSet,
+                   strategy: str, seed: int, ctx: CompileContext) -> Manifest:
+    """The manifest of a compiled graph: records, each target's whole definition, the derived summary."""
+    from hetcomp import __version__
+    from hetcomp.lower import target_definition
 
-    Refuses a manifest of a different model, naming the mismatch (class, architecture, layers, weights).
-    """
-    if not isinstance(manifest, Manifest):
-        manifest = Manifest.load(manifest)
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    gm = trace(model, inputs)
-    found = fingerprint(gm, model)
-    expected = manifest.model
-    annotations = {a.layer.name: a for _, a in mappable_nodes(gm)}
-    if found != expected:
-        problems = []
-        if found["class"] != expected.get("class"):
-            problems.append(f"model class {found['class']!r} != manifest's {expected.get('class')!r}")
-        names = {layer["name"] for layer in manifest.layers}
-        if set(annotations) != names:
-            only_manifest = sorted(names - set(annotations))
-            only_model = sorted(set(annotations) - names)
-            problems.append(f"layers only in the manifest: {only_manifest}, only in the model: {only_model}")
-        for layer in manifest.layers:
-            got = annotations.get(layer["name"])
-            if got is not None and list(got.layer.weight_shape) != list(layer["shape"]):
-                problems.append(f"layer {layer['name']!r} shape {list(got.layer.weight_shape)} != {layer['shape']}")
-        if found["architecture"] != expected.get("architecture") and not problems:
-            problems.append("architecture (traced graph or parameter shapes) differs")
-        if found["weights"] != expected.get("weights"):
-            problems.append("weights differ (manifest was made for other weights)")
-        raise ManifestError("manifest does not match this model: " + "; ".join(problems))
-    target_registry.parse(manifest.target_set)  # its targets must exist in this installation
-    for layer in manifest.layers:
-        annotation = annotations[layer["name"]]
-        annotation.metrics = dict(layer["metrics"])
-        annotation.assignment = layer["assignment"]
-        annotation.reason = layer["reason"]
-        annotation.row_targets = decode_row_targets(layer.get("row_tiers"))
-    gm.meta[META_KEY]["applied_from_manifest"] = True
-    return CompiledModel(gm, copy.deepcopy(manifest), inputs, target_registry.parse(manifest.target_set))
+    layers = Manifest.layer_records(gm)
+    return Manifest(
+        model=model_record, target_set=str(target_set), targets=[target_definition(t) for t in target_set],
+        strategy=strategy, seed=seed, layers=layers, summary=mapping_summary(layers, list(target_set)),
+        calibration=ctx.calibration_record() or None, passes=[vars(r) for r in ctx.records],
+        extra=ctx.manifest_extra, hetcomp_version=__version__,
+    )
+
+
+def leaf_module_names(leaf_modules: Sequence[type | str]) -> list[str]:
+    """Leaf modules as recorded in the manifest: names as given, types by qualified name."""
+    return [m if isinstance(m, str) else f"{m.__module__}.{m.__qualname__}" for m in leaf_modules]
+
+
+def set_eval(gm: nn.Module) -> None:
+    """Eval mode for analyses, evaluation and export. A torch.export graph refuses ``.eval()``; it was traced
+    from a model in eval mode, so it already is."""
+    try:
+        gm.eval()
+    except NotImplementedError:
+        pass

@@ -1,25 +1,38 @@
-"""Errors a user can act on. Each message names the cause and what to do."""
+"""Errors a user can act on. Each message names the cause and what to do.
+
+Every error a user can cause is a ``HetcompError``; the CLI prints it as one line. Errors about bad
+arguments or data are also ``ValueError`` (and ``TypeError`` for a wrong type), so code that catches
+the built-in classes keeps working.
+"""
 
 
 class HetcompError(Exception):
     """Base class: the CLI prints these as one line (a traceback only with --debug)."""
 
 
-class TraceError(HetcompError):
-    pass
+class ConfigError(HetcompError, ValueError):
+    """A setting, argument or combination of them that cannot work."""
 
 
-class TargetError(HetcompError):
-    pass
+class DataError(ConfigError):
+    """Data that cannot be used: wrong structure, labels out of range, NaN/Inf, empty."""
 
 
-class PassOrderError(HetcompError):
-    pass
+class TraceError(HetcompError, ValueError):
+    """The model cannot be traced with the given example inputs."""
 
 
-class ManifestError(HetcompError):
-    pass
+class TargetError(HetcompError, ValueError):
+    """An unknown or malformed target or target set."""
 
 
-class ConfigError(HetcompError):
-    pass
+class PassOrderError(HetcompError, ValueError):
+    """A pipeline whose passes need something no earlier pass provides."""
+
+
+class ManifestError(HetcompError, ValueError):
+    """A manifest (or saved output folder) that is malformed, tampered with, or made for another model."""
+
+
+class CheckpointError(HetcompError):
+    """A checkpoint that cannot be resumed from (truncated, replaced, corrupted)."""

@@ -11,7 +11,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hetcomp.manifest import Manifest, write_atomic  # noqa: E402
+from hetcomp.manifest import Manifest  # noqa: E402
+from hetcomp.storage import write_atomic  # noqa: E402
 
 TARGET_COLORS = {"digital": "#4c72b0", "pcm": "#dd8452", "sram": "#55a868", "reram": "#c44e52",
                  "photonic": "#8172b3"}

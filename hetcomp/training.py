@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from hetcomp.manifest import write_atomic
+from hetcomp.storage import write_atomic
 from hetcomp.progress import progress
 
 

@@ -15,8 +15,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   $PIP install --upgrade pip setuptools wheel
 fi
 
-# Fast path: all installed and pyproject.toml unchanged since.
-if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && "$VENV/bin/python" -c "import torch, aihwkit, hetcomp" 2>/dev/null; then
+# Fast path: all installed and pyproject.toml unchanged since (by content: mtimes lie after a checkout).
+WANT=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import torch, aihwkit, hetcomp" 2>/dev/null; then
   exit 0
 fi
 
@@ -46,4 +47,4 @@ fi
 echo "[setup] installing hetcomp and its dependencies"
 $PIP install -e ".[dev,hf]"
 "$VENV/bin/python" -c "import torch, aihwkit, hetcomp; assert torch.__version__.startswith('2.13.0'), torch.__version__"
-touch "$STAMP"
+echo "$WANT" > "$STAMP"

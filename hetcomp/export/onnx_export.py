@@ -31,7 +31,8 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
 from hetcomp.graph.layers import mappable_nodes
-from hetcomp.manifest import Manifest, write_atomic
+from hetcomp.manifest import Manifest
+from hetcomp.storage import write_atomic
 
 _FX_NODE = re.compile(r"^%(\S+) :")
 _LAYER_KEY = "hetcomp.layer"

@@ -68,13 +68,52 @@ SIMULATORS: dict[str, Simulator] = {
 }
 
 
+def register_simulator(simulator: Simulator, *, overwrite: bool = False) -> Simulator:
+    """Make ``simulator`` available to targets whose ``lowering["simulator"]`` names it. A manifest records
+    the module that registered it, so a process that loads the manifest can say what to import."""
+    if not isinstance(simulator, Simulator):
+        raise ConfigError(f"register_simulator() takes a hetcomp.lower.Simulator, got {type(simulator).__name__}")
+    if simulator.name in SIMULATORS and not overwrite:
+        raise ConfigError(f"simulator {simulator.name!r} is already registered; pass overwrite=True to replace it")
+    SIMULATORS[simulator.name] = simulator
+    return simulator
+
+
+def simulator_module(simulator: Simulator) -> str:
+    """The module that defines ``simulator`` (what a fresh process must import to have it)."""
+    return simulator.lower_module.__module__
+
+
 def simulator_of(target: Target) -> Simulator | None:
     name = target.lowering.get("simulator")
     if name is None:
         return None
     if name not in SIMULATORS:
-        raise ConfigError(f"target {target.name!r} names simulator {name!r}; known: {sorted(SIMULATORS)}")
+        origin = _MODULE_HINTS.get(target.name)
+        hint = (f"import {origin} (it registers the simulator) first" if origin
+                else "register it with hetcomp.lower.register_simulator")
+        raise ConfigError(f"target {target.name!r} uses simulator {name!r}, which is not registered in this "
+                          f"process; {hint} (known: {sorted(SIMULATORS)})")
     return SIMULATORS[name]
+
+
+# Target name -> module that registered its simulator, as recorded in a manifest that was loaded.
+_MODULE_HINTS: dict[str, str] = {}
+
+
+def target_definition(target: Target) -> dict[str, Any]:
+    """A target's whole definition for a manifest, plus the module of its simulator (None: built in or none)."""
+    definition = target.to_dict()
+    name = target.lowering.get("simulator")
+    module = simulator_module(SIMULATORS[name]) if name in SIMULATORS else _MODULE_HINTS.get(target.name)
+    definition["simulator_module"] = None if module is None or module.startswith("hetcomp.") else module
+    return definition
+
+
+def remember_simulator_module(target_name: str, module: str | None) -> None:
+    """Note where a loaded manifest says ``target_name``'s simulator comes from (for error messages)."""
+    if module:
+        _MODULE_HINTS[target_name] = module
 
 
 def lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | None = None

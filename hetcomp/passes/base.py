@@ -115,6 +115,15 @@ class CompileContext:
                 self._calibration[count] = _take_batches(self.data, count)
         return [(x.to(device), y.to(device)) for x, y in self._calibration[count]]
 
+    def calibration_record(self) -> dict[str, dict[str, Any]]:
+        """For the manifest: per batch count used, the batches, samples and a SHA-256 of the data, so two
+        compiles can be checked to have seen the same calibration data."""
+        from hetcomp.manifest import data_hash
+
+        return {str(count): {"batches": len(batches), "samples": sum(len(x) for x, _ in batches),
+                             "sha256": data_hash(batches)}
+                for count, batches in sorted(self._calibration.items())}
+
 
 def _take_batches(data: Any, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):

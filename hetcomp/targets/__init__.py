@@ -6,6 +6,7 @@ A target set is written as a ``+``-joined string (``"pcm+digital"``); order does
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hetcomp.errors import TargetError
@@ -59,6 +60,11 @@ class TargetSet:
     """An unordered set of targets, kept in a canonical order: most accurate first, then by name."""
 
     targets: tuple[Target, ...]
+
+    @classmethod
+    def of(cls, targets: Sequence[Target]) -> TargetSet:
+        """A set of these targets in canonical order (most accurate first, then by name)."""
+        return cls(tuple(sorted(targets, key=lambda t: (t.accuracy_rank, t.name))))
 
     @property
     def names(self) -> list[str]:
@@ -121,5 +127,4 @@ def parse(spec: str | TargetSet | Target | list[str] | tuple[str, ...]) -> Targe
             f"unknown target(s) {', '.join(map(repr, unknown))}; known targets: {', '.join(available())}"
             " (add your own with hetcomp.targets.register)"
         )
-    targets = sorted((_REGISTRY[n] for n in names), key=lambda t: (t.accuracy_rank, t.name))
-    return TargetSet(tuple(targets))
+    return TargetSet.of([_REGISTRY[n] for n in names])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hetcomp.errors import TargetError
 from hetcomp.targets.cost import CostModel, EnergyTerm
 
 __all__ = ["CostModel", "EnergyTerm", "NoiseModel", "Precision", "Target", "TileGeometry", "WEIGHT_STATIC", "DYNAMIC"]
@@ -64,10 +65,10 @@ class Target:
 
     def __post_init__(self) -> None:
         if not self.name or "+" in self.name or self.name != self.name.strip():
-            raise ValueError(f"target name {self.name!r} must be non-empty, without '+' or surrounding spaces")
+            raise TargetError(f"target name {self.name!r} must be non-empty, without '+' or surrounding spaces")
         unknown = set(self.supports) - set(OP_KINDS)
         if unknown:
-            raise ValueError(f"target {self.name!r}: unknown op kinds {sorted(unknown)}; known: {OP_KINDS}")
+            raise TargetError(f"target {self.name!r}: unknown op kinds {sorted(unknown)}; known: {OP_KINDS}")
 
     @property
     def capacity_weights(self) -> int | None:
@@ -82,7 +83,26 @@ class Target:
         return kind in self.supports
 
     def to_dict(self) -> dict[str, Any]:
+        """The whole definition as JSON-safe data (manifests carry it; ``from_dict`` inverts it)."""
         data = asdict(self)
         data["supports"] = sorted(self.supports)
         data["capacity_weights"] = self.capacity_weights
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Target:
+        """The target ``to_dict`` described. Raises TargetError naming what is malformed."""
+        try:
+            cost = dict(data["cost"])
+            cost["terms"] = tuple(EnergyTerm(**term) for term in cost.get("terms", ()))
+            tile = data.get("tile")
+            return cls(
+                name=data["name"], description=data.get("description", ""), analog=bool(data["analog"]),
+                precision=Precision(**data["precision"]), noise=NoiseModel(**data["noise"]),
+                tile=None if tile is None else TileGeometry(**tile), clock_hz=data.get("clock_hz"),
+                supports=frozenset(data["supports"]), cost=CostModel(**cost),
+                accuracy_rank=int(data.get("accuracy_rank", 0)), lowering=dict(data.get("lowering") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            name = data.get("name") if isinstance(data, dict) else None
+            raise TargetError(f"target definition {name!r} is malformed ({type(err).__name__}: {err})") from None

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hetcomp.errors import TargetError
+
 # Per-event energies shared by several tiers, (pJ, source).
 # ISAAC Table I: 1-bit DACs 4 mW for 8x128 -> 3.9 uW each, for one 10 ns cycle at 100 MHz.
 ISAAC_DAC_1BIT_100MHZ = (0.039, "ISAAC (ISCA'16) Table I 1-bit DAC, 3.9 uW x 10 ns")
@@ -53,9 +55,9 @@ class CostModel:
 
     def __post_init__(self) -> None:
         if self.macs_per_second is not None and not self.macs_per_second > 0:
-            raise ValueError(f"macs_per_second must be > 0, got {self.macs_per_second}")
+            raise TargetError(f"macs_per_second must be > 0, got {self.macs_per_second}")
         if self.static_power_w < 0 or any(t.energy_pj < 0 or t.events_per_mac < 0 for t in self.terms):
-            raise ValueError("energies, event counts and static power must be >= 0")
+            raise TargetError("energies, event counts and static power must be >= 0")
 
     @property
     def modeled(self) -> bool:
@@ -68,7 +70,7 @@ class CostModel:
 
     def latency_s(self, macs: np.ndarray | float) -> np.ndarray | float:
         if self.macs_per_second is None:
-            raise ValueError("this cost model has no throughput (placeholder)")
+            raise TargetError("this cost model has no throughput (placeholder)")
         return np.asarray(macs, dtype=float) / self.macs_per_second
 
     def energy_j(self, macs: np.ndarray | float) -> np.ndarray | float:

@@ -9,6 +9,7 @@ Per-event energies are SimPhony's device library (ScopeX-ASU/SimPhony configs/de
 Gaussian input noise, x~ = x + N(0, (0.0031 |x|)^2), on both operands (H3PIMAP §III-C).
 """
 
+from hetcomp.errors import TargetError
 from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC, NoiseModel, Precision, Target, TileGeometry
 from hetcomp.targets.cost import photonic_dot_product
 
@@ -34,7 +35,7 @@ def photonic_target(bits: int = 6, name: str | None = None, wavelengths: int = W
     bits by SimPhony's formulas; everything else is as for the registered 6-bit ``photonic`` target.
     ``wavelengths``: the calibrated count by default (bench/table_v.py --fit varies it)."""
     if not 2 <= bits <= 8:
-        raise ValueError(f"photonic operand bits must be in [2, 8], got {bits}")
+        raise TargetError(f"photonic operand bits must be in [2, 8], got {bits}")
     cost = photonic_dot_product(
         tiles=TILES, cores_per_tile=CORES_PER_TILE, core_height=CORE, core_width=CORE, wavelengths=wavelengths,
         clock_hz=CLOCK_HZ, accumulation_cycles=3,  # SimPhony dptc.yml: temporal accumulation over 3 cycles

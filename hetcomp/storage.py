@@ -1,0 +1,144 @@
+"""Files hetcomp writes and reads back: atomic files, directories swapped in as one unit, content hashes.
+
+Everything hetcomp writes goes through here, so every output has the same guarantees:
+
+- ``write_atomic``: a file is written to a temporary name in its folder, flushed, then renamed over the
+  target; a crash leaves the old file or the new one, never half of one. Modes follow the umask (as
+  ``open`` would), not ``mkstemp``'s 0600.
+- ``replace_directory``: an output folder (manifest, weights, ONNX, plots) is built as a hidden sibling and
+  swapped in with one ``renameat2(RENAME_EXCHANGE)`` where the kernel has it (Linux >= 3.15), else with two
+  renames; a reader sees the old folder or the new one, never a mix, and no file of the old output survives.
+  Leftovers of a killed writer (hidden ``.NAME.tmp-*``/``.NAME.old-*`` siblings) are removed by the next save.
+- ``sha256_*``: content hashes recorded in manifests and checkpoints and verified when read back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from hetcomp.errors import ConfigError
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
+    """Write ``content`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(content, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, mode) as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def sha256_bytes(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the kernel or libc lacks it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+def _leftovers(directory: Path) -> Iterable[Path]:
+    for pattern in (f".{directory.name}.tmp-*", f".{directory.name}.old-*"):
+        yield from directory.parent.glob(pattern)
+
+
+def replace_directory(directory: str | os.PathLike, write: Callable[[Path], None],
+                      owned: Callable[[Path], bool]) -> Path:
+    """Build a new ``directory`` with ``write(tmp)`` and swap it in as one unit.
+
+    ``owned(existing)`` says whether an existing folder is one this writer made (e.g. it holds a
+    manifest.json); a non-empty folder that is not owned is refused, so a mistyped path never deletes a
+    user's files.
+    """
+    directory = Path(directory).absolute()
+    if directory.exists():
+        if not directory.is_dir():
+            raise ConfigError(f"{directory} exists and is not a folder; choose another output folder")
+        if any(directory.iterdir()) and not owned(directory):
+            raise ConfigError(f"{directory} is not empty and holds no hetcomp output; choose a new or empty "
+                              "folder (hetcomp replaces its output folder as a whole)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _leftovers(directory):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        write(tmp)
+        _fsync_tree(tmp)
+        if directory.exists():
+            if _exchange(tmp, directory):
+                shutil.rmtree(tmp)  # tmp now holds the old output
+            else:
+                old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+                os.replace(directory, old / "content")
+                os.replace(tmp, directory)
+                shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(directory.parent)
+    return directory
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(folder))
