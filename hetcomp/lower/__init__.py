@@ -20,7 +20,7 @@ import torch.nn as nn
 from hetcomp.errors import ConfigError
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import aihwkit_sim, tier_sim
-from hetcomp.lower.row_split import RowSplit, slice_rows
+from hetcomp.lower.row_split import RowSplit, input_channels, slice_rows
 from hetcomp.targets import TargetSet
 from hetcomp.targets.base import DYNAMIC, Target
 
@@ -181,20 +181,30 @@ def _row_split(gm: fx.GraphModule, layer, targets: TargetSet, assignment: dict[s
     if row_targets is None or len(row_targets) != layer.rows:
         raise ConfigError(f"layer {layer.name!r} is row-split {assignment} but has no per-row targets "
                           "(row_targets); a partition pass must set both")
+    indices = {tier: [r for r, t in enumerate(row_targets) if t == tier] for tier in assignment}
+    if {tier: len(index) for tier, index in indices.items() if index} != {t: n for t, n in assignment.items() if n} \
+            or sum(map(len, indices.values())) != layer.rows:
+        raise ConfigError(f"layer {layer.name!r}: its per-row targets (row_targets) do not match its assignment "
+                          f"{assignment}")
     source = _source_module(gm, layer)
-    parts, rows, simulators = {}, {}, {}
-    for tier in assignment:
-        index = [r for r, t in enumerate(row_targets) if t == tier]
+    inputs = None
+    if getattr(source, "groups", 1) > 1:  # each tier must hold whole groups: checked before lowering any part
+        try:
+            inputs = {tier: input_channels(source, index) for tier, index in indices.items()}
+        except ConfigError as error:
+            raise ConfigError(f"layer {layer.name!r} (assignment {assignment}): {error}") from None
+    parts, simulators = {}, {}
+    for tier, index in indices.items():
         sim = simulator_of(targets[tier])
         if source is None:  # a dynamic product: the part computes a @ b[..., rows]
             part = sim.lower_module(None, targets[tier]) if sim else _MatMul()
         else:
             sliced = slice_rows(source, index)
             part = sim.lower_module(sliced, targets[tier]) if sim else sliced
-        parts[tier], rows[tier], simulators[tier] = part, index, None if sim is None else sim.name
+        parts[tier], simulators[tier] = part, None if sim is None else sim.name
     dim = 1 if layer.op.startswith("conv") else -1
     device = next(gm.parameters()).device  # the index buffers live with the model
-    return RowSplit(parts, rows, simulators, layer.rows, dim, device)
+    return RowSplit(parts, indices, simulators, layer.rows, dim, device, inputs)
 
 
 class _MatMul(nn.Module):

@@ -17,6 +17,7 @@ Shift-and-add recombines. With
 ``photonic`` (TeMPO): both operands quantized to ``input_bits`` / ``weight_bits``, each perturbed by
 relative Gaussian noise ``N(0, (sigma |x|)^2)`` (H3PIMAP §III-C), the product quantized to ``output_bits``.
 
+Both lower Linear, Conv1d and Conv2d; a grouped or depthwise convolution gets one core (array) per group.
 ``IDEAL`` switches every simulator here to the exact float layer (for equivalence checks).
 """
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -159,24 +160,57 @@ class PhotonicCore(nn.Module):
 
 
 class UnfoldConv(nn.Module):
-    """A 2-D convolution (groups=1) as unfold + a simulated linear core."""
+    """A Conv1d/Conv2d of any ``groups`` as pad + unfold + one simulated linear core per group.
 
-    def __init__(self, conv: nn.Conv2d, core: nn.Module) -> None:
+    ``unfold`` orders patch columns channel-major, so group g's columns are one contiguous block: one unfold
+    serves every group (as aihwkit_sim.GroupedAnalogConv), and each group is its own array with its own
+    quantization scales. Padding is applied explicitly with ``F.pad`` so that 'same'/'valid' and every
+    ``padding_mode`` behave as in torch.
+    """
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, make_core: Callable[[torch.Tensor, torch.Tensor | None],
+                                                                         nn.Module]) -> None:
         super().__init__()
-        self.core = core
-        self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
-        self.out_channels = conv.out_channels
+        rows = conv.out_channels // conv.groups
+        weight, bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+        self.cores = nn.ModuleList(
+            make_core(weight[g * rows : (g + 1) * rows].reshape(rows, -1),
+                      None if bias is None else bias[g * rows : (g + 1) * rows]) for g in range(conv.groups))
+        self.weight_shape = tuple(conv.weight.shape)
+        self.one_d = isinstance(conv, nn.Conv1d)
+        self.kernel_size = (1, *conv.kernel_size) if self.one_d else tuple(conv.kernel_size)
+        self.stride = (1, *conv.stride) if self.one_d else tuple(conv.stride)
+        self.dilation = (1, *conv.dilation) if self.one_d else tuple(conv.dilation)
+        self.pad = _pad_amounts(conv)
+        self.pad_mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.padding, str):
-            raise ConfigError("padding='same'/'valid' convolutions are not supported by the tier simulators")
-        n, _, h, w = x.shape
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [N, C*k*k, L]
-        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        y = self.core(cols.transpose(1, 2))  # [N, L, out]
-        return y.transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
+        if any(self.pad):
+            x = F.pad(x, self.pad, mode=self.pad_mode)
+        if self.one_d:
+            x = x.unsqueeze(-2)
+        patches = F.unfold(x, self.kernel_size, self.dilation, 0, self.stride).transpose(1, 2)  # [N, L, C*k]
+        width = patches.shape[-1] // len(self.cores)
+        y = torch.cat([core(patches[..., g * width : (g + 1) * width]) for g, core in enumerate(self.cores)], -1)
+        out_h = (x.shape[-2] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        y = y.transpose(1, 2).reshape(x.shape[0], y.shape[-1], out_h, -1)
+        return y.squeeze(-2) if self.one_d else y
+
+
+def _pad_amounts(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
+    """The conv's padding as ``F.pad`` amounts (last dim first); 'same' pads the extra element on the right, as
+    torch does."""
+    amounts: list[int] = []
+    for index in reversed(range(len(conv.kernel_size))):
+        if conv.padding == "valid":
+            left = right = 0
+        elif conv.padding == "same":
+            total = conv.dilation[index] * (conv.kernel_size[index] - 1)
+            left, right = total // 2, total - total // 2
+        else:
+            left = right = conv.padding[index]
+        amounts += [left, right]
+    return tuple(amounts)
 
 
 def _settings(target: Target, required: tuple[str, ...]) -> dict[str, Any]:
@@ -191,15 +225,15 @@ PIM_KEYS = ("input_bits", "weight_bits", "cell_bits", "dac_bits", "adc_bits", "x
 PHOTONIC_KEYS = ("input_bits", "weight_bits", "output_bits", "input_noise_rel")
 
 
-def _wrap(module: nn.Module | None, make_core) -> nn.Module:
+def _wrap(module: nn.Module | None, make_core: Callable[[torch.Tensor | None, torch.Tensor | None], nn.Module]
+          ) -> nn.Module:
     if module is None:
         return make_core(None, None)
     if isinstance(module, nn.Linear):
         return make_core(module.weight, module.bias)
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
-        core = make_core(module.weight.reshape(module.out_channels, -1), module.bias)
-        return UnfoldConv(module, core)
-    raise ConfigError(f"the tier simulators lower nn.Linear and nn.Conv2d (groups=1), not {type(module).__name__}; "
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        return UnfoldConv(module, make_core)
+    raise ConfigError(f"the tier simulators lower nn.Linear, nn.Conv1d and nn.Conv2d, not {type(module).__name__}; "
                       "assign this layer to digital or pcm")
 
 
@@ -214,8 +248,11 @@ def lower_photonic(module: nn.Module | None, target: Target) -> nn.Module:
 
 
 def digital_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    core = module.core if isinstance(module, UnfoldConv) else module
-    return core.weight, core.bias
+    if isinstance(module, UnfoldConv):  # the whole (grouped) conv weight, from its per-group cores
+        weight = torch.cat([core.weight for core in module.cores]).reshape(module.weight_shape)
+        bias = None if module.cores[0].bias is None else torch.cat([core.bias for core in module.cores])
+        return weight, bias
+    return module.weight, module.bias
 
 
 def program_and_drift(module: nn.Module, t_inference: float) -> None:

@@ -4,7 +4,8 @@ A mapping gives each layer l a row count per tier, ``counts[l, i]`` summing to t
 running ``counts[l, i]`` rows does that fraction of the layer's MACs; the layer's latency is the slowest of
 its tiers (they run in parallel), the model's latency the sum over layers (executed in sequence), the energy
 the sum of everything. A tier holds ``counts[l, i] / R_l * weights_l`` weights of a weight-static layer; the
-total over layers must fit its capacity. Dynamic products store no weights.
+total over layers must fit its capacity. Dynamic products store no weights. A grouped convolution's counts
+are whole groups (``unit`` rows, see partition.rows.row_unit); every mapping built here respects that.
 
 The workload is one forward pass over the traced example input, times ``samples``.
 """
@@ -18,6 +19,7 @@ import numpy as np
 
 from hetcomp.errors import ConfigError
 from hetcomp.graph.layers import LayerInfo
+from hetcomp.partition.rows import row_unit
 from hetcomp.targets import TargetSet
 from hetcomp.targets.base import Target
 
@@ -45,6 +47,7 @@ class MappingProblem:
     seconds_per_mac: np.ndarray  # (n,)
     joules_per_mac: np.ndarray  # (n,) dynamic
     static_w: np.ndarray  # (n,)
+    unit: np.ndarray | None = None  # (L,) rows that move together (a conv group); None: 1 for every layer
 
     @classmethod
     def build(cls, layers: Sequence[LayerInfo], targets: TargetSet | Sequence[Target], samples: float = 1.0,
@@ -73,6 +76,7 @@ class MappingProblem:
             seconds_per_mac=np.array([1.0 / t.cost.macs_per_second if t.cost.modeled else np.nan for t in tiers]),
             joules_per_mac=np.array([t.cost.energy_per_mac_pj * 1e-12 if t.cost.modeled else np.nan for t in tiers]),
             static_w=np.array([t.cost.static_power_w for t in tiers]),
+            unit=np.array([row_unit(layer) for layer in layers], dtype=np.int64),
         )
 
     @property
@@ -80,6 +84,8 @@ class MappingProblem:
         return [t.name for t in self.tiers]
 
     def __post_init__(self) -> None:
+        if self.unit is None:
+            self.unit = np.ones(len(self.rows), dtype=np.int64)
         # Everything is linear in the row counts: per (layer, tier) seconds and joules per row, weights per row.
         macs_per_row = self.macs / self.rows
         self._seconds_per_row = macs_per_row[:, None] * self.seconds_per_mac[None, :]
@@ -125,13 +131,14 @@ class MappingProblem:
         return counts
 
     def equal_split(self) -> np.ndarray:
-        """Counts with each layer's rows split as evenly as possible over the tiers that run it."""
+        """Counts with each layer's rows split as evenly as possible (in whole units) over the tiers that run it."""
         counts = np.zeros((len(self.layers), len(self.tiers)), dtype=np.int64)
         for layer, ok in enumerate(self.allowed):
             tiers = np.flatnonzero(ok)
-            base, extra = divmod(int(self.rows[layer]), len(tiers))
-            counts[layer, tiers] = base
-            counts[layer, tiers[:extra]] += 1
+            unit = int(self.unit[layer])
+            base, extra = divmod(int(self.rows[layer]) // unit, len(tiers))
+            counts[layer, tiers] = base * unit
+            counts[layer, tiers[:extra]] += unit
         return counts
 
 
@@ -145,23 +152,3 @@ def lep_scores(latency: Sequence[float], energy: Sequence[float], error: Sequenc
         span = column.max() - column.min()
         normalized.append(np.zeros_like(column) if span == 0 else (column - column.min()) / span)
     return np.mean(normalized, axis=0)
-
-
-def manifest_cost(manifest, samples: float = 1.0) -> tuple[float, float]:
-    """(latency s, energy J) of a compiled manifest's assignment on its own targets (``samples`` x one forward
-    of the traced example input)."""
-    from hetcomp import targets as registry
-
-    layers = [LayerInfo(name=layer["name"], kind=layer["kind"], op=layer["op"], weight_shape=tuple(layer["shape"]),
-                        rows=layer["rows"], params=layer["params"], macs=layer["macs"], node_name=layer["name"])
-              for layer in manifest.layers]
-    tiers = list(registry.parse(manifest.target_set))
-    problem = MappingProblem.build(layers, tiers, samples=samples)
-    counts = np.zeros((len(layers), len(tiers)))
-    names = problem.names
-    for index, layer in enumerate(manifest.layers):
-        assignment = layer["assignment"]
-        for tier, rows in (assignment.items() if isinstance(assignment, dict) else [(assignment, layer["rows"])]):
-            counts[index, names.index(tier)] = rows
-    cost = problem.evaluate(counts)
-    return float(cost.latency_s[0]), float(cost.energy_j[0])

@@ -1,9 +1,10 @@
 """Stage 1 of H3PIMAP (Algorithm 1): NSGA-II over per-layer row counts, latency vs energy (pymoo).
 
-Decision variables: for each layer, the rows on each tier that runs its op kind (integers). A repair
-rescales each layer's counts to sum to its rows (largest remainder), so every candidate is a complete
-mapping; capacity is an inequality constraint (pymoo's feasibility-first comparison). The whole
-population is evaluated in one vectorized call (``MappingProblem.evaluate``).
+Decision variables: for each layer, the rows on each tier that runs its op kind (integers), counted in
+units (a grouped convolution's whole groups, else single rows). A repair rescales each layer's counts to
+sum to its units (largest remainder), so every candidate is a complete mapping; capacity is an inequality
+constraint (pymoo's feasibility-first comparison). The whole population is evaluated in one vectorized
+call (``MappingProblem.evaluate``).
 """
 
 from __future__ import annotations
@@ -27,19 +28,21 @@ from hetcomp.progress import bar
 
 
 class RowCountProblem(Problem):
-    """pymoo view of a MappingProblem: variables are the allowed (layer, tier) row counts."""
+    """pymoo view of a MappingProblem: variables are the allowed (layer, tier) counts of units (groups of a
+    grouped convolution, rows otherwise), so every count the search produces is whole groups."""
 
     def __init__(self, mapping: MappingProblem) -> None:
         self.mapping = mapping
         self.layer_of, self.tier_of = np.nonzero(mapping.allowed)  # one variable per allowed pair
-        upper = mapping.rows[self.layer_of]
+        self.units = mapping.rows // mapping.unit  # (L,) units per layer
+        upper = self.units[self.layer_of]
         bounded = np.isfinite(mapping.capacity)
         super().__init__(n_var=len(self.layer_of), n_obj=2, n_ieq_constr=int(bounded.sum()),
                          xl=np.zeros(len(upper)), xu=upper.astype(float), vtype=int)
         self.bounded = bounded
 
     def counts(self, x: np.ndarray) -> np.ndarray:
-        """(P, V) variables -> (P, L, n) row counts summing to each layer's rows."""
+        """(P, V) variables (units) -> (P, L, n) row counts summing to each layer's rows."""
         x = np.atleast_2d(np.asarray(x, dtype=float)).clip(min=0)
         population = x.shape[0]
         layers, tiers = self.mapping.allowed.shape
@@ -48,18 +51,19 @@ class RowCountProblem(Problem):
         allowed = self.mapping.allowed[None].astype(float)
         totals = weights.sum(axis=2, keepdims=True)
         weights = np.where(totals > 0, weights, allowed)  # all-zero layer: split evenly
-        share = weights / weights.sum(axis=2, keepdims=True) * self.mapping.rows[None, :, None]
+        share = weights / weights.sum(axis=2, keepdims=True) * self.units[None, :, None]
         counts = np.floor(share)
-        missing = (self.mapping.rows[None, :] - counts.sum(axis=2)).astype(int)  # 0 .. n-1 rows short
-        # Largest remainder: the `missing` tiers with the biggest fractional parts get one more row.
+        missing = (self.units[None, :] - counts.sum(axis=2)).astype(int)  # 0 .. n-1 units short
+        # Largest remainder: the `missing` tiers with the biggest fractional parts get one more unit.
         rank = np.argsort(np.argsort(-(share - counts) - 2 * (1 - allowed), axis=2), axis=2)
         counts += rank < missing[..., None]
-        return counts.astype(np.int64)
+        return counts.astype(np.int64) * self.mapping.unit[None, :, None]
 
     def variables(self, counts: np.ndarray) -> np.ndarray:
-        """(P, L, n) or (L, n) row counts -> (P, V) variables (inverse of ``counts``)."""
+        """(P, L, n) or (L, n) row counts -> (P, V) variables in units (inverse of ``counts``)."""
         counts = np.asarray(counts)
-        return (counts if counts.ndim == 3 else counts[None])[:, self.layer_of, self.tier_of]
+        counts = counts if counts.ndim == 3 else counts[None]
+        return counts[:, self.layer_of, self.tier_of] // self.mapping.unit[self.layer_of]
 
     def _evaluate(self, x, out, *args, **kwargs):
         cost = self.mapping.evaluate(self.counts(x))

@@ -3,6 +3,10 @@
 H3PIMAP §III-D: only the row *counts* per tier matter for latency and energy; which rows go where is
 chosen by row sensitivity (Eq. 4), the most sensitive rows on the most accurate tier. Without a
 ``row_sensitivity`` metric rows are taken in index order.
+
+A grouped convolution's rows move in whole groups (``row_unit``: a group's rows share its input channels,
+so a tier computes whole groups): counts are multiples of the group size, and groups are ranked by their
+summed row sensitivity.
 """
 
 from __future__ import annotations
@@ -11,17 +15,27 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hetcomp.graph.layers import LayerAnnotation
-from hetcomp.targets.base import Target
+from hetcomp.errors import ConfigError
+from hetcomp.graph.layers import LayerAnnotation, LayerInfo
+from hetcomp.targets.base import WEIGHT_STATIC, Target
+
+
+def row_unit(layer: LayerInfo) -> int:
+    """Rows that must stay on one tier together: a group of a grouped convolution (out_channels / groups;
+    1 for a depthwise one), else 1."""
+    return layer.rows // layer.groups if layer.kind == WEIGHT_STATIC and layer.groups > 1 else 1
 
 
 def rows_by_sensitivity(annotation: LayerAnnotation) -> np.ndarray:
-    """Row indices, most sensitive first (index order when the layer has no row sensitivity)."""
+    """Row indices, most sensitive first (index order when the layer has no row sensitivity); a grouped
+    convolution's groups stay together, ranked by their summed sensitivity, rows in order within a group."""
     sensitivity = annotation.metrics.get("row_sensitivity")
-    rows = annotation.layer.rows
+    rows, unit = annotation.layer.rows, row_unit(annotation.layer)
     if sensitivity is None or len(sensitivity) != rows:
         return np.arange(rows)
-    return np.argsort(-np.asarray(sensitivity, dtype=float), kind="stable")
+    scores = np.asarray(sensitivity, dtype=float).reshape(-1, unit).sum(axis=1)
+    groups = np.argsort(-scores, kind="stable")
+    return (groups[:, None] * unit + np.arange(unit)).ravel()
 
 
 def apply_counts(annotation: LayerAnnotation, counts: Sequence[int], tiers: Sequence[Target], reason: str) -> None:
@@ -34,6 +48,10 @@ def apply_counts(annotation: LayerAnnotation, counts: Sequence[int], tiers: Sequ
     if sum(counts) != annotation.layer.rows or min(counts) < 0:
         raise ValueError(f"row counts {counts} for layer {annotation.layer.name!r} do not sum to its "
                          f"{annotation.layer.rows} rows")
+    unit = row_unit(annotation.layer)
+    if any(count % unit for count in counts):
+        raise ConfigError(f"row counts {counts} for layer {annotation.layer.name!r} split its groups: a grouped "
+                          f"convolution ({annotation.layer.groups} groups) moves in whole groups of {unit} rows")
     used = [(tier, count) for tier, count in zip(tiers, counts) if count > 0]
     annotation.reason = reason
     if len(used) == 1:

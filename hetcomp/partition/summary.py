@@ -33,7 +33,8 @@ def mapping_summary(layers: list[dict[str, Any]], targets: Sequence[Target]) -> 
                            "reason": f"target(s) {unmodeled} have no cost model"}
         return summary
     infos = [LayerInfo(name=layer["name"], kind=layer["kind"], op=layer["op"], weight_shape=tuple(layer["shape"]),
-                       rows=layer["rows"], params=layer["params"], macs=layer["macs"], node_name=layer["name"])
+                       rows=layer["rows"], params=layer["params"], macs=layer["macs"], node_name=layer["name"],
+                       groups=layer.get("groups", 1))
              for layer in layers]
     problem = MappingProblem.build(infos, targets, samples=1.0, require_costs=True)
     counts = np.zeros((len(layers), len(targets)))

@@ -1,4 +1,5 @@
-"""Partition baseline: every layer's rows split as evenly as possible over the tiers that run it."""
+"""Partition baseline: every layer's rows (a grouped convolution's in whole groups) split as evenly as possible over
+the tiers that run it."""
 
 from __future__ import annotations
 

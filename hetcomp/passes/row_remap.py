@@ -7,7 +7,9 @@
    across layers: it is an expected loss increase) to the most accurate tier that runs the layer, has
    room for the row's weights, and is more accurate; re-measure. Stop when within tolerance, when no row
    can move, or after ``max_steps``. Rows of dynamic products have no weights and hence no sensitivity;
-   they move after every weight row of their tier.
+   they move after every weight row of their tier. A grouped convolution's rows move in whole groups
+   (ranked by their mean row sensitivity, so a group competes per row with single rows); a group that
+   would overshoot ``step`` waits for the next step, unless nothing else moved.
 
 Within every layer the most sensitive rows sit on the most accurate tiers (``apply_counts``). The
 trajectory (accuracy, latency, energy and the move of every step) goes to ``extra["row_remap"]``.
@@ -34,8 +36,9 @@ from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate, hardware_repeat
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import lower_graph
-from hetcomp.manifest import fingerprint, write_atomic
-from hetcomp.partition.rows import apply_counts, rows_by_sensitivity
+from hetcomp.manifest import fingerprint
+from hetcomp.storage import write_atomic
+from hetcomp.partition.rows import apply_counts, row_unit, rows_by_sensitivity
 from hetcomp.passes.base import CompileContext, Pass
 from hetcomp.passes.pareto_search import mapping_problem
 from hetcomp.progress import bar
@@ -189,25 +192,28 @@ class RowRemap(Pass):
 
 
 def _row_sensitivities(annotations) -> list[np.ndarray]:
-    """Per layer: sensitivity of each row, in the order rows_by_sensitivity ranks them (descending)."""
+    """Per layer: sensitivity of each unit (a row, or a grouped conv's group: its rows' mean), in the order
+    rows_by_sensitivity ranks them (descending)."""
     out = []
     for annotation in annotations:
         values = annotation.metrics.get("row_sensitivity")
-        order = rows_by_sensitivity(annotation)
+        unit = row_unit(annotation.layer)
         if values is None:
-            out.append(np.full(annotation.layer.rows, -np.inf))
+            out.append(np.full(annotation.layer.rows // unit, -np.inf))
         else:
-            out.append(np.asarray(values, dtype=float)[order])
+            ranked = np.asarray(values, dtype=float)[rows_by_sensitivity(annotation)]
+            out.append(ranked.reshape(-1, unit).mean(axis=1))
     return out
 
 
 def _plan_move(problem, counts: np.ndarray, sensitivity: list[np.ndarray], free: list[bool], step_rows: int):
-    """Move up to ``step_rows`` of the most sensitive rows off the least accurate tier that can shed any."""
+    """Move up to ``step_rows`` of the most sensitive rows (whole groups of a grouped conv) off the least
+    accurate tier that can shed any."""
     ranks = np.array([t.accuracy_rank for t in problem.tiers])
     usage = problem.evaluate(counts).usage[0]
-    per_row = problem.weights / problem.rows
+    per_unit = problem.weights / problem.rows * problem.unit
     for worst in np.argsort(-ranks, kind="stable"):
-        candidates = []  # (sensitivity, layer, destination)
+        candidates = []  # (sensitivity, layer, better tiers), one per unit
         for layer in np.flatnonzero(counts[:, worst] > 0):
             if not free[layer]:
                 continue
@@ -216,8 +222,9 @@ def _plan_move(problem, counts: np.ndarray, sensitivity: list[np.ndarray], free:
             if not better:
                 continue
             # rows of this layer on `worst` are the least sensitive ones: those ranked after all better tiers' rows
-            first = int(sum(counts[layer, t] for t in range(len(ranks)) if ranks[t] < ranks[worst]))
-            for value in sensitivity[layer][first : first + counts[layer, worst]]:
+            unit = int(problem.unit[layer])
+            first = int(sum(counts[layer, t] for t in range(len(ranks)) if ranks[t] < ranks[worst])) // unit
+            for value in sensitivity[layer][first : first + counts[layer, worst] // unit]:
                 candidates.append((value, int(layer), better))
         if not candidates:
             continue
@@ -226,16 +233,19 @@ def _plan_move(problem, counts: np.ndarray, sensitivity: list[np.ndarray], free:
         room = problem.capacity - usage
         moved: dict[str, int] = {}
         for _, layer, better in candidates:
-            if sum(moved.values()) >= step_rows:
+            unit, done = int(problem.unit[layer]), sum(moved.values())
+            if done >= step_rows:
                 break
-            destination = next((t for t in better if room[t] >= per_row[layer]), None)
+            if done and done + unit > step_rows:
+                continue  # a whole group would overshoot the step
+            destination = next((t for t in better if room[t] >= per_unit[layer]), None)
             if destination is None:
                 continue
-            new[layer, worst] -= 1
-            new[layer, destination] += 1
-            room[destination] -= per_row[layer]
+            new[layer, worst] -= unit
+            new[layer, destination] += unit
+            room[destination] -= per_unit[layer]
             key = f"{problem.layers[layer].name}: {problem.tiers[worst].name}->{problem.tiers[destination].name}"
-            moved[key] = moved.get(key, 0) + 1
+            moved[key] = moved.get(key, 0) + unit
         if moved:
             return new, moved
     return None
