@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from hetcomp.storage import write_atomic
 from hetcomp.progress import progress
+from hetcomp.storage import write_atomic
 
 
 def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 1e-2, seed: int = 0,

@@ -37,11 +37,11 @@ from hetcomp.evaluate import evaluate, hardware_repeat
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import lower_graph
 from hetcomp.manifest import fingerprint
-from hetcomp.storage import write_atomic
 from hetcomp.partition.rows import apply_counts, row_unit, rows_by_sensitivity
 from hetcomp.passes.base import CompileContext, Pass
 from hetcomp.passes.pareto_search import mapping_problem
 from hetcomp.progress import bar
+from hetcomp.storage import write_atomic
 
 Quality = Callable[[torch.nn.Module, Any], float]
 
