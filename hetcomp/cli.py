@@ -1,42 +1,134 @@
-"""The ``hetcomp`` command line.
+"""The ``hetcomp`` command line (also ``python -m hetcomp``).
 
     hetcomp targets
     hetcomp compile examples/digits_cnn.py:build --target pcm+digital [--strategy S] [--laft] [--evaluate 20] --out DIR
     hetcomp report DIR
     hetcomp curvature examples/digits_cnn.py:build [--split test] [--repeats 3] --out DIR
 
-Errors print one line (``hetcomp: error: ...``) and exit 2; ``--debug`` shows the traceback.
-``--quiet`` silences progress bars.
+Every error a user causes (bad arguments, a model file that fails, a malformed manifest) prints one line
+(``hetcomp: error: ...``) on stderr and exits 2; ``--debug`` also prints the traceback. ``--quiet`` silences
+progress bars.
+
+MODEL files are imported with their folder appended to the END of ``sys.path`` while the file is loaded and
+its function runs: the file can import its neighbours (``from helpers import x``), but a neighbour never
+shadows an installed package (an ``onnx.py`` next to the model is not the ``onnx`` that export imports), and
+the folder is taken off ``sys.path`` again before compiling. The modules the file imported stay in
+``sys.modules`` (the model's classes and loaders still need them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hetcomp.errors import ConfigError, HetcompError
+from hetcomp.errors import ConfigError, HetcompError, ManifestError
 
 
-def _load_builder(spec: str):
-    """``path/to/file.py:function`` -> the function (the file is imported as a module)."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (no usage block), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"hetcomp: error: {message} (see '{self.prog} --help')\n")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """``--input-shape`` "1,1,8,8" -> (1, 1, 8, 8); anything else is a clear argparse error."""
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"malformed shape {text!r}: expected comma-separated positive integers, "
+                                         "e.g. 1,1,8,8")
+    return dims
+
+
+@contextlib.contextmanager
+def _neighbours_importable(folder: str) -> Iterator[None]:
+    """``folder`` at the END of sys.path for the duration (installed packages win), then taken off again."""
+    added = folder not in sys.path
+    if added:
+        sys.path.append(folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            del sys.path[len(sys.path) - 1 - sys.path[::-1].index(folder)]  # ours: the last occurrence
+
+
+def _module_name(path: Path) -> str:
+    """The file's stem, unless that would replace (or shadow) another module: then a private name."""
+    stem = path.stem
+    existing = sys.modules.get(stem)
+    if existing is not None:
+        origin = getattr(existing, "__file__", None)
+        return stem if origin and Path(origin).resolve() == path.resolve() else f"_hetcomp_model_{stem}"
+    try:
+        found = importlib.util.find_spec(stem) if stem.isidentifier() else None
+    except (ImportError, ValueError):
+        found = None
+    if found is not None and (found.origin is None or Path(found.origin).resolve() != path.resolve()):
+        return f"_hetcomp_model_{stem}"
+    return stem if stem.isidentifier() else "_hetcomp_model_" + "".join(c if c.isalnum() else "_" for c in stem)
+
+
+def _raised(err: BaseException) -> str:
+    """'SystemExit(0)' / 'ValueError: first line of the message'."""
+    if isinstance(err, SystemExit):
+        return f"SystemExit({err.code!r})"
+    text = str(err).splitlines()[0] if str(err) else ""
+    return type(err).__name__ + (f": {text}" if text else "")
+
+
+def _run_builder(spec: str, returns: str = "a model or (model, data)") -> Any:
+    """``path/to/file.py:function`` -> what ``function()`` returns (the file is imported as a module).
+
+    Anything the user's code raises, SystemExit included (KeyboardInterrupt excepted), becomes one
+    ConfigError naming the file; the original stays chained for ``--debug``.
+    """
     if ":" not in spec:
         raise ConfigError(f"MODEL must be 'path/to/file.py:function', got {spec!r}")
     file_name, function = spec.rsplit(":", 1)
     path = Path(file_name)
     if not path.is_file():
         raise ConfigError(f"model file {file_name!r} not found")
-    sys.path.insert(0, str(path.resolve().parent))  # let the file import its neighbours
-    module_spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[path.stem] = module  # so inspect/pickle-free helpers can find the module's source
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, function):
-        raise ConfigError(f"{file_name} has no function {function!r}")
-    return getattr(module, function)
+    name = _module_name(path)
+    with _neighbours_importable(str(path.resolve().parent)):
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ConfigError(f"{file_name} cannot be imported as a Python module")
+        module = importlib.util.module_from_spec(module_spec)
+        previous = sys.modules.get(name)
+        sys.modules[name] = module  # so inspect/pickle-free helpers can find the module's source
+        try:
+            module_spec.loader.exec_module(module)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+            raise ConfigError(f"importing {file_name} raised {_raised(err)}") from err
+        builder = getattr(module, function, None)
+        if builder is None:
+            raise ConfigError(f"{file_name} has no function {function!r}")
+        if not callable(builder):
+            raise ConfigError(f"{file_name}: {function!r} is not a function")
+        try:
+            return builder()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:
+            hint = f" instead of returning {returns}" if isinstance(err, SystemExit) else ""
+            raise ConfigError(f"{spec} raised {_raised(err)}{hint}") from err
 
 
 def _calibration(data: Any) -> Any:
@@ -46,6 +138,25 @@ def _calibration(data: Any) -> Any:
                 return data[key]
         raise ConfigError("the data dict returned by MODEL needs a 'train' or 'calibration' loader")
     return data
+
+
+def _first_batch_inputs(data: Any) -> tuple:
+    """Example inputs from the calibration data's first batch, as hetcomp.compile would take them."""
+    import torch
+
+    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return (data[0],)  # one (inputs, labels) pair of tensors
+    try:
+        batch = next(iter(data))
+    except TypeError:
+        raise ConfigError(f"the calibration data ({type(data).__name__}) is not iterable; return a DataLoader of "
+                          "(inputs, labels) batches, or pass --input-shape") from None
+    except StopIteration:
+        raise ConfigError("the calibration loader yielded no batch to trace with; pass --input-shape") from None
+    if not isinstance(batch, tuple | list) or not batch:
+        raise ConfigError(f"the calibration loader must yield (inputs, labels) batches, got {type(batch).__name__}; "
+                          "pass --input-shape")
+    return (batch[0],)
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
@@ -72,29 +183,46 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     import hetcomp
     from hetcomp import plots, targets
 
-    targets.parse(args.target)  # fail on a bad target before building the model
-    built = _load_builder(args.model)()
+    # Everything that can be checked is checked before the model is built or compile runs.
+    target_set = targets.parse(args.target)  # fail on a bad target before building the model
+    chosen = hetcomp.strategies.resolve(args.strategy, target_set)  # unknown strategy: fail now too
+    if args.no_hessian and args.laft:
+        raise ConfigError("--laft needs the data and its Hessian analysis; it cannot be combined with --no-hessian")
+    if args.no_hessian and chosen.needs_data:
+        raise ConfigError(f"strategy {chosen.name!r} needs data, which compile analyses for the Hessian that "
+                          "--no-hessian skips; drop --no-hessian or pick a strategy without data (e.g. --strategy "
+                          "first-last-digital, all-digital, or pareto-po for several analog tiers)")
+    built = _run_builder(args.model)
     model, data = built if isinstance(built, tuple) else (built, None)
     if args.data:
-        data = _load_builder(args.data)()
+        data = _run_builder(args.data, returns="calibration data")
     calibration = _calibration(data) if data is not None else None
+    if chosen.needs_data and calibration is None:
+        raise ConfigError(f"strategy {chosen.name!r} needs data: return (model, data) from MODEL or pass --data; "
+                          "without data use e.g. --strategy first-last-digital (one analog tier) or pareto-po "
+                          "(several)")
+    if args.laft and calibration is None:
+        raise ConfigError("--laft needs training data: return (model, data) from MODEL or pass --data")
+    if args.evaluate and not (isinstance(data, dict) and "test" in data):
+        raise ConfigError("--evaluate needs a 'test' loader in the data dict returned by MODEL")
     example = None
     if args.input_shape:
-        example = (torch.randn(*[int(d) for d in args.input_shape.split(",")]),)
+        example = (torch.randn(*args.input_shape),)
+    elif calibration is None:
+        raise ConfigError("no data to trace with: return (model, data) from MODEL, or pass --input-shape")
+    elif args.no_hessian:  # compile gets no data (that would run the Hessian): trace with its first batch
+        example = _first_batch_inputs(calibration)
     finetune = None
     if args.laft:
         validation = data.get("val") if isinstance(data, dict) else None
         finetune = hetcomp.LAFT(epochs=args.laft_epochs, patience=args.laft_patience, val_data=validation,
                                 checkpoint_dir=args.laft_checkpoints)
     strategy = args.strategy
-    if strategy in (None, "pareto") and isinstance(data, dict) and "val" in data and \
-            hetcomp.strategies.resolve(strategy, targets.parse(args.target)).name == "pareto":
+    if chosen.name == "pareto" and strategy in (None, "pareto") and isinstance(data, dict) and "val" in data:
         strategy = hetcomp.strategies.pareto(val_data=data["val"])  # row remap measures on held-out data
     compiled = hetcomp.compile(model, target=args.target, example_inputs=example,
                                data=None if args.no_hessian else calibration, strategy=strategy,
                                seed=args.seed, finetune=finetune)
-    if example is None and calibration is None:
-        raise ConfigError("no data to trace with: return (model, data) from MODEL, or pass --input-shape")
     out = Path(args.out)
     compiled.save(out)
     written = plots.write_all(compiled.manifest, out)
@@ -102,13 +230,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     ratio = ", ".join(f"{t} {r:.1%}" for t, r in summary["mac_ratio"].items())
     print(f"compiled {compiled.manifest.model['class']} for {compiled.manifest.target_set} "
           f"({compiled.manifest.strategy}): MAC ratio {ratio}")
-    print(f"wrote {out / 'manifest.json'}, {out / 'weights.pt'}, {out / 'model.onnx'}, "
-          + ", ".join(str(p) for p in written))
+    files = sorted({*(p for p in out.iterdir() if not p.name.startswith(".")), *map(Path, written)})
+    print("wrote " + ", ".join(str(p) for p in files))  # whatever save wrote (its format is its own)
     pareto = compiled.manifest.extra.get("pareto")
     if pareto:
-        chosen = pareto["front"][pareto["chosen"]]
-        print(f"Pareto front: {len(pareto['front'])} points; chosen latency {_si(chosen['latency_s'], 's')}, "
-              f"energy {_si(chosen['energy_j'], 'J')} per sample")
+        point = pareto["front"][pareto["chosen"]]
+        print(f"Pareto front: {len(pareto['front'])} points; chosen latency {_si(point['latency_s'], 's')}, "
+              f"energy {_si(point['energy_j'], 'J')} per sample")
     remap = compiled.manifest.extra.get("row_remap")
     if remap:
         last, metric = remap["trajectory"][-1], remap["metric"]
@@ -116,8 +244,6 @@ def _cmd_compile(args: argparse.Namespace) -> int:
               f"{remap[f'baseline_{metric}']:.4f}) in {len(remap['trajectory']) - 1} steps; {remap['stopped']}; "
               f"latency {_si(last['latency_s'], 's')}, energy {_si(last['energy_j'], 'J')} per sample")
     if args.evaluate:
-        if not (isinstance(data, dict) and "test" in data):
-            raise ConfigError("--evaluate needs a 'test' loader in the data dict returned by MODEL")
         print(f"test: {compiled.evaluate(data['test'], repeats=args.evaluate, t_inference=args.t_inference)}")
     return 0
 
@@ -138,22 +264,33 @@ def _format_metric(value: Any) -> str:
     return str(value)
 
 
+def _report_lines(manifest: Any) -> list[str]:
+    summary = manifest.summary
+    lines = [f"{manifest.model['class']} on {manifest.target_set}, strategy {manifest.strategy}, "
+             f"seed {manifest.seed}",
+             "MAC ratio: " + ", ".join(f"{t} {r:.1%}" for t, r in summary["mac_ratio"].items())]
+    keys = ["hessian_trace", "lambda_max", "hni", "scr"]
+    lines.append(f"{'layer':16s} {'kind':14s} {'MACs':>10s} " + " ".join(f"{k:>12s}" for k in keys)
+                 + f" {'assignment':12s} reason")
+    for layer in manifest.layers:
+        metrics = " ".join(f"{_format_metric(layer['metrics'].get(k)):>12s}" for k in keys)
+        assignment = layer["assignment"] if isinstance(layer["assignment"], str) else str(layer["assignment"])
+        lines.append(f"{layer['name']:16s} {layer['kind']:14s} {layer['macs']:>10,} {metrics} {assignment:12s} "
+                     f"{layer['reason']}")
+    return lines
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from hetcomp import plots
     from hetcomp.manifest import Manifest
 
     manifest = Manifest.load(args.directory)
-    summary = manifest.summary
-    print(f"{manifest.model['class']} on {manifest.target_set}, strategy {manifest.strategy}, seed {manifest.seed}")
-    print("MAC ratio: " + ", ".join(f"{t} {r:.1%}" for t, r in summary["mac_ratio"].items()))
-    keys = ["hessian_trace", "lambda_max", "hni", "scr"]
-    print(f"{'layer':16s} {'kind':14s} {'MACs':>10s} " + " ".join(f"{k:>12s}" for k in keys)
-          + f" {'assignment':12s} reason")
-    for layer in manifest.layers:
-        metrics = " ".join(f"{_format_metric(layer['metrics'].get(k)):>12s}" for k in keys)
-        assignment = layer["assignment"] if isinstance(layer["assignment"], str) else str(layer["assignment"])
-        print(f"{layer['name']:16s} {layer['kind']:14s} {layer['macs']:>10,} {metrics} {assignment:12s} "
-              f"{layer['reason']}")
+    try:
+        lines = _report_lines(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # fields of the wrong shape
+        raise ManifestError(f"manifest in {args.directory} is malformed ({_raised(err)}); was it written by "
+                            "hetcomp?") from err
+    print("\n".join(lines))
     directory = Path(args.directory)
     directory = directory if directory.is_dir() else directory.parent
     written = plots.write_all(manifest, directory)
@@ -164,7 +301,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_curvature(args: argparse.Namespace) -> int:
     from hetcomp.analysis.vulnerability import vulnerability_study
 
-    built = _load_builder(args.model)()
+    built = _run_builder(args.model, returns="(model, data)")
     model, data = built if isinstance(built, tuple) else (built, None)
     if isinstance(data, dict):
         if args.split not in data:
@@ -180,10 +317,10 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hetcomp", description="Compile PyTorch models for heterogeneous "
-                                     "analog/digital accelerators.")
+    parser = _Parser(prog="hetcomp", description="Compile PyTorch models for heterogeneous analog/digital "
+                     "accelerators. Errors print one line 'hetcomp: error: ...' and exit 2.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="also print the traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("targets", help="list the known targets").set_defaults(run=_cmd_targets)
 
@@ -192,8 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     compile_cmd.add_argument("--target", default="pcm+digital", help="'+'-joined targets (default pcm+digital)")
     compile_cmd.add_argument("--strategy", default=None, help="partition strategy (default: the target set's)")
     compile_cmd.add_argument("--data", default=None, help="path/to/file.py:function returning calibration data")
-    compile_cmd.add_argument("--input-shape", default=None, help="example input shape, e.g. 1,1,8,8")
-    compile_cmd.add_argument("--no-hessian", action="store_true", help="skip the Hessian metrics")
+    compile_cmd.add_argument("--input-shape", default=None, type=_shape,
+                             help="example input shape, e.g. 1,1,8,8 (default: the data's first batch)")
+    compile_cmd.add_argument("--no-hessian", action="store_true",
+                             help="skip the Hessian analysis (the data still traces the model and feeds --evaluate; "
+                             "not with --laft or strategies that need the Hessian)")
     compile_cmd.add_argument("--seed", type=int, default=0)
     compile_cmd.add_argument("--laft", action="store_true", help="layer-wise analog fine-tuning after partitioning "
                              "(validation: the data dict's 'val' loader, else a split of the training data)")
@@ -226,19 +366,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0, or 2 for any error a user causes)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a one-line argument error (2), already printed
+        return stop.code if isinstance(stop.code, int) else 2
     from hetcomp.progress import set_quiet
 
     set_quiet(args.quiet)
     try:
         return args.run(args)
-    except Exception as err:  # one clear line for any failure; the traceback only with --debug
+    except (Exception, SystemExit) as err:  # one clear line for any failure (KeyboardInterrupt propagates)
         if args.debug:
-            raise
+            traceback.print_exc()
         text = str(err).splitlines()[0] if str(err) else ""
-        message = text if isinstance(err, HetcompError) else f"{type(err).__name__}: {text}"
-        print(f"hetcomp: error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        message = text if isinstance(err, HetcompError) and text else _raised(err)
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        print(f"hetcomp: error: {message}{hint}", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -38,24 +39,136 @@ def test_compile_then_report(tmp_path, capsys, digits_model):
     assert (out / "assignment.png").exists() and (out / "hni_scr.png").exists()
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "hetcomp.cli", *args], capture_output=True, text=True, cwd=ROOT,
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "hetcomp", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
 
 
-def test_errors_are_one_line_without_traceback(tmp_path):
-    missing = run_cli("compile", "no/such/file.py:build", "--out", str(tmp_path))
-    assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [
-        "hetcomp: error: model file 'no/such/file.py' not found (run with --debug for the traceback)"]
-    bad_target = run_cli("compile", EXAMPLE, "--target", "pcm+tpu", "--out", str(tmp_path))
-    assert bad_target.returncode == 2
-    lines = bad_target.stderr.strip().splitlines()
-    assert len(lines) == 1 and "unknown target(s) 'tpu'" in lines[0] and "Traceback" not in bad_target.stderr
-    no_manifest = run_cli("report", str(tmp_path / "empty"))
-    assert no_manifest.returncode == 2 and "no manifest at" in no_manifest.stderr
-    debug = run_cli("--debug", "compile", "no/such/file.py:build", "--out", str(tmp_path))
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+TINY = """
+import torch
+import torch.nn as nn
+
+
+def tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def loaders():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 4, generator=generator), torch.randint(0, 3, (24,), generator=generator)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    return {"train": loader, "test": loader}
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_python_dash_m_hetcomp_runs_the_cli():
+    listed = run_cli("targets")
+    assert listed.returncode == 0 and "\npcm " in listed.stdout and not listed.stderr
+
+
+def test_model_file_neighbours_never_shadow_installed_packages(tmp_path):
+    project = tmp_path / "project"
+    marker = tmp_path / "SHADOWED"
+    for name in ("onnx", "onnxscript", "onnx_ir"):  # what export imports; none may run from the model's folder
+        write(project / f"{name}.py", f"import pathlib\npathlib.Path({str(marker)!r}).write_text({name!r})\n"
+                                      f"raise ImportError('neighbour {name}.py imported')\n")
+    write(project / "shadow_helpers.py", TINY)
+    model = write(project / "shadow_model.py", "import onnx  # the installed package, not the neighbour onnx.py\n"
+                  "from shadow_helpers import tiny  # the model's own neighbour\n\n\ndef build():\n"
+                  "    return tiny()\n")
+    out = tmp_path / "out"
+    result = run_cli("--quiet", "compile", f"{model}:build", "--input-shape", "2,4", "--strategy",
+                     "first-last-digital", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    assert json.loads((out / "manifest.json").read_text())["strategy"] == "first-last-digital"
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+
+
+def test_no_hessian_still_uses_the_data(tmp_path, capsys):
+    write(tmp_path / "nohess_helpers.py", TINY)
+    model = write(tmp_path / "nohess_model.py", "from nohess_helpers import loaders, tiny\n\n\ndef build():\n"
+                  "    return tiny(), loaders()\n")
+    path_before = list(sys.path)
+    out = tmp_path / "out"
+    assert main(["--quiet", "compile", f"{model}:build", "--strategy", "first-last-digital", "--no-hessian",
+                 "--evaluate", "1", "--out", str(out)]) == 0  # traced with the first batch, evaluated on 'test'
+    assert sys.path == path_before  # the model's folder was only on sys.path while it loaded
+    printed = capsys.readouterr().out
+    assert "test: accuracy" in printed and "over 1 repeats" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["layers"]) == 3 and all("hni" not in layer["metrics"] for layer in manifest["layers"])
+    assert main(["compile", f"{model}:build", "--no-hessian", "--laft", "--strategy", "first-last-digital",
+                 "--out", str(tmp_path / "laft")]) == 2
+    assert "--laft needs the data and its Hessian analysis" in capsys.readouterr().err
+    assert main(["compile", f"{model}:build", "--no-hessian", "--out", str(tmp_path / "hilal")]) == 2
+    err = capsys.readouterr().err
+    assert "strategy 'hilal' needs data" in err and "--no-hessian" in err
+    assert not (tmp_path / "laft").exists() and not (tmp_path / "hilal").exists()
+
+
+def test_every_user_error_is_one_line_exit_2(tmp_path, capsys):
+    no_data = write(tmp_path / "no_data.py", TINY + "\n\ndef build():\n    return tiny()\n")
+    exits = write(tmp_path / "exits.py", "def build():\n    raise SystemExit(0)\n")
+    exits_on_import = write(tmp_path / "exits_on_import.py", "import sys\n\nsys.exit('bye')\n")
+    raises = write(tmp_path / "raises.py", "def build():\n    raise RuntimeError('no GPU\\nsecond line')\n")
+    manifests = {"missing_keys": '{"schema_version": 1}', "a_list": "[]",
+                 "wrong_types": json.dumps({"schema_version": 1, "model": {}, "target_set": "pcm+digital",
+                                            "targets": [], "strategy": "s", "seed": 0, "layers": [1],
+                                            "summary": {}})}
+    for name, text in manifests.items():
+        write(tmp_path / name / "manifest.json", text)
+    out = tmp_path / "out"
+    cases = [
+        (["compile", EXAMPLE, "--target", "pcm+tpu", "--out", str(out)], "unknown target(s) 'tpu'"),
+        (["compile", EXAMPLE, "--strategy", "nonsense", "--out", str(out)], "unknown strategy 'nonsense'"),
+        (["compile", f"{no_data}:build", "--input-shape", "1,x", "--out", str(out)], "malformed shape '1,x'"),
+        (["compile", f"{no_data}:build", "--strategy", "all-digital", "--out", str(out)], "no data to trace with"),
+        (["compile", f"{no_data}:build", "--out", str(out)], "strategy 'hilal' needs data"),
+        (["compile", f"{no_data}:build", "--strategy", "all-digital", "--evaluate", "1", "--input-shape", "1,4",
+          "--out", str(out)], "--evaluate needs a 'test' loader"),
+        (["compile", "no/such/file.py:build", "--out", str(out)], "model file 'no/such/file.py' not found"),
+        (["compile", str(no_data), "--out", str(out)], "MODEL must be 'path/to/file.py:function'"),
+        (["compile", f"{no_data}:nope", "--out", str(out)], "has no function 'nope'"),
+        (["compile", f"{exits}:build", "--input-shape", "2,4", "--out", str(out)], "raised SystemExit(0)"),
+        (["compile", f"{exits_on_import}:build", "--out", str(out)], "raised SystemExit('bye')"),
+        (["compile", f"{raises}:build", "--out", str(out)], "raised RuntimeError: no GPU"),
+        (["compile", f"{no_data}:build"], "the following arguments are required: --out"),
+        (["report", str(tmp_path / "empty")], "no manifest at"),
+        *[(["report", str(tmp_path / name)], "manifest") for name in manifests],
+    ]
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each case is a fresh process: mostly import time
+        results = list(pool.map(lambda case: run_cli(*case[0]), cases))
+    for (args, expected), result in zip(cases, results):
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (args, result.returncode, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("hetcomp: error: "), (args, result.stderr)
+        assert expected in lines[0] and "Traceback" not in result.stderr, (args, lines)
+    assert not out.exists()  # no case wrote anything
+    capsys.readouterr()
+    for args, expected in [(["--input-shape", "0,4"], "malformed shape '0,4'"), (["--seed", "x"], "argument --seed"),
+                           ([], "required: --out")]:  # argument errors return 2 in-process too
+        assert main(["compile", f"{no_data}:build", *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("hetcomp: error: ") and expected in lines[0], lines
+
+
+def test_debug_prints_the_traceback_and_exits_2(tmp_path):
+    exits = write(tmp_path / "exits.py", "def build():\n    raise SystemExit(0)\n")
+    for args in (["compile", "no/such/file.py:build"], ["compile", f"{exits}:build", "--input-shape", "2,4"]):
+        result = run_cli("--debug", *args, "--out", str(tmp_path / "out"))
+        assert result.returncode == 2 and "Traceback" in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("hetcomp: error: ")
+    assert "SystemExit: 0" in result.stderr and "raised SystemExit(0)" in result.stderr
 
 
 def test_compile_with_laft_and_evaluation(tmp_path, capsys, digits_model):
