@@ -3,6 +3,7 @@
     hetcomp targets
     hetcomp compile examples/digits_cnn.py:build --target pcm+digital [--strategy S] [--laft] [--evaluate 20] --out DIR
     hetcomp report DIR
+    hetcomp evaluate DIR examples/digits_cnn.py:build [--repeats 20] [--split test]
     hetcomp curvature examples/digits_cnn.py:build [--split test] [--repeats 3] --out DIR
 
 Every error a user causes (bad arguments, a model file that fails, a malformed manifest) prints one line
@@ -181,7 +182,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     import torch
 
     import hetcomp
-    from hetcomp import plots, targets
+    from hetcomp import targets
 
     # Everything that can be checked is checked before the model is built or compile runs.
     target_set = targets.parse(args.target)  # fail on a bad target before building the model
@@ -223,14 +224,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     compiled = hetcomp.compile(model, target=args.target, example_inputs=example,
                                data=None if args.no_hessian else calibration, strategy=strategy,
                                seed=args.seed, finetune=finetune)
-    out = Path(args.out)
-    compiled.save(out)
-    written = plots.write_all(compiled.manifest, out)
+    out = compiled.save(Path(args.out), plots=True)
     summary = compiled.manifest.summary
     ratio = ", ".join(f"{t} {r:.1%}" for t, r in summary["mac_ratio"].items())
     print(f"compiled {compiled.manifest.model['class']} for {compiled.manifest.target_set} "
           f"({compiled.manifest.strategy}): MAC ratio {ratio}")
-    files = sorted({*(p for p in out.iterdir() if not p.name.startswith(".")), *map(Path, written)})
+    print(_cost_line(summary))
+    files = sorted(p for p in out.iterdir() if not p.name.startswith("."))
     print("wrote " + ", ".join(str(p) for p in files))  # whatever save wrote (its format is its own)
     pareto = compiled.manifest.extra.get("pareto")
     if pareto:
@@ -246,6 +246,17 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.evaluate:
         print(f"test: {compiled.evaluate(data['test'], repeats=args.evaluate, t_inference=args.t_inference)}")
     return 0
+
+
+def _cost_line(summary: dict[str, Any]) -> str:
+    """The mapping's estimated cost per sample, total and per target, with SI units."""
+    cost = summary.get("cost") or {}
+    if not cost.get("modeled"):
+        return f"estimated cost: not modeled ({cost.get('reason', 'no cost summary')})"
+    parts = ", ".join(f"{name} {_si(entry['busy_s'], 's')} / {_si(entry['energy_j'], 'J')}"
+                      for name, entry in cost["per_target"].items() if entry["macs"] > 0)
+    return (f"estimated per sample: latency {_si(cost['latency_s'], 's')}, energy {_si(cost['energy_j'], 'J')} "
+            f"(busy time / energy: {parts})")
 
 
 def _si(value: float, unit: str) -> str:
@@ -268,7 +279,8 @@ def _report_lines(manifest: Any) -> list[str]:
     summary = manifest.summary
     lines = [f"{manifest.model['class']} on {manifest.target_set}, strategy {manifest.strategy}, "
              f"seed {manifest.seed}",
-             "MAC ratio: " + ", ".join(f"{t} {r:.1%}" for t, r in summary["mac_ratio"].items())]
+             "MAC ratio: " + ", ".join(f"{t} {r:.1%}" for t, r in summary["mac_ratio"].items()),
+             _cost_line(summary)]
     keys = ["hessian_trace", "lambda_max", "hni", "scr"]
     lines.append(f"{'layer':16s} {'kind':14s} {'MACs':>10s} " + " ".join(f"{k:>12s}" for k in keys)
                  + f" {'assignment':12s} reason")
@@ -282,9 +294,9 @@ def _report_lines(manifest: Any) -> list[str]:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from hetcomp import plots
-    from hetcomp.manifest import Manifest
+    from hetcomp.rebuild import read_manifest
 
-    manifest = Manifest.load(args.directory)
+    manifest = read_manifest(args.directory)  # schema, targets and assignments checked; summary recomputed
     try:
         lines = _report_lines(manifest)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # fields of the wrong shape
@@ -295,6 +307,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     directory = directory if directory.is_dir() else directory.parent
     written = plots.write_all(manifest, directory)
     print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import hetcomp
+
+    directory = Path(args.directory)
+    hetcomp.Manifest.load(directory)  # a malformed folder fails before the model is built
+    built = _run_builder(args.model, returns="(model, data)")
+    model, data = built if isinstance(built, tuple) else (built, None)
+    if not isinstance(data, dict) or args.split not in data:
+        raise ConfigError(f"evaluate needs a data dict with a {args.split!r} loader returned by MODEL")
+    loaded = hetcomp.load(directory, model, _first_batch_inputs(data[args.split]))
+    result = loaded.evaluate(data[args.split], repeats=args.repeats, t_inference=args.t_inference, seed=args.seed)
+    print(f"{args.split}: {result}")
     return 0
 
 
@@ -350,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print a manifest's per-layer table and write its plots")
     report.add_argument("directory", help="folder with manifest.json (or the file itself)")
     report.set_defaults(run=_cmd_report)
+
+    evaluate_cmd = commands.add_parser("evaluate", help="load a saved compile and evaluate it over hardware repeats")
+    evaluate_cmd.add_argument("directory", help="folder that compile --out (or compiled.save) wrote")
+    evaluate_cmd.add_argument("model", help="path/to/file.py:function returning (model, data dict)")
+    evaluate_cmd.add_argument("--split", default="test", help="which loader of the data dict (default test)")
+    evaluate_cmd.add_argument("--repeats", type=int, default=20, help="independent hardware repeats")
+    evaluate_cmd.add_argument("--t-inference", type=float, default=86400.0, help="seconds of drift")
+    evaluate_cmd.add_argument("--seed", type=int, default=None, help="repeat seed (default: the compile's)")
+    evaluate_cmd.set_defaults(run=_cmd_evaluate)
 
     curvature = commands.add_parser("curvature", help="input-curvature study: failure rate by curvature decile "
                                     "per analog non-ideality profile, and risk-gated routing")

@@ -106,7 +106,19 @@ def _rebuild(model: nn.Module, manifest: Manifest, example_inputs: Any, leaf_mod
     return CompiledModel(gm, rebuilt, inputs, target_set)
 
 
-def manifest_targets(manifest: Manifest) -> target_registry.TargetSet:
+def read_manifest(path: str | Path) -> Manifest:
+    """A manifest checked as far as it can be without the model: schema, target definitions, every layer's
+    assignment against the target set and its recorded kind and rows; the summary recomputed. For tools
+    that only read (``hetcomp report``); ``load``/``apply_manifest`` also check it against the model."""
+    manifest = Manifest.load(path)
+    target_set = manifest_targets(manifest, need_simulators=False)
+    for record in manifest.layers:
+        checked_assignment(record, record["kind"], record["rows"], target_set)
+    manifest.summary = mapping_summary(manifest.layers, list(target_set))
+    return manifest
+
+
+def manifest_targets(manifest: Manifest, need_simulators: bool = True) -> target_registry.TargetSet:
     """The target set the manifest was compiled for, from the definitions it carries (a registered target of
     the same name but another definition is not used: the manifest's is what was compiled)."""
     from hetcomp.lower import SIMULATORS, remember_simulator_module
@@ -125,7 +137,7 @@ def manifest_targets(manifest: Manifest) -> target_registry.TargetSet:
             raise ManifestError(str(err)) from None
         remember_simulator_module(target.name, definition.get("simulator_module"))
         simulator = target.lowering.get("simulator")
-        if simulator is not None and simulator not in SIMULATORS:
+        if need_simulators and simulator is not None and simulator not in SIMULATORS:
             module = definition.get("simulator_module")
             hint = f"import {module} first (it registers it)" if module else "register it first"
             raise ManifestError(f"target {target.name!r} needs simulator {simulator!r}, which this process does "
@@ -184,9 +196,19 @@ def _load_weights(gm: nn.Module, weights: dict[str, torch.Tensor], expected_hash
 
 
 def _apply_layer(annotation: LayerAnnotation, record: dict[str, Any], target_set: target_registry.TargetSet) -> None:
-    """Check one layer's assignment against the target set and the layer, then annotate."""
-    name, kind, rows = record["name"], annotation.layer.kind, annotation.layer.rows
-    assignment = record["assignment"]
+    """Check one layer's assignment against the target set and the traced layer, then annotate."""
+    row_targets = checked_assignment(record, annotation.layer.kind, annotation.layer.rows, target_set)
+    annotation.metrics = dict(record["metrics"])
+    annotation.assignment = record["assignment"]
+    annotation.reason = record["reason"]
+    annotation.row_targets = row_targets
+
+
+def checked_assignment(record: dict[str, Any], kind: str, rows: int,
+                       target_set: target_registry.TargetSet) -> list[str] | None:
+    """Raise ManifestError unless the layer's assignment is valid for a ``kind`` layer of ``rows`` rows; returns
+    its per-row targets (None for a whole layer)."""
+    name, assignment = record["name"], record["assignment"]
     split = assignment if isinstance(assignment, dict) else {assignment: rows}
     for target in split:
         if target not in target_set:
@@ -194,20 +216,17 @@ def _apply_layer(annotation: LayerAnnotation, record: dict[str, Any], target_set
                                 f"set {target_set}")
         if not target_set[target].supports_kind(kind):
             raise ManifestError(f"layer {name!r} ({kind}) is assigned to {target!r}, which does not run {kind} ops")
-    row_targets = None
-    if isinstance(assignment, dict):
-        if sum(split.values()) != rows:
-            raise ManifestError(f"layer {name!r}: row counts {split} sum to {sum(split.values())}, not its {rows} rows")
-        try:
-            row_targets = decode_row_targets(record.get("row_tiers"))
-        except HetcompError as err:
-            raise ManifestError(f"layer {name!r}: {err}") from None
-        if row_targets is None or len(row_targets) != rows or Counter(row_targets) != Counter(split):
-            raise ManifestError(f"layer {name!r}: row_tiers do not give each of its {rows} rows a tier matching "
-                                f"the row counts {split}")
-    elif record.get("row_tiers"):
-        raise ManifestError(f"layer {name!r} is assigned whole to {assignment!r} but lists row_tiers")
-    annotation.metrics = dict(record["metrics"])
-    annotation.assignment = assignment
-    annotation.reason = record["reason"]
-    annotation.row_targets = row_targets
+    if not isinstance(assignment, dict):
+        if record.get("row_tiers"):
+            raise ManifestError(f"layer {name!r} is assigned whole to {assignment!r} but lists row_tiers")
+        return None
+    if sum(split.values()) != rows:
+        raise ManifestError(f"layer {name!r}: row counts {split} sum to {sum(split.values())}, not its {rows} rows")
+    try:
+        row_targets = decode_row_targets(record.get("row_tiers"))
+    except HetcompError as err:
+        raise ManifestError(f"layer {name!r}: {err}") from None
+    if row_targets is None or len(row_targets) != rows or Counter(row_targets) != Counter(split):
+        raise ManifestError(f"layer {name!r}: row_tiers do not give each of its {rows} rows a tier matching "
+                            f"the row counts {split}")
+    return row_targets

@@ -36,6 +36,7 @@ def test_compile_then_report(tmp_path, capsys, digits_model):
     assert main(["report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "conv2" in printed and "first_last_digital: inner layer to analog" in printed
+    assert "estimated per sample: latency" in printed and "pcm " in printed.split("busy time / energy")[1]
     assert (out / "assignment.png").exists() and (out / "hni_scr.png").exists()
 
 
@@ -180,6 +181,11 @@ def test_compile_with_laft_and_evaluation(tmp_path, capsys, digits_model):
     assert manifest["strategy"] == "hilal" and manifest["extra"]["finetune"]["complete"]
     assert "test: accuracy" in printed and "over 2 repeats" in printed
     assert list((tmp_path / "checkpoints").iterdir())  # one run folder with its stage checkpoints
+    # The saved folder, loaded through hetcomp.load, evaluates to what the compile printed (same seed).
+    assert main(["--quiet", "evaluate", str(out), EXAMPLE, "--repeats", "2"]) == 0
+    again = capsys.readouterr().out
+    accuracy = lambda text: text.split("test: ")[1].split(";")[0]  # noqa: E731
+    assert accuracy(again) == accuracy(printed)
     assert main(["compile", EXAMPLE, "--evaluate", "2", "--input-shape", "1,1,8,8", "--data",
                  "nonexistent.py:f", "--out", str(out)]) == 2
 
