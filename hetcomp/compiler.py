@@ -15,11 +15,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from hetcomp import checks
 from hetcomp import targets as target_registry
-from hetcomp.errors import ConfigError
+from hetcomp.errors import ConfigError, TraceError
 from hetcomp.evaluate import Evaluation, evaluate
 from hetcomp.finetune import LAFT
-from hetcomp.graph import META_KEY, trace
+from hetcomp.graph import FRONTENDS, META_KEY, trace
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import lower_graph
 from hetcomp.manifest import Manifest, fingerprint, weights_hash
@@ -167,12 +168,32 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     ``passes`` (they run before partitioning, so they can pin layers); the strategy's partition passes; ``finetune``
     (``hetcomp.LAFT(...)``: layer-wise analog fine-tuning of the analog-assigned layers). Lowering to
     the simulators happens when ``compiled.module`` is first used. Everything is validated before any
-    work: target string, strategy, pass order, data needs. ``model`` itself is never modified.
+    work (before tracing): every argument's type and range, target string, strategy, pass order, data
+    needs, finite weights, and for tensor data finite inputs and integer labels (hetcomp.checks; other
+    data is checked batch by batch when taken). ``model`` itself is never modified.
     ``example_inputs`` may be a dict of keyword inputs; ``frontend`` picks the tracer (see hetcomp.trace:
     "auto" uses torch.fx and falls back to torch.export, e.g. for Hugging Face transformers).
     """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"hetcomp.compile takes a torch.nn.Module, got {checks.got(model)}")
+    seed = checks.seed(seed)
+    checks.callable_or_none("loss_fn", loss_fn, "a function (logits, labels) -> scalar loss, e.g. "
+                            "torch.nn.functional.cross_entropy (None: cross-entropy with checked labels)")
     if finetune is not None and not isinstance(finetune, LAFT):
         raise ConfigError(f"finetune must be a hetcomp.LAFT(...), got {type(finetune).__name__}")
+    if finetune is not None:
+        finetune.validate()  # again: its fields may have changed since it was made
+    if hessian is not None and not isinstance(hessian, dict):
+        raise ConfigError(f"hessian must be None or a dict of settings such as {{'probes': 10}}, got "
+                          f"{checks.got(hessian)}")
+    if passes is not None and (isinstance(passes, Pass) or not isinstance(passes, Sequence)):
+        raise ConfigError(f"passes must be a list of hetcomp Pass objects, got {checks.got(passes)}; wrap one "
+                          "pass in a list: passes=[my_pass]")
+    if isinstance(leaf_modules, str | type) or not isinstance(leaf_modules, Sequence) or \
+            not all(isinstance(m, str | type) for m in leaf_modules):
+        raise ConfigError(f"leaf_modules must be a list of module names (str) or classes, got "
+                          f"{checks.got(leaf_modules)}")
+    checks.choice("frontend", frontend, FRONTENDS)
     target_set = target_registry.parse(target)
     chosen = resolve(strategy, target_set)
     if chosen.needs_data and data is None:
@@ -192,6 +213,10 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     if finetune is not None and not chosen.trains:
         pipeline.append(finetune)
     manager = PassManager(pipeline)  # checks the order before anything runs
+    checks.finite_parameters(model)
+    whole = checks.tensor_data(data)
+    if whole is not None:  # tensor data: checked whole now; other data batch by batch when taken
+        checks.pair("data", *whole, labels=loss_fn is None)
 
     inputs = _example_inputs(example_inputs, data)
     working = copy.deepcopy(model).eval()  # never the caller's model (nor its BatchNorm statistics)

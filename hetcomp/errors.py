@@ -1,8 +1,8 @@
 """Errors a user can act on. Each message names the cause and what to do.
 
 Every error a user can cause is a ``HetcompError``; the CLI prints it as one line. Errors about bad
-arguments or data are also ``ValueError`` (and ``TypeError`` for a wrong type), so code that catches
-the built-in classes keeps working.
+arguments, data, targets or manifests are also ``ValueError`` (a wrong type included: ``probes="3"`` is a
+ConfigError), so code that catches ValueError keeps working.
 """
 
 

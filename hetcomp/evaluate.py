@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from hetcomp.errors import ConfigError
+from hetcomp import checks
+from hetcomp.errors import DataError
 from hetcomp.lower import lowered_modules, program_and_drift
 from hetcomp.progress import progress
 
@@ -57,21 +58,32 @@ class Evaluation:
                 f"t = {self.t_inference:g} s; analog MAC ratio {self.mac_ratio:.3f}")
 
 
-def staged(loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (inputs, labels) of ``loader`` (or a tensor pair) concatenated on ``device``."""
+def staged(loader: Any, device: torch.device, what: str = "evaluation data") -> tuple[torch.Tensor, torch.Tensor]:
+    """All (inputs, labels) of ``loader`` (or a tensor pair) concatenated on ``device``; checked: inputs
+    finite, labels integer class indices (DataError naming ``what``)."""
     if isinstance(loader, tuple | list) and len(loader) == 2 and all(isinstance(t, torch.Tensor) for t in loader):
-        return loader[0].to(device), loader[1].to(device)
-    inputs, labels = [], []
-    try:
-        for batch in loader:
-            inputs.append(batch[0])
-            labels.append(batch[1])
-    except (TypeError, IndexError):
-        raise ConfigError("evaluation data must be an iterable of (inputs, labels) batches or an "
-                          "(inputs, labels) tensor pair") from None
-    if not inputs:
-        raise ConfigError("evaluation data yielded no batch")
-    return torch.cat(inputs).to(device), torch.cat(labels).to(device)
+        inputs, labels = loader[0], loader[1]
+    else:
+        batches = []
+        try:
+            for batch in loader:
+                batches.append((batch[0], batch[1]))
+        except (TypeError, IndexError, KeyError):
+            raise DataError(f"{what} must be an iterable of (inputs, labels) batches or an (inputs, labels) tensor "
+                            f"pair, got {type(loader).__name__}") from None
+        if not batches:
+            raise DataError(f"{what} yielded no batch; pass a non-empty DataLoader")
+        if not all(isinstance(t, torch.Tensor) for pair in batches for t in pair):
+            raise DataError(f"{what}: each batch must be an (inputs, labels) pair of tensors")
+        try:
+            inputs, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+        except RuntimeError as error:
+            raise DataError(f"{what}: batches do not concatenate ({str(error).splitlines()[0]}); every batch must "
+                            "hold inputs of the same shape per sample") from None
+    if len(inputs) != len(labels):
+        raise DataError(f"{what}: {len(inputs)} inputs but {len(labels)} labels; pass one label per sample")
+    checks.pair(what, inputs, labels, labels=True)
+    return inputs.to(device), labels.to(device)
 
 
 def batched_logits(module: torch.nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -133,15 +145,17 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     """Top-1 accuracy of the lowered ``module`` on ``data`` over ``repeats`` independent repeats.
 
     ``batch_size`` None: 128 on CPU (measured fastest for aihwkit's elementwise-heavy tiles), 4096 on CUDA.
+    The data is checked (finite inputs, integer labels, in range of the model's outputs: DataError).
     """
-    if repeats < 1:
-        raise ConfigError(f"repeats must be >= 1, got {repeats}")
-    if not t_inference >= 0:
-        raise ConfigError(f"t_inference must be >= 0 seconds, got {t_inference}")
+    repeats = checks.integer("repeats", repeats)
+    t_inference = checks.real("t_inference (seconds after programming)", t_inference, 0.0)
+    seed = checks.seed(seed)
+    batch_size = checks.integer("batch_size (None: 128 on CPU, 4096 on CUDA)", batch_size, optional=True)
+    prefix_cache_bytes = checks.integer("prefix_cache_bytes", prefix_cache_bytes, 0)
     start = time.perf_counter()
     device = next(module.parameters()).device
     inputs, labels = staged(data, device)
-    batch_size = batch_size or (4096 if device.type == "cuda" else 128)
+    batch_size = batch_size if batch_size is not None else (4096 if device.type == "cuda" else 128)
     stochastic = set(lowered_modules(report))
     was_training = module.training
     module.eval()
@@ -150,7 +164,12 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     with torch.no_grad():  # not inference_mode: aihwkit keeps tensors made here (programmed weights)
         frontier = _frontier(module, stochastic)
         if frontier is None:  # nothing stochastic: one pass gives every repeat's result
-            correct = sum(int((module(x).argmax(-1) == y).sum()) for x, y in chunks)
+            correct = 0
+            for index, (x, y) in enumerate(chunks):
+                logits = module(x)
+                if index == 0:
+                    accuracy_labels(logits, labels)
+                correct += int((logits.argmax(-1) == y).sum())
             accuracies = [correct / len(labels)] * repeats
         else:
             prefix_computes = any(n.op not in ("placeholder", "get_attr") for n in _before(module, frontier))
@@ -161,12 +180,23 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
             for repeat in progress(range(repeats), desc="repeats", total=repeats):
                 with hardware_repeat(module, report, t_inference, seed, repeat):
                     correct = 0
-                    for (x, y), env in zip(chunks, envs, strict=True):
+                    for index, ((x, y), env) in enumerate(zip(chunks, envs, strict=True)):
                         logits = runner.run(x, initial_env=dict(env)) if env else module(x)
+                        if repeat == 0 and index == 0:
+                            accuracy_labels(logits, labels)
                         correct += int((logits.argmax(-1) == y).sum())
                 accuracies.append(correct / len(labels))
     module.train(was_training)
     return Evaluation(accuracies, float(t_inference), mac_ratio, time.perf_counter() - start)
+
+
+def accuracy_labels(logits: Any, labels: torch.Tensor, what: str = "evaluation data") -> None:
+    """DataError unless the logits are [samples, classes] and ``labels`` class indices in [0, classes)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise DataError(f"{what}: top-1 accuracy needs model outputs of shape [samples, classes], got {shape}; "
+                        "evaluate a classifier (or score other models with your own quality function)")
+    checks.class_labels(what, labels, int(logits.shape[-1]), ignore_index=None)
 
 
 def _repeat_seed(seed: int, repeat: int) -> int:

@@ -11,6 +11,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hetcomp.errors import ConfigError  # noqa: E402
 from hetcomp.manifest import Manifest  # noqa: E402
 from hetcomp.storage import write_atomic  # noqa: E402
 
@@ -183,7 +184,8 @@ def pareto_front(manifest: Manifest, path: str | Path, baselines: dict[str, tupl
     row remap ended at (``final``), all as (latency s, energy J)."""
     pareto = manifest.extra.get("pareto")
     if not pareto:
-        raise ValueError("the manifest has no Pareto front (extra['pareto']): compile with strategy='pareto'")
+        raise ConfigError("the manifest has no Pareto front (extra['pareto']): compile with strategy='pareto' or "
+                          "'pareto-po' to plot one")
     front = pareto["front"]
     points = [(p["latency_s"], p["energy_j"]) for p in front] + list((baselines or {}).values())
     points += [final] if final is not None else []
@@ -228,7 +230,8 @@ def row_remap_trajectory(manifest: Manifest, path: str | Path) -> Path:
     """Accuracy and latency at each row-remap step, with the digital baseline and tolerance band."""
     remap = manifest.extra.get("row_remap")
     if not remap:
-        raise ValueError("the manifest has no row-remap record (extra['row_remap']): compile with strategy='pareto'")
+        raise ConfigError("the manifest has no row-remap record (extra['row_remap']): compile with "
+                          "strategy='pareto' (with data=) to plot one")
     steps = [s["step"] for s in remap["trajectory"]]
     fig, ax = plt.subplots(figsize=(6.4, 4))
     metric = remap.get("metric", "accuracy")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hetcomp import checks
 from hetcomp.errors import ConfigError
 from hetcomp.passes.assign import most_accurate_digital, sole_analog
 from hetcomp.passes.assign_all import AssignAll
@@ -80,7 +81,9 @@ register_strategy(_kmeans("scr-only", ("scr",), "k-means on SCR alone (HILAL abl
 
 
 def mac_greedy(threshold: float = 0.02, eval_repeats: int = 5, t_inference: float = 86400.0) -> Strategy:
-    """LionHeart's greedy search with explicit settings (``strategy=mac_greedy(threshold=0.01)``)."""
+    """LionHeart's greedy search with explicit settings (``strategy=mac_greedy(threshold=0.01)``); the
+    settings are checked now, before any work."""
+    threshold, eval_repeats, t_inference = MacGreedy.check_settings(threshold, eval_repeats, t_inference)
     return Strategy(
         "mac-greedy",
         f"LionHeart: layers by MACs, largest first, each kept analog only if retrained accuracy >= digital "
@@ -103,6 +106,7 @@ def pareto(population: int = 64, generations: int = 100, samples: float = 1.0, t
     measured on ``val_data`` (default: the data given to compile; pass held-out data). ``quality``,
     ``higher_is_better``, ``checkpoint``: see hetcomp.passes.row_remap.RowRemap."""
     search = ParetoSearch(population, generations, samples, choose)  # validates now, before any work
+    checks.boolean("remap", remap)
     stages: list[Pass] = [search]
     if remap:
         stages.append(RowRemap(tolerance, step, candidates, repeats, max_steps, samples, val_data, quality,
@@ -135,6 +139,10 @@ def available_strategies() -> list[str]:
 
 def resolve(name: str | Strategy | None, targets: TargetSet) -> Strategy:
     """The strategy for ``name`` (None: the target set's default). Errors name the known strategies."""
+    if name is not None and not isinstance(name, str | Strategy):
+        raise ConfigError(f"strategy must be a name such as 'hilal' (known: {', '.join(available_strategies())}), "
+                          f"a hetcomp.strategies.Strategy such as hetcomp.strategies.pareto(...), or None for the "
+                          f"target set's default; got {checks.got(name)}")
     if isinstance(name, Strategy):
         name.build(targets, None)  # raises now, before any work, if the target set does not fit
         return name

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from hetcomp import checks
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import batched_logits, hardware_repeat, staged
 from hetcomp.graph import trace
@@ -131,8 +132,9 @@ def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repe
                       t_inference: float = 86400.0, seed: int = 0,
                       profiles: list[tuple[str, ...]] | None = None, bins: int = 10) -> FailureAnalysis:
     """Analog-only failure rate per curvature decile for each non-ideality profile."""
-    if repeats < 1:
-        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    repeats = checks.integer("repeats", repeats)
+    t_inference = checks.real("t_inference (seconds)", t_inference, 0.0)
+    seed = checks.seed(seed)
     device = next(model.parameters()).device
     inputs, labels = staged(data, device)
     if len(curvature) != len(labels):

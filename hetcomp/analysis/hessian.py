@@ -34,6 +34,7 @@ bench/results/hvp_variants_h100.txt):
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,7 +44,9 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from hetcomp import checks
 from hetcomp.analysis.double_backward import efficient_double_backward
+from hetcomp.errors import ConfigError, DataError
 from hetcomp.progress import bar, progress
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -73,11 +76,12 @@ class HessianOperator:
         cuda_graphs: bool | None = None,
     ) -> None:
         if not params:
-            raise ValueError("HessianOperator needs at least one parameter tensor")
+            raise ConfigError("HessianOperator needs at least one parameter tensor (the model has no weight layer)")
         names = {id(p): name for name, p in model.named_parameters()}
         missing = [i for i, p in enumerate(params) if id(p) not in names]
         if missing:
-            raise ValueError(f"params {missing} are not parameters of the model (model.named_parameters())")
+            raise ConfigError(f"params {missing} are not parameters of the model; pass tensors from "
+                              "model.named_parameters()")
         # Fresh leaves sharing the parameters' storage: the operator's autograd graph is its own (own
         # gradient accumulators, made on its stream), whatever the caller did with the parameters before
         # -- autograd use on the default stream would otherwise break CUDA-graph capture.
@@ -85,7 +89,8 @@ class HessianOperator:
         self._names = [names[id(p)] for p in params]
         on_cuda = self.params[0].is_cuda
         if cuda_graphs and not on_cuda:
-            raise ValueError("cuda_graphs=True needs the parameters on a CUDA device")
+            raise ConfigError("cuda_graphs=True needs the parameters on a CUDA device; move the model with "
+                              ".cuda() or pass cuda_graphs=None")
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.batched = batched
         self.hvp_calls = 0
@@ -100,7 +105,7 @@ class HessianOperator:
         self.gradient = [torch.zeros_like(p) for p in self.params]
         self.loss = 0.0
         with self._on_stream(), torch.enable_grad():
-            for inputs, targets in batches:
+            for index, (inputs, targets) in enumerate(batches):
                 weight = int(targets.shape[0]) / total
                 with efficient_double_backward():  # same function; cheaper graph to differentiate again
                     outputs = functional_call(model, dict(zip(self._names, self.params)), (inputs,))
@@ -109,7 +114,12 @@ class HessianOperator:
                 self._graphs.append((grads, weight))
                 for accumulated, g in zip(self.gradient, grads):
                     accumulated.add_(g.detach(), alpha=weight)
-                self.loss += weight * float(loss.detach())
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise DataError(f"the loss on calibration batch {index} is {value} (inputs and weights are "
+                                    "finite): the model overflows on this data or loss_fn returns NaN/Inf; normalise "
+                                    "the inputs or check loss_fn")
+                self.loss += weight * value
         model.train(was_training)
 
     @contextmanager
@@ -208,12 +218,12 @@ class HessianOperator:
         dominant eigenvalues' squares, which carry 30-100% of ||H_ll||_F^2 on the measured models.
         diag(H) = E[w * H w] + sum_j q_j * (H q_j) exactly (E[w * Hw] is the row sum of H * P).
         """
-        if probes < 1:
-            raise ValueError(f"probes must be >= 1, got {probes}")
+        probes = checks.integer("probes", probes)
         deflate = deflate or {}
         unknown = set(deflate) - set(range(len(self.params)))
         if unknown:
-            raise ValueError(f"deflate names layers {sorted(unknown)}; there are {len(self.params)}")
+            raise ConfigError(f"deflate names layers {sorted(unknown)}; there are {len(self.params)} (indices "
+                              f"0..{len(self.params) - 1})")
         samples = torch.zeros(probes, len(self.params), dtype=torch.float64)
         offset = torch.zeros(len(self.params), dtype=torch.float64)
         diag = [torch.zeros_like(p) for p in self.params]
@@ -249,7 +259,7 @@ class HessianOperator:
                     diag[layer] += vhv / probes
             samples = sums.cpu()
         else:
-            raise ValueError(f"estimator must be 'full' or 'block', got {estimator!r}")
+            checks.choice("estimator", estimator, ("full", "block"))
         return HutchinsonResult(samples=samples + offset, diag=diag)
 
     def power_iteration(

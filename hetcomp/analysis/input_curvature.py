@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hetcomp import checks
 from hetcomp.errors import ConfigError
 from hetcomp.progress import progress
 
@@ -45,10 +46,10 @@ def input_curvature(model: nn.Module, data: Any, h: float = 1e-3, n: int = 10, s
     ``loss_fn(logits, labels)`` must return one loss per sample (default: cross-entropy, reduction none).
     Probes come from a CPU generator seeded with ``seed``: the same on every device.
     """
-    if not h > 0:
-        raise ConfigError(f"h must be > 0, got {h}")
-    if n < 1:
-        raise ConfigError(f"n (probes) must be >= 1, got {n}")
+    h = checks.real("h (finite-difference step)", h, 0.0, exclusive=True)
+    n = checks.integer("n (probes)", n)
+    seed = checks.seed(seed)
+    checks.callable_or_none("loss_fn", loss_fn, "a function (logits, labels) -> one loss per sample")
     if labels not in ("given", "predicted"):
         raise ConfigError(f"labels must be 'given' or 'predicted', got {labels!r}")
     per_sample = _per_sample_loss(loss_fn)

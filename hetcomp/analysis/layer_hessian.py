@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from hetcomp import checks
 from hetcomp.analysis.hessian import HessianOperator, HutchinsonResult
+from hetcomp.errors import ConfigError
 from hetcomp.graph.layers import LayerAnnotation, mappable_nodes
 from hetcomp.targets.base import WEIGHT_STATIC
 
@@ -48,10 +50,9 @@ def dominant_eigenvalue(gm: fx.GraphModule, ctx, batches: int, max_iter: int, to
                         keep_vectors: bool = False):
     """(eigenvalues, iterations used) per weight layer, by ``method`` "lanczos" or "power".
     ``keep_vectors`` (Lanczos): also cache the Krylov bases for deflated Hutchinson."""
-    if method not in ("lanczos", "power"):
-        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    checks.choice("eigen_method", method, ("lanczos", "power"))
     if keep_vectors and method != "lanczos":
-        raise ValueError("keep_vectors needs method='lanczos'")
+        raise ConfigError("keep_vectors (deflation) needs eigen_method='lanczos'")
 
     def compute():
         generator = torch.Generator().manual_seed(ctx.seed + 1)

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
+from hetcomp.errors import ConfigError
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.manifest import Manifest
 from hetcomp.storage import write_atomic
@@ -199,9 +200,10 @@ def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, dir
 def _rename_io(model_ir: Any, inputs: list[str], outputs: list[str]) -> None:
     graph = model_ir.graph
     if len(graph.inputs) != len(inputs) or len(graph.outputs) != len(outputs):
-        raise RuntimeError(
+        raise ConfigError(
             f"partition I/O mismatch: ONNX has {len(graph.inputs)} inputs/{len(graph.outputs)} outputs, "
-            f"expected {len(inputs)}/{len(outputs)}"
+            f"expected {len(inputs)}/{len(outputs)} (a partition with non-tensor or nested inputs/outputs); export "
+            "one graph instead (split=False)"
         )
     for value, name in zip(graph.inputs, inputs):
         value.name = name

@@ -3,16 +3,22 @@
 Validation is a split of the *training* data (or ``val_data`` the user hands in); the test split is
 never touched by fine-tuning or by a partition search. Epoch shuffles use their own seeded generator,
 so a stage's batches depend only on (seed, stage, epoch), which is what makes resuming exact.
+
+The data is checked (hetcomp.checks): inputs finite, labels integer class indices with the default loss.
+Tensor data (a tensor pair, or a DataLoader over a TensorDataset) is checked whole when split; other
+datasets batch by batch as training reads them (``TrainingData.batches``); validation data when staged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from hetcomp import checks
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import staged
 
@@ -22,15 +28,26 @@ class TrainingData:
     train: Dataset
     val: tuple[torch.Tensor, torch.Tensor]  # staged validation inputs and labels (CPU)
     batch_size: int
+    checked: bool = True  # the training tensors were checked whole; else ``batches`` checks each batch
+    class_labels: bool = True  # the default loss: labels must be integer class indices
 
     def epoch_loader(self, seed: int) -> DataLoader:
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator)
 
+    def batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's (inputs, labels) batches, each checked (DataError) unless the data was checked whole."""
+        for index, batch in enumerate(self.epoch_loader(seed)):
+            if not self.checked:
+                checks.batches("training data", [batch[:2]], self.class_labels, start=index)
+            yield batch[0], batch[1]
+
 
 def training_split(data: Any, val_data: Any = None, val_fraction: float = 0.1, seed: int = 0,
-                   batch_size: int | None = None) -> TrainingData:
-    """Split ``data`` (a DataLoader over a map-style dataset, or an (inputs, labels) tensor pair)."""
+                   batch_size: int | None = None, class_labels: bool = True) -> TrainingData:
+    """Split ``data`` (a DataLoader over a map-style dataset, or an (inputs, labels) tensor pair).
+    ``class_labels``: the loss is the default cross-entropy, so labels must be integer class indices."""
+    batch_size = checks.integer("batch_size", batch_size, optional=True)
     if isinstance(data, DataLoader):
         dataset = data.dataset
         batch_size = batch_size or data.batch_size or 64
@@ -43,15 +60,19 @@ def training_split(data: Any, val_data: Any = None, val_fraction: float = 0.1, s
     else:
         raise ConfigError("fine-tuning needs data= as a DataLoader or an (inputs, labels) tensor pair, "
                           f"got {type(data).__name__}")
+    whole = checks.tensor_data(data)
+    if whole is not None:
+        checks.pair("training data", *whole, class_labels)
     if val_data is not None:
-        return TrainingData(dataset, staged(val_data, torch.device("cpu")), batch_size)
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        return TrainingData(dataset, staged(val_data, torch.device("cpu"), "validation data (val_data)"), batch_size,
+                            whole is not None, class_labels)
+    checks.real("val_fraction", val_fraction, 0.0, True, 1.0, True)
     n_val = max(1, int(round(len(dataset) * val_fraction)))
     if n_val >= len(dataset):
         raise ConfigError(f"{len(dataset)} training samples are too few to split off {val_fraction:.0%} validation")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     val = Subset(dataset, order[:n_val])
     train = Subset(dataset, order[n_val:])
-    val_tensors = staged(DataLoader(val, batch_size=max(batch_size, 256)), torch.device("cpu"))
-    return TrainingData(train, val_tensors, batch_size)
+    val_tensors = staged(DataLoader(val, batch_size=max(batch_size, 256)), torch.device("cpu"),
+                         f"validation data ({val_fraction:.0%} split of data)")
+    return TrainingData(train, val_tensors, batch_size, whole is not None, class_labels)

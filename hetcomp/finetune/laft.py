@@ -7,9 +7,11 @@ cosine learning-rate decay. Stage 1 starts from the FP weights of the model bein
 never starts from an analog-trained model); stage t starts from stage t-1's validation-best weights,
 reloaded from its checkpoint, so a run that is resumed computes exactly what an uninterrupted run does.
 
-Checkpoints (hetcomp.finetune.checkpoints): ``<checkpoint_dir>/<run key>/stage-NN.pt`` (the
-digital-equivalent state dict) and ``progress.json``, written atomically after each stage; the run
-key hashes everything a stage depends on, so ``resume=True`` only ever picks up the same run.
+Checkpoints (hetcomp.finetune.checkpoints): ``<checkpoint_dir>/<run key>/stage-NN.safetensors`` (the
+digital-equivalent state dict) and ``progress.json`` (the stages' records and each stage file's SHA-256),
+written atomically after each stage; the run key hashes everything a stage depends on, so ``resume=True``
+only ever picks up the same run, and a stage file that does not match its checksum is refused
+(CheckpointError) rather than loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from hetcomp import checks
 from hetcomp.errors import ConfigError
 from hetcomp.finetune.checkpoints import StageCheckpoints, run_key
 from hetcomp.finetune.data import training_split
@@ -62,12 +65,24 @@ class LAFT(Pass):
     modifies_graph = True
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ConfigError naming the first invalid setting (run at construction and again by compile, so a
+        setting changed after construction is checked before any work too)."""
         for field_name in ("epochs", "patience", "val_repeats"):
-            if getattr(self, field_name) < 1:
-                raise ConfigError(f"LAFT {field_name} must be >= 1, got {getattr(self, field_name)}")
+            checks.integer(f"LAFT {field_name}", getattr(self, field_name))
         for field_name in ("lr_analog", "lr_digital"):
-            if not getattr(self, field_name) > 0:
-                raise ConfigError(f"LAFT {field_name} must be > 0, got {getattr(self, field_name)}")
+            checks.real(f"LAFT {field_name}", getattr(self, field_name), 0.0, exclusive=True)
+        checks.real("LAFT momentum", self.momentum, 0.0)
+        checks.boolean("LAFT lr_decay", self.lr_decay)
+        checks.real("LAFT val_fraction", self.val_fraction, 0.0, True, 1.0, True)
+        checks.real("LAFT val_t_inference (seconds; None: read noise only)", self.val_t_inference, 0.0,
+                    optional=True)
+        checks.integer("LAFT batch_size (None: the DataLoader's)", self.batch_size, optional=True)
+        checks.path_or_none("LAFT checkpoint_dir", self.checkpoint_dir)
+        checks.boolean("LAFT resume", self.resume)
+        checks.integer("LAFT stop_after (None: run every stage)", self.stop_after, optional=True)
 
     def stage_settings(self) -> StageSettings:
         return StageSettings(self.epochs, self.patience, self.lr_analog, self.lr_digital, self.momentum,
@@ -96,13 +111,15 @@ class LAFT(Pass):
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         _check_trainable(gm, ctx)
         order = self.order(gm, ctx)
-        data = training_split(ctx.data, self.val_data, self.val_fraction, ctx.seed, self.batch_size)
+        data = training_split(ctx.data, self.val_data, self.val_fraction, ctx.seed, self.batch_size,
+                              class_labels=ctx.loss_fn is None)
         checkpoints = StageCheckpoints(self.checkpoint_dir, run_key(gm, ctx, data, method="laft", order=order,
-                                                                     settings=self.settings()))
+                                                                     settings=self.settings()), method="LAFT")
         records = checkpoints.finished() if self.resume else []
         done = len(records)
         # Stage 1 starts from the FP weights; a resumed run starts from the last finished checkpoint.
-        state = checkpoints.load(done - 1) if done else {k: v.detach().clone() for k, v in gm.state_dict().items()}
+        fp_state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+        state = checkpoints.load(done - 1, fp_state) if done else fp_state
         for index in range(done, len(order)):
             if self.stop_after is not None and index - done >= self.stop_after:
                 break

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from hetcomp.evaluate import batched_logits, evaluate
+from hetcomp.evaluate import accuracy_labels, batched_logits, evaluate
 from hetcomp.finetune.data import TrainingData
 from hetcomp.lower import digital_state_dict, lower_graph, lowered_modules
 from hetcomp.progress import bar
@@ -80,8 +80,11 @@ def validation_accuracy(module: torch.nn.Module, val: tuple[torch.Tensor, torch.
     correct = 0
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for _ in range(repeats):
-            correct += int((batched_logits(module, inputs, batch_size).argmax(-1) == labels).sum())
+        for repeat in range(repeats):
+            logits = batched_logits(module, inputs, batch_size)
+            if repeat == 0:
+                accuracy_labels(logits, labels, "validation data")
+            correct += int((logits.argmax(-1) == labels).sum())
     module.train(was_training)
     return correct / (len(labels) * repeats)
 
@@ -114,7 +117,7 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
         torch.manual_seed(derive_seed(seed, "noise"))
         for epoch in range(1, settings.epochs + 1):
             lowered.train()
-            for inputs, labels in data.epoch_loader(derive_seed(seed, "epoch", epoch)):
+            for inputs, labels in data.batches(derive_seed(seed, "epoch", epoch)):
                 optimizer.zero_grad()
                 loss = loss_fn(lowered(inputs.to(device)), labels.to(device))
                 loss.backward()

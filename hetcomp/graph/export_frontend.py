@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.fx.passes.shape_prop import ShapeProp
 
+from hetcomp.checks import describe_inputs
 from hetcomp.errors import TraceError
-from hetcomp.graph.fx_frontend import is_parameter, per_sample, shape_of
+from hetcomp.graph.fx_frontend import is_parameter, per_sample, shape_of, shape_prop
 from hetcomp.graph.layers import LayerInfo
 from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC
 
@@ -35,19 +35,16 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -
         program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as err:
         raise TraceError(
-            f"torch.export could not export {type(model).__name__} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); for Hugging Face models pass use_cache=False in the "
-            "example kwargs and call model.eval() first"
+            f"torch.export could not export {type(model).__name__} with example inputs "
+            f"({describe_inputs(kwargs or args)}) ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); pass a batch shaped like the model's input (e.g. "
+            "one batch of your data); for Hugging Face models pass use_cache=False in the example kwargs and call "
+            "model.eval() first"
         ) from err
     gm = program.module()
     decompose_attention(gm)
     flat, _ = pytree.tree_flatten((args, kwargs))
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*flat)
-    except Exception as err:
-        raise TraceError(f"running the exported {type(model).__name__} on the example inputs failed "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    shape_prop(gm, flat, kwargs or args, type(model).__name__)
     return gm
 
 

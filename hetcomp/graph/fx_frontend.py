@@ -6,8 +6,11 @@ front end (torch.export, ATen-level) supplies its own table and yields the same 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from hetcomp.checks import describe_inputs
 from hetcomp.errors import TraceError
 from hetcomp.graph.layers import LayerInfo
 from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC
@@ -60,16 +64,52 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type | str] = ()) ->
     return fx.GraphModule(tracer.root, graph, name)
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running, so a failure can name it."""
+
+    hetcomp_node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.hetcomp_node = n
+        return super().run_node(n)
+
+
+def shape_prop(gm: fx.GraphModule, flat_inputs: Sequence, example_inputs, model_name: str) -> None:
+    """Run ShapeProp; a failure is a TraceError saying the example inputs do not run through the model.
+
+    ShapeProp prints the traceback of a failing node to stderr before it re-raises; that print is held
+    back (the TraceError chains the original error), and shown as usual when nothing fails."""
+    runner = _ShapeProp(gm)
+    held = io.StringIO()
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+        with torch.no_grad(), contextlib.redirect_stderr(held):
+            runner.propagate(*flat_inputs)
     except Exception as err:
-        raise TraceError(
-            f"running {gm.__class__.__name__} on the example inputs failed ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); pass example_inputs the model accepts, "
-            "e.g. a tuple with one batch of real inputs"
-        ) from err
+        original = err.__cause__ if err.__cause__ is not None and str(err).startswith("ShapeProp error") else err
+        raise TraceError(inputs_do_not_run(example_inputs, model_name, original, gm, runner.hetcomp_node)) \
+            from original
+    sys.stderr.write(held.getvalue())
+
+
+def inputs_do_not_run(example_inputs, model_name: str, error: BaseException, gm: fx.GraphModule | None = None,
+                      node: fx.Node | None = None) -> str:
+    """"example inputs (shape [2, 3], float32) do not run through Net: <error> (at ...); pass a batch ..."."""
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    where = ""
+    if node is not None and node.op == "call_module" and gm is not None:
+        try:
+            where = f" (at module '{node.target}', {type(gm.get_submodule(node.target)).__name__})"
+        except AttributeError:
+            where = f" (at module '{node.target}')"
+    elif node is not None and node.op not in ("placeholder", "output"):
+        where = f" (at node '{node.name}')"
+    return (f"example inputs ({describe_inputs(example_inputs)}) do not run through {model_name}: "
+            f"{type(error).__name__}: {first_line}{where}; pass a batch shaped like the model's input (e.g. one "
+            "batch of your data)")
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    shape_prop(gm, example_inputs, example_inputs, gm.__class__.__name__)
 
 
 # Helpers shared by both front ends (export_frontend imports them).

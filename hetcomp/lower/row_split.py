@@ -87,7 +87,7 @@ def slice_rows(module: nn.Module, index: list[int]) -> nn.Module:
                               module.dilation, groups=groups, bias=module.bias is not None,
                               padding_mode=module.padding_mode)
     else:
-        raise ValueError(f"cannot row-split a {type(module).__name__}")
+        raise ConfigError(f"cannot row-split a {type(module).__name__}; assign the layer to one tier")
     sliced = sliced.to(module.weight.device, module.weight.dtype)
     with torch.no_grad():
         sliced.weight.copy_(module.weight.index_select(0, idx))

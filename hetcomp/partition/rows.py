@@ -46,8 +46,8 @@ def apply_counts(annotation: LayerAnnotation, counts: Sequence[int], tiers: Sequ
     """
     counts = [int(c) for c in counts]
     if sum(counts) != annotation.layer.rows or min(counts) < 0:
-        raise ValueError(f"row counts {counts} for layer {annotation.layer.name!r} do not sum to its "
-                         f"{annotation.layer.rows} rows")
+        raise ConfigError(f"row counts {counts} for layer {annotation.layer.name!r} do not sum to its "
+                          f"{annotation.layer.rows} rows")
     unit = row_unit(annotation.layer)
     if any(count % unit for count in counts):
         raise ConfigError(f"row counts {counts} for layer {annotation.layer.name!r} split its groups: a grouped "

@@ -1,5 +1,6 @@
 """Passes: annotation (Hessian metrics), partition (assignment), and the infrastructure that runs them."""
 
+from hetcomp import checks
 from hetcomp.errors import ConfigError
 from hetcomp.passes.assign_all import AssignAll
 from hetcomp.passes.base import CompileContext, Pass, PassManager
@@ -29,7 +30,8 @@ def hessian_passes(probes: int = 10, max_iter: int = 20, tol: float = 1e-3, batc
     sensitivity (same HVPs, less variance; see HessianTrace). With the issue's former default (``estimator=
     "full"``, no deflation, 10 probes) the digits CNN's hilal split changed with the seed; with these it does
     not (tests/test_partition_stability.py)."""
-    if deflate and eigen_method != "lanczos":
+    checks.choice("eigen_method", eigen_method, ("lanczos", "power"))
+    if checks.boolean("deflate", deflate) and eigen_method != "lanczos":
         raise ConfigError("deflate=True needs eigen_method='lanczos' (its Krylov bases deflate the probes)")
     eigen = LambdaMax(max_iter=max_iter, tol=tol, batches=batches, method=eigen_method, keep_vectors=deflate)
     deflation = (max_iter, tol) if deflate else None

@@ -16,7 +16,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from hetcomp.errors import ConfigError, PassOrderError
+from hetcomp import checks
+from hetcomp.errors import ConfigError, DataError, HetcompError, PassOrderError
+from hetcomp.memory import PeakMemory
 from hetcomp.progress import progress
 from hetcomp.targets import TargetSet
 
@@ -53,6 +55,8 @@ class PassRecord:
     name: str
     seconds: float
     settings: dict[str, Any]
+    peak_bytes: int | None = None  # hetcomp.memory.PeakMemory: CUDA allocated bytes, or the process's peak RSS
+    memory_kind: str = ""
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,7 +79,8 @@ class CompileContext:
 
     @property
     def loss(self) -> LossFn:
-        return self.loss_fn if self.loss_fn is not None else nn.functional.cross_entropy
+        """``loss_fn``, or cross-entropy that first checks the labels (hetcomp.checks.checked_cross_entropy)."""
+        return self.loss_fn if self.loss_fn is not None else checks.checked_cross_entropy
 
     def device(self, gm: nn.Module) -> torch.device:
         """Where the model lives: data and probes follow it."""
@@ -102,17 +107,19 @@ class CompileContext:
         """The first ``count`` (inputs, targets) batches of ``data``, taken once and reused by every pass.
 
         ``data`` may be a DataLoader / iterable of (inputs, targets) pairs, or one (inputs, targets)
-        pair of tensors.
+        pair of tensors. Checked when taken (DataError naming the batch): inputs finite, and with the
+        default loss integer labels (their range is checked against the model's outputs by the loss).
         """
         if self.data is None:
             raise ConfigError("this pass needs calibration data: pass data=<DataLoader of (inputs, targets)>")
-        if count < 1:
-            raise ConfigError(f"calibration batch count must be >= 1, got {count}")
+        count = checks.integer("calibration batch count", count)
         if count not in self._calibration:
             # A shuffling loader yields the same batches for the same seed; the caller's RNG is untouched.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                self._calibration[count] = _take_batches(self.data, count)
+                taken = _take_batches(self.data, count)
+            checks.batches("calibration data", taken, labels=self.loss_fn is None)
+            self._calibration[count] = taken
         return [(x.to(device), y.to(device)) for x, y in self._calibration[count]]
 
     def calibration_record(self) -> dict[str, dict[str, Any]]:
@@ -137,12 +144,16 @@ def _take_batches(data: Any, count: int) -> list[tuple[torch.Tensor, torch.Tenso
         ) from None
     for batch in iterator:
         if not (isinstance(batch, tuple | list) and len(batch) >= 2):
-            raise ConfigError("each data batch must be an (inputs, targets) pair")
+            raise DataError(f"data batch {len(batches)} is a {type(batch).__name__}, not an (inputs, targets) "
+                            "pair; make the dataset return (input, label) samples")
+        if not all(isinstance(t, torch.Tensor) for t in batch[:2]):
+            raise DataError(f"data batch {len(batches)} holds {type(batch[0]).__name__} inputs and "
+                            f"{type(batch[1]).__name__} targets; both must be tensors (use the default collate_fn)")
         batches.append((batch[0], batch[1]))
         if len(batches) == count:
             break
     if not batches:
-        raise ConfigError("data yielded no batch")
+        raise DataError("data yielded no batch; pass a non-empty DataLoader (check drop_last and the dataset size)")
     return batches
 
 
@@ -175,13 +186,30 @@ class PassManager:
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         for p in progress(self.passes, desc="passes", total=len(self.passes)):
             start = time.perf_counter()
-            result = p.run(gm, ctx)
+            with PeakMemory(ctx.device(gm)) as peak:
+                try:
+                    result = p.run(gm, ctx)
+                except HetcompError as err:  # name the pass that refused, keep the error's class
+                    raise _in_pass(err, p.name) from err
+                except Exception as err:
+                    err.add_note(f"(raised in hetcomp pass {p.name!r})")
+                    raise
             gm = result if result is not None else gm
             if p.modifies_graph:
                 gm.recompile()
                 ctx.invalidate_analyses()
-            ctx.records.append(PassRecord(p.name, time.perf_counter() - start, p.settings()))
+            ctx.records.append(PassRecord(p.name, time.perf_counter() - start, p.settings(), peak.bytes, peak.kind))
         return gm
+
+
+def _in_pass(err: HetcompError, name: str) -> HetcompError:
+    message = str(err)
+    if message.startswith(f"pass {name!r}: "):
+        return err
+    try:
+        return type(err)(f"pass {name!r}: {message}")
+    except TypeError:  # a subclass with another constructor: keep it as it is
+        return err
 
 
 def _who_provides(item: str, later: Sequence[Pass]) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from hetcomp import checks
 from hetcomp.analysis import layer_hessian
+from hetcomp.errors import ConfigError
 from hetcomp.passes.base import CompileContext, Pass
 
 
@@ -24,11 +26,10 @@ class HessianTrace(Pass):
 
     def __init__(self, probes: int = 10, estimator: str = "full", batches: int = 2,
                  deflate: tuple[int, float] | None = None) -> None:
-        if probes < 1 or batches < 1:
-            raise ValueError("probes and batches must be >= 1")
-        if estimator not in ("full", "block"):
-            raise ValueError(f"estimator must be 'full' or 'block', got {estimator!r}")
-        self.probes, self.estimator, self.batches, self.deflate = probes, estimator, batches, deflate
+        self.probes = checks.integer("probes", probes)
+        self.estimator = checks.choice("estimator", estimator, ("full", "block"))
+        self.batches = checks.integer("batches", batches)
+        self.deflate = deflation_settings(deflate)
 
     def settings(self) -> dict:
         return {"probes": self.probes, "estimator": self.estimator, "batches": self.batches,
@@ -41,3 +42,13 @@ class HessianTrace(Pass):
             annotation.metrics["hessian_trace"] = trace
             annotation.metrics["hessian_trace_stderr"] = stderr
         return gm
+
+
+def deflation_settings(deflate: tuple[int, float] | None) -> tuple[int, float] | None:
+    """``deflate`` checked: None or (max_iter >= 1, tol >= 0) of the LambdaMax run whose bases deflate."""
+    if deflate is None:
+        return None
+    if not isinstance(deflate, tuple | list) or len(deflate) != 2:
+        raise ConfigError(f"deflate must be None or (max_iter, tol) of the LambdaMax run, got "
+                          f"{checks.got(deflate)}")
+    return checks.integer("deflate max_iter", deflate[0]), checks.real("deflate tol", deflate[1], 0.0)

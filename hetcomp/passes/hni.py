@@ -6,6 +6,7 @@ import math
 
 import torch.fx as fx
 
+from hetcomp import checks
 from hetcomp.analysis import layer_hessian
 from hetcomp.passes.base import CompileContext, Pass
 
@@ -23,9 +24,7 @@ class HNI(Pass):
     provides = ("hni",)
 
     def __init__(self, gamma: float = 0.08) -> None:
-        if gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
-        self.gamma = gamma
+        self.gamma = checks.real("gamma (relative weight noise)", gamma, 0.0, exclusive=True)
 
     def settings(self) -> dict:
         return {"gamma": self.gamma}

@@ -22,6 +22,8 @@ import warnings
 import numpy as np
 import torch.fx as fx
 
+from hetcomp import checks
+from hetcomp.errors import ConfigError
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.passes.assign import assign_layer
 from hetcomp.passes.base import CompileContext, Pass
@@ -34,13 +36,13 @@ class KMeansSplit(Pass):
 
     def __init__(self, digital: str, analog: str, features: tuple[str, ...] = ("hni", "scr"),
                  restarts: int = 8, name: str | None = None) -> None:
-        if not features:
-            raise ValueError("KMeansSplit needs at least one feature")
-        if restarts < 1:
-            raise ValueError(f"restarts must be >= 1, got {restarts}")
+        if isinstance(features, str) or not isinstance(features, tuple | list) or not features or \
+                not all(isinstance(f, str) for f in features):
+            raise ConfigError(f"KMeansSplit features must be a non-empty tuple of metric names such as ('hni', "
+                              f"'scr'), got {checks.got(features)}")
         self.digital, self.analog = digital, analog
         self.features = tuple(features)
-        self.restarts = restarts
+        self.restarts = checks.integer("restarts", restarts)
         self.requires = ("layers", *self.features)
         if name is not None:
             self.name = name
@@ -100,7 +102,7 @@ class KMeansSplit(Pass):
 
         scaler = StandardScaler()
         scaled = scaler.fit_transform(descriptors)
-        kmeans = KMeans(n_clusters=2, n_init=self.restarts, random_state=seed)
+        kmeans = KMeans(n_clusters=2, n_init=self.restarts, random_state=seed % 2**32)  # sklearn: < 2**32
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # duplicate points: sklearn warns, the result is still defined
             labels = kmeans.fit_predict(scaled)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from hetcomp import checks
 from hetcomp.analysis import layer_hessian
+from hetcomp.errors import ConfigError
 from hetcomp.passes.base import CompileContext, Pass
 
 
@@ -26,13 +28,13 @@ class LambdaMax(Pass):
 
     def __init__(self, max_iter: int = 20, tol: float = 1e-3, batches: int = 2, method: str = "lanczos",
                  keep_vectors: bool = False) -> None:
-        if max_iter < 1 or batches < 1 or tol < 0:
-            raise ValueError("max_iter and batches must be >= 1 and tol >= 0")
-        if method not in ("lanczos", "power"):
-            raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
-        if keep_vectors and method != "lanczos":
-            raise ValueError("keep_vectors needs method='lanczos'")
-        self.max_iter, self.tol, self.batches, self.method = max_iter, tol, batches, method
+        self.max_iter = checks.integer("max_iter", max_iter)
+        self.tol = checks.real("tol", tol, 0.0)
+        self.batches = checks.integer("batches", batches)
+        self.method = checks.choice("eigen_method", method, ("lanczos", "power"))
+        if checks.boolean("keep_vectors", keep_vectors) and method != "lanczos":
+            raise ConfigError("keep_vectors (deflation) needs eigen_method='lanczos'; pass deflate=False to use "
+                              "power iteration")
         # Keep the Krylov bases for a deflated HessianTrace later in the pipeline (one Lanczos run, shared).
         self.keep_vectors = keep_vectors
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from hetcomp import checks
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate
 from hetcomp.finetune.checkpoints import StageCheckpoints, run_key
@@ -37,15 +38,19 @@ class MacGreedy(Pass):
 
     def __init__(self, digital: str, analog: str, threshold: float = 0.02, training: LAFT | None = None,
                  eval_repeats: int = 5, t_inference: float = 86400.0) -> None:
-        if not 0 <= threshold < 1:
-            raise ConfigError(f"mac-greedy threshold is a fraction of accuracy in [0, 1), got {threshold}")
-        if eval_repeats < 1:
-            raise ConfigError(f"eval_repeats must be >= 1, got {eval_repeats}")
+        self.threshold, self.eval_repeats, self.t_inference = self.check_settings(threshold, eval_repeats, t_inference)
+        if training is not None and not isinstance(training, LAFT):
+            raise ConfigError(f"mac-greedy takes its training settings from finetune=hetcomp.LAFT(...), got "
+                              f"{checks.got(training)}")
         self.digital, self.analog = digital, analog
-        self.threshold = threshold
         self.training = training if training is not None else LAFT()
-        self.eval_repeats = eval_repeats
-        self.t_inference = t_inference
+
+    @staticmethod
+    def check_settings(threshold: float, eval_repeats: int, t_inference: float) -> tuple[float, int, float]:
+        """The settings checked (ConfigError naming the first bad one); also run by strategies.mac_greedy()."""
+        return (checks.real("mac-greedy threshold (a fraction of accuracy)", threshold, 0.0, False, 1.0, True),
+                checks.integer("mac-greedy eval_repeats", eval_repeats),
+                checks.real("mac-greedy t_inference (seconds)", t_inference, 0.0))
 
     def settings(self) -> dict:
         return {"digital": self.digital, "analog": self.analog, "threshold": self.threshold,
@@ -54,7 +59,8 @@ class MacGreedy(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         training = self.training
-        data = training_split(ctx.data, training.val_data, training.val_fraction, ctx.seed, training.batch_size)
+        data = training_split(ctx.data, training.val_data, training.val_fraction, ctx.seed, training.batch_size,
+                              class_labels=ctx.loss_fn is None)
         candidates = []
         for _, annotation in mappable_nodes(gm):
             if annotation.layer.kind == WEIGHT_STATIC and annotation.assignment is None:
@@ -64,15 +70,15 @@ class MacGreedy(Pass):
         floor = baseline - self.threshold
         checkpoints = StageCheckpoints(training.checkpoint_dir, run_key(
             gm, ctx, data, method="mac-greedy", candidates=[c.layer.name for c in candidates],
-            settings=self.settings()))
+            settings=self.settings()), method="mac-greedy")
         trials = checkpoints.finished() if training.resume else []
         accepted = [t["candidate"] for t in trials if t["accepted"]]
         verdicts = {t["candidate"]: (i + 1, t["drift_val_accuracy"], t["accepted"]) for i, t in enumerate(trials)}
         for candidate in candidates:  # a resumed search: the accepted layers keep their tentative tag
             if candidate.layer.name in accepted:
                 candidate.assignment = self.analog
-        state = (checkpoints.load(len(trials) - 1) if trials else
-                 {k: v.detach().clone() for k, v in gm.state_dict().items()})
+        fp_state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+        state = checkpoints.load(len(trials) - 1, fp_state) if trials else fp_state
         for index, candidate in enumerate(candidates):
             if index < len(trials):
                 continue

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch.fx as fx
 
-from hetcomp.errors import ConfigError
+from hetcomp import checks
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.partition.mapping_cost import MappingProblem
 from hetcomp.partition.rows import apply_counts, counts_of
@@ -52,14 +52,11 @@ class ParetoSearch(Pass):
 
     def __init__(self, population: int = 64, generations: int = 100, samples: float = 1.0, choose: str = "knee"
                  ) -> None:
-        if population < 4 or generations < 1:
-            raise ConfigError(f"NSGA-II needs population >= 4 and generations >= 1, got {population}, {generations}")
-        if choose not in CHOICES:
-            raise ConfigError(f"choose must be one of {CHOICES}, got {choose!r}")
-        if not samples > 0:
-            raise ConfigError(f"samples (workload = samples x one forward of the example input) must be > 0, "
-                              f"got {samples}")
-        self.population, self.generations, self.samples, self.choose = population, generations, samples, choose
+        self.population = checks.integer("NSGA-II population", population, 4)
+        self.generations = checks.integer("NSGA-II generations", generations)
+        self.samples = checks.real("samples (workload = samples x one forward of the example input)", samples, 0.0,
+                                   exclusive=True)
+        self.choose = checks.choice("choose", choose, CHOICES)
 
     def settings(self) -> dict:
         return {"population": self.population, "generations": self.generations, "samples": self.samples,

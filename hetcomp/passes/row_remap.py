@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from hetcomp import checks
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate, hardware_repeat
 from hetcomp.graph.layers import mappable_nodes
@@ -54,19 +55,21 @@ class RowRemap(Pass):
     def __init__(self, tolerance: float = 0.01, step: float = 0.02, candidates: int = 5, repeats: int = 3,
                  max_steps: int = 60, samples: float = 1.0, val_data=None, quality: Quality | None = None,
                  higher_is_better: bool = True, checkpoint: str | Path | None = None) -> None:
-        if not tolerance >= 0 or (quality is None and tolerance >= 1):
-            raise ConfigError(f"tolerance must be >= 0 (a fraction of accuracy in [0, 1) for the default quality), "
-                              f"got {tolerance}")
-        if not (0 < step < 1 or (step >= 1 and float(step).is_integer())):
+        checks.callable_or_none("quality", quality, "a function (module, data) -> float, e.g. a perplexity")
+        if quality is None:
+            checks.real("tolerance (a fraction of accuracy for the default quality)", tolerance, 0.0, False, 1.0, True)
+        tolerance = checks.real("tolerance", tolerance, 0.0)
+        step = checks.real("step", step, 0.0, exclusive=True)
+        if not (step < 1 or step.is_integer()):
             raise ConfigError(f"step is a fraction (0, 1) of the movable rows or a whole number of rows, got {step}")
-        if candidates < 1 or repeats < 1 or max_steps < 0:
-            raise ConfigError("candidates and repeats must be >= 1 and max_steps >= 0")
-        if quality is not None and not callable(quality):
-            raise ConfigError("quality must be a function (module, data) -> float, e.g. a perplexity")
-        self.tolerance, self.step, self.candidates = tolerance, step, candidates
-        self.repeats, self.max_steps, self.samples, self.val_data = repeats, max_steps, samples, val_data
-        self.quality, self.higher_is_better = quality, higher_is_better
-        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.tolerance, self.step = tolerance, step if step < 1 else int(step)
+        self.candidates = checks.integer("candidates", candidates)
+        self.repeats = checks.integer("repeats", repeats)
+        self.max_steps = checks.integer("max_steps", max_steps, 0)
+        self.samples = checks.real("samples", samples, 0.0, exclusive=True)
+        self.val_data = val_data
+        self.quality, self.higher_is_better = quality, checks.boolean("higher_is_better", higher_is_better)
+        self.checkpoint = None if checks.path_or_none("checkpoint", checkpoint) is None else Path(checkpoint)
 
     def settings(self) -> dict:
         return {"tolerance": self.tolerance, "step": self.step, "candidates": self.candidates,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from hetcomp import checks
 from hetcomp.analysis import layer_hessian
 from hetcomp.passes.base import CompileContext, Pass
+from hetcomp.passes.hessian_trace import deflation_settings
 
 
 class RowSensitivity(Pass):
@@ -26,8 +28,12 @@ class RowSensitivity(Pass):
 
     def __init__(self, gamma: float | None = None, weight_bits: int | None = None, probes: int = 10,
                  estimator: str = "full", batches: int = 2, deflate: tuple[int, float] | None = None) -> None:
-        self.gamma, self.weight_bits = gamma, weight_bits
-        self.probes, self.estimator, self.batches, self.deflate = probes, estimator, batches, deflate
+        self.gamma = checks.real("gamma (relative weight noise)", gamma, 0.0, optional=True)
+        self.weight_bits = checks.integer("weight_bits", weight_bits, 2, optional=True)
+        self.probes = checks.integer("probes", probes)
+        self.estimator = checks.choice("estimator", estimator, ("full", "block"))
+        self.batches = checks.integer("batches", batches)
+        self.deflate = deflation_settings(deflate)
         self._resolved: dict = {}
 
     def settings(self) -> dict:

@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn as nn
 
+from hetcomp.errors import ConfigError
+
 
 @torch.fx.wrap
 def causal_mask(scores: torch.Tensor) -> torch.Tensor:
@@ -29,7 +31,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, causal: bool) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+            raise ConfigError(f"dim {dim} is not divisible by heads {heads}; choose heads that divide dim")
         self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.dense = nn.Linear(dim, dim)
