@@ -152,13 +152,13 @@ def test_nonpositive_trace_is_flagged_not_robust():
     assert metrics["hni"] is None and metrics["scr"] is None  # NaN in memory, null in JSON
 
 
-def _noise_increase(model, param, x, y, sigma, draws, generator, rows=None):
-    """Monte-Carlo mean loss increase under Gaussian weight noise, antithetic (+-) to cancel the gradient
+def _noise_draws(model, param, x, y, sigma, draws, generator, rows=None):
+    """Loss increase of each Monte-Carlo draw of Gaussian weight noise, antithetic (+-) to cancel the gradient
     term exactly; ``rows`` restricts the noise to those output rows."""
     original = param.detach().clone()
+    increases = []
     with torch.no_grad():
         base = float(F.cross_entropy(model(x), y))
-        total = 0.0
         for _ in range(draws):
             noise = torch.randn(param.shape, generator=generator) * sigma
             if rows is not None:
@@ -170,8 +170,13 @@ def _noise_increase(model, param, x, y, sigma, draws, generator, rows=None):
             param.copy_(original - noise)
             minus = float(F.cross_entropy(model(x), y))
             param.copy_(original)
-            total += (plus + minus) / 2 - base
-    return total / draws
+            increases.append((plus + minus) / 2 - base)
+    return torch.tensor(increases, dtype=torch.float64)
+
+
+def _noise_increase(model, param, x, y, sigma, draws, generator, rows=None):
+    """Monte-Carlo mean loss increase under Gaussian weight noise (see _noise_draws)."""
+    return float(_noise_draws(model, param, x, y, sigma, draws, generator, rows).mean())
 
 
 def test_proposition_1_on_trained_digits(digits_model):
@@ -179,31 +184,52 @@ def test_proposition_1_on_trained_digits(digits_model):
 
     Uses the last layer: loss is smooth in its weights. (Layers followed by ReLU/max-pool show a larger
     measured increase than the Hessian predicts: noise crosses the kinks, whose curvature the Hessian
-    does not see -- see README, 'What the Hessian misses'.)
+    does not see -- see README, 'What the Hessian misses'.) The weights are whatever training produced on
+    this machine, so every tolerance comes from the run's own error bars, not from one machine's numbers:
+    the exact Tr(H) is computed independently, the estimate must be within 4 of its standard errors, and
+    the Monte-Carlo increase within 4 of its standard errors plus 5% for the O(sigma^4) remainder.
     """
     model, data = digits_model
     x, y = next(iter(data["train"]))
     weight = model.fc2.weight
+    exact = float(torch.autograd.functional.hessian(
+        lambda w: F.cross_entropy(torch.func.functional_call(model, {"fc2.weight": w}, (x,)), y),
+        weight.detach()).reshape(weight.numel(), weight.numel()).trace())
     op = HessianOperator(model, [weight], [(x, y)], F.cross_entropy)
-    trace = op.hutchinson(400, torch.Generator().manual_seed(0), "full")
+    trace = op.hutchinson(1000, torch.Generator().manual_seed(0), "full")
+    assert abs(trace.trace[0] - exact) < 4 * trace.trace_stderr[0]
     sigma = 0.01 * float(weight.detach().abs().max())
-    predicted = sigma**2 / 2 * trace.trace[0]
-    measured = _noise_increase(model, weight, x, y, sigma, 400, torch.Generator().manual_seed(1))
-    assert measured == pytest.approx(predicted, rel=0.2)
+    predicted = sigma**2 / 2 * exact
+    draws = _noise_draws(model, weight, x, y, sigma, 400, torch.Generator().manual_seed(1))
+    measured, stderr = float(draws.mean()), float(draws.std() / math.sqrt(len(draws)))
+    assert stderr < 0.1 * predicted  # the draws resolve the prediction
+    assert abs(measured - predicted) < 4 * stderr + 0.05 * predicted
 
 
-def test_row_sensitivity_ranks_rows_like_noise_injection(digits_model):
-    model, data = digits_model
-    x, y = next(iter(data["train"]))
+def test_row_sensitivity_ranks_rows_like_noise_injection():
+    """Constructed so the ranking to find is set by hand, not by training: a smooth (tanh) network, so no row
+    is dead or crosses kinks (on the trained digits CNN, 39 of fc1's 64 rows were dead on the batch, a count
+    training decides), and fc1's row r reaches the output through fc2's column r scaled by s_r, s_r spread
+    over two decades in shuffled order. The loss is cross-entropy on the model's own predictions."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 10))
+    scales = torch.logspace(-1, 1, 32)[torch.randperm(32)]
+    with torch.no_grad():
+        model[2].weight.mul_(scales)
+    x = torch.randn(256, 16)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
     compiled = hetcomp.compile(model, "pcm+digital", (x,), data=(x, y), strategy="all-digital",
                                hessian=dict(probes=200, max_iter=2, batches=1, gamma=0.08))
-    predicted = compiled.manifest.layer("fc1")["metrics"]["row_sensitivity"]
-    weight = model.fc1.weight
+    predicted = compiled.manifest.layer("0")["metrics"]["row_sensitivity"]
+    weight = model[0].weight
     sigma = 0.08 * float(weight.detach().abs().max())  # pcm's weight noise (the set's noisiest analog target)
     generator = torch.Generator().manual_seed(2)
-    measured = [_noise_increase(model, weight, x, y, sigma, 30, generator, rows=[r]) for r in range(64)]
+    measured = [_noise_increase(model, weight, x, y, sigma, 30, generator, rows=[r]) for r in range(32)]
     correlation = spearmanr(predicted, measured).statistic
-    assert correlation > 0.8, correlation
+    assert correlation > 0.97, correlation  # s_r^2 alone ranks the rows at about 0.93
+    # Eq. 4 is a loss increase, not only a ranking: summed over the rows it is the measured increase
+    assert sum(measured) == pytest.approx(sum(predicted), rel=0.2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

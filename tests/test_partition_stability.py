@@ -11,12 +11,22 @@ def assignments(compiled):
     return {layer["name"]: layer["assignment"] for layer in compiled.manifest.layers}
 
 
-def test_the_demo_models_hilal_split_is_the_same_for_five_seeds(digits_model):
-    """With the former default (full-model HVPs, 10 probes, no deflation) seeds 0-4 gave PCM MAC ratios from
-    0.093 to 0.987 on this model; the default is now per-layer HVPs with Krylov deflation."""
-    model, data = digits_model
-    splits = [assignments(hetcomp.compile(model, "pcm+digital", data=data["train"], seed=seed)) for seed in range(5)]
+def test_the_demo_models_hilal_split_is_the_same_for_five_seeds():
+    """The demo CNN at a seeded initialisation, not trained: the trained weights differ between CPUs (float
+    results), and with them how close a layer sits to the k-means boundary, so on the trained model the test
+    would check one machine's margin. These weights and the calibration batches are the same on every machine.
+    With the former default (full-model HVPs, 10 probes, no deflation) seeds 0-4 gave this model PCM MAC ratios
+    from 0.013 to 0.87 (three different splits); the default is now per-layer HVPs with Krylov deflation."""
+    from digits_cnn import DigitsCNN
+
+    from hetcomp.datasets import digits
+
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    data = digits(seed=0).loader("train", batch_size=128, shuffle=False)
+    splits = [assignments(hetcomp.compile(model, "pcm+digital", data=data, seed=seed)) for seed in range(5)]
     assert all(split == splits[0] for split in splits[1:]), splits
+    assert set(splits[0].values()) == {"pcm", "digital"}  # a real split, not "all one way"
 
 
 def test_the_manifest_records_the_calibration_data():
