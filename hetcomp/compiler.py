@@ -69,17 +69,19 @@ class CompiledModel:
         return self.module(*args, **kwargs)
 
     def evaluate(self, data: Any, repeats: int = 20, t_inference: float = 86400.0, seed: int | None = None,
-                 batch_size: int | None = None) -> Evaluation:
+                 batch_size: int | None = None, stage_bytes: int = 1 << 30,
+                 prefix_cache_bytes: int = 1 << 30) -> Evaluation:
         """Top-1 accuracy over ``repeats`` independent hardware repeats, each re-programmed then drifted to
         ``t_inference`` seconds (default one day), plus the analog MAC ratio. ``seed`` defaults to the
-        compile seed. See hetcomp.evaluate for what makes the repeats fast.
+        compile seed. See hetcomp.evaluate for what makes the repeats fast and what bounds their memory
+        (``stage_bytes``, ``prefix_cache_bytes``).
         """
         module, report = self._lower()
         analog = {t.name for t in self.targets.analog}
         mac_ratio = sum(v for k, v in self.manifest.summary["mac_ratio"].items() if k in analog)
         return evaluate(module, report, data, repeats=repeats, t_inference=t_inference,
                         seed=self.manifest.seed if seed is None else seed, mac_ratio=mac_ratio,
-                        batch_size=batch_size)
+                        batch_size=batch_size, stage_bytes=stage_bytes, prefix_cache_bytes=prefix_cache_bytes)
 
     def export_onnx(self, path: str | Path, split: bool = False) -> Path:
         """Write the digital graph as ONNX with every mapped layer's nodes tagged with its target.
@@ -204,7 +206,8 @@ def compile(  # noqa: A001 - the public name the issue and users expect
         raise ConfigError("finetune (LAFT) needs training data: pass data=<DataLoader of (inputs, labels)>")
     if hessian and data is None:
         raise ConfigError("hessian= settings given but no data= to compute the Hessian on")
-    allowed = {"probes", "max_iter", "tol", "batches", "estimator", "gamma", "eigen_method", "deflate"}
+    allowed = {"probes", "max_iter", "tol", "batches", "estimator", "gamma", "eigen_method", "deflate",
+               "deflate_bytes"}
     unknown = sorted(set(hessian or {}) - allowed)
     if unknown:
         raise ConfigError(f"unknown hessian setting(s) {unknown}; known: {sorted(allowed)}")

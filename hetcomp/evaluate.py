@@ -4,9 +4,11 @@ Each repeat draws fresh programming noise and drift exponents (``program_and_dri
 (seed, repeat) so that an evaluation is reproducible and repeat r does not depend on repeat r-1.
 Repeats dominate wall time, so the evaluator:
 
-- stages the whole test set on the model's device once (no DataLoader work per repeat);
+- stages the test set on the model's device once (no DataLoader work per repeat) when it fits
+  ``stage_bytes``, else streams it once per repeat (``EvaluationData``: memory stays bounded);
 - runs everything before the first analog layer once and reuses those activations in every repeat
-  (the digital prefix is deterministic), when they fit in ``prefix_cache_bytes``;
+  (the digital prefix is deterministic), for as many chunks as fit ``prefix_cache_bytes`` (checked
+  before each chunk is computed);
 - runs without autograd, in batches sized for the device.
 
 ``plain_loop_accuracy`` is the straightforward loop (program, drift, iterate the loader) kept as the
@@ -139,55 +141,196 @@ def _nbytes(env: dict[fx.Node, Any]) -> int:
     return sum(v.numel() * v.element_size() for v in env.values() if isinstance(v, torch.Tensor))
 
 
+class EvaluationData:
+    """The evaluation set as device chunks of about ``batch_size`` samples, within a memory budget.
+
+    When the data fits ``stage_bytes`` it is staged on the device once (for a tensor pair: views, no copy;
+    for a loader: its batches re-chunked as they arrive, never the whole set twice). Otherwise it is
+    streamed: every pass re-iterates the loader (or slices the tensors) and only one chunk is on the device
+    at a time. Checked as it is read: finite inputs, integer labels (DataError).
+    """
+
+    def __init__(self, data: Any, device: torch.device, batch_size: int, stage_bytes: int,
+                 what: str = "evaluation data") -> None:
+        self.data, self.device, self.batch_size, self.what = data, device, batch_size, what
+        self.tensors = _tensor_pair(data)
+        self.staged: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if self.tensors is not None:
+            inputs, labels = self.tensors
+            if len(inputs) != len(labels):
+                raise DataError(f"{what}: {len(inputs)} inputs but {len(labels)} labels; pass one label per sample")
+            if len(labels) == 0:
+                raise DataError(f"{what} is empty; pass at least one sample")
+            checks.pair(what, inputs, labels, labels=True)
+            if _bytes(inputs, labels) <= stage_bytes:
+                inputs, labels = inputs.to(device), labels.to(device)
+                self.staged = [(inputs[i : i + batch_size], labels[i : i + batch_size])
+                               for i in range(0, len(labels), batch_size)]
+        else:
+            self.staged = self._stage_loader(stage_bytes)
+
+    @property
+    def streamed(self) -> bool:
+        return self.staged is None
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The (inputs, labels) chunks on the device, in order."""
+        if self.staged is not None:
+            yield from self.staged
+        elif self.tensors is not None:
+            inputs, labels = self.tensors
+            for i in range(0, len(labels), self.batch_size):
+                yield inputs[i : i + self.batch_size].to(self.device), labels[i : i + self.batch_size].to(self.device)
+        else:
+            for x, y in self._rechunked():
+                yield x.to(self.device), y.to(self.device)
+
+    def _stage_loader(self, stage_bytes: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        staged, total = [], 0
+        for x, y in self._rechunked():
+            total += _bytes(x, y)
+            if total > stage_bytes:
+                if iter(self.data) is self.data:  # a one-shot iterator cannot be read again
+                    raise DataError(f"{self.what} is larger than stage_bytes={stage_bytes:,} and is a one-shot "
+                                    "iterator, so it cannot be streamed once per repeat; pass a DataLoader (or "
+                                    "raise stage_bytes)")
+                return None  # stream it instead: the staged chunks are freed here
+            staged.append((x.to(self.device), y.to(self.device)))
+        if not staged:
+            raise DataError(f"{self.what} yielded no batch; pass a non-empty DataLoader")
+        return staged
+
+    def _rechunked(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The loader's batches, checked, regrouped into chunks of exactly ``batch_size`` samples (the last one
+        may be smaller), so results do not depend on the loader's batch size."""
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        count = index = 0
+        try:
+            iterator = iter(self.data)
+        except TypeError:
+            raise DataError(f"{self.what} must be an iterable of (inputs, labels) batches or an (inputs, labels) "
+                            f"tensor pair, got {type(self.data).__name__}") from None
+        for index, batch in enumerate(iterator):
+            if not (isinstance(batch, tuple | list) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
+                    and isinstance(batch[1], torch.Tensor)):
+                raise DataError(f"{self.what}: each batch must be an (inputs, labels) pair of tensors, batch {index} "
+                                f"is a {type(batch).__name__}")
+            x, y = batch[0], batch[1]
+            if len(x) != len(y):
+                raise DataError(f"{self.what} batch {index}: {len(x)} inputs but {len(y)} labels")
+            checks.pair(f"{self.what} batch {index}", x, y, labels=True)
+            pending.append((x, y))
+            count += len(y)
+            if count >= self.batch_size:  # exact batch_size chunks: the same chunks as sliced tensors give
+                inputs, labels = _joined(pending, self.what)
+                full = count - count % self.batch_size
+                for i in range(0, full, self.batch_size):
+                    yield inputs[i : i + self.batch_size], labels[i : i + self.batch_size]
+                pending = [(inputs[full:], labels[full:])] if full < count else []
+                count -= full
+        if count:
+            yield _joined(pending, self.what)
+
+
+def _joined(batches: list[tuple[torch.Tensor, torch.Tensor]], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(batches) == 1:
+        return batches[0]
+    try:
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    except RuntimeError as error:
+        raise DataError(f"{what}: batches do not concatenate ({str(error).splitlines()[0]}); every batch must "
+                        "hold inputs of the same shape per sample") from None
+
+
+def _tensor_pair(data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0], data[1]
+    return None
+
+
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: Any, repeats: int = 20,
              t_inference: float = 86400.0, seed: int = 0, mac_ratio: float = math.nan, batch_size: int | None = None,
-             prefix_cache_bytes: int = 1 << 30) -> Evaluation:
+             prefix_cache_bytes: int = 1 << 30, stage_bytes: int = 1 << 30) -> Evaluation:
     """Top-1 accuracy of the lowered ``module`` on ``data`` over ``repeats`` independent repeats.
 
     ``batch_size`` None: 128 on CPU (measured fastest for aihwkit's elementwise-heavy tiles), 4096 on CUDA.
-    The data is checked (finite inputs, integer labels, in range of the model's outputs: DataError).
+    Memory: the data is staged on the device when it fits ``stage_bytes``, else streamed once per repeat
+    (``EvaluationData``); the digital prefix is cached chunk by chunk while the cache stays within
+    ``prefix_cache_bytes`` (the limit is checked before each chunk is computed, from the first chunk's size
+    per sample), the remaining chunks run whole every repeat. The data is checked (finite inputs, integer
+    labels, in range of the model's outputs: DataError).
     """
     repeats = checks.integer("repeats", repeats)
     t_inference = checks.real("t_inference (seconds after programming)", t_inference, 0.0)
     seed = checks.seed(seed)
     batch_size = checks.integer("batch_size (None: 128 on CPU, 4096 on CUDA)", batch_size, optional=True)
     prefix_cache_bytes = checks.integer("prefix_cache_bytes", prefix_cache_bytes, 0)
+    stage_bytes = checks.integer("stage_bytes", stage_bytes, 0)
     start = time.perf_counter()
     device = next(module.parameters()).device
-    inputs, labels = staged(data, device)
     batch_size = batch_size if batch_size is not None else (4096 if device.type == "cuda" else 128)
+    source = EvaluationData(data, device, batch_size, stage_bytes)
     stochastic = set(lowered_modules(report))
     was_training = module.training
     module.eval()
-    chunks = [(inputs[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
     accuracies = []
     with torch.no_grad():  # not inference_mode: aihwkit keeps tensors made here (programmed weights)
         frontier = _frontier(module, stochastic)
         if frontier is None:  # nothing stochastic: one pass gives every repeat's result
-            correct = 0
-            for index, (x, y) in enumerate(chunks):
-                logits = module(x)
-                if index == 0:
-                    accuracy_labels(logits, labels)
-                correct += int((logits.argmax(-1) == y).sum())
-            accuracies = [correct / len(labels)] * repeats
+            correct, total = _correct(module, source.chunks(), [], None, check=True)
+            accuracies = [correct / total] * repeats
         else:
             prefix_computes = any(n.op not in ("placeholder", "get_attr") for n in _before(module, frontier))
-            envs = [_prefix_env(module, frontier, x) if prefix_computes else {} for x, _ in chunks]
-            if sum(_nbytes(env) for env in envs) > prefix_cache_bytes:
-                envs = [{} for _ in chunks]
+            envs = _prefix_cache(module, frontier, source, prefix_cache_bytes) if prefix_computes else []
             runner = fx.Interpreter(module)
             for repeat in progress(range(repeats), desc="repeats", total=repeats):
                 with hardware_repeat(module, report, t_inference, seed, repeat):
-                    correct = 0
-                    for index, ((x, y), env) in enumerate(zip(chunks, envs, strict=True)):
-                        logits = runner.run(x, initial_env=dict(env)) if env else module(x)
-                        if repeat == 0 and index == 0:
-                            accuracy_labels(logits, labels)
-                        correct += int((logits.argmax(-1) == y).sum())
-                accuracies.append(correct / len(labels))
+                    correct, total = _correct(module, source.chunks(), envs, runner, check=repeat == 0)
+                accuracies.append(correct / total)
     module.train(was_training)
     return Evaluation(accuracies, float(t_inference), mac_ratio, time.perf_counter() - start)
+
+
+def _correct(module: fx.GraphModule, chunks: Iterator[tuple[torch.Tensor, torch.Tensor]],
+             envs: list[dict[fx.Node, Any]], runner: fx.Interpreter | None, check: bool) -> tuple[int, int]:
+    """(correct predictions, samples) over ``chunks``; chunk i starts from the cached prefix ``envs[i]`` where
+    there is one."""
+    correct = total = 0
+    for index, (x, y) in enumerate(chunks):
+        env = envs[index] if index < len(envs) else None
+        logits = runner.run(x, initial_env=dict(env)) if env else module(x)
+        if check:  # every chunk's labels, on the first pass (a min/max per chunk)
+            accuracy_labels(logits, y)
+        correct += int((logits.argmax(-1) == y).sum())
+        total += len(y)
+    if total == 0:
+        raise DataError("evaluation data yielded no sample")
+    return correct, total
+
+
+def _prefix_cache(module: fx.GraphModule, frontier: fx.Node, source: EvaluationData,
+                  limit: int) -> list[dict[fx.Node, Any]]:
+    """The digital prefix's values for the leading staged chunks, as many as fit ``limit`` bytes: a chunk is
+    computed only if the cache, grown by the first chunk's bytes per sample times its size, stays within it."""
+    if source.streamed or limit <= 0:
+        return []
+    envs: list[dict[fx.Node, Any]] = []
+    used, per_sample = 0, None
+    for x, _ in source.chunks():
+        if per_sample is not None and used + per_sample * len(x) > limit:
+            break
+        env = _prefix_env(module, frontier, x)
+        size = _nbytes(env)
+        per_sample = per_sample or size / max(len(x), 1)
+        if used + size > limit:
+            break
+        envs.append(env)
+        used += size
+    return envs
 
 
 def accuracy_labels(logits: Any, labels: torch.Tensor, what: str = "evaluation data") -> None:

@@ -326,9 +326,9 @@ def test_compile_with_deflation_shares_the_lanczos_run(tiny):
     names = [p["name"] for p in compiled.manifest.passes]
     assert names.index("lambda_max") < names.index("hessian_trace")
     trace_settings = next(p["settings"] for p in compiled.manifest.passes if p["name"] == "hessian_trace")
-    assert trace_settings["deflated_by_lanczos"] == [20, 1e-3]
+    assert trace_settings["deflated_by_lanczos"] == [20, 1e-3, 2 << 30]
     plain = hetcomp.compile(model.float(), "pcm+digital", data=(x.float(), y), strategy="all-digital",
-                            hessian={"probes": 4})
+                            hessian={"probes": 4, "deflate": False})
     for deflated, undeflated in zip(compiled.manifest.layers, plain.manifest.layers):
         d, u = deflated["metrics"], undeflated["metrics"]
         # the same Lanczos run; keeping its basis re-orthogonalises, which moves only the rounding
@@ -349,4 +349,33 @@ def test_deflated_compile_runs_lanczos_once(tiny, monkeypatch):
     monkeypatch.setattr(HessianOperator, "lanczos", counting)
     hetcomp.compile(model.float(), "pcm+digital", data=(x.float(), y), strategy="all-digital",
                     hessian={"deflate": True, "probes": 4})
-    assert runs == [True]  # LambdaMax keeps its vectors; the deflated trace reuses that run
+    assert runs == [20]  # LambdaMax keeps max_iter vectors (they fit the budget); the deflated trace reuses that run
+
+
+def test_deflation_memory_is_capped_by_deflate_bytes(tiny, monkeypatch):
+    """The kept Krylov bases and products hold 2 k vectors per layer, k = max_iter or what fits deflate_bytes:
+    memory stays bounded on big models, and a partly kept basis still deflates exactly."""
+    from hetcomp.analysis.layer_hessian import kept_vectors
+
+    model, x, y = tiny
+    model = model.float()
+    params = [model.fc1.weight, model.fc2.weight]
+    per_step = 2 * sum(p.numel() * 4 for p in params)  # one basis vector and its product, every layer
+    assert kept_vectors(params, 20, None) == 20
+    assert kept_vectors(params, 20, 3 * per_step + per_step - 1) == 3
+    assert kept_vectors(params, 20, per_step - 1) == 0  # nothing fits: no deflation
+    bases = []
+    original = HessianOperator.hutchinson
+
+    def recording(self, probes, generator, estimator="full", deflate=None):
+        bases.append({layer: basis.vectors.shape[0] for layer, basis in (deflate or {}).items()})
+        return original(self, probes, generator, estimator, deflate)
+
+    monkeypatch.setattr(HessianOperator, "hutchinson", recording)
+    capped = hetcomp.compile(model, "pcm+digital", data=(x.float(), y), strategy="all-digital",
+                             hessian={"probes": 200, "deflate_bytes": 3 * per_step})
+    assert bases == [{0: 3, 1: 3}]
+    exact = exact_blocks(model.double(), x, y)
+    for record, block in zip((r for r in capped.manifest.layers if r["name"] in ("fc1", "fc2")), exact):
+        metrics = record["metrics"]
+        assert abs(metrics["hessian_trace"] - float(block.trace())) < 4 * metrics["hessian_trace_stderr"] + 1e-4

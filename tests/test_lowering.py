@@ -167,6 +167,40 @@ def test_prefix_cache_is_exact_and_digital_models_have_no_spread(digits_model):
     assert result.mean == pytest.approx(hetcomp.datasets.accuracy(digits_model[0], data["test"]))
 
 
+def test_streamed_data_and_a_partial_prefix_cache_give_the_same_accuracies(digits_model, monkeypatch):
+    """Bounded memory: data larger than stage_bytes is streamed once per repeat, the prefix cache stops
+    before the chunk that would exceed its limit (not after computing everything), and neither changes a
+    result."""
+    import hetcomp.evaluate as evaluation
+
+    compiled, _ = compiled_digits(digits_model, "first-last-digital")
+    _, data = digits_model
+    test = data["test"]  # 359 images in batches of 128 -> chunks of 32 with batch_size=32: 12 chunks
+    reference = evaluate(compiled.module, compiled.lowering, test, repeats=2, seed=5, batch_size=32)
+    streamed = evaluate(compiled.module, compiled.lowering, test, repeats=2, seed=5, batch_size=32, stage_bytes=0)
+    assert streamed.accuracies == reference.accuracies
+    x, y = torch.cat([b[0] for b in test]), torch.cat([b[1] for b in test])
+    pair = evaluate(compiled.module, compiled.lowering, (x, y), repeats=2, seed=5, batch_size=32, stage_bytes=1000)
+    assert pair.accuracies == reference.accuracies
+    source = evaluation.EvaluationData(test, torch.device("cpu"), 32, stage_bytes=0)
+    assert source.streamed and sum(len(c[1]) for c in source.chunks()) == 359
+    computed = []
+    real_prefix = evaluation._prefix_env
+
+    def counting(module, frontier, inputs):
+        env = real_prefix(module, frontier, inputs)
+        computed.append(evaluation._nbytes(env))
+        return env
+
+    monkeypatch.setattr(evaluation, "_prefix_env", counting)
+    one_chunk = 32 * 16 * 8 * 8 * 4  # conv1's output for 32 images: the prefix cut by the first analog layer
+    limit = int(2.5 * one_chunk)
+    partial = evaluate(compiled.module, compiled.lowering, test, repeats=2, seed=5, batch_size=32,
+                       prefix_cache_bytes=limit)
+    assert computed == [one_chunk, one_chunk]  # the third chunk was never computed: it would not fit
+    assert partial.accuracies == reference.accuracies
+
+
 def test_bad_evaluation_arguments_fail_fast(digits_model):
     compiled, _ = compiled_digits(digits_model, "all-analog")
     with pytest.raises(ConfigError, match="repeats must be an integer >= 1"):

@@ -280,7 +280,7 @@ class HessianOperator:
 
         return self._lockstep(vectors, max_iter, "power iteration", step)
 
-    def lanczos(self, max_iter: int, tol: float, generator: torch.Generator, keep_vectors: bool = False
+    def lanczos(self, max_iter: int, tol: float, generator: torch.Generator, keep_vectors: bool | int = False
                 ) -> tuple[list[float], list[int]]:
         """Dominant eigenvalue of each block H_ll by Lanczos, all layers in lockstep. Same HVP per step as
         power iteration, but the Krylov space converges much faster when the top eigenvalues are close.
@@ -292,36 +292,42 @@ class HessianOperator:
 
         Without ``keep_vectors``: the plain three-term recurrence, three vectors per layer; loss of
         orthogonality only adds spurious copies of converged Ritz values, which does not change the
-        dominant one. ``keep_vectors=True`` keeps the Krylov basis and its products (2 vectors per step
-        per layer), re-orthogonalises every step against it (classical Gram-Schmidt, twice), and leaves
-        each layer's basis in ``self.deflations`` for deflated Hutchinson -- at no extra HVP.
+        dominant one. ``keep_vectors`` keeps the first k Krylov vectors and their products (k = max_iter for
+        True, else the number given: 2 k vectors per layer, preallocated, so memory is bounded by the
+        count), re-orthogonalises every step against them (classical Gram-Schmidt, twice), and leaves each
+        layer's kept basis in ``self.deflations`` for deflated Hutchinson -- at no extra HVP. Past the k-th
+        step the recurrence goes on with three vectors (and still against the kept basis).
         """
+        keep = max_iter if keep_vectors is True else min(int(keep_vectors), max_iter)
         current = self._random_unit_vectors(generator)
         previous = {layer: torch.zeros_like(p) for layer, p in enumerate(self.params)}
         alphas: dict[int, list[float]] = {layer: [] for layer in current}
         betas: dict[int, list[float]] = {layer: [] for layer in current}
-        basis: dict[int, list[torch.Tensor]] = {layer: [] for layer in current}
-        products: dict[int, list[torch.Tensor]] = {layer: [] for layer in current}
+        basis = {layer: p.new_empty((keep, *p.shape)) for layer, p in enumerate(self.params)} if keep else {}
+        products = {layer: p.new_empty((keep, *p.shape)) for layer, p in enumerate(self.params)} if keep else {}
         self.deflations = {}
 
         def step(layer: int, hv: torch.Tensor, count: int) -> tuple[float, bool]:
             q = current[layer]
             alpha = float((q * hv).sum())
-            if keep_vectors:
-                basis[layer].append(q)
-                products[layer].append(hv)
-                residual = _orthogonalise(hv, torch.stack(basis[layer]))
+            kept = min(count, keep)
+            if count <= keep:
+                basis[layer][count - 1] = q
+                products[layer][count - 1] = hv
+                residual = _orthogonalise(hv, basis[layer][:kept])
             else:
                 residual = hv - alpha * q
                 if betas[layer]:
                     residual -= betas[layer][-1] * previous[layer]
+                if keep:
+                    residual = _orthogonalise(residual, basis[layer][:kept])
             alphas[layer].append(alpha)
             value, last_component = _dominant_ritz(alphas[layer], betas[layer])
             beta = float(residual.norm())
             converged = beta * abs(last_component) <= tol * max(abs(value), 1e-30)
             done = converged or beta <= 1e-12 * max(abs(value), 1e-30)  # converged, or an invariant subspace
-            if keep_vectors and (done or count == max_iter):
-                self.deflations[layer] = Deflation(torch.stack(basis.pop(layer)), torch.stack(products.pop(layer)))
+            if keep and (done or count == max_iter):  # views of the preallocated rows: no copy
+                self.deflations[layer] = Deflation(basis.pop(layer)[:kept], products.pop(layer)[:kept])
             if done:
                 return value, True
             betas[layer].append(beta)
@@ -369,13 +375,16 @@ class Deflation:
 
     @property
     def trace(self) -> float:
-        """Tr(Q^T H Q)."""
-        return float((self.vectors.double() * self.products.double()).sum())
+        """Tr(Q^T H Q), accumulated in float64 one vector at a time (no [k, *shape] temporary)."""
+        return float(sum((q * hq).sum(dtype=torch.float64) for q, hq in zip(self.vectors, self.products)))
 
     @property
     def diagonal(self) -> torch.Tensor:
-        """sum_j q_j * (H q_j): diag(H) minus the row sums of H * (I - Q Q^T)."""
-        return (self.vectors * self.products).sum(0)
+        """sum_j q_j * (H q_j): diag(H) minus the row sums of H * (I - Q Q^T). A fresh tensor, built in place."""
+        diagonal = torch.zeros_like(self.vectors[0])
+        for q, hq in zip(self.vectors, self.products):
+            diagonal.addcmul_(q, hq)
+        return diagonal
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         """(I - Q Q^T) v, for v of the weight's shape or with leading probe dimensions."""

@@ -55,7 +55,7 @@ class PassRecord:
     name: str
     seconds: float
     settings: dict[str, Any]
-    peak_bytes: int | None = None  # hetcomp.memory.PeakMemory: CUDA allocated bytes, or the process's peak RSS
+    peak_bytes: int | None = None  # hetcomp.memory.PeakMemory: what the pass added at its peak (CUDA or RSS)
     memory_kind: str = ""
 
 

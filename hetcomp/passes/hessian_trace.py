@@ -14,10 +14,10 @@ class HessianTrace(Pass):
     """Tr(H_l) of the loss Hessian w.r.t. the layer's weight (bias excluded), Rademacher probes.
 
     ``estimator="full"`` (default): one full-model HVP per probe serves every layer; ``"block"``: one
-    HVP per layer per probe, lower variance (see hetcomp.analysis.hessian). ``deflate=(max_iter, tol)``:
-    deflated Hutchinson, Tr(H) = Tr(Q^T H Q) + Tr(P H P) with Q the Krylov basis of the LambdaMax
-    Lanczos run with those settings (shared, not recomputed; H Q is known from it, so no extra HVP);
-    unbiased, with less variance per probe.
+    HVP per layer per probe, lower variance (see hetcomp.analysis.hessian). ``deflate=(max_iter, tol,
+    keep_bytes)``: deflated Hutchinson, Tr(H) = Tr(Q^T H Q) + Tr(P H P) with Q the Krylov basis of the
+    LambdaMax Lanczos run with those settings (shared, not recomputed; H Q is known from it, so no extra
+    HVP), at most ``keep_bytes`` of kept vectors (None: all); unbiased, with less variance per probe.
     """
 
     name = "hessian_trace"
@@ -25,7 +25,7 @@ class HessianTrace(Pass):
     provides = ("hessian_trace",)
 
     def __init__(self, probes: int = 10, estimator: str = "full", batches: int = 2,
-                 deflate: tuple[int, float] | None = None) -> None:
+                 deflate: tuple[int, float, int | None] | None = None) -> None:
         self.probes = checks.integer("probes", probes)
         self.estimator = checks.choice("estimator", estimator, ("full", "block"))
         self.batches = checks.integer("batches", batches)
@@ -44,11 +44,14 @@ class HessianTrace(Pass):
         return gm
 
 
-def deflation_settings(deflate: tuple[int, float] | None) -> tuple[int, float] | None:
-    """``deflate`` checked: None or (max_iter >= 1, tol >= 0) of the LambdaMax run whose bases deflate."""
+def deflation_settings(deflate: tuple | None) -> tuple[int, float, int | None] | None:
+    """``deflate`` checked: None or (max_iter >= 1, tol >= 0[, keep_bytes >= 0 or None]) of the LambdaMax run
+    whose bases deflate."""
     if deflate is None:
         return None
-    if not isinstance(deflate, tuple | list) or len(deflate) != 2:
-        raise ConfigError(f"deflate must be None or (max_iter, tol) of the LambdaMax run, got "
+    if not isinstance(deflate, tuple | list) or len(deflate) not in (2, 3):
+        raise ConfigError(f"deflate must be None or (max_iter, tol[, keep_bytes]) of the LambdaMax run, got "
                           f"{checks.got(deflate)}")
-    return checks.integer("deflate max_iter", deflate[0]), checks.real("deflate tol", deflate[1], 0.0)
+    keep_bytes = deflate[2] if len(deflate) == 3 else None
+    return (checks.integer("deflate max_iter", deflate[0]), checks.real("deflate tol", deflate[1], 0.0),
+            checks.integer("deflate_bytes", keep_bytes, 0, optional=True))

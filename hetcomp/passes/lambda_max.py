@@ -27,7 +27,7 @@ class LambdaMax(Pass):
     provides = ("lambda_max",)
 
     def __init__(self, max_iter: int = 20, tol: float = 1e-3, batches: int = 2, method: str = "lanczos",
-                 keep_vectors: bool = False) -> None:
+                 keep_vectors: bool = False, keep_bytes: int | None = None) -> None:
         self.max_iter = checks.integer("max_iter", max_iter)
         self.tol = checks.real("tol", tol, 0.0)
         self.batches = checks.integer("batches", batches)
@@ -37,13 +37,17 @@ class LambdaMax(Pass):
                               "power iteration")
         # Keep the Krylov bases for a deflated HessianTrace later in the pipeline (one Lanczos run, shared).
         self.keep_vectors = keep_vectors
+        # At most this many bytes of kept Krylov vectors (bases and their products; None: max_iter of each).
+        self.keep_bytes = checks.integer("deflate_bytes", keep_bytes, 0, optional=True)
 
     def settings(self) -> dict:
-        return {"max_iter": self.max_iter, "tol": self.tol, "batches": self.batches, "method": self.method}
+        return {"max_iter": self.max_iter, "tol": self.tol, "batches": self.batches, "method": self.method,
+                **({"deflate_bytes": self.keep_bytes} if self.keep_vectors else {})}
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         eigen, iterations = layer_hessian.dominant_eigenvalue(gm, ctx, self.batches, self.max_iter, self.tol,
-                                                              self.method, keep_vectors=self.keep_vectors)
+                                                              self.method, keep_vectors=self.keep_vectors,
+                                                              keep_bytes=self.keep_bytes)
         for annotation, value, used in zip(layer_hessian.weight_layers(gm), eigen, iterations):
             annotation.metrics["lambda_max"] = value
             annotation.metrics["lambda_max_iterations"] = used
