@@ -60,8 +60,7 @@ def main() -> None:
                                    else None)
         compile_seconds = time.perf_counter() - began
         result = compiled.evaluate(data["test"], repeats=args.repeats, t_inference=args.t_inference)
-        directory = compiled.save(OUT / label.replace(" + ", "+"))
-        plots.write_all(compiled.manifest, directory)
+        compiled.save(OUT / label.replace(" + ", "+"), plots=True)
         on_pcm = [layer["name"] for layer in compiled.manifest.layers if layer["assignment"] == "pcm"]
         rows.append({"label": label, "mac_ratio": result.mac_ratio, "mean": result.mean, "std": result.std,
                      "pcm": on_pcm, "compile_s": compile_seconds, "eval_s": result.seconds})
