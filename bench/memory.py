@@ -3,8 +3,9 @@
 - Hessian passes: an MLP of about ``--params`` parameters (4 square layers), default compile settings,
   2 calibration batches of 128; prints each pass's peak (CUDA allocated bytes, or the process's peak RSS
   on CPU, reset per pass: hetcomp.memory.PeakMemory) as a multiple of the model's size.
-- Evaluation: a conv net lowered to PCM over ``--images`` synthetic 3x32x32 images, staged (default) and
-  streamed (``stage_bytes=0``); peak over the call, as a multiple of the test set's size.
+- Evaluation: a conv net lowered to PCM over ``--images`` synthetic 3x32x32 images, staged (default), with
+  a small prefix cache, and streamed (``stage_bytes=0``); each in a fresh process, the peak the call added
+  as a multiple of the test set's size.
 
     python bench/memory.py [--params 50e6] [--images 20000] [--device cpu|cuda]
 """
@@ -12,7 +13,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
+import sys
 import time
 
 import torch
@@ -61,24 +65,39 @@ class ConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def evaluation(images: int, device: torch.device) -> None:
+EVALUATION_MODES = {
+    "staged, prefix cache 1 GiB": {},
+    "staged, prefix cache 64 MiB": {"prefix_cache_bytes": 64 << 20},
+    "streamed (stage_bytes=0)": {"stage_bytes": 0},
+}
+
+
+def evaluation_peak(images: int, device: torch.device, mode: str) -> tuple[float, int, int]:
+    """(seconds, peak bytes the evaluate call added, test set bytes) of one mode, in this (fresh) process."""
     torch.manual_seed(0)
     model = ConvNet().to(device)
     x = torch.rand(images, 3, 32, 32)
     y = torch.randint(0, 10, (images,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
-    data_bytes = x.numel() * 4 + y.numel() * 8
     compiled = hetcomp.compile(model, "pcm+digital", (x[:2].to(device),), strategy="first-last-digital")
-    compiled.module  # lower before measuring  # noqa: B018
-    print(f"\nEvaluation: {images} images, test set {data_bytes / 2**20:.0f} MiB, conv1 digital (cached prefix), "
-          "conv2 on PCM, 2 repeats")
+    compiled.evaluate((x[:8], y[:8]), repeats=1)  # lower and warm up before measuring
+    with PeakMemory(device) as peak:
+        result = compiled.evaluate(loader, repeats=2, **EVALUATION_MODES[mode])
+    return result.seconds, peak.bytes or 0, x.numel() * 4 + y.numel() * 8
+
+
+def evaluation(images: int, device: torch.device) -> None:
+    """Each mode in a fresh process: on CPU the peak is the resident-set high-water mark, which memory freed
+    by an earlier mode and reused would hide."""
+    print(f"\nEvaluation: {images} images, conv1 digital (cached prefix), conv2 on PCM, 2 repeats, loader batches "
+          "of 500; each mode in a fresh process")
     print(f"{'mode':34s} {'seconds':>8s} {'peak':>10s} {'x data':>7s}")
-    for label, settings in (("staged, prefix cache 1 GiB", {}),
-                            ("staged, prefix cache 64 MiB", {"prefix_cache_bytes": 64 << 20}),
-                            ("streamed (stage_bytes=0)", {"stage_bytes": 0})):
-        with PeakMemory(device) as peak:
-            result = compiled.evaluate(loader, repeats=2, **settings)
-        print(f"{label:34s} {result.seconds:8.2f} {peak.bytes / 2**20:8.0f} MiB {peak.bytes / data_bytes:7.2f}")
+    for mode in EVALUATION_MODES:
+        result = subprocess.run([sys.executable, __file__, "--evaluation-mode", mode, "--images", str(images),
+                                 "--device", str(device)], capture_output=True, text=True, check=True)
+        seconds, peak, data_bytes = json.loads(result.stdout.strip().splitlines()[-1])
+        print(f"{mode:34s} {seconds:8.2f} {peak / 2**20:8.0f} MiB {peak / data_bytes:7.2f}   "
+              f"(test set {data_bytes / 2**20:.0f} MiB)")
 
 
 def main() -> None:
@@ -86,9 +105,13 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=50e6)
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--evaluation-mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_quiet(True)
     device = torch.device(args.device)
+    if args.evaluation_mode:
+        print(json.dumps(evaluation_peak(args.images, device, args.evaluation_mode)))
+        return
     hessian(args.params, device)
     evaluation(args.images, device)
 

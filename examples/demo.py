@@ -87,7 +87,7 @@ def main() -> None:
                                         f"digits CNN on pcm+digital: accuracy {days:g} day after programming")
     print(f"\nplots: {summary}, {OUT}/hilal/hni_scr.png, {OUT}/<strategy>/assignment.png")
 
-    from hetcomp.analysis.vulnerability import vulnerability_study
+    from hetcomp.curvature.study import vulnerability_study
 
     print("\ninput-curvature study on the test split (all layers analog, no fine-tuning):")
     study = vulnerability_study(model, data["test"], repeats=5, seed=0, t_inference=args.t_inference,

@@ -163,7 +163,7 @@ def _first_batch_inputs(data: Any) -> tuple:
 def _cmd_targets(args: argparse.Namespace) -> int:
     from hetcomp import targets
 
-    print(f"{'name':10s} {'analog':6s} {'ops':22s} {'in/w/out bits':14s} {'noise':20s} {'capacity':>12s} "
+    print(f"{'name':10s} {'analog':6s} {'ops':22s} {'in/w/out bits':14s} {'simulator':20s} {'capacity':>12s} "
           f"{'TMAC/s':>7s} {'pJ/MAC':>7s} {'static W':>8s}  description")
     for name in targets.available():
         t = targets.get(name)
@@ -174,7 +174,8 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         rate = f"{cost.macs_per_second / 1e12:7.2f}" if cost.modeled else f"{'-':>7s}"
         energy = f"{cost.energy_per_mac_pj:7.3f}" if cost.modeled else f"{'-':>7s}"
         print(f"{name:10s} {'yes' if t.analog else 'no':6s} {','.join(sorted(t.supports)):22s} {bits:14s} "
-              f"{t.noise.kind:20s} {capacity:>12s} {rate} {energy} {cost.static_power_w:8.3f}  {t.description}")
+              f"{t.simulator or 'exact':20s} {capacity:>12s} {rate} {energy} {cost.static_power_w:8.3f}  "
+              f"{t.description}")
     return 0
 
 
@@ -326,7 +327,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_curvature(args: argparse.Namespace) -> int:
-    from hetcomp.analysis.vulnerability import vulnerability_study
+    from hetcomp.curvature.study import vulnerability_study
 
     built = _run_builder(args.model, returns="(model, data)")
     model, data = built if isinstance(built, tuple) else (built, None)

@@ -16,19 +16,18 @@ import torch.fx as fx
 import torch.nn as nn
 
 from hetcomp import checks
-from hetcomp import targets as target_registry
 from hetcomp.errors import ConfigError, TraceError
 from hetcomp.evaluate import Evaluation, evaluate
-from hetcomp.finetune import LAFT
 from hetcomp.graph import FRONTENDS, META_KEY, trace
 from hetcomp.graph.layers import mappable_nodes
-from hetcomp.lower import lower_graph
+from hetcomp.lower import lower_graph, simulator_of, target_definition
 from hetcomp.manifest import Manifest, fingerprint, weights_hash
+from hetcomp.partition.strategy import Strategy, resolve
 from hetcomp.partition.summary import mapping_summary
-from hetcomp.passes import Pass, PassManager, hessian_passes
-from hetcomp.passes.base import CompileContext
+from hetcomp.passes.base import ANNOTATION_PIPELINES, CompileContext, Pass, PassManager
 from hetcomp.storage import replace_directory, write_atomic
-from hetcomp.strategies import Strategy, resolve
+from hetcomp.targets.base import TargetSet
+from hetcomp.targets.registry import parse as parse_targets
 
 
 class CompiledModel:
@@ -41,7 +40,7 @@ class CompiledModel:
     """
 
     def __init__(self, graph: fx.GraphModule, manifest: Manifest, example_inputs: tuple,
-                 targets: target_registry.TargetSet) -> None:
+                 targets: TargetSet) -> None:
         self.graph = graph
         self.manifest = manifest
         self.example_inputs = example_inputs
@@ -157,7 +156,7 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     loss_fn: Any = None,
     strategy: str | Strategy | None = None,
     passes: Sequence[Pass] | None = None,
-    finetune: LAFT | None = None,
+    finetune: Pass | None = None,
     seed: int = 0,
     hessian: dict[str, Any] | None = None,
     leaf_modules: Sequence[type | str] = (),
@@ -168,7 +167,8 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     Pipeline: trace; when ``data`` is given, the Hessian annotation passes (``hessian`` overrides
     their settings: probes, max_iter, tol, batches, estimator, gamma, eigen_method, deflate); the user's
     ``passes`` (they run before partitioning, so they can pin layers); the strategy's partition passes; ``finetune``
-    (``hetcomp.LAFT(...)``: layer-wise analog fine-tuning of the analog-assigned layers). Lowering to
+    (a pass that provides "finetuned", e.g. ``hetcomp.LAFT(...)``: layer-wise analog fine-tuning of the
+    analog-assigned layers; a strategy that retrains in its own search uses it there instead). Lowering to
     the simulators happens when ``compiled.module`` is first used. Everything is validated before any
     work (before tracing): every argument's type and range, target string, strategy, pass order, data
     needs, finite weights, and for tensor data finite inputs and integer labels (hetcomp.checks; other
@@ -181,8 +181,9 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     seed = checks.seed(seed)
     checks.callable_or_none("loss_fn", loss_fn, "a function (logits, labels) -> scalar loss, e.g. "
                             "torch.nn.functional.cross_entropy (None: cross-entropy with checked labels)")
-    if finetune is not None and not isinstance(finetune, LAFT):
-        raise ConfigError(f"finetune must be a hetcomp.LAFT(...), got {type(finetune).__name__}")
+    if finetune is not None and not (isinstance(finetune, Pass) and "finetuned" in finetune.provides):
+        raise ConfigError(f"finetune must be a fine-tuning pass such as hetcomp.LAFT(...) (a Pass providing "
+                          f"'finetuned'), got {checks.got(finetune)}")
     if finetune is not None:
         finetune.validate()  # again: its fields may have changed since it was made
     if hessian is not None and not isinstance(hessian, dict):
@@ -196,7 +197,11 @@ def compile(  # noqa: A001 - the public name the issue and users expect
         raise ConfigError(f"leaf_modules must be a list of module names (str) or classes, got "
                           f"{checks.got(leaf_modules)}")
     checks.choice("frontend", frontend, FRONTENDS)
-    target_set = target_registry.parse(target)
+    target_set = parse_targets(target)
+    for each in target_set:  # a target's device parameters, checked by its simulator before any work
+        simulator = simulator_of(each)
+        if simulator is not None:
+            simulator.check(each)
     chosen = resolve(strategy, target_set)
     if chosen.needs_data and data is None:
         raise ConfigError(f"strategy {chosen.name!r} needs data=<DataLoader of (inputs, labels)> (Hessian "
@@ -211,7 +216,7 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     unknown = sorted(set(hessian or {}) - allowed)
     if unknown:
         raise ConfigError(f"unknown hessian setting(s) {unknown}; known: {sorted(allowed)}")
-    analysis = hessian_passes(**(hessian or {})) if data is not None else []
+    analysis = ANNOTATION_PIPELINES.get("hessian")(**(hessian or {})) if data is not None else []
     pipeline = [*analysis, *(passes or []), *chosen.build(target_set, finetune)]
     if finetune is not None and not chosen.trains:
         pipeline.append(finetune)
@@ -238,11 +243,10 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     return CompiledModel(gm, manifest, inputs, target_set)
 
 
-def build_manifest(gm: fx.GraphModule, model_record: dict[str, Any], target_set: target_registry.TargetSet,
+def build_manifest(gm: fx.GraphModule, model_record: dict[str, Any], target_set: TargetSet,
                    strategy: str, seed: int, ctx: CompileContext) -> Manifest:
     """The manifest of a compiled graph: records, each target's whole definition, the derived summary."""
     from hetcomp import __version__
-    from hetcomp.lower import target_definition
 
     layers = Manifest.layer_records(gm)
     return Manifest(

@@ -1,6 +1,6 @@
 """The partition manifest: the JSON record of what was decided for each layer, and why.
 
-Schema (``schema_version`` 2, published as ``hetcomp/manifest.schema.json``, JSON Schema 2020-12): model
+Schema (``schema_version`` 3, published as ``hetcomp/manifest.schema.json``, JSON Schema 2020-12): model
 fingerprint (class, architecture, the input weights and the compiled weights, front end), target set with each
 target's whole definition, strategy, seed, a hash of the calibration data, per-layer records (name, kind, op,
 shape, rows, macs, params, metrics, assignment, reason; a row-split layer also ``row_tiers``, each row's tier
@@ -30,7 +30,7 @@ from hetcomp.errors import ManifestError
 from hetcomp.graph.layers import LayerAnnotation, mappable_nodes
 from hetcomp.storage import write_atomic
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def weights_hash(model: nn.Module) -> str:

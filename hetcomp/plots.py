@@ -1,44 +1,53 @@
-"""Plots people would rather see than read (PNG, headless matplotlib)."""
+"""Plots people would rather see than read.
+
+Built with matplotlib's object API (``matplotlib.figure.Figure``), never pyplot: importing this module or
+drawing a plot leaves the user's backend (e.g. a notebook's) alone. Each ``*_figure`` function returns the
+Figure (to show, restyle or save in another format); the function of the same name without the suffix
+saves it as a PNG (``save``, atomically) and returns the path.
+"""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from hetcomp.errors import ConfigError  # noqa: E402
-from hetcomp.manifest import Manifest  # noqa: E402
-from hetcomp.storage import write_atomic  # noqa: E402
+from hetcomp.errors import ConfigError
+from hetcomp.manifest import Manifest
+from hetcomp.storage import write_atomic
 
 TARGET_COLORS = {"digital": "#4c72b0", "pcm": "#dd8452", "sram": "#55a868", "reram": "#c44e52",
                  "photonic": "#8172b3"}
 
 
-def _color(target: str, index: int) -> str:
+def palette(index: int) -> tuple[float, float, float, float]:
+    """The ``index``-th colour of matplotlib's tab10 cycle (wrapping around)."""
+    return matplotlib.colormaps["tab10"](index % 10)
+
+
+def _color(target: str, index: int) -> str | tuple:
     """A built-in target's colour; a variant named after one (``photonic4``) gets its family's colour."""
     family = next((name for name in TARGET_COLORS if target.startswith(name)), None)
-    return TARGET_COLORS[family] if family else plt.get_cmap("tab10")(index % 10)
+    return TARGET_COLORS[family] if family else palette(index)
 
 
-def _save(fig, path: Path) -> Path:
-    import io
-
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` as a PNG (120 dpi, tight bounding box), atomically; returns the path."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return write_atomic(Path(path), buffer.getvalue())
 
 
-def assignment_bar(manifest: Manifest, path: str | Path) -> Path:
+def assignment_bar_figure(manifest: Manifest) -> Figure:
     """Per-layer bar: share of output rows on each target (whole-layer assignments are one colour)."""
     layers = manifest.layers
     targets = [t["name"] for t in manifest.targets]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(layers) + 1.6))
+    fig = Figure(figsize=(8, 0.45 * len(layers) + 1.6))
+    ax = fig.subplots()
     names = [f"{layer['name']} ({'static' if layer['kind'] == 'weight-static' else 'dynamic'})" for layer in layers]
     left = [0.0] * len(layers)
     for index, target in enumerate(targets):
@@ -61,10 +70,15 @@ def assignment_bar(manifest: Manifest, path: str | Path) -> Path:
                  fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.2 / max(len(layers), 1)), ncol=len(targets),
               frameon=False)
-    return _save(fig, path)
+    return fig
 
 
-def hni_scr_scatter(manifest: Manifest, path: str | Path, color_by: str = "assignment") -> Path | None:
+def assignment_bar(manifest: Manifest, path: str | Path) -> Path:
+    """``assignment_bar_figure`` saved to ``path``."""
+    return save(assignment_bar_figure(manifest), path)
+
+
+def hni_scr_scatter_figure(manifest: Manifest, color_by: str = "assignment") -> Figure | None:
     """Layers in the (HNI, SCR) plane, coloured by assignment (or a metric key such as a cluster id).
 
     Returns None when no layer has finite HNI and SCR (no Hessian metrics in the manifest).
@@ -75,7 +89,8 @@ def hni_scr_scatter(manifest: Manifest, path: str | Path, color_by: str = "assig
               if isinstance(h, float) and isinstance(s, float) and h > 0 and math.isfinite(s)]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
     groups: dict[str, list] = {}
     for name, hni, scr, layer in points:
         key = layer["assignment"] if color_by == "assignment" else layer["metrics"].get(color_by)
@@ -91,16 +106,23 @@ def hni_scr_scatter(manifest: Manifest, path: str | Path, color_by: str = "assig
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"{manifest.model['class']}: layer sensitivity ({manifest.strategy})", fontsize=10)
     ax.legend(title=color_by)
-    return _save(fig, path)
+    return fig
 
 
-def strategy_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
+def hni_scr_scatter(manifest: Manifest, path: str | Path, color_by: str = "assignment") -> Path | None:
+    """``hni_scr_scatter_figure`` saved to ``path``; None (nothing written) when there is nothing to plot."""
+    fig = hni_scr_scatter_figure(manifest, color_by)
+    return None if fig is None else save(fig, path)
+
+
+def strategy_comparison_figure(rows: list[dict], title: str) -> Figure:
     """One row per strategy: mean accuracy with a ±std bar over repeats, labelled with its analog MAC ratio.
 
     ``rows``: dicts with ``label``, ``mac_ratio``, ``mean``, ``std``. (A dot plot rather than accuracy
     against MAC ratio: mixed strategies crowd near ratio 1, which hides their differences.)
     """
-    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.4))
+    fig = Figure(figsize=(8, 0.42 * len(rows) + 1.4))
+    ax = fig.subplots()
     labels = [f"{row['label']}  (MAC ratio {row['mac_ratio']:.3f})" for row in rows]
     for position, row in enumerate(rows):
         color = TARGET_COLORS["digital"] if row["mac_ratio"] == 0 else TARGET_COLORS["pcm"]
@@ -113,7 +135,12 @@ def strategy_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
     ax.grid(True, axis="x", alpha=0.3)
     ax.margins(x=0.1)  # room for the value labels
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return fig
+
+
+def strategy_comparison(rows: list[dict], path: str | Path, title: str) -> Path:
+    """``strategy_comparison_figure`` saved to ``path``."""
+    return save(strategy_comparison_figure(rows, title), path)
 
 
 def write_all(manifest: Manifest, directory: str | Path) -> list[Path]:
@@ -135,40 +162,6 @@ def write_all(manifest: Manifest, directory: str | Path) -> list[Path]:
     return written
 
 
-def failure_by_decile(analysis, path: str | Path, title: str) -> Path:
-    """Analog-only failure rate vs input-curvature decile, one line per non-ideality profile (Fig. 1 style)."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for index, name in enumerate(analysis.profiles):
-        rates = [100 * r for r in analysis.rates[name]]
-        ax.plot(range(1, len(rates) + 1), rates, marker="o", markersize=4, label=name,
-                color=plt.get_cmap("tab10")(index % 10), linewidth=2.2 if name.count("+") == 2 else 1.2)
-    ax.set_xticks(range(1, len(analysis.rates[analysis.profiles[0]]) + 1))
-    ax.set_xlabel("input-curvature decile (1 = flattest, 10 = most curved)")
-    ax.set_ylabel("analog-only failure rate (% of digitally-correct samples)")
-    ax.grid(True, alpha=0.3)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, title="non-idealities", title_fontsize=8)
-    return _save(fig, path)
-
-
-def routing_curve(curve, path: str | Path, title: str) -> Path:
-    """Accuracy vs fraction of inputs re-run on the digital path, per risk score and for random routing."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    fractions = [100 * f for f in curve.fractions]
-    for index, (name, accuracy) in enumerate(curve.accuracy.items()):
-        ax.plot(fractions, accuracy, marker="o", markersize=4, color=plt.get_cmap("tab10")(index % 10),
-                label=f"{name} (AUROC {curve.auroc[name]:.3f})")
-    ax.plot(fractions, curve.random, linestyle="--", color="gray", label="random routing (expected)")
-    ax.set_xscale("symlog", linthresh=5)
-    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
-    ax.set_xlabel("inputs routed to digital (%, symlog axis)")
-    ax.set_ylabel("accuracy")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
 def si_scale(values: list[float], unit: str) -> tuple[float, str]:
     """A factor and unit label that bring the largest of ``values`` into [1, 1000)."""
     top = max(abs(v) for v in values) if values else 1.0
@@ -178,8 +171,8 @@ def si_scale(values: list[float], unit: str) -> tuple[float, str]:
     return 1e12, f"p{unit}"
 
 
-def pareto_front(manifest: Manifest, path: str | Path, baselines: dict[str, tuple[float, float]] | None = None,
-                 final: tuple[float, float] | None = None) -> Path:
+def pareto_front_figure(manifest: Manifest, baselines: dict[str, tuple[float, float]] | None = None,
+                        final: tuple[float, float] | None = None) -> Figure:
     """Stage-1 front (latency vs energy) with the chosen point marked; optional baselines and the point
     row remap ended at (``final``), all as (latency s, energy J)."""
     pareto = manifest.extra.get("pareto")
@@ -193,12 +186,13 @@ def pareto_front(manifest: Manifest, path: str | Path, baselines: dict[str, tupl
     e_scale, e_unit = si_scale([p[1] for p in points], "J")
     latency = [p["latency_s"] * t_scale for p in front]
     energy = [p["energy_j"] * e_scale for p in front]
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.subplots()
     ax.plot(latency, energy, "o-", color="#8172b3", markersize=3, linewidth=1, label=f"Pareto front ({len(front)})")
     chosen = pareto["chosen"]
     ax.plot(latency[chosen], energy[chosen], "*", color="black", markersize=14, label="chosen (stage 1)")
     for index, (name, (lat, en)) in enumerate((baselines or {}).items()):
-        ax.plot(lat * t_scale, en * e_scale, "s", color=plt.get_cmap("tab10")(index), label=name)
+        ax.plot(lat * t_scale, en * e_scale, "s", color=palette(index), label=name)
     if final is not None:
         ax.plot(final[0] * t_scale, final[1] * e_scale, "P", color="#c44e52", markersize=11, label="after row remap")
     all_latency = [p[0] for p in points]
@@ -223,17 +217,24 @@ def pareto_front(manifest: Manifest, path: str | Path, baselines: dict[str, tupl
         inset.set_title("front, enlarged", fontsize=7)
         inset.tick_params(labelsize=6)
         inset.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def row_remap_trajectory(manifest: Manifest, path: str | Path) -> Path:
+def pareto_front(manifest: Manifest, path: str | Path, baselines: dict[str, tuple[float, float]] | None = None,
+                 final: tuple[float, float] | None = None) -> Path:
+    """``pareto_front_figure`` saved to ``path``."""
+    return save(pareto_front_figure(manifest, baselines, final), path)
+
+
+def row_remap_trajectory_figure(manifest: Manifest) -> Figure:
     """Accuracy and latency at each row-remap step, with the digital baseline and tolerance band."""
     remap = manifest.extra.get("row_remap")
     if not remap:
         raise ConfigError("the manifest has no row-remap record (extra['row_remap']): compile with "
                           "strategy='pareto' (with data=) to plot one")
     steps = [s["step"] for s in remap["trajectory"]]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig = Figure(figsize=(6.4, 4))
+    ax = fig.subplots()
     metric = remap.get("metric", "accuracy")
     baseline = remap[f"baseline_{metric}"]
     ax.plot(steps, [s[metric] for s in remap["trajectory"]], "o-", color="#55a868", label=f"{metric} (validation)")
@@ -251,4 +252,9 @@ def row_remap_trajectory(manifest: Manifest, path: str | Path) -> Path:
     more = twin.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")
     ax.set_title(f"Row remap: {remap['stopped']}", fontsize=10)
-    return _save(fig, path)
+    return fig
+
+
+def row_remap_trajectory(manifest: Manifest, path: str | Path) -> Path:
+    """``row_remap_trajectory_figure`` saved to ``path``."""
+    return save(row_remap_trajectory_figure(manifest), path)

@@ -21,14 +21,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hetcomp import targets as target_registry
 from hetcomp.compiler import CompiledModel, leaf_module_names, set_eval
 from hetcomp.errors import HetcompError, ManifestError, TargetError
 from hetcomp.graph import META_KEY, trace
 from hetcomp.graph.layers import LayerAnnotation, mappable_nodes
 from hetcomp.manifest import Manifest, decode_row_targets, fingerprint, weights_hash
 from hetcomp.partition.summary import mapping_summary
-from hetcomp.targets.base import Target
+from hetcomp.targets import registry as target_registry
+from hetcomp.targets.base import Target, TargetSet
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -118,10 +118,10 @@ def read_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
-def manifest_targets(manifest: Manifest, need_simulators: bool = True) -> target_registry.TargetSet:
+def manifest_targets(manifest: Manifest, need_simulators: bool = True) -> TargetSet:
     """The target set the manifest was compiled for, from the definitions it carries (a registered target of
     the same name but another definition is not used: the manifest's is what was compiled)."""
-    from hetcomp.lower import SIMULATORS, remember_simulator_module
+    from hetcomp.lower import SIMULATORS, remember_simulator_module, simulator_named
 
     definitions = manifest.targets
     names = [part.strip() for part in manifest.target_set.split("+")]
@@ -136,17 +136,22 @@ def manifest_targets(manifest: Manifest, need_simulators: bool = True) -> target
         except TargetError as err:
             raise ManifestError(str(err)) from None
         remember_simulator_module(target.name, definition.get("simulator_module"))
-        simulator = target.lowering.get("simulator")
+        simulator = target.simulator
         if need_simulators and simulator is not None and simulator not in SIMULATORS:
             module = definition.get("simulator_module")
             hint = f"import {module} first (it registers it)" if module else "register it first"
             raise ManifestError(f"target {target.name!r} needs simulator {simulator!r}, which this process does "
                                 f"not have: {hint}")
+        if need_simulators and simulator is not None:
+            try:
+                simulator_named(simulator).check(target)  # its device parameters, before any work
+            except HetcompError as err:
+                raise ManifestError(f"manifest target {target.name!r}: {err}") from None
         if target.name in target_registry.available() and target_registry.get(target.name) != target:
             warnings.warn(f"target {target.name!r} differs from the registered one; using the manifest's "
                           "definition (what was compiled)", stacklevel=3)
         targets.append(target)
-    return target_registry.TargetSet.of(targets)
+    return TargetSet.of(targets)
 
 
 def _check_model(found: dict[str, str], expected: dict[str, Any], annotations: dict[str, LayerAnnotation],
@@ -195,7 +200,7 @@ def _load_weights(gm: nn.Module, weights: dict[str, torch.Tensor], expected_hash
                             "changed or comes from another compile; save the compile again")
 
 
-def _apply_layer(annotation: LayerAnnotation, record: dict[str, Any], target_set: target_registry.TargetSet) -> None:
+def _apply_layer(annotation: LayerAnnotation, record: dict[str, Any], target_set: TargetSet) -> None:
     """Check one layer's assignment against the target set and the traced layer, then annotate."""
     row_targets = checked_assignment(record, annotation.layer.kind, annotation.layer.rows, target_set)
     annotation.metrics = dict(record["metrics"])
@@ -205,7 +210,7 @@ def _apply_layer(annotation: LayerAnnotation, record: dict[str, Any], target_set
 
 
 def checked_assignment(record: dict[str, Any], kind: str, rows: int,
-                       target_set: target_registry.TargetSet) -> list[str] | None:
+                       target_set: TargetSet) -> list[str] | None:
     """Raise ManifestError unless the layer's assignment is valid for a ``kind`` layer of ``rows`` rows; returns
     its per-row targets (None for a whole layer)."""
     name, assignment = record["name"], record["assignment"]

@@ -1,4 +1,4 @@
-"""Strategies: named partition pipelines. A strategy turns a target set into partition passes.
+"""The built-in strategies (registered by ``hetcomp.builtins``; the abstraction is hetcomp.partition.strategy).
 
 Built in: ``pareto`` (H3PIMAP: NSGA-II over rows per tier, then accuracy-driven row remap; the default for
 several analog tiers; ``pareto(...)`` for settings, ``pareto-po`` for the search alone), ``equal-split``,
@@ -8,19 +8,24 @@ other settings), ``all-digital``, ``all-analog`` (the set's one analog target), 
 target in the set, ``first-last-digital`` (DIANA-style). ``default_strategy`` documents what
 ``strategy=None`` picks.
 
-``build(targets, finetune)`` returns the partition passes; ``finetune`` is the LAFT settings given to
-compile (or None). A strategy with ``trains=True`` retrains inside its own search (using those
-settings), so compile does not run LAFT after it.
+``Strategy``, ``register_strategy``, ``resolve``, ``available_strategies`` and ``default_strategy`` are
+re-exported here for users (``hetcomp.strategies.pareto(...)``, ``hetcomp.strategies.register_strategy``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from hetcomp import checks
 from hetcomp.errors import ConfigError
+from hetcomp.partition.strategy import (
+    Strategy,
+    available_strategies,
+    default_strategy,
+    register_family,
+    register_strategy,
+    resolve,
+)
 from hetcomp.passes.assign import most_accurate_digital, sole_analog
 from hetcomp.passes.assign_all import AssignAll
 from hetcomp.passes.base import Pass
@@ -30,35 +35,29 @@ from hetcomp.passes.kmeans_split import KMeansSplit
 from hetcomp.passes.mac_greedy import MacGreedy
 from hetcomp.passes.pareto_search import ParetoSearch
 from hetcomp.passes.row_remap import RowRemap
-from hetcomp.targets import TargetSet
+from hetcomp.targets.base import TargetSet
+
+__all__ = ["BUILTIN", "Strategy", "available_strategies", "default_strategy", "mac_greedy", "pareto",
+           "register_strategy", "resolve"]
 
 
-@dataclass(frozen=True)
-class Strategy:
-    name: str
-    description: str
-    build: Callable[[TargetSet, Any], list[Pass]]
-    needs_data: bool = False  # needs calibration data (Hessian metrics, or training)
-    trains: bool = False  # its search retrains the model (LAFT is not run after it)
+BUILTIN: list[Strategy] = []  # registered by hetcomp.builtins
 
 
-_STRATEGIES: dict[str, Strategy] = {}
-
-
-def register_strategy(strategy: Strategy) -> Strategy:
-    _STRATEGIES[strategy.name] = strategy
+def _builtin(strategy: Strategy) -> Strategy:
+    BUILTIN.append(strategy)
     return strategy
 
 
-register_strategy(Strategy(
+_builtin(Strategy(
     "all-digital", "every layer on the most accurate digital target",
     lambda ts, _: [AssignAll(most_accurate_digital(ts, "all-digital"))],
 ))
-register_strategy(Strategy(
+_builtin(Strategy(
     "all-analog", "every layer on the set's analog target (ops it cannot run fall back, with a reason)",
     lambda ts, _: [AssignAll(sole_analog(ts, "all-analog"))],
 ))
-register_strategy(Strategy(
+_builtin(Strategy(
     "first-last-digital", "first and last mappable layer digital, the rest analog (DIANA-style)",
     lambda ts, _: [FirstLastDigital(most_accurate_digital(ts, "first-last-digital"),
                                     sole_analog(ts, "first-last-digital"))],
@@ -74,10 +73,10 @@ def _kmeans(name: str, features: tuple[str, ...], description: str) -> Strategy:
     )
 
 
-register_strategy(_kmeans("hilal", ("hni", "scr"),
+_builtin(_kmeans("hilal", ("hni", "scr"),
                           "HILAL: k-means (k=2) on z-scored [HNI, SCR]; sensitive cluster digital, robust analog"))
-register_strategy(_kmeans("hni-only", ("hni",), "k-means on HNI alone (HILAL ablation)"))
-register_strategy(_kmeans("scr-only", ("scr",), "k-means on SCR alone (HILAL ablation)"))
+_builtin(_kmeans("hni-only", ("hni",), "k-means on HNI alone (HILAL ablation)"))
+_builtin(_kmeans("scr-only", ("scr",), "k-means on SCR alone (HILAL ablation)"))
 
 
 def mac_greedy(threshold: float = 0.02, eval_repeats: int = 5, t_inference: float = 86400.0) -> Strategy:
@@ -95,7 +94,7 @@ def mac_greedy(threshold: float = 0.02, eval_repeats: int = 5, t_inference: floa
     )
 
 
-register_strategy(mac_greedy())
+_builtin(mac_greedy())
 
 
 def pareto(population: int = 64, generations: int = 100, samples: float = 1.0, tolerance: float = 0.01,
@@ -127,45 +126,17 @@ def pareto(population: int = 64, generations: int = 100, samples: float = 1.0, t
     )
 
 
-register_strategy(pareto())
-register_strategy(pareto(remap=False))
-register_strategy(Strategy("equal-split", "every layer's rows split evenly over the tiers that run it",
+_builtin(pareto())
+_builtin(pareto(remap=False))
+_builtin(Strategy("equal-split", "every layer's rows split evenly over the tiers that run it",
                            lambda ts, _: [EqualSplit()]))
 
 
-def available_strategies() -> list[str]:
-    return sorted(_STRATEGIES) + ["all-<target>"]
+def _all_on(target: str, targets: TargetSet) -> Strategy | None:
+    """``all-<target>``: every layer on one target of the set."""
+    if target not in targets:
+        return None
+    return Strategy(f"all-{target}", f"every layer on {target}", lambda ts, _: [AssignAll(target)])
 
 
-def resolve(name: str | Strategy | None, targets: TargetSet) -> Strategy:
-    """The strategy for ``name`` (None: the target set's default). Errors name the known strategies."""
-    if name is not None and not isinstance(name, str | Strategy):
-        raise ConfigError(f"strategy must be a name such as 'hilal' (known: {', '.join(available_strategies())}), "
-                          f"a hetcomp.strategies.Strategy such as hetcomp.strategies.pareto(...), or None for the "
-                          f"target set's default; got {checks.got(name)}")
-    if isinstance(name, Strategy):
-        name.build(targets, None)  # raises now, before any work, if the target set does not fit
-        return name
-    if name is None:
-        name = default_strategy(targets)
-    if name in _STRATEGIES:
-        strategy = _STRATEGIES[name]
-        strategy.build(targets, None)  # raises now, before any work, if the target set does not fit
-        return strategy
-    if name.startswith("all-") and name[4:] in targets:
-        target = name[4:]
-        return Strategy(name, f"every layer on {target}", lambda ts, _: [AssignAll(target)])
-    raise ConfigError(
-        f"unknown strategy {name!r} for target set {targets}; known: {', '.join(available_strategies())}"
-    )
-
-
-def default_strategy(targets: TargetSet) -> str:
-    """One target: ``all-<it>``. One analog target + digital: ``hilal`` (needs data=). Several analog
-    tiers (e.g. sram+reram+photonic): ``pareto`` (H3PIMAP; needs data= for its row remap; without data
-    name ``pareto-po``)."""
-    if len(targets.targets) == 1:
-        return f"all-{targets.names[0]}"
-    if len(targets.analog) == 1 and targets.digital:
-        return "hilal"
-    return "pareto"
+register_family("all-", _all_on)

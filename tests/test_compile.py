@@ -142,7 +142,7 @@ def test_manifest_round_trip_and_apply(tmp_path):
     compiled = hetcomp.compile(model, "pcm+digital", (X,), strategy="first-last-digital")
     directory = compiled.save(tmp_path / "out")
     data = json.loads((directory / "manifest.json").read_text())
-    assert data["schema_version"] == 2 and data["target_set"] == "digital+pcm"
+    assert data["schema_version"] == 3 and data["target_set"] == "digital+pcm"
     assert {t["name"] for t in data["targets"]} == {"digital", "pcm"}
     loaded = Manifest.load(directory)
     assert loaded.to_dict() == compiled.manifest.to_dict()

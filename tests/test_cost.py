@@ -7,7 +7,7 @@ from hetcomp import targets
 from hetcomp.errors import ConfigError
 from hetcomp.graph.layers import LayerInfo
 from hetcomp.partition.mapping_cost import MappingProblem, lep_scores
-from hetcomp.targets.base import NoiseModel, Precision, Target, TileGeometry
+from hetcomp.targets.base import Precision, Target, TileGeometry
 from hetcomp.targets.cost import CostModel, EnergyTerm
 
 
@@ -17,7 +17,7 @@ def _layer(name, rows, cols, macs, kind="weight-static"):
 
 
 def _tier(name, macs_per_s, pj, static_w=0.0, tiles=None, supports=("weight-static",), rank=0):
-    return Target(name=name, description="", analog=True, precision=Precision(8, 8, 8), noise=NoiseModel("none"),
+    return Target(name=name, description="", analog=True, precision=Precision(8, 8, 8),
                   tile=TileGeometry(10, 10, tiles=tiles), clock_hz=1e9, supports=frozenset(supports),
                   cost=CostModel(macs_per_s, (EnergyTerm("mac", pj, 1.0, "test"),), static_w), accuracy_rank=rank)
 

@@ -11,18 +11,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hetcomp.analysis.analog_failures import (
+from hetcomp.cli import main
+from hetcomp.curvature.estimator import input_curvature
+from hetcomp.curvature.failures import (
     all_profiles,
     decile_failure_rates,
     deciles,
     lower_all_analog,
     profile_target,
 )
-from hetcomp.analysis.input_curvature import input_curvature
-from hetcomp.cli import main
+from hetcomp.curvature.routing import RiskRouted, risk, routing_curve
 from hetcomp.errors import ConfigError
 from hetcomp.lower import program_and_drift
-from hetcomp.routing import RiskRouted, risk, routing_curve
 
 
 class Quadratic(nn.Module):

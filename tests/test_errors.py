@@ -356,8 +356,9 @@ def copied_run(finished, tmp_path) -> tuple[Path, Path]:
 def test_laft_checkpoints_are_safetensors_with_checksums_and_resume(finished_laft, tmp_path):
     root, run = copied_run(finished_laft, tmp_path)
     progress = json.loads((run / "progress.json").read_text())
-    assert [f["file"] for f in progress["files"]] == [f"stage-{i:02d}.safetensors" for i in range(3)]
-    for entry in progress["files"]:
+    assert progress["method"] == "LAFT" and run.name == progress["run_key"]
+    assert [s["tensors"]["file"] for s in progress["steps"]] == [f"step-{i:02d}.safetensors" for i in range(3)]
+    for entry in (step["tensors"] for step in progress["steps"]):
         content = (run / entry["file"]).read_bytes()
         assert sha256_bytes(content) == entry["sha256"] and len(content) == entry["bytes"]
         safetensors_load(content)
@@ -366,27 +367,27 @@ def test_laft_checkpoints_are_safetensors_with_checksums_and_resume(finished_laf
 
 
 def _truncate(run: Path) -> None:
-    path = run / "stage-02.safetensors"
+    path = run / "step-02.safetensors"
     path.write_bytes(path.read_bytes()[:-40])
 
 
 def _empty(run: Path) -> None:
-    (run / "stage-02.safetensors").write_bytes(b"")
+    (run / "step-02.safetensors").write_bytes(b"")
 
 
 def _replace(run: Path) -> None:  # another valid tensor file of the same size: only the checksum tells
-    shutil.copyfile(run / "stage-00.safetensors", run / "stage-02.safetensors")
+    shutil.copyfile(run / "step-00.safetensors", run / "step-02.safetensors")
 
 
 def _nan(run: Path, update_progress: bool = True) -> None:
-    path = run / "stage-02.safetensors"
+    path = run / "step-02.safetensors"
     state = safetensors_load(path.read_bytes())
     state["0.weight"][0, 0] = math.nan
     content = safetensors_save(state)
     path.write_bytes(content)
     if update_progress:  # as if the run itself had written it: the checksum matches, the values do not
         progress = json.loads((run / "progress.json").read_text())
-        progress["files"][2].update(sha256=sha256_bytes(content), bytes=len(content))
+        progress["steps"][2]["tensors"].update(sha256=sha256_bytes(content), bytes=len(content))
         (run / "progress.json").write_text(json.dumps(progress))
 
 
@@ -395,27 +396,27 @@ def _malformed_progress(run: Path) -> None:
 
 
 def _missing(run: Path) -> None:
-    (run / "stage-01.safetensors").unlink()
+    (run / "step-01.safetensors").unlink()
 
 
 def _foreign_weights(run: Path) -> None:  # well-formed, checksummed, but not this model's tensors
     content = safetensors_save({"fc.weight": torch.zeros(2, 2)})
-    (run / "stage-02.safetensors").write_bytes(content)
+    (run / "step-02.safetensors").write_bytes(content)
     progress = json.loads((run / "progress.json").read_text())
-    progress["files"][2].update(sha256=sha256_bytes(content), bytes=len(content))
+    progress["steps"][2]["tensors"].update(sha256=sha256_bytes(content), bytes=len(content))
     (run / "progress.json").write_text(json.dumps(progress))
 
 
 CORRUPTIONS = [
-    ("truncated", _truncate, r"stage-02\.safetensors is corrupted \(\d+ bytes, progress\.json recorded \d+: truncated"),
-    ("zero-length", _empty, r"stage-02\.safetensors is corrupted \(zero-length file\)"),
-    ("replaced", _replace, r"stage-02\.safetensors is corrupted \(its SHA-256 does not match progress\.json"),
-    ("NaN, checksum updated", _nan, r"stage-02\.safetensors is corrupted \(tensor '0\.weight' holds 1 NaN/Inf value\)"),
+    ("truncated", _truncate, r"step-02\.safetensors is corrupted \(\d+ bytes, progress\.json recorded \d+: truncated"),
+    ("zero-length", _empty, r"step-02\.safetensors is corrupted \(zero-length file\)"),
+    ("replaced", _replace, r"step-02\.safetensors is corrupted \(its SHA-256 does not match progress\.json"),
+    ("NaN, checksum updated", _nan, r"step-02\.safetensors is corrupted \(tensor '0\.weight' holds 1 NaN/Inf value\)"),
     ("NaN, checksum stale", lambda run: _nan(run, update_progress=False),
-     r"stage-02\.safetensors is corrupted \((its SHA-256 does not match|\d+ bytes)"),
+     r"step-02\.safetensors is corrupted \((its SHA-256 does not match|\d+ bytes)"),
     ("malformed progress.json", _malformed_progress, r"progress\.json is corrupted \(not readable JSON"),
-    ("missing stage file", _missing, r"stage-01\.safetensors is corrupted \(missing, but progress\.json lists it\)"),
-    ("another model's weights", _foreign_weights, r"stage-02\.safetensors is corrupted \(it holds another model's"),
+    ("missing step file", _missing, r"step-01\.safetensors is corrupted \(missing, but progress\.json lists it\)"),
+    ("another model's weights", _foreign_weights, r"step-02\.safetensors is corrupted \(it holds another model's"),
 ]
 
 
@@ -476,7 +477,8 @@ def test_corrupted_mac_greedy_checkpoint_is_refused(tmp_path):
 
     assert len(run().manifest.extra["finetune"]["trials"]) == 3
     (folder,) = tmp_path.iterdir()
-    _truncate(folder)
-    with pytest.raises(CheckpointError, match=rf"mac-greedy checkpoint .*stage-02\.safetensors is corrupted .*"
+    last = max(folder.glob("step-*.safetensors"))  # the last accepted candidate's (a rejected one has none)
+    last.write_bytes(last.read_bytes()[:-40])
+    with pytest.raises(CheckpointError, match=rf"mac-greedy checkpoint .*{last.name} is corrupted .*"
                                               rf"resume with resume=False or delete {folder}"):
         run()

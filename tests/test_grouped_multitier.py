@@ -11,12 +11,15 @@ from hetcomp.errors import ConfigError
 from hetcomp.graph import mappable_nodes, trace
 from hetcomp.graph.layers import LayerInfo
 from hetcomp.lower import digital_state_dict, lower_graph, tier_sim
+from hetcomp.lower.tier_sim import PhotonicSimulator, PimCrossbarSimulator
 from hetcomp.manifest import decode_row_targets
 from hetcomp.partition.mapping_cost import MappingProblem
 from hetcomp.partition.rows import apply_counts
 from hetcomp.passes.row_remap import _plan_move
-from hetcomp.targets.base import NoiseModel, Precision, Target, TileGeometry
+from hetcomp.targets.base import Precision, Target, TileGeometry
 from hetcomp.targets.cost import CostModel, EnergyTerm
+
+PIM, PHOTONIC = PimCrossbarSimulator(), PhotonicSimulator()
 
 TIERS = "sram+reram+photonic"
 
@@ -74,7 +77,7 @@ def test_tier_simulators_lower_grouped_and_depthwise_convs():
               torch.randn(2, 8, 7, 7)),
              (nn.Conv1d(6, 9, 3, padding=1, groups=3), torch.randn(2, 6, 11))]
     for conv, x in cases:
-        for name, lower in (("reram", tier_sim.lower_pim), ("photonic", tier_sim.lower_photonic)):
+        for name, lower in (("reram", PIM.lower), ("photonic", PHOTONIC.lower)):
             simulated = lower(conv, targets.get(name))
             with torch.no_grad():
                 reference = conv(x)
@@ -84,7 +87,7 @@ def test_tier_simulators_lower_grouped_and_depthwise_convs():
             assert noisy.shape == reference.shape
             assert not torch.allclose(noisy, reference, atol=1e-4), (conv, name)  # the simulation is in the path
             assert float((noisy - reference).abs().max()) < 0.2 * float(reference.abs().max())
-            weight, bias = tier_sim.digital_weights(simulated)
+            weight, bias = PIM.digital_weights(simulated)
             assert torch.equal(weight, conv.weight) and torch.equal(bias, conv.bias)
 
 
@@ -200,10 +203,10 @@ def test_multitier_strategies_keep_groups_whole_and_evaluate(strategy, target):
 def test_row_remap_moves_grouped_rows_to_the_accurate_tier():
     """A very noisy cheap tier: stage 1 puts everything there, row remap then moves groups to digital."""
     noisy = Target(name="noisygroups", description="test tier with large relative input noise", analog=True,
-                   precision=Precision(None, None, None), noise=NoiseModel("relative-gaussian", 1.5),
-                   tile=TileGeometry(8, 8), clock_hz=1e9, supports=frozenset({"weight-static", "dynamic"}),
+                   precision=Precision(None, None, None), tile=TileGeometry(8, 8), clock_hz=1e9,
+                   supports=frozenset({"weight-static", "dynamic"}),
                    cost=CostModel(1e13, (EnergyTerm("mac", 0.01, 1.0, "test"),)), accuracy_rank=9,
-                   lowering={"simulator": "photonic", "input_bits": None, "weight_bits": None, "output_bits": None,
+                   simulator="photonic", device={"input_bits": None, "weight_bits": None, "output_bits": None,
                              "input_noise_rel": 1.5})
     targets.register(noisy, overwrite=True)
     try:
@@ -213,7 +216,7 @@ def test_row_remap_moves_grouped_rows_to_the_accurate_tier():
         compiled = hetcomp.compile(model, "digital+noisygroups", data=data, strategy=strategy,
                                    hessian={"probes": 2, "max_iter": 3, "batches": 1})
     finally:
-        targets._REGISTRY.pop("noisygroups", None)
+        targets.registry.TARGETS.unregister("noisygroups")
     trajectory = compiled.manifest.extra["row_remap"]["trajectory"]
     assert any(move.startswith(("grouped:", "pointwise:")) for step in trajectory[1:] for move in step["moved"])
     for step in trajectory[1:]:

@@ -22,7 +22,7 @@ from hetcomp.targets import Precision
 PCM = hetcomp.targets.get("pcm")
 # PCM without read noise or converters: an analog layer must then compute what its digital layer does.
 IDEAL_PCM = dataclasses.replace(PCM, name="ideal-pcm", precision=Precision(None, None, None),
-                                lowering={**PCM.lowering, "out_noise": 0.0})
+                                device={**PCM.device, "out_noise": 0.0})
 
 
 def compiled_digits(digits_model, strategy):
@@ -86,8 +86,8 @@ def test_lowering_errors_name_the_cause(digits_model):
     layer.assignment = {"pcm": 16, "digital": 16}
     with pytest.raises(ConfigError, match="'conv2' is row-split"):
         lower_graph(compiled.graph, compiled.targets)
-    odd = dataclasses.replace(PCM, name="odd-pcm", lowering={**PCM.lowering, "gmax": 10})
-    with pytest.raises(ConfigError, match="unknown aihwkit lowering setting.*'gmax'.*known"):
+    odd = dataclasses.replace(PCM, name="odd-pcm", device={**PCM.device, "gmax": 10})
+    with pytest.raises(ConfigError, match="unknown device parameter.*'gmax'.*simulator 'aihwkit'; known"):
         lower_module(nn.Linear(3, 3), odd)
 
 

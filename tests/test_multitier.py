@@ -12,12 +12,15 @@ from hetcomp import targets
 from hetcomp.errors import ConfigError
 from hetcomp.graph import mappable_nodes, trace
 from hetcomp.lower import lower_graph, tier_sim
+from hetcomp.lower.tier_sim import PimCrossbarSimulator
 from hetcomp.partition.mapping_cost import MappingProblem
 from hetcomp.partition.nsga import run_nsga2
 from hetcomp.partition.rows import apply_counts
-from hetcomp.targets.base import NoiseModel, Precision, Target, TileGeometry
+from hetcomp.targets.base import Precision, Target, TileGeometry
 from hetcomp.targets.cost import CostModel, EnergyTerm
 from hetcomp.zoo import DigitsTransformer
+
+PIM = PimCrossbarSimulator()
 
 TIERS = "sram+reram+photonic"
 
@@ -36,20 +39,20 @@ def test_pim_crossbar_with_lossless_adc_is_exact_int8_arithmetic():
     torch.manual_seed(0)
     linear = nn.Linear(300, 20)  # 300 inputs: 3 crossbars of 128 rows, the last one partly used
     x = torch.randn(16, 300)
-    wide_adc = dataclasses.replace(targets.get("sram"), lowering={**targets.get("sram").lowering, "adc_bits": 16})
-    core = tier_sim.lower_pim(linear, wide_adc)
+    wide_adc = dataclasses.replace(targets.get("sram"), device={**targets.get("sram").device, "adc_bits": 16})
+    core = PIM.lower(linear, wide_adc)
     xq, x_scale = tier_sim.quantize(x, 8)
     wq, w_scale = tier_sim.quantize(linear.weight.detach(), 8)
     expected = (xq @ wq.T) * x_scale * w_scale + linear.bias.detach()
     with torch.no_grad():
         assert torch.allclose(core(x), expected, atol=1e-4)
         # the real 7-bit ADC saturates full columns: close to, but not exactly, int8 arithmetic
-        real = tier_sim.lower_pim(linear, targets.get("sram"))(x)
+        real = PIM.lower(linear, targets.get("sram"))(x)
     assert 0 < float((real - expected).abs().max()) < 0.05 * float(expected.abs().max())
 
 
 def test_reram_conductance_noise_follows_eq1():
-    settings = targets.get("reram").lowering["conductance_noise"]
+    settings = targets.get("reram").device["conductance_noise"]
     levels = 3
     cells = torch.full((200_000,), 3.0)  # every cell at G_max
     torch.manual_seed(0)
@@ -148,8 +151,8 @@ def test_nsga2_respects_capacity():
         with pytest.raises(ConfigError, match="does not fit"):
             run_nsga2(_pythia_like_problem(tiers="tinysram2"), population=8, generations=2)
     finally:
-        targets._REGISTRY.pop("tinysram", None)
-        targets._REGISTRY.pop("tinysram2", None)
+        targets.registry.TARGETS.unregister("tinysram")
+        targets.registry.TARGETS.unregister("tinysram2")
 
 
 class _Teacher(nn.Module):
@@ -163,11 +166,10 @@ class _Teacher(nn.Module):
 
 def _noisy_tier(name: str, sigma: float, rank: int, tiles: int | None = None) -> Target:
     return Target(name=name, description="test tier with large relative input noise", analog=True,
-                  precision=Precision(None, None, None), noise=NoiseModel("relative-gaussian", sigma),
-                  tile=TileGeometry(8, 8, tiles=tiles), clock_hz=1e9,
+                  precision=Precision(None, None, None), tile=TileGeometry(8, 8, tiles=tiles), clock_hz=1e9,
                   supports=frozenset({"weight-static", "dynamic"}),
                   cost=CostModel(1e13, (EnergyTerm("mac", 0.01, 1.0, "test"),)), accuracy_rank=rank,
-                  lowering={"simulator": "photonic", "input_bits": None, "weight_bits": None, "output_bits": None,
+                  simulator="photonic", device={"input_bits": None, "weight_bits": None, "output_bits": None,
                             "input_noise_rel": sigma})
 
 
@@ -184,7 +186,7 @@ def teacher_task():
         targets.register(target, overwrite=True)
     yield model, (x, y)
     for name in ("noisytier", "exacttier"):
-        targets._REGISTRY.pop(name, None)
+        targets.registry.TARGETS.unregister(name)
 
 
 def test_row_remap_moves_rows_until_accuracy_is_back(teacher_task):
@@ -321,15 +323,17 @@ def test_killed_row_remap_resumes_to_the_same_result(teacher_task, tmp_path):
                                 strategy=_remap_strategy(_CrossEntropy(), **settings))
     expected = reference.manifest.extra["row_remap"]["trajectory"]
     assert len(expected) == 5
-    checkpoint = tmp_path / "remap.json"
+    checkpoint = tmp_path / "remap"
     # baseline (1 call) + candidates + start (2 repeats each) + one step: killed during the second step
     candidates = len(reference.manifest.extra["row_remap"]["candidates"])
     crash_after = 1 + 2 * (candidates + 1) + 2 + 1
     with pytest.raises(KeyboardInterrupt):
         hetcomp.compile(model, "digital+noisytier", data=data,
                         strategy=_remap_strategy(_CrossEntropy(crash_after), checkpoint, **settings))
-    saved = __import__("json").loads(checkpoint.read_text())
-    assert len(saved["trajectory"]) == 2  # the start and one finished step survived the kill
+    (run,) = checkpoint.iterdir()  # <checkpoint>/<run key>/progress.json (hetcomp.storage.StepLog)
+    saved = __import__("json").loads((run / "progress.json").read_text())
+    assert [step["record"]["state"]["step"] for step in saved["steps"]] == [0, 1]  # survived the kill
+    assert all(step["tensors"] is None for step in saved["steps"])  # row counts only: JSON records
     quality = _CrossEntropy()
     resumed = hetcomp.compile(model, "digital+noisytier", data=data,
                               strategy=_remap_strategy(quality, checkpoint, **settings))
@@ -349,7 +353,7 @@ def test_laft_refuses_layers_it_cannot_train():
 
 def test_equal_split_needs_no_cost_model_but_the_search_does():
     plain = Target(name="nocost", description="a user tier without a cost model", analog=True,
-                   precision=Precision(None, None, None), noise=NoiseModel("none"), tile=None, clock_hz=None,
+                   precision=Precision(None, None, None), tile=None, clock_hz=None,
                    supports=frozenset({"weight-static"}), cost=CostModel())
     targets.register(plain, overwrite=True)
     try:
@@ -360,4 +364,4 @@ def test_equal_split_needs_no_cost_model_but_the_search_does():
         with pytest.raises(ConfigError, match="have no cost model"):
             hetcomp.compile(gm_model, "nocost+digital", example_inputs=(torch.zeros(2, 4),), strategy="pareto-po")
     finally:
-        targets._REGISTRY.pop("nocost", None)
+        targets.registry.TARGETS.unregister("nocost")

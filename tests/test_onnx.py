@@ -92,3 +92,17 @@ def test_split_export_chains_to_the_whole_model(tmp_path, digits_model, strategy
         values.update(zip(part["outputs"], outputs))
     expected = model(x).detach().numpy()
     np.testing.assert_allclose(values[spec["outputs"][0]], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_partition_graph_orders_partitions_and_refuses_a_cycle():
+    from hetcomp.errors import ConfigError
+    from hetcomp.export.onnx_export import _partition_graph
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.ReLU(), nn.Tanh(), nn.Sigmoid()))
+    names = [n.name for n in gm.graph.nodes if n.op == "call_module"]
+    graph = _partition_graph(gm, dict(zip(names, [0, 1, 1])), {0: "digital", 1: "pcm"})
+    assert list(graph.edges(data="values")) == [(0, 1, [names[0]])]
+    # Not contiguous: digital -> pcm -> digital in one partition would need pcm both before and after it.
+    with pytest.raises(ConfigError, match=r"cycle \(partition 0 \(digital\) -> 1 \(pcm\) via '_0', partition 1 "
+                                          r"\(pcm\) -> 0 \(digital\) via '_1'\).*split=False"):
+        _partition_graph(gm, dict(zip(names, [0, 1, 0])), {0: "digital", 1: "pcm"})

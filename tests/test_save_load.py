@@ -211,41 +211,50 @@ def test_a_killed_save_leaves_the_old_or_the_new_output(tmp_path):
 
 
 FEFET_SIMULATOR = textwrap.dedent('''
-    """A user's FeFET simulator: weights with a fixed relative Gaussian offset, drawn at programming."""
+    """A user's FeFET simulator: a static relative Gaussian weight offset, drawn afresh at each programming."""
     import torch
     import torch.nn as nn
     from hetcomp.lower import Simulator, register_simulator
 
 
     class NoisyLinear(nn.Module):
-        def __init__(self, linear, target):
+        def __init__(self, linear, sigma):
             super().__init__()
             self.weight = nn.Parameter(linear.weight.detach().clone())
             self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-            self.noise = target.lowering["noise"]
+            self.sigma = sigma
             self.register_buffer("programmed", self.weight.detach().clone())
 
         def forward(self, x):
             return nn.functional.linear(x, self.programmed, self.bias)
 
 
-    def program(module, t_inference):
-        scale = module.weight.abs().max()
-        module.programmed = module.weight.detach() + module.noise * scale * torch.randn_like(module.weight)
+    class FeFETSimulator(Simulator):
+        name = "fefet-sim"
+        required = ("sigma",)
+
+        def weight_noise_rel(self, target):
+            return self.settings(target)["sigma"]
+
+        def lower(self, module, target):
+            return NoisyLinear(module, self.settings(target)["sigma"])
+
+        def program_and_drift(self, module, t_inference):
+            scale = module.weight.abs().max()
+            module.programmed = module.weight.detach() + module.sigma * scale * torch.randn_like(module.weight)
 
 
-    register_simulator(Simulator("fefet-sim", NoisyLinear, lambda m: (m.weight, m.bias), program))
+    register_simulator(FeFETSimulator())
 ''')
 
 
-def fefet_target(simulator):
-    from hetcomp.targets import WEIGHT_STATIC, CostModel, NoiseModel, Precision, Target, TileGeometry
+def fefet_target(simulator, sigma=0.3):
+    from hetcomp.targets import WEIGHT_STATIC, CostModel, Precision, Target, TileGeometry
 
     return Target(name="fefet", description="FeFET crossbar (a user's target)", analog=True,
-                  precision=Precision(8, 4, 8), noise=NoiseModel("relative-gaussian", 0.05),
-                  tile=TileGeometry(rows=64, cols=64), clock_hz=None, supports=frozenset({WEIGHT_STATIC}),
-                  cost=CostModel(macs_per_second=1e12), accuracy_rank=4,
-                  lowering={"simulator": simulator, "noise": 0.05} if simulator else {})
+                  precision=Precision(8, 4, 8), tile=TileGeometry(rows=64, cols=64), clock_hz=None,
+                  supports=frozenset({WEIGHT_STATIC}), cost=CostModel(macs_per_second=1e12), accuracy_rank=4,
+                  simulator=simulator, device={"sigma": sigma} if simulator else {})
 
 
 class MLP(nn.Module):

@@ -4,7 +4,7 @@ import pytest
 
 from hetcomp import targets
 from hetcomp.errors import TargetError
-from hetcomp.targets import CostModel, NoiseModel, Precision, Target, TileGeometry
+from hetcomp.targets import CostModel, Precision, Target, TileGeometry
 
 
 def test_parse_order_does_not_matter():
@@ -49,7 +49,7 @@ def test_capacity_from_geometry():
 def test_register_user_target():
     mine = Target(
         name="myrram", description="test", analog=True, precision=Precision(4, 4, 4),
-        noise=NoiseModel(kind="none"), tile=TileGeometry(64, 64, tiles=1), clock_hz=1e8,
+        tile=TileGeometry(64, 64, tiles=1), clock_hz=1e8,
         supports=frozenset({"weight-static"}), cost=CostModel(),
     )
     try:
@@ -60,14 +60,14 @@ def test_register_user_target():
         with pytest.raises(TargetError, match="already registered"):
             targets.register(mine)
     finally:
-        targets._REGISTRY.pop("myrram", None)
+        targets.registry.TARGETS.unregister("myrram")
 
 
 def test_target_validation():
     with pytest.raises(ValueError, match="name"):
         Target(name="a+b", description="", analog=False, precision=Precision(None, None, None),
-               noise=NoiseModel("none"), tile=None, clock_hz=None, supports=frozenset(), cost=CostModel())
+               tile=None, clock_hz=None, supports=frozenset(), cost=CostModel())
     with pytest.raises(ValueError, match="op kinds"):
         Target(name="x", description="", analog=False, precision=Precision(None, None, None),
-               noise=NoiseModel("none"), tile=None, clock_hz=None, supports=frozenset({"conv"}),
+               tile=None, clock_hz=None, supports=frozenset({"conv"}),
                cost=CostModel())

@@ -1,1 +1,3 @@
-"""Analyses: expensive computations shared by passes (cached on the compile context)."""
+"""Hessian machinery shared by the passes: the HVP operator and its estimators (``hessian``), the fast
+double backward (``double_backward``) and per-layer Hessian metrics cached on the compile context
+(``layer_hessian``)."""

@@ -235,7 +235,7 @@ class HessianOperator:
             return deflate[layer].project(v) if layer in deflate else v
 
         if estimator == "full":
-            vectors = [project(layer, _rademacher((probes, *p.shape), p, generator))
+            vectors = [project(layer, rademacher((probes, *p.shape), p, generator))
                        for layer, p in enumerate(self.params)]
             products = self.hvp_many(vectors)
             for layer, (v, hv) in enumerate(zip(vectors, products)):
@@ -244,14 +244,14 @@ class HessianOperator:
                 diag[layer] += vhv.mean(0)
         elif estimator == "block" and self.batched:
             for layer, p in progress(list(enumerate(self.params)), "Hessian probes (per layer)", len(self.params)):
-                v = project(layer, _rademacher((probes, *p.shape), p, generator))
+                v = project(layer, rademacher((probes, *p.shape), p, generator))
                 vhv = v * self.block_hvp({layer: v})[layer]
                 samples[:, layer] = vhv.flatten(1).sum(1).double().cpu()
                 diag[layer] += vhv.mean(0)
         elif estimator == "block":
             sums = torch.zeros(probes, len(self.params), dtype=torch.float64, device=self.params[0].device)
             for k in progress(range(probes), "Hessian probes (per layer)", probes):
-                vectors = {layer: project(layer, _rademacher(p.shape, p, generator))
+                vectors = {layer: project(layer, rademacher(p.shape, p, generator))
                            for layer, p in enumerate(self.params)}
                 for layer, hv in self.block_hvp(vectors).items():
                     vhv = vectors[layer] * hv
@@ -456,8 +456,13 @@ class HutchinsonResult:
         return (self.samples.std(0) / count**0.5).tolist()
 
 
-def _rademacher(shape, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    # Drawn on the CPU generator so results are identical on every device for the same seed.
+def rademacher(shape, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random ±1 signs of ``shape``, in ``like``'s dtype and on its device (the probes of Hutchinson's
+    estimator, shared by the weight-Hessian estimators here and the input-curvature study).
+
+    Drawn on the CPU ``generator`` (int8, one draw of ``shape``) so results are identical on every device
+    for the same seed.
+    """
     signs = torch.randint(0, 2, tuple(shape), generator=generator, dtype=torch.int8)
     return (signs.to(like.dtype) * 2 - 1).to(like.device)
 

@@ -13,8 +13,7 @@ import torch.fx as fx
 from hetcomp import checks
 from hetcomp.analysis.hessian import HessianOperator, HutchinsonResult
 from hetcomp.errors import ConfigError
-from hetcomp.graph.layers import LayerAnnotation, mappable_nodes
-from hetcomp.targets.base import WEIGHT_STATIC
+from hetcomp.graph.layers import WEIGHT_STATIC, LayerAnnotation, mappable_nodes
 
 
 def weight_layers(gm: fx.GraphModule) -> list[LayerAnnotation]:

@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import onnx
 import onnx_ir
 import torch
@@ -138,6 +139,35 @@ def _segments(gm: fx.GraphModule, layers: dict[str, dict]) -> tuple[dict[str, in
     return ids, targets
 
 
+def _partition_graph(gm: fx.GraphModule, ids: dict[str, int], targets: dict[int, str]) -> nx.DiGraph:
+    """The partitions as a DAG: a node per partition (its ``target``), an edge per pair of partitions that
+    pass values, naming them (``values``: FX value names, in graph order).
+
+    Each partition becomes one ONNX file fed by its predecessors' outputs, so the graph must be acyclic: a
+    cycle (A feeds B and B feeds A) cannot be run file by file and is refused, naming a value on each edge.
+    Contiguous runs in graph order never form one; the check keeps any other partitioning honest.
+    """
+    graph = nx.DiGraph()
+    graph.add_nodes_from((index, {"target": target}) for index, target in targets.items())
+    for node in gm.graph.nodes:
+        if node.name not in ids:
+            continue
+        for user in node.users:
+            if user.name in ids and ids[user.name] != ids[node.name]:
+                edge = (ids[node.name], ids[user.name])
+                if not graph.has_edge(*edge):
+                    graph.add_edge(*edge, values=[])
+                if node.name not in graph.edges[edge]["values"]:
+                    graph.edges[edge]["values"].append(node.name)
+    if not nx.is_directed_acyclic_graph(graph):
+        cycle = nx.find_cycle(graph)
+        path = ", ".join(f"partition {a} ({targets[a]}) -> {b} ({targets[b]}) via {graph.edges[a, b]['values'][0]!r}"
+                         for a, b in cycle)
+        raise ConfigError(f"split ONNX export: the partitions depend on each other in a cycle ({path}), so they "
+                          "cannot run one file after another; export one graph instead (split=False)")
+    return graph
+
+
 def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, directory: str | Path) -> Path:
     """One ONNX file per contiguous partition plus ``partitions.json`` saying how they connect.
 
@@ -149,6 +179,7 @@ def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, dir
     layers = {layer["name"]: layer for layer in manifest.layers}
     _label_layers(gm)  # split_module copies node meta, so the submodules' nodes keep their labels
     ids, segment_targets = _segments(gm, layers)
+    graph = _partition_graph(gm, ids, segment_targets)
     parent = split_module(gm, gm, lambda node: ids[node.name], keep_original_order=True)
 
     # Run the parent once to capture each partition's real inputs (for tracing/export).
@@ -172,12 +203,11 @@ def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, dir
                 result = node.args[0]
                 output_names = [r.name for r in (result if isinstance(result, tuple | list) else [result])]
 
-    for node in parent.graph.nodes:
-        if node.op != "call_module":
-            continue
+    calls = {node.target: node for node in parent.graph.nodes if node.op == "call_module"}
+    for index in nx.lexicographical_topological_sort(graph):  # producers first; graph order among equals
+        node = calls[f"submod_{index}"]  # split_module's name for partition ``index``
         submodule = getattr(parent, node.target)
-        index = int(node.target.split("_")[-1])
-        target = segment_targets[index]
+        target = graph.nodes[index]["target"]
         users = list(node.users)
         if users and all(u.op == "call_function" for u in users):
             outputs = [u.name for u in sorted(users, key=lambda u: u.args[1])]

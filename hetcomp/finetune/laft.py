@@ -7,11 +7,13 @@ cosine learning-rate decay. Stage 1 starts from the FP weights of the model bein
 never starts from an analog-trained model); stage t starts from stage t-1's validation-best weights,
 reloaded from its checkpoint, so a run that is resumed computes exactly what an uninterrupted run does.
 
-Checkpoints (hetcomp.finetune.checkpoints): ``<checkpoint_dir>/<run key>/stage-NN.safetensors`` (the
-digital-equivalent state dict) and ``progress.json`` (the stages' records and each stage file's SHA-256),
-written atomically after each stage; the run key hashes everything a stage depends on, so ``resume=True``
-only ever picks up the same run, and a stage file that does not match its checksum is refused
-(CheckpointError) rather than loaded.
+Checkpoints (hetcomp.storage.StepLog, the mechanism the mac-greedy search and row remap use too): after
+each stage, ``<checkpoint_dir>/<run key>/step-NN.safetensors`` (the digital-equivalent state dict) and
+``progress.json`` (the stages' records and each stage file's size and SHA-256), written atomically. The run
+key (``training_run_key``) hashes everything a stage depends on, so ``resume=True`` only ever picks up the
+same run (a changed model, data, target or setting starts a new run in a folder of its own), and a stage
+file that does not match its checksum is refused (CheckpointError) rather than loaded; ``resume=False``
+starts the run over.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import torch.fx as fx
 
 from hetcomp import checks
 from hetcomp.errors import ConfigError
-from hetcomp.finetune.checkpoints import StageCheckpoints, run_key
-from hetcomp.finetune.data import training_split
+from hetcomp.finetune.data import TrainingData, training_split
 from hetcomp.finetune.stage import StageSettings, derive_seed, train_stage
 from hetcomp.graph.layers import mappable_nodes
+from hetcomp.manifest import data_hash, fingerprint
 from hetcomp.passes.base import CompileContext, Pass
+from hetcomp.storage import StepLog, run_key
 
 
 @dataclass
@@ -113,13 +116,14 @@ class LAFT(Pass):
         order = self.order(gm, ctx)
         data = training_split(ctx.data, self.val_data, self.val_fraction, ctx.seed, self.batch_size,
                               class_labels=ctx.loss_fn is None)
-        checkpoints = StageCheckpoints(self.checkpoint_dir, run_key(gm, ctx, data, method="laft", order=order,
-                                                                     settings=self.settings()), method="LAFT")
-        records = checkpoints.finished() if self.resume else []
+        log = StepLog(self.checkpoint_dir, training_run_key(gm, ctx, data, method="laft", order=order,
+                                                            settings=self.settings()), "LAFT")
+        records = log.resume() if self.resume else log.restart()
         done = len(records)
         # Stage 1 starts from the FP weights; a resumed run starts from the last finished checkpoint.
         fp_state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
-        state = checkpoints.load(done - 1, fp_state) if done else fp_state
+        state = log.latest_tensors(fp_state)
+        state = fp_state if state is None else state
         for index in range(done, len(order)):
             if self.stop_after is not None and index - done >= self.stop_after:
                 break
@@ -128,13 +132,26 @@ class LAFT(Pass):
                 gm, ctx.targets, order[: index + 1], data, self.stage_settings(), ctx.loss,
                 derive_seed(ctx.seed, "laft", index), desc=f"LAFT stage {index + 1}/{len(order)} (+{order[index]})")
             records.append(result.record())
-            checkpoints.save(index, result.state, records)
+            log.append(records[-1], result.state)
             state = result.state
         gm.load_state_dict(state)
         ctx.manifest_extra["finetune"] = {
             "method": "laft", "order": order, "stages": records, "complete": len(records) == len(order),
-            "checkpoints": None if checkpoints.directory is None else str(checkpoints.directory)}
+            "checkpoints": None if log.directory is None else str(log.directory)}
         return gm
+
+
+def training_run_key(gm: fx.GraphModule, ctx: CompileContext, data: TrainingData, **parts: Any) -> str:
+    """Run key of a fine-tuning search (LAFT, mac-greedy): the weights and architecture, the targets' full
+    parameters (lowering settings included), seed, loss, the data (sizes; a hash of the validation tensors
+    and the first training batch) and ``parts`` (method, order, settings...); hetcomp.storage.run_key adds
+    hetcomp's version and the checkpoint format."""
+    first_batch = next(iter(data.epoch_loader(0)))
+    return run_key({
+        "model": fingerprint(gm, gm), "targets": [t.to_dict() for t in ctx.targets], "seed": ctx.seed,
+        "loss": getattr(ctx.loss, "__qualname__", repr(ctx.loss)),
+        "data": [len(data.train), len(data.val[1]), data_hash([tuple(data.val), tuple(first_batch[:2])])], **parts,
+    })
 
 
 def _check_trainable(gm: fx.GraphModule, ctx: CompileContext) -> None:

@@ -24,7 +24,7 @@ from hetcomp.evaluate import accuracy_labels, batched_logits, evaluate
 from hetcomp.finetune.data import TrainingData
 from hetcomp.lower import digital_state_dict, lower_graph, lowered_modules
 from hetcomp.progress import bar
-from hetcomp.targets import TargetSet
+from hetcomp.targets.base import TargetSet
 
 
 def derive_seed(seed: int, *keys: Any) -> int:

@@ -24,8 +24,7 @@ import torch.utils._pytree as pytree
 from hetcomp.checks import describe_inputs
 from hetcomp.errors import TraceError
 from hetcomp.graph.fx_frontend import is_parameter, per_sample, shape_of, shape_prop
-from hetcomp.graph.layers import LayerInfo
-from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC
+from hetcomp.graph.layers import DYNAMIC, WEIGHT_STATIC, LayerInfo
 
 aten = torch.ops.aten
 

@@ -21,8 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from hetcomp.checks import describe_inputs
 from hetcomp.errors import TraceError
-from hetcomp.graph.layers import LayerInfo
-from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC
+from hetcomp.graph.layers import DYNAMIC, WEIGHT_STATIC, LayerInfo
 
 
 class _PathTracer(fx.Tracer):

@@ -10,6 +10,12 @@ import torch.fx as fx
 
 META_KEY = "hetcomp"
 
+# Op kinds of mappable layers: a weight-static layer (Linear/Conv, weights stored on the device) or a dynamic
+# product of two activations (attention's Q K^T). Targets say which kinds they run.
+WEIGHT_STATIC = "weight-static"
+DYNAMIC = "dynamic"
+OP_KINDS = (WEIGHT_STATIC, DYNAMIC)
+
 
 @dataclass
 class LayerInfo:

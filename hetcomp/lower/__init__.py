@@ -2,15 +2,15 @@
 
 Partitioning only tags layers; lowering is this separate step (as in ExecuTorch). It works on a deep
 copy, so the digital, annotated graph stays intact for Hessians and ONNX export. Which simulator a
-target uses is data: ``target.lowering["simulator"]`` names an entry of ``SIMULATORS``. A target with no
-simulator runs as the ideal digital layer, and the lowering report says so for that layer.
+target uses is data: ``target.simulator`` names a registered ``Simulator`` (hetcomp.lower.simulator), which
+owns that device's physics. A target with no simulator runs as the ideal digital layer, and the lowering
+report says so for that layer.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,102 +18,55 @@ import torch.fx as fx
 import torch.nn as nn
 
 from hetcomp.errors import ConfigError
-from hetcomp.graph.layers import mappable_nodes
-from hetcomp.lower import aihwkit_sim, tier_sim
+from hetcomp.graph.layers import DYNAMIC, mappable_nodes
 from hetcomp.lower.row_split import RowSplit, input_channels, slice_rows
-from hetcomp.targets import TargetSet
-from hetcomp.targets.base import DYNAMIC, Target
+from hetcomp.lower.simulator import (
+    SIMULATORS,
+    Simulator,
+    register_simulator,
+    remember_simulator_module,
+    simulator_module,
+    simulator_named,
+    simulator_of,
+    target_definition,
+    weight_noise_rel,
+)
+from hetcomp.targets.base import TargetSet
+
+__all__ = [
+    "SIMULATORS", "Simulator", "digital_state_dict", "lower_graph", "lowered_modules", "program_and_drift",
+    "register_simulator", "remember_simulator_module", "simulator_module", "simulator_named", "simulator_of",
+    "target_definition", "weight_noise_rel",
+]
 
 
-@dataclass(frozen=True)
-class Simulator:
-    """How to lower to, read back from, and re-program one kind of simulated hardware."""
+class RowSplitSimulator(Simulator):
+    """Not a target's simulator: the wrapper ``lower_graph`` builds for a layer whose rows span several tiers;
+    each part is read back and re-programmed by its own tier's simulator."""
 
-    name: str
-    lower_module: Callable[[nn.Module, Target], nn.Module]
-    digital_weights: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
-    program_and_drift: Callable[[nn.Module, float], None]
-    trainable: bool = False  # gradients reach the weights through the simulation (LAFT can train it)
+    name = "row-split"
 
+    def digital_weights(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = bias = None
+        for tier, part in module.parts.items():
+            simulator = module.simulators[tier]
+            w, b = simulator_named(simulator).digital_weights(part) if simulator else (part.weight, part.bias)
+            index = module.rows(tier)
+            if weight is None:
+                weight = w.new_empty((module.out_rows, *w.shape[1:]))
+                bias = None if b is None else b.new_empty(module.out_rows)
+            weight[index] = w.detach()
+            if bias is not None and b is not None:
+                bias[index] = b.detach()
+        return weight, bias
 
-def _row_split_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = bias = None
-    for tier, part in module.parts.items():
-        simulator = module.simulators[tier]
-        w, b = SIMULATORS[simulator].digital_weights(part) if simulator else (part.weight, part.bias)
-        index = module.rows(tier)
-        if weight is None:
-            weight = w.new_empty((module.out_rows, *w.shape[1:]))
-            bias = None if b is None else b.new_empty(module.out_rows)
-        weight[index] = w.detach()
-        if bias is not None and b is not None:
-            bias[index] = b.detach()
-    return weight, bias
-
-
-def _row_split_program(module: nn.Module, t_inference: float) -> None:
-    for tier, part in module.parts.items():
-        if module.simulators[tier]:
-            SIMULATORS[module.simulators[tier]].program_and_drift(part, t_inference)
+    def program_and_drift(self, module: nn.Module, t_inference: float) -> None:
+        for tier, part in module.parts.items():
+            if module.simulators[tier]:
+                simulator_named(module.simulators[tier]).program_and_drift(part, t_inference)
 
 
-SIMULATORS: dict[str, Simulator] = {
-    "aihwkit": Simulator("aihwkit", aihwkit_sim.lower_module, aihwkit_sim.digital_weights,
-                         aihwkit_sim.program_and_drift, trainable=True),
-    "pim-crossbar": Simulator("pim-crossbar", tier_sim.lower_pim, tier_sim.digital_weights,
-                              tier_sim.program_and_drift),
-    "photonic": Simulator("photonic", tier_sim.lower_photonic, tier_sim.digital_weights, tier_sim.program_and_drift),
-    # Not a target's simulator: the wrapper lower_graph builds for a layer whose rows span several tiers.
-    "row-split": Simulator("row-split", lambda module, target: module, _row_split_weights, _row_split_program),
-}
-
-
-def register_simulator(simulator: Simulator, *, overwrite: bool = False) -> Simulator:
-    """Make ``simulator`` available to targets whose ``lowering["simulator"]`` names it. A manifest records
-    the module that registered it, so a process that loads the manifest can say what to import."""
-    if not isinstance(simulator, Simulator):
-        raise ConfigError(f"register_simulator() takes a hetcomp.lower.Simulator, got {type(simulator).__name__}")
-    if simulator.name in SIMULATORS and not overwrite:
-        raise ConfigError(f"simulator {simulator.name!r} is already registered; pass overwrite=True to replace it")
-    SIMULATORS[simulator.name] = simulator
-    return simulator
-
-
-def simulator_module(simulator: Simulator) -> str:
-    """The module that defines ``simulator`` (what a fresh process must import to have it)."""
-    return simulator.lower_module.__module__
-
-
-def simulator_of(target: Target) -> Simulator | None:
-    name = target.lowering.get("simulator")
-    if name is None:
-        return None
-    if name not in SIMULATORS:
-        origin = _MODULE_HINTS.get(target.name)
-        hint = (f"import {origin} (it registers the simulator) first" if origin
-                else "register it with hetcomp.lower.register_simulator")
-        raise ConfigError(f"target {target.name!r} uses simulator {name!r}, which is not registered in this "
-                          f"process; {hint} (known: {sorted(SIMULATORS)})")
-    return SIMULATORS[name]
-
-
-# Target name -> module that registered its simulator, as recorded in a manifest that was loaded.
-_MODULE_HINTS: dict[str, str] = {}
-
-
-def target_definition(target: Target) -> dict[str, Any]:
-    """A target's whole definition for a manifest, plus the module of its simulator (None: built in or none)."""
-    definition = target.to_dict()
-    name = target.lowering.get("simulator")
-    module = simulator_module(SIMULATORS[name]) if name in SIMULATORS else _MODULE_HINTS.get(target.name)
-    definition["simulator_module"] = None if module is None or module.startswith("hetcomp.") else module
-    return definition
-
-
-def remember_simulator_module(target_name: str, module: str | None) -> None:
-    """Note where a loaded manifest says ``target_name``'s simulator comes from (for error messages)."""
-    if module:
-        _MODULE_HINTS[target_name] = module
+ROW_SPLIT = RowSplitSimulator()
 
 
 def lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | None = None
@@ -144,7 +97,7 @@ def lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | 
         else:
             sim = simulator_of(targets[assignment])
             simulator = None if sim is None else sim.name
-            module = None if sim is None else sim.lower_module(_source_module(lowered, layer), targets[assignment])
+            module = None if sim is None else sim.lower(_source_module(lowered, layer), targets[assignment])
         name = layer.module_name
         if module is not None:
             if name is not None:
@@ -197,10 +150,10 @@ def _row_split(gm: fx.GraphModule, layer, targets: TargetSet, assignment: dict[s
     for tier, index in indices.items():
         sim = simulator_of(targets[tier])
         if source is None:  # a dynamic product: the part computes a @ b[..., rows]
-            part = sim.lower_module(None, targets[tier]) if sim else _MatMul()
+            part = sim.lower(None, targets[tier]) if sim else _MatMul()
         else:
             sliced = slice_rows(source, index)
-            part = sim.lower_module(sliced, targets[tier]) if sim else sliced
+            part = sim.lower(sliced, targets[tier]) if sim else sliced
         parts[tier], simulators[tier] = part, None if sim is None else sim.name
     dim = 1 if layer.op.startswith("conv") else -1
     device = next(gm.parameters()).device  # the index buffers live with the model
@@ -226,7 +179,8 @@ def _replace_node(gm: fx.GraphModule, node: fx.Node, layer, module: nn.Module) -
 
 def lowered_modules(report: dict[str, dict[str, Any]]) -> dict[str, Simulator]:
     """Module name -> simulator for every layer that was actually lowered."""
-    return {entry["module"]: SIMULATORS[entry["simulator"]] for entry in report.values() if entry["simulator"]}
+    return {entry["module"]: ROW_SPLIT if entry["simulator"] == ROW_SPLIT.name else simulator_named(entry["simulator"])
+            for entry in report.values() if entry["simulator"]}
 
 
 def digital_state_dict(lowered: nn.Module, report: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:

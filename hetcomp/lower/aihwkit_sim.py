@@ -1,7 +1,8 @@
 """Lowering to aihwkit analog layers (PCM), table-driven like aihwkit's ``convert_to_analog``.
 
-The rpu_config is built from the target's data: ``target.lowering`` (keys in ``DEFAULTS``; a target
-overrides any of them) and ``target.precision`` (DAC/ADC bits -> ``inp_res``/``out_res``). Defaults are
+The rpu_config is built from the target's data: ``target.device`` (keys in ``DEFAULTS``; a target
+overrides any of them; ``AihwkitSimulator`` at the end of this file is the registered simulator) and
+``target.precision`` (DAC/ADC bits -> ``inp_res``/``out_res``). Defaults are
 HILAL's configuration: PCMLikeNoiseModel(g_max=25), GlobalDriftCompensation, digital bias, 256x256
 tiles, weight scaling to max|W| = 1 (omega 1.0, layer-wise), ADD_NORMAL training noise of 0.08 x max|W|,
 LAYER_GAUSSIAN clip at 2 sigma, layer-wise symmetric remap, out_noise 0.06, 8-bit input/output.
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from hetcomp.errors import ConfigError
+from hetcomp.lower.simulator import Simulator
 from hetcomp.targets.base import Target
 
 DEFAULTS: dict[str, Any] = {
@@ -52,17 +54,11 @@ DEFAULTS: dict[str, Any] = {
     "drift_scale": 1.0,
     "static_weight_noise": 0.0,
 }
-_NOT_RPU_KEYS = {"simulator"}
 
 
 def settings(target: Target) -> dict[str, Any]:
-    """The target's lowering settings merged over DEFAULTS; unknown keys are an error."""
-    given = {k: v for k, v in target.lowering.items() if k not in _NOT_RPU_KEYS}
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"target {target.name!r}: unknown aihwkit lowering setting(s) {unknown}; "
-                          f"known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **given}
+    """The target's device parameters merged over DEFAULTS; unknown keys are an error."""
+    return SIMULATOR.settings(target)
 
 
 def _resolution(bits: int | None) -> float:
@@ -215,23 +211,43 @@ def lower_module(module: nn.Module, target: Target) -> nn.Module:
     return GroupedAnalogConv(tiles, module).to(device)
 
 
-def digital_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) a digital layer needs to compute what the lowered ``module`` was trained to."""
-    weight, bias = module.get_weights()
-    return weight, bias
+class AihwkitSimulator(Simulator):
+    """PCM through aihwkit (programming and read noise, drift, drift compensation, periphery): the device
+    parameters are ``DEFAULTS``' keys. Trainable: LAFT fine-tunes through aihwkit's analog layers."""
+
+    name = "aihwkit"
+    trainable = True
+    defaults = DEFAULTS
+
+    def weight_noise_rel(self, target: Target) -> float:
+        """HILAL's gamma: the training weight noise relative to max|W| (``training_noise_rel``)."""
+        return float(self.settings(target)["training_noise_rel"])
+
+    def lower(self, module: nn.Module | None, target: Target) -> nn.Module:
+        if module is None:
+            raise ConfigError(f"target {target.name!r} (aihwkit PCM) stores weights; it cannot run a dynamic "
+                              "product of two activations")
+        return lower_module(module, target)
+
+    def digital_weights(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) a digital layer needs to compute what the lowered ``module`` was trained to."""
+        weight, bias = module.get_weights()
+        return weight, bias
+
+    def program_and_drift(self, module: nn.Module, t_inference: float) -> None:
+        """Program every analog tile afresh (new programming noise) and drift it to ``t_inference`` seconds.
+
+        Calling program first is what makes repeats independent: aihwkit's drift alone reuses the
+        previous programming noise and drift exponents.
+        """
+        from aihwkit.simulator.tiles.inference import InferenceTileWithPeriphery
+
+        if module.training:
+            raise ConfigError("program_and_drift needs the module in eval mode (aihwkit programs only for inference)")
+        for tile in module.modules():  # per tile, as aihwkit's layer methods do, so nested containers count once
+            if isinstance(tile, InferenceTileWithPeriphery):
+                tile.program_weights()
+                tile.drift_weights(t_inference)
 
 
-def program_and_drift(module: nn.Module, t_inference: float) -> None:
-    """Program every analog tile afresh (new programming noise) and drift it to ``t_inference`` seconds.
-
-    Calling program first is what makes repeats independent: aihwkit's drift alone reuses the
-    previous programming noise and drift exponents.
-    """
-    from aihwkit.simulator.tiles.inference import InferenceTileWithPeriphery
-
-    if module.training:
-        raise ConfigError("program_and_drift needs the module in eval mode (aihwkit programs only for inference)")
-    for tile in module.modules():  # per tile, as aihwkit's layer methods do, so nested containers count once
-        if isinstance(tile, InferenceTileWithPeriphery):
-            tile.program_weights()
-            tile.drift_weights(t_inference)
+SIMULATOR = AihwkitSimulator()

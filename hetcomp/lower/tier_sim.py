@@ -1,7 +1,8 @@
 """Torch simulations of the H3PIMAP tiers: PIM crossbars (SRAM, ReRAM) and photonic tensor cores.
 
-Every simulator reads its settings from ``target.lowering`` (data) and draws its noise from torch's RNG, so a
-seeded evaluation is reproducible and runs on whatever device the model is on.
+Every simulator reads its parameters from ``target.device`` (data, checked by the ``Simulator`` subclasses at
+the end of this file) and draws its noise from torch's RNG, so a seeded evaluation is reproducible and runs on
+whatever device the model is on.
 
 ``pim-crossbar`` (ISAAC-style bit-serial, bit-sliced): inputs and weights are quantized symmetrically per
 tensor to ``input_bits`` / ``weight_bits`` (sign-magnitude: positive and negative parts run separately, as
@@ -33,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hetcomp.errors import ConfigError
+from hetcomp.lower.simulator import Simulator
 from hetcomp.targets.base import Target
 
 _IDEAL = [False]
@@ -117,13 +119,19 @@ class PimCrossbarCore(nn.Module):
         return y.reshape(*shape[:-1], -1)
 
 
+def conductance_sigma(conductance: torch.Tensor | float, p: dict[str, float]) -> torch.Tensor | float:
+    """H3PIMAP Eq. 1 as PytorX implements it (dimensionally consistent form): the thermal + shot noise std (S)
+    of a cell at ``conductance`` (S), sqrt(G f (4 k T + 2 q V)) / V. The one place this physics lives."""
+    variance = conductance * p["freq_hz"] * (4 * BOLTZMANN * p["temperature_k"] + 2 * ELECTRON_CHARGE * p["voltage_v"])
+    root = torch.sqrt(variance) if isinstance(variance, torch.Tensor) else math.sqrt(variance)
+    return root / p["voltage_v"]
+
+
 def _conductance_noise(cells: torch.Tensor, levels: int, p: dict[str, float]) -> torch.Tensor:
     """Cell digits -> conductances -> + Eq. 1 noise -> digits (same units as the ADC sees)."""
     g_min, g_max = p["g_min_s"], p["g_max_s"]
     conductance = g_min + cells / levels * (g_max - g_min)
-    sigma = torch.sqrt(conductance * p["freq_hz"] * (4 * BOLTZMANN * p["temperature_k"]
-                                                     + 2 * ELECTRON_CHARGE * p["voltage_v"])) / p["voltage_v"]
-    noisy = conductance + sigma * torch.randn_like(conductance)
+    noisy = conductance + conductance_sigma(conductance, p) * torch.randn_like(conductance)
     return (noisy - g_min) / (g_max - g_min) * levels
 
 
@@ -213,14 +221,6 @@ def _pad_amounts(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
     return tuple(amounts)
 
 
-def _settings(target: Target, required: tuple[str, ...]) -> dict[str, Any]:
-    missing = [key for key in required if key not in target.lowering]
-    if missing:
-        raise ConfigError(f"target {target.name!r} lowering is missing {missing} for simulator "
-                          f"{target.lowering.get('simulator')!r}")
-    return {k: v for k, v in target.lowering.items() if k != "simulator"}
-
-
 PIM_KEYS = ("input_bits", "weight_bits", "cell_bits", "dac_bits", "adc_bits", "xbar_rows")
 PHOTONIC_KEYS = ("input_bits", "weight_bits", "output_bits", "input_noise_rel")
 
@@ -237,23 +237,57 @@ def _wrap(module: nn.Module | None, make_core: Callable[[torch.Tensor | None, to
                       "assign this layer to digital or pcm")
 
 
-def lower_pim(module: nn.Module, target: Target) -> nn.Module:
-    settings = _settings(target, PIM_KEYS)
-    return _wrap(module, lambda w, b: PimCrossbarCore(w, b, settings))
+class _TorchTierSimulator(Simulator):
+    """Shared by the torch tier simulators: read back a (grouped) layer's weights; nothing to program (their
+    noise is drawn on every forward: read noise)."""
+
+    def digital_weights(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(module, UnfoldConv):  # the whole (grouped) conv weight, from its per-group cores
+            weight = torch.cat([core.weight for core in module.cores]).reshape(module.weight_shape)
+            bias = None if module.cores[0].bias is None else torch.cat([core.bias for core in module.cores])
+            return weight, bias
+        return module.weight, module.bias
 
 
-def lower_photonic(module: nn.Module | None, target: Target) -> nn.Module:
-    settings = _settings(target, PHOTONIC_KEYS)
-    return _wrap(module, lambda w, b: PhotonicCore(w, b, settings))
+class PimCrossbarSimulator(_TorchTierSimulator):
+    """ISAAC-style bit-serial, bit-sliced crossbar (SRAM, ReRAM); with ``conductance_noise`` (the Eq. 1
+    parameters g_min_s, g_max_s, voltage_v, freq_hz, temperature_k) every read adds thermal and shot noise."""
+
+    name = "pim-crossbar"
+    required = PIM_KEYS
+    defaults = {"conductance_noise": None}
+
+    def lower(self, module: nn.Module | None, target: Target) -> nn.Module:
+        if module is None:
+            raise ConfigError(f"target {target.name!r} (a PIM crossbar) stores weights; it cannot run a dynamic "
+                              "product of two activations")
+        settings = self.settings(target)
+        return _wrap(module, lambda w, b: PimCrossbarCore(w, b, settings))
+
+    def weight_noise_rel(self, target: Target) -> float:
+        """Eq. 1 at full scale as a weight-noise std relative to max|W|: a weight is the shift-add of its cells,
+        digit k weighted (2^cell_bits)^k, every cell at G_max."""
+        settings = self.settings(target)
+        noise = settings["conductance_noise"]
+        if not noise:
+            return 0.0
+        cell_rel = conductance_sigma(noise["g_max_s"], noise) / (noise["g_max_s"] - noise["g_min_s"])
+        levels = 2 ** settings["cell_bits"] - 1
+        slices = math.ceil((settings["weight_bits"] - 1) / settings["cell_bits"])
+        spread = math.sqrt(sum(float(2 ** settings["cell_bits"]) ** (2 * k) for k in range(slices)))
+        return cell_rel * levels * spread / (2 ** (settings["weight_bits"] - 1) - 1)
 
 
-def digital_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(module, UnfoldConv):  # the whole (grouped) conv weight, from its per-group cores
-        weight = torch.cat([core.weight for core in module.cores]).reshape(module.weight_shape)
-        bias = None if module.cores[0].bias is None else torch.cat([core.bias for core in module.cores])
-        return weight, bias
-    return module.weight, module.bias
+class PhotonicSimulator(_TorchTierSimulator):
+    """TeMPO-style photonic core: both operands quantized and perturbed by relative Gaussian noise
+    (``input_noise_rel``), the product quantized to ``output_bits``; runs dynamic products too."""
 
+    name = "photonic"
+    required = PHOTONIC_KEYS
 
-def program_and_drift(module: nn.Module, t_inference: float) -> None:
-    """Nothing to program: these tiers' noise is drawn on every forward (read noise)."""
+    def lower(self, module: nn.Module | None, target: Target) -> nn.Module:
+        settings = self.settings(target)
+        return _wrap(module, lambda w, b: PhotonicCore(w, b, settings))
+
+    def weight_noise_rel(self, target: Target) -> float:
+        return float(self.settings(target)["input_noise_rel"])

@@ -20,8 +20,7 @@ import numpy as np
 from hetcomp.errors import ConfigError
 from hetcomp.graph.layers import LayerInfo
 from hetcomp.partition.rows import row_unit
-from hetcomp.targets import TargetSet
-from hetcomp.targets.base import Target
+from hetcomp.targets.base import Target, TargetSet
 
 
 @dataclass

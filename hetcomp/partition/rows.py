@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from hetcomp.errors import ConfigError
-from hetcomp.graph.layers import LayerAnnotation, LayerInfo
-from hetcomp.targets.base import WEIGHT_STATIC, Target
+from hetcomp.graph.layers import WEIGHT_STATIC, LayerAnnotation, LayerInfo
+from hetcomp.targets.base import Target
 
 
 def row_unit(layer: LayerInfo) -> int:

@@ -1,47 +1,31 @@
-"""Passes: annotation (Hessian metrics), partition (assignment), and the infrastructure that runs them."""
+"""Passes: annotation (Hessian metrics), partition (assignment), and the infrastructure that runs them.
 
-from hetcomp import checks
-from hetcomp.errors import ConfigError
-from hetcomp.passes.assign_all import AssignAll
+``hetcomp.passes.base`` is the infrastructure (Pass, PassManager, CompileContext); every concrete pass is one
+file here. This package loads a pass's module only when its name is first used (``hetcomp.passes.HNI``), so
+importing the infrastructure loads no concrete pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from hetcomp.passes.base import CompileContext, Pass, PassManager
-from hetcomp.passes.equal_split import EqualSplit
-from hetcomp.passes.first_last_digital import FirstLastDigital
-from hetcomp.passes.hessian_trace import HessianTrace
-from hetcomp.passes.hni import HNI
-from hetcomp.passes.lambda_max import LambdaMax
-from hetcomp.passes.pareto_search import ParetoSearch
-from hetcomp.passes.row_remap import RowRemap
-from hetcomp.passes.row_sensitivity import RowSensitivity
-from hetcomp.passes.scr import SCR
 
-__all__ = [
-    "AssignAll", "CompileContext", "EqualSplit", "FirstLastDigital", "HNI", "HessianTrace", "LambdaMax",
-    "ParetoSearch", "Pass", "PassManager", "RowRemap", "RowSensitivity", "SCR", "hessian_passes",
-]
+_LAZY = {
+    "AssignAll": "assign_all", "EqualSplit": "equal_split", "FirstLastDigital": "first_last_digital",
+    "HNI": "hni", "HessianTrace": "hessian_trace", "LambdaMax": "lambda_max", "ParetoSearch": "pareto_search",
+    "RowRemap": "row_remap", "RowSensitivity": "row_sensitivity", "SCR": "scr", "hessian_passes": "hessian_pipeline",
+}
+
+__all__ = ["CompileContext", "Pass", "PassManager", *sorted(_LAZY)]
 
 
-def hessian_passes(probes: int = 10, max_iter: int = 20, tol: float = 1e-3, batches: int = 2,
-                   estimator: str = "block", gamma: float = 0.08, eigen_method: str = "lanczos",
-                   deflate: bool = True, deflate_bytes: int | None = 2 << 30) -> list[Pass]:
-    """The standard annotation pipeline: Tr(H), lambda_max, HNI, SCR, row sensitivity.
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"hetcomp.passes.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'hetcomp.passes' has no attribute {name!r}")
 
-    Defaults are the accurate estimator: per-layer (block) HVPs with Krylov deflation. ``deflate=True``:
-    LambdaMax (Lanczos) runs first and its Krylov bases deflate the Hutchinson probes of the trace and row
-    sensitivity (same HVPs, less variance; see HessianTrace). With the issue's former default (``estimator=
-    "full"``, no deflation, 10 probes) the digits CNN's hilal split changed with the seed; with these it does
-    not (tests/test_partition_stability.py). ``deflate_bytes``: at most this much memory for the kept Krylov
-    vectors (2 per step per layer; None: all ``max_iter``), so deflation of big models stays bounded: a
-    50M-parameter model keeps 5 vectors per layer in the default 2 GiB."""
-    checks.choice("eigen_method", eigen_method, ("lanczos", "power"))
-    if checks.boolean("deflate", deflate) and eigen_method != "lanczos":
-        raise ConfigError("deflate=True needs eigen_method='lanczos' (its Krylov bases deflate the probes)")
-    eigen = LambdaMax(max_iter=max_iter, tol=tol, batches=batches, method=eigen_method, keep_vectors=deflate,
-                      keep_bytes=deflate_bytes)
-    deflation = (max_iter, tol, deflate_bytes) if deflate else None
-    trace = HessianTrace(probes=probes, estimator=estimator, batches=batches, deflate=deflation)
-    return [
-        *([eigen, trace] if deflate else [trace, eigen]),
-        HNI(gamma=gamma),
-        SCR(),
-        RowSensitivity(probes=probes, estimator=estimator, batches=batches, deflate=deflation),
-    ]
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from hetcomp.errors import TargetError
 from hetcomp.graph.layers import LayerAnnotation
-from hetcomp.targets import TargetSet
+from hetcomp.targets.base import TargetSet
 
 
 def assign_layer(annotation: LayerAnnotation, target: str, targets: TargetSet, decided_by: str, why: str) -> bool:

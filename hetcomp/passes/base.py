@@ -20,10 +20,17 @@ from hetcomp import checks
 from hetcomp.errors import ConfigError, DataError, HetcompError, PassOrderError
 from hetcomp.memory import PeakMemory
 from hetcomp.progress import progress
-from hetcomp.targets import TargetSet
+from hetcomp.registry import Registry
+from hetcomp.targets.base import TargetSet
 
 # What tracing provides before any pass runs.
 TRACED = ("layers",)
+
+# Annotation pipelines by name: functions of their settings that return passes ("hessian": the Hessian
+# metrics compile runs when given data; registered by hetcomp.builtins).
+ANNOTATION_PIPELINES: Registry[Any] = Registry("annotation pipeline", ConfigError,
+                                               "register a function returning a list of passes",
+                                               check=callable)
 
 
 class Pass:
@@ -45,6 +52,9 @@ class Pass:
     def settings(self) -> dict[str, Any]:
         """Settings recorded in the manifest next to this pass (JSON-safe)."""
         return {}
+
+    def validate(self) -> None:
+        """Raise a HetcompError if the pass's settings cannot work; compile calls it before any work."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

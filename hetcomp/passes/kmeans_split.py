@@ -24,10 +24,9 @@ import torch.fx as fx
 
 from hetcomp import checks
 from hetcomp.errors import ConfigError
-from hetcomp.graph.layers import mappable_nodes
+from hetcomp.graph.layers import WEIGHT_STATIC, mappable_nodes
 from hetcomp.passes.assign import assign_layer
 from hetcomp.passes.base import CompileContext, Pass
-from hetcomp.targets.base import WEIGHT_STATIC
 
 
 class KMeansSplit(Pass):

@@ -7,9 +7,11 @@ programmed-and-drifted repeats at ``t_inference`` on the validation split must b
 validation accuracy minus ``threshold`` (a fraction: 0.02 = 2 points). A rejected candidate is
 reverted. The retrained weights of the final accepted set become the compiled weights, so this
 strategy needs no separate ``finetune=`` run; a LAFT object given to compile supplies its training
-settings (epochs, patience, learning rates, validation split) and its checkpoint folder: after each
-candidate the accepted state is checkpointed, and a killed search resumes after the last finished
-candidate (``resume=True``), reaching the same result.
+settings (epochs, patience, learning rates, validation split) and its checkpoint folder. Checkpoints are
+LAFT's (hetcomp.storage.StepLog, keyed by ``training_run_key``): after each candidate its trial record, and
+the retrained state when the candidate is accepted (a rejected one changes no weights, so it writes no
+tensor file); a killed search resumes after the last finished candidate (``resume=True``), reaching the
+same result, and a changed run starts over in a folder of its own.
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ import torch.fx as fx
 from hetcomp import checks
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate
-from hetcomp.finetune.checkpoints import StageCheckpoints, run_key
 from hetcomp.finetune.data import training_split
-from hetcomp.finetune.laft import LAFT
+from hetcomp.finetune.laft import LAFT, training_run_key
 from hetcomp.finetune.stage import derive_seed, train_stage, validation_accuracy
-from hetcomp.graph.layers import mappable_nodes
+from hetcomp.graph.layers import WEIGHT_STATIC, mappable_nodes
 from hetcomp.lower import lower_graph
 from hetcomp.passes.assign import assign_layer
 from hetcomp.passes.base import CompileContext, Pass
-from hetcomp.targets.base import WEIGHT_STATIC
+from hetcomp.storage import StepLog
 
 
 class MacGreedy(Pass):
@@ -68,17 +69,21 @@ class MacGreedy(Pass):
         candidates.sort(key=lambda a: -a.layer.macs)  # stable: ties keep graph order
         baseline = validation_accuracy(gm, data.val, 1, derive_seed(ctx.seed, "baseline"))
         floor = baseline - self.threshold
-        checkpoints = StageCheckpoints(training.checkpoint_dir, run_key(
+        log = StepLog(training.checkpoint_dir, training_run_key(
             gm, ctx, data, method="mac-greedy", candidates=[c.layer.name for c in candidates],
-            settings=self.settings()), method="mac-greedy")
-        trials = checkpoints.finished() if training.resume else []
-        accepted = [t["candidate"] for t in trials if t["accepted"]]
-        verdicts = {t["candidate"]: (i + 1, t["drift_val_accuracy"], t["accepted"]) for i, t in enumerate(trials)}
+            settings=self.settings()), "mac-greedy")
+        trials = log.resume() if training.resume else log.restart()
+        try:
+            accepted = [t["candidate"] for t in trials if t["accepted"]]
+            verdicts = {t["candidate"]: (i + 1, t["drift_val_accuracy"], t["accepted"]) for i, t in enumerate(trials)}
+        except (KeyError, TypeError) as error:
+            raise log.corrupted("progress.json", f"a trial record is malformed ({error!r})") from None
         for candidate in candidates:  # a resumed search: the accepted layers keep their tentative tag
             if candidate.layer.name in accepted:
                 candidate.assignment = self.analog
         fp_state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
-        state = checkpoints.load(len(trials) - 1, fp_state) if trials else fp_state
+        state = log.latest_tensors(fp_state)  # the last accepted candidate's
+        state = fp_state if state is None else state
         for index, candidate in enumerate(candidates):
             if index < len(trials):
                 continue
@@ -101,7 +106,7 @@ class MacGreedy(Pass):
             verdicts[name] = (index + 1, score, keep)
             trials.append({**result.record(), "candidate": name, "macs": candidate.layer.macs,
                            "drift_val_accuracy": score, "accepted": keep})
-            checkpoints.save(index, state, trials)
+            log.append(trials[-1], result.state if keep else None)
         gm.load_state_dict(state)
         test = f"validation accuracy at t={self.t_inference:g}s vs digital baseline {baseline:.4f} - {self.threshold}"
         for _, annotation in mappable_nodes(gm):
@@ -115,5 +120,5 @@ class MacGreedy(Pass):
                              "not an analog candidate (dynamic op or pinned earlier)")
         ctx.manifest_extra["finetune"] = {
             "method": "mac-greedy", "baseline_val": baseline, "trials": trials, "accepted": accepted,
-            "checkpoints": None if checkpoints.directory is None else str(checkpoints.directory)}
+            "checkpoints": None if log.directory is None else str(log.directory)}
         return gm

@@ -15,15 +15,19 @@ Within every layer the most sensitive rows sit on the most accurate tiers (``app
 trajectory (accuracy, latency, energy and the move of every step) goes to ``extra["row_remap"]``.
 Accuracy is top-1 on ``val_data`` (default: the data given to compile). ``quality=f(module, data) ->
 float`` replaces it (e.g. perplexity, with ``higher_is_better=False``; H3PIMAP's tolerance is 0.1 PPL),
-averaged over ``repeats`` noisy repeats. ``checkpoint=path.json``: the state is written atomically after
-every step, and a killed run started again with the same settings resumes where it stopped (the
-evaluations are seeded per repeat, so the result is the same as an uninterrupted run).
+averaged over ``repeats`` noisy repeats.
+
+``checkpoint=FOLDER``: the run is checkpointed with hetcomp.storage.StepLog (the mechanism of LAFT and
+mac-greedy) in ``FOLDER/<run key>/progress.json``, one step per measurement round: step 0 records the
+measured candidates, the start and its row counts, each later step a move (its trajectory entry and the
+row counts after it). A killed run started again with the same model, targets, seed, settings, Pareto front
+and row sensitivities resumes after its last finished step (the evaluations are seeded per repeat, so the
+result is the same as an uninterrupted run); a changed run starts over in a folder of its own, and a
+corrupted progress.json is a CheckpointError (delete the run's folder to start over).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,12 +41,12 @@ from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate, hardware_repeat
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import lower_graph
-from hetcomp.manifest import fingerprint
+from hetcomp.manifest import data_hash, fingerprint
 from hetcomp.partition.rows import apply_counts, row_unit, rows_by_sensitivity
 from hetcomp.passes.base import CompileContext, Pass
 from hetcomp.passes.pareto_search import mapping_problem
 from hetcomp.progress import bar
-from hetcomp.storage import write_atomic
+from hetcomp.storage import StepLog, run_key
 
 Quality = Callable[[torch.nn.Module, Any], float]
 
@@ -107,8 +111,8 @@ class RowRemap(Pass):
             gm.eval()
             with torch.no_grad():
                 baseline = float(self.quality(gm, data))
-        key = self._run_key(gm, ctx, front, baseline)
-        saved = self._load(key)
+        log = StepLog(self.checkpoint, self._run_key(gm, ctx, front, baseline), "row remap", restart_with=None)
+        steps = log.resume()
 
         def apply(counts: np.ndarray, why: str) -> None:
             for annotation, layer_counts, movable in zip(annotations, counts, free):
@@ -124,9 +128,14 @@ class RowRemap(Pass):
                     "latency_s": float(cost.latency_s[0]), "energy_j": float(cost.energy_j[0])}
 
         metric = "accuracy" if self.quality is None else "quality"
-        if saved is not None:  # resume: the same run was interrupted after saved["trajectory"][-1]
-            tried, trajectory = saved["tried"], saved["trajectory"]
-            counts = np.array(saved["counts"])
+        if steps:  # resume: the same run was interrupted after its last finished step
+            try:
+                tried, trajectory = steps[0]["candidates"], [step["state"] for step in steps]
+                counts = np.array(steps[-1]["counts"])
+            except (KeyError, TypeError) as error:
+                raise log.corrupted("progress.json", f"a step record is malformed ({error!r})") from None
+            if counts.shape != np.shape(front[0]["counts"]) or counts.dtype.kind != "i":
+                raise log.corrupted("progress.json", f"its row counts are not {np.shape(front[0]['counts'])} integers")
             apply(counts, f"{self.name}: resumed after {len(trajectory) - 1} move(s)")
         else:
             picks = sorted(set(np.linspace(0, len(front) - 1, min(self.candidates, len(front))).round().astype(int)))
@@ -138,7 +147,7 @@ class RowRemap(Pass):
             counts = np.array(front[pick["front_index"]]["counts"])
             state = measure(counts, f"{self.name}: Pareto point {pick['front_index']} (best of {len(picks)})")
             trajectory = [{"step": 0, **state, "moved": None}]
-            self._save(key, tried, trajectory, counts)
+            log.append({"candidates": tried, "state": trajectory[0], "counts": counts.tolist()})
         state = trajectory[-1]
         sensitivity = _row_sensitivities(annotations)
         movable_rows = int(sum(a.layer.rows for a, m in zip(annotations, free) if m))
@@ -157,7 +166,7 @@ class RowRemap(Pass):
             counts, moved = move
             state = measure(counts, f"{self.name}: after {len(trajectory)} move(s) of up to {step_rows} rows")
             trajectory.append({"step": len(trajectory), **state, "moved": moved})
-            self._save(key, tried, trajectory, counts)
+            log.append({"state": trajectory[-1], "counts": counts.tolist()})
             progress.update(1)
             progress.set_postfix({metric: f"{state[metric]:.4f}", "baseline": f"{baseline:.4f}"})
         progress.close()
@@ -170,28 +179,17 @@ class RowRemap(Pass):
         }
         return gm
 
-    # -- checkpoint: JSON of the candidates, the trajectory and the current row counts, after every step --
     def _run_key(self, gm: fx.GraphModule, ctx: CompileContext, front: list, baseline: float) -> str:
-        description = json.dumps({
-            "model": fingerprint(gm, gm), "targets": [t.to_dict() for t in ctx.targets], "seed": ctx.seed,
-            "settings": self.settings(), "front": [p["counts"] for p in front], "baseline": baseline,
-            "rows": {a.layer.name: a.metrics.get("row_sensitivity") for _, a in mappable_nodes(gm)},
-        }, sort_keys=True, default=str)
-        return hashlib.sha256(description.encode()).hexdigest()[:16]
-
-    def _load(self, key: str) -> dict | None:
-        if self.checkpoint is None or not self.checkpoint.exists():
-            return None
-        try:
-            saved = json.loads(self.checkpoint.read_text())
-        except json.JSONDecodeError:
-            return None  # not ours, or torn: start over (writes are atomic, so this is rare)
-        return saved if saved.get("run_key") == key else None
-
-    def _save(self, key: str, tried: list, trajectory: list, counts: np.ndarray) -> None:
-        if self.checkpoint is not None:
-            write_atomic(self.checkpoint, json.dumps({"run_key": key, "tried": tried, "trajectory": trajectory,
-                                                      "counts": counts.tolist()}, indent=1))
+        """Everything a step depends on: model, targets, seed, settings (not the checkpoint folder), the
+        Pareto front, the baseline and the row sensitivities (hashed)."""
+        rows = {a.layer.name: a.metrics.get("row_sensitivity") for _, a in mappable_nodes(gm)}
+        rows = {name: None if v is None else torch.tensor(v, dtype=torch.float64) for name, v in rows.items()}
+        return run_key({
+            "method": "row-remap", "model": fingerprint(gm, gm), "targets": [t.to_dict() for t in ctx.targets],
+            "seed": ctx.seed, "settings": {k: v for k, v in self.settings().items() if k != "checkpoint"},
+            "front": [p["counts"] for p in front], "baseline": baseline,
+            "rows": data_hash([rows]),
+        })
 
 
 def _row_sensitivities(annotations) -> list[np.ndarray]:

@@ -1,6 +1,6 @@
 """Digital (CMOS) execution: exact floating-point arithmetic, runs every op kind."""
 
-from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC, NoiseModel, Precision, Target
+from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC, Precision, Target
 from hetcomp.targets.cost import mac_array
 
 # A 32x32 FP32 systolic array at 1 GHz: the size is an assumption (a modest digital NPU), the energies are
@@ -19,7 +19,6 @@ TARGET = Target(
     description="Digital CMOS core, FP32, noise-free",
     analog=False,
     precision=Precision(input_bits=None, weight_bits=None, output_bits=None),
-    noise=NoiseModel(kind="none"),
     tile=None,
     clock_hz=1.0e9,
     supports=frozenset({WEIGHT_STATIC, DYNAMIC}),

@@ -1,6 +1,6 @@
 """Phase-change-memory analog in-memory computing, simulated by aihwkit (HILAL's configuration)."""
 
-from hetcomp.targets.base import WEIGHT_STATIC, NoiseModel, Precision, Target, TileGeometry
+from hetcomp.targets.base import WEIGHT_STATIC, Precision, Target, TileGeometry
 from hetcomp.targets.cost import CostModel, EnergyTerm
 
 # Measured chip, not a component model: IBM HERMES (Le Gallo et al., Nature Electronics 2023), 64 PCM cores
@@ -17,22 +17,14 @@ TARGET = Target(
     analog=True,
     # 8-bit DAC/ADC as in HILAL's IOParameters (inp_res = out_res = 1/(2**8-2)); weights are analog.
     precision=Precision(input_bits=8, weight_bits=None, output_bits=8),
-    noise=NoiseModel(
-        kind="pcm",
-        weight_noise_rel=0.08,  # HILAL's gamma: ADD_NORMAL training noise relative to max|W|
-        params={"g_max": 25.0, "out_noise": 0.06, "t_inference_s": 86400.0},
-    ),
     # 256x256 tiles as in HILAL's mapping; as many tiles as the model needs (capacity unbounded).
     tile=TileGeometry(rows=256, cols=256, tiles=None),
     clock_hz=None,
     supports=frozenset({WEIGHT_STATIC}),
     cost=COST,
     accuracy_rank=3,
-    lowering={
-        "simulator": "aihwkit",
-        "g_max": 25.0,
-        "training_noise_rel": 0.08,
-        "out_noise": 0.06,
-        "digital_bias": True,
-    },
+    # aihwkit's PCM model; these are the settings hetcomp.lower.aihwkit_sim.DEFAULTS documents, given here so
+    # the target file shows them (training_noise_rel is HILAL's gamma, the Hessian passes' weight noise).
+    simulator="aihwkit",
+    device={"g_max": 25.0, "training_noise_rel": 0.08, "out_noise": 0.06, "digital_bias": True},
 )

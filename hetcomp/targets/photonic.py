@@ -10,7 +10,7 @@ Gaussian input noise, x~ = x + N(0, (0.0031 |x|)^2), on both operands (H3PIMAP Â
 """
 
 from hetcomp.errors import TargetError
-from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC, NoiseModel, Precision, Target, TileGeometry
+from hetcomp.targets.base import DYNAMIC, WEIGHT_STATIC, Precision, Target, TileGeometry
 from hetcomp.targets.cost import photonic_dot_product
 
 CLOCK_HZ = 3e9
@@ -58,15 +58,13 @@ def photonic_target(bits: int = 6, name: str | None = None, wavelengths: int = W
         description=f"Photonic TeMPO-style dot-product cores, 2 tiles x 2 cores of 14x14, {bits}-bit operands, 3 GHz",
         analog=True,
         precision=Precision(input_bits=bits, weight_bits=bits, output_bits=OUTPUT_BITS),
-        noise=NoiseModel(kind="relative-gaussian", weight_noise_rel=NOISE_SIGMA,
-                         params={"input_noise_rel": NOISE_SIGMA}),
         tile=TileGeometry(rows=CORE, cols=CORE, crossbars_per_tile=CORES_PER_TILE, tiles=None),
         clock_hz=CLOCK_HZ,
         supports=frozenset({WEIGHT_STATIC, DYNAMIC}),
         cost=cost,
         accuracy_rank=4,
-        lowering={"simulator": "photonic", "input_bits": bits, "weight_bits": bits,
-                  "output_bits": OUTPUT_BITS, "input_noise_rel": NOISE_SIGMA},
+        simulator="photonic",
+        device={"input_bits": bits, "weight_bits": bits, "output_bits": OUTPUT_BITS, "input_noise_rel": NOISE_SIGMA},
     )
 
 

@@ -1,6 +1,4 @@
-"""Files hetcomp writes and reads back: atomic files, directories swapped in as one unit, content hashes.
-
-Everything hetcomp writes goes through here, so every output has the same guarantees:
+"""Files: atomic writes, output folders swapped in as one unit, content hashes.
 
 - ``write_atomic``: a file is written to a temporary name in its folder, flushed, then renamed over the
   target; a crash leaves the old file or the new one, never half of one. Modes follow the umask (as

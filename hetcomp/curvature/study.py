@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
-from hetcomp.analysis.analog_failures import FailureAnalysis, failure_by_decile
-from hetcomp.analysis.input_curvature import InputCurvature, input_curvature
-from hetcomp.routing import RoutingCurve, routing_curve
+from hetcomp.curvature.estimator import InputCurvature, input_curvature
+from hetcomp.curvature.failures import FailureAnalysis, failure_by_decile
+from hetcomp.curvature.routing import RoutingCurve, routing_curve
 
 
 @dataclass
@@ -40,7 +40,7 @@ def vulnerability_study(model: nn.Module, data: Any, repeats: int = 3, h: float 
                         title: str = "") -> VulnerabilityStudy:
     from sklearn.metrics import roc_auc_score
 
-    from hetcomp import plots
+    from hetcomp.curvature import plots
 
     curvature = input_curvature(model, data, h=h, n=n, seed=seed)
     predicted = input_curvature(model, data, h=h, n=n, seed=seed, labels="predicted")

@@ -8,6 +8,7 @@ Tr(H_x): 1/n sum_i v_i . (grad difference) / h.
 
 Batched: samples are independent in eval mode, so one backward of the *summed* loss w.r.t. the input
 batch gives every sample's input gradient exactly (no 1/B scaling); one backward per probe per batch.
+Probes are drawn by ``hetcomp.analysis.hessian.rademacher``, the helper the weight-Hessian estimators use.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from hetcomp import checks
+from hetcomp.analysis.hessian import rademacher
 from hetcomp.errors import ConfigError
 from hetcomp.progress import progress
 
@@ -69,8 +71,7 @@ def input_curvature(model: nn.Module, data: Any, h: float = 1e-3, n: int = 10, s
         norm_sum = torch.zeros(len(inputs), device=device, dtype=inputs.dtype)
         trace_sum = torch.zeros(len(inputs), device=device, dtype=inputs.dtype)
         for _ in range(n):
-            signs = torch.randint(0, 2, inputs.shape, generator=generator, dtype=torch.int8)
-            probe = (signs.to(inputs.dtype) * 2 - 1).to(device)
+            probe = rademacher(inputs.shape, inputs, generator)
             difference = _input_gradient(model, per_sample, inputs + h * probe, targets) - base_gradient
             norm_sum += difference.flatten(1).norm(dim=1)
             trace_sum += (probe * difference).flatten(1).sum(1) / h

@@ -59,15 +59,15 @@ def profile_target(enabled: tuple[str, ...], base: Target | None = None) -> Targ
     if unknown:
         raise ConfigError(f"unknown non-ideality {sorted(unknown)}; known: {NON_IDEALITIES}")
     pcm = "PCM" in enabled
-    lowering = {
-        **base.lowering, "out_noise": 0.0,
-        "out_bound": base.lowering.get("out_bound", 12.0) if "ADC" in enabled else 0.0,
+    device = {
+        **base.device, "out_noise": 0.0,
+        "out_bound": base.device.get("out_bound", 12.0) if "ADC" in enabled else 0.0,
         "prog_noise_scale": 1.0 if pcm else 0.0, "read_noise_scale": 1.0 if pcm else 0.0,
         "drift_scale": 1.0 if pcm else 0.0,
         "static_weight_noise": STATIC_WEIGHT_NOISE if "WNoise" in enabled else 0.0,
     }
     precision = Precision(input_bits=None, weight_bits=None, output_bits=ADC_BITS if "ADC" in enabled else None)
-    return dataclasses.replace(base, name=f"{base.name}[{profile_name(enabled).replace('+', ',')}]", lowering=lowering,
+    return dataclasses.replace(base, name=f"{base.name}[{profile_name(enabled).replace('+', ',')}]", device=device,
                                precision=precision)
 
 

@@ -1,0 +1,127 @@
+"""A target's physics: the ``Simulator`` base class and the simulator registry.
+
+A simulator is one device family's behaviour, in one place: which parameters a target gives it
+(``required`` / ``defaults``, checked), the effective Gaussian weight noise the Hessian passes turn into
+expected loss (``weight_noise_rel``), how a layer is lowered to a simulation module, how that module's
+digital weights are read back, and how it is re-programmed and drifted for a hardware repeat. Built-in ones
+(aihwkit PCM, PIM crossbar, photonic) are registered by ``hetcomp.builtins``; a new device is one file in user
+code: subclass ``Simulator``, ``register_simulator(MySimulator())``, and name it in a target's ``simulator``
+(modelled on aihwkit's ``BaseNoiseModel`` with one subclass per device).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hetcomp.errors import ConfigError
+from hetcomp.registry import Registry
+from hetcomp.targets.base import Target
+
+
+class Simulator:
+    """Subclass and set ``name``; override what the device does differently. ``trainable``: gradients reach
+    the weights through the simulation (LAFT can fine-tune through it)."""
+
+    name: str = ""
+    trainable: bool = False
+    required: tuple[str, ...] = ()  # device parameters a target must give
+    defaults: dict[str, Any] = {}  # device parameters with defaults; any other key is refused
+
+    def settings(self, target: Target) -> dict[str, Any]:
+        """The target's device parameters over ``defaults``; a missing required or unknown key is a ConfigError."""
+        missing = [key for key in self.required if key not in target.device]
+        if missing:
+            raise ConfigError(f"target {target.name!r}: simulator {self.name!r} needs device parameter(s) {missing}")
+        unknown = sorted(set(target.device) - set(self.required) - set(self.defaults))
+        if unknown:
+            known = sorted({*self.required, *self.defaults})
+            raise ConfigError(f"target {target.name!r}: unknown device parameter(s) {unknown} for simulator "
+                              f"{self.name!r}; known: {known}")
+        return {**self.defaults, **target.device}
+
+    def check(self, target: Target) -> None:
+        """Raise ConfigError now (before any work) if ``target`` cannot be simulated."""
+        self.settings(target)
+
+    def weight_noise_rel(self, target: Target) -> float:
+        """Std of the effective Gaussian weight noise relative to max|W| (0: none): what the Hessian passes use
+        for sigma (HILAL's gamma, H3PIMAP Eq. 4)."""
+        return 0.0
+
+    def lower(self, module: nn.Module | None, target: Target) -> nn.Module:
+        """The simulation of ``module`` (a Linear/Conv, or None for a dynamic product a @ b) on ``target``."""
+        raise NotImplementedError(f"simulator {self.name!r} does not lower layers")
+
+    def digital_weights(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the digital layer the simulation module computes, in the original layer's shape."""
+        return module.weight, getattr(module, "bias", None)
+
+    def program_and_drift(self, module: nn.Module, t_inference: float) -> None:
+        """Fresh programming (and drift to ``t_inference`` seconds) for a new hardware repeat; nothing by
+        default (a device whose noise is drawn on every read)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+SIMULATORS: Registry[Simulator] = Registry(
+    "simulator", ConfigError, "subclass hetcomp.lower.Simulator and register it with hetcomp.lower.register_simulator",
+    check=lambda entry: isinstance(entry, Simulator))
+
+
+def register_simulator(simulator: Simulator, *, overwrite: bool = False) -> Simulator:
+    """Make ``simulator`` available to targets whose ``simulator`` names it. A manifest records the module that
+    defines it, so a process that loads the manifest can say what to import."""
+    if not isinstance(simulator, Simulator):
+        raise ConfigError(f"register_simulator() takes a hetcomp.lower.Simulator, got {type(simulator).__name__}")
+    return SIMULATORS.register(simulator.name, simulator, overwrite=overwrite)
+
+
+def simulator_named(name: str) -> Simulator:
+    return SIMULATORS.get(name)
+
+
+# Target name -> module that defines its simulator, as recorded in a manifest that was loaded.
+_MODULE_HINTS: dict[str, str] = {}
+
+
+def simulator_of(target: Target) -> Simulator | None:
+    """The target's simulator (None: it runs as the exact digital layer)."""
+    if target.simulator is None:
+        return None
+    if target.simulator not in SIMULATORS:
+        origin = _MODULE_HINTS.get(target.name)
+        hint = f"import {origin} (it registers it) first" if origin else "register it with register_simulator"
+        raise ConfigError(f"target {target.name!r} uses simulator {target.simulator!r}, which is not registered in "
+                          f"this process; {hint} (known: {', '.join(SIMULATORS.names())})")
+    return SIMULATORS.get(target.simulator)
+
+
+def simulator_module(simulator: Simulator) -> str:
+    """The module that defines ``simulator`` (what a fresh process must import to have it)."""
+    return type(simulator).__module__
+
+
+def target_definition(target: Target) -> dict[str, Any]:
+    """A target's whole definition for a manifest, plus the module of a user simulator (None: built in or none)."""
+    definition = target.to_dict()
+    name = target.simulator
+    module = simulator_module(SIMULATORS.get(name)) if name is not None and name in SIMULATORS else \
+        _MODULE_HINTS.get(target.name)
+    definition["simulator_module"] = None if module is None or module.startswith("hetcomp.") else module
+    return definition
+
+
+def remember_simulator_module(target_name: str, module: str | None) -> None:
+    """Note where a loaded manifest says ``target_name``'s simulator comes from (for error messages)."""
+    if module:
+        _MODULE_HINTS[target_name] = module
+
+
+def weight_noise_rel(target: Target) -> float:
+    """The target's effective relative weight noise (0 for a target without a simulator)."""
+    simulator = simulator_of(target)
+    return 0.0 if simulator is None else float(simulator.weight_noise_rel(target))
