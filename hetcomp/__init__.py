@@ -35,14 +35,15 @@ _LAZY = {
     "Evaluation": "hetcomp.evaluate", "LAFT": "hetcomp.finetune",
     "LayerAnnotation": "hetcomp.graph", "LayerInfo": "hetcomp.graph", "mappable_nodes": "hetcomp.graph",
     "trace": "hetcomp.graph", "Manifest": "hetcomp.manifest",
-    "CompileContext": "hetcomp.passes.base", "Pass": "hetcomp.passes.base", "PassManager": "hetcomp.passes.base",
+    "CompileConfig": "hetcomp.passes.base", "CompileContext": "hetcomp.passes.base", "Pass": "hetcomp.passes.base",
+    "PassManager": "hetcomp.passes.base", "PassInstrument": "hetcomp.passes.base",
 }
 
 __all__ = [
-    "CheckpointError", "CompileContext", "CompiledModel", "ConfigError", "DataError", "Evaluation", "HetcompError",
-    "LAFT", "LayerAnnotation", "LayerInfo", "Manifest", "ManifestError", "Pass", "PassManager", "PassOrderError",
-    "TargetError", "TraceError", "apply_manifest", "compile", "load", "mappable_nodes", "strategies", "targets",
-    "trace",
+    "CheckpointError", "CompileConfig", "CompileContext", "CompiledModel", "ConfigError", "DataError", "Evaluation",
+    "HetcompError", "LAFT", "LayerAnnotation", "LayerInfo", "Manifest", "ManifestError", "Pass", "PassInstrument",
+    "PassManager", "PassOrderError", "TargetError", "TraceError", "apply_manifest", "compile", "load",
+    "mappable_nodes", "strategies", "targets", "trace",
 ]
 
 

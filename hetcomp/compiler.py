@@ -24,7 +24,7 @@ from hetcomp.lower import lower_graph, simulator_of, target_definition
 from hetcomp.manifest import Manifest, fingerprint, weights_hash
 from hetcomp.partition.strategy import Strategy, resolve
 from hetcomp.partition.summary import mapping_summary
-from hetcomp.passes.base import ANNOTATION_PIPELINES, CompileContext, Pass, PassManager
+from hetcomp.passes.base import ANNOTATION_PIPELINES, CompileConfig, CompileContext, Pass, PassManager
 from hetcomp.storage import replace_directory, write_atomic
 from hetcomp.targets.base import TargetSet
 from hetcomp.targets.registry import parse as parse_targets
@@ -230,9 +230,9 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     working = copy.deepcopy(model).eval()  # never the caller's model (nor its BatchNorm statistics)
     gm = trace(working, inputs, leaf_modules=leaf_modules, frontend=frontend)
     fingerprint_of_input = fingerprint(gm, working)  # before any pass changes weights
-    ctx = CompileContext(targets=target_set, model=working, data=data, loss_fn=loss_fn, seed=seed)
+    ctx = CompileContext(CompileConfig(target_set, seed=seed, loss_fn=loss_fn), model=working, data=data)
     gm = manager.run(gm, ctx)
-    ctx.invalidate_analyses()  # free the gradient graphs
+    ctx.analyses.invalidate()  # free the gradient graphs
     set_eval(gm)
     unassigned = [a.layer.name for _, a in mappable_nodes(gm) if a.assignment is None]
     if unassigned:

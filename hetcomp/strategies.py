@@ -18,6 +18,7 @@ from typing import Any
 
 from hetcomp import checks
 from hetcomp.errors import ConfigError
+from hetcomp.finetune.mac_greedy import MacGreedy
 from hetcomp.partition.strategy import (
     Strategy,
     available_strategies,
@@ -32,7 +33,6 @@ from hetcomp.passes.base import Pass
 from hetcomp.passes.equal_split import EqualSplit
 from hetcomp.passes.first_last_digital import FirstLastDigital
 from hetcomp.passes.kmeans_split import KMeansSplit
-from hetcomp.passes.mac_greedy import MacGreedy
 from hetcomp.passes.pareto_search import ParetoSearch
 from hetcomp.passes.row_remap import RowRemap
 from hetcomp.targets.base import TargetSet

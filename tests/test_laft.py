@@ -186,7 +186,7 @@ def test_mac_greedy_reverts_candidates_that_fail(digits_model, monkeypatch):
 
 
 def test_killed_mac_greedy_search_resumes_to_the_same_result(digits_model, tmp_path, monkeypatch):
-    from hetcomp.passes import mac_greedy as greedy_module
+    from hetcomp.finetune import mac_greedy as greedy_module
 
     uninterrupted = greedy(digits_model, "pcm+digital", threshold=0.005)
     real_train_stage = greedy_module.train_stage

@@ -14,7 +14,7 @@ import torch.nn as nn
 import hetcomp
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.passes import Pass, PassManager
-from hetcomp.passes.base import CompileContext
+from hetcomp.passes.base import CompileConfig, CompileContext
 from hetcomp.passes.kmeans_split import KMeansSplit
 from hetcomp.strategies import resolve
 
@@ -51,7 +51,7 @@ def split(values, strategy="hilal", seed=0):
     gm = hetcomp.trace(model, (torch.randn(2, 4),))
     targets = hetcomp.targets.parse("pcm+digital")
     passes = [SetMetrics(values), *resolve(strategy, targets).build(targets, None)]
-    gm = PassManager(passes).run(gm, CompileContext(targets=targets, seed=seed))
+    gm = PassManager(passes).run(gm, CompileContext(CompileConfig(targets, seed=seed)))
     return [a for _, a in mappable_nodes(gm)]
 
 
@@ -115,7 +115,7 @@ def test_dynamic_ops_go_digital_with_hilal():
     gm = hetcomp.trace(Attention(), (torch.randn(2, 3, 8),))
     targets = hetcomp.targets.parse("pcm+digital")
     passes = [SetMetrics([(1e-7, 0.1), (2e-6, 0.4)]), KMeansSplit("digital", "pcm")]
-    gm = PassManager(passes).run(gm, CompileContext(targets=targets))
+    gm = PassManager(passes).run(gm, CompileContext(CompileConfig(targets)))
     by_kind = {a.layer.name: (a.layer.kind, a.assignment, a.reason) for _, a in mappable_nodes(gm)}
     dynamic = [v for v in by_kind.values() if v[0] == "dynamic"]
     assert dynamic and all(v[1] == "digital" and "no static weights" in v[2] for v in dynamic)

@@ -7,10 +7,13 @@ the same Hutchinson probes, and all passes reuse the same gradient graphs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
 from hetcomp import checks
+from hetcomp.analysis.cache import AnalysisKey
 from hetcomp.analysis.hessian import HessianOperator, HutchinsonResult
 from hetcomp.errors import ConfigError
 from hetcomp.graph.layers import WEIGHT_STATIC, LayerAnnotation, mappable_nodes
@@ -21,13 +24,46 @@ def weight_layers(gm: fx.GraphModule) -> list[LayerAnnotation]:
     return [a for _, a in mappable_nodes(gm) if a.layer.kind == WEIGHT_STATIC and a.layer.weight_param]
 
 
+@dataclass(frozen=True)
+class OperatorKey(AnalysisKey):
+    """The gradient graphs of the first ``batches`` calibration batches."""
+
+    batches: int
+    batched: bool
+
+
+@dataclass(frozen=True)
+class HutchinsonKey(AnalysisKey):
+    batches: int
+    probes: int
+    estimator: str
+    deflate: tuple | None
+
+
+@dataclass(frozen=True)
+class EigenKey(AnalysisKey):
+    method: str
+    batches: int
+    max_iter: int
+    tol: float
+
+
+@dataclass(frozen=True)
+class KrylovBasesKey(AnalysisKey):
+    """The Krylov bases the Lanczos run of ``EigenKey("lanczos", batches, max_iter, tol)`` kept."""
+
+    batches: int
+    max_iter: int
+    tol: float
+
+
 def operator(gm: fx.GraphModule, ctx, batches: int, batched: bool = False) -> HessianOperator:
     def build() -> HessianOperator:
         device = ctx.device(gm)
         params = [gm.get_parameter(a.layer.weight_param) for a in weight_layers(gm)]
         return HessianOperator(gm, params, ctx.calibration_batches(batches, device), ctx.loss, batched=batched)
 
-    return ctx.analysis(("hessian-operator", id(gm), batches, batched), build)
+    return ctx.analysis(OperatorKey(batches, batched), build)
 
 
 def hutchinson(gm: fx.GraphModule, ctx, batches: int, probes: int, estimator: str,
@@ -40,10 +76,11 @@ def hutchinson(gm: fx.GraphModule, ctx, batches: int, probes: int, estimator: st
         if deflate is not None:
             dominant_eigenvalue(gm, ctx, batches, deflate[0], deflate[1], "lanczos", keep_vectors=True,
                                 keep_bytes=deflate[2])
-            vectors = ctx.analysis(("krylov-bases", id(gm), batches, deflate[0], deflate[1], ctx.seed), dict)
+            vectors = ctx.analysis(KrylovBasesKey(batches, deflate[0], deflate[1]), dict)
         return operator(gm, ctx, batches).hutchinson(probes, generator, estimator, deflate=vectors)
 
-    return ctx.analysis(("hutchinson", id(gm), batches, probes, estimator, deflate, ctx.seed), compute)
+    return ctx.analysis(HutchinsonKey(batches, probes, estimator, None if deflate is None else tuple(deflate)),
+                        compute)
 
 
 def kept_vectors(params: list[torch.Tensor], max_iter: int, keep_bytes: int | None) -> int:
@@ -63,6 +100,8 @@ def dominant_eigenvalue(gm: fx.GraphModule, ctx, batches: int, max_iter: int, to
     checks.choice("eigen_method", method, ("lanczos", "power"))
     if keep_vectors and method != "lanczos":
         raise ConfigError("keep_vectors (deflation) needs eigen_method='lanczos'")
+    key = EigenKey(method, batches, max_iter, tol)
+    bases = KrylovBasesKey(batches, max_iter, tol)
 
     def compute():
         generator = torch.Generator().manual_seed(ctx.seed + 1)
@@ -72,12 +111,10 @@ def dominant_eigenvalue(gm: fx.GraphModule, ctx, batches: int, max_iter: int, to
         result = op.lanczos(max_iter, tol, generator,
                             keep_vectors=kept_vectors(op.params, max_iter, keep_bytes) if keep_vectors else 0)
         if keep_vectors:
-            ctx.analysis(("krylov-bases", id(gm), batches, max_iter, tol, ctx.seed), lambda: dict(op.deflations))
+            ctx.analysis(bases, lambda: dict(op.deflations))
         return result
 
-    # The eigenvalues do not depend on keep_vectors: one cache entry, upgraded when vectors are first needed.
-    key = ("dominant-eigenvalue", method, id(gm), batches, max_iter, tol, ctx.seed)
-    vectors_key = ("krylov-bases", id(gm), batches, max_iter, tol, ctx.seed)
-    if keep_vectors and not ctx.has_analysis(vectors_key):
-        ctx.drop_analysis(key)
+    # The eigenvalues do not depend on keep_vectors: one cache entry, recomputed when vectors are first needed.
+    if keep_vectors and bases not in ctx.analyses:
+        ctx.analyses.drop(key)
     return ctx.analysis(key, compute)

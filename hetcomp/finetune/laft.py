@@ -26,6 +26,7 @@ from typing import Any
 import torch.fx as fx
 
 from hetcomp import checks
+from hetcomp.analysis.cache import WEIGHTS
 from hetcomp.errors import ConfigError
 from hetcomp.finetune.data import TrainingData, training_split
 from hetcomp.finetune.stage import StageSettings, derive_seed, train_stage
@@ -65,7 +66,7 @@ class LAFT(Pass):
     name = "laft"
     requires = ("assignment", "hni")
     provides = ("finetuned",)
-    modifies_graph = True
+    changes = frozenset({WEIGHTS})  # fine-tuning changes weights, not the graph
 
     def __post_init__(self) -> None:
         self.validate()

@@ -17,9 +17,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from hetcomp import checks
+from hetcomp.analysis.cache import GRAPH, AnalysisCache, AnalysisKey
 from hetcomp.errors import ConfigError, DataError, HetcompError, PassOrderError
 from hetcomp.memory import PeakMemory
-from hetcomp.progress import progress
+from hetcomp.progress import bar
 from hetcomp.registry import Registry
 from hetcomp.targets.base import TargetSet
 
@@ -37,14 +38,16 @@ class Pass:
     """One transformation or analysis of the annotated graph.
 
     Subclasses set ``name``, ``requires`` and ``provides`` (metric or annotation names) and implement
-    ``run(gm, ctx) -> gm``. A pass that changes the graph's computation sets ``modifies_graph = True``,
-    which invalidates cached analyses after it runs.
+    ``run(gm, ctx) -> gm``. ``changes`` says what the pass changes that cached analyses depend on
+    (``GRAPH``: the graph's computation, recompiled after the pass; ``WEIGHTS``: parameter values, as
+    fine-tuning does); the manager drops exactly the analyses that depend on it. Annotation and partition
+    passes change neither (the default): every analysis is preserved.
     """
 
     name: str = "pass"
     requires: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
-    modifies_graph: bool = False
+    changes: frozenset[str] = frozenset()
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         raise NotImplementedError
@@ -71,21 +74,42 @@ class PassRecord:
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+@dataclass(frozen=True)
+class CompileConfig:
+    """What a compile was asked to do (fixed for the whole pipeline): targets, seed, loss, and the
+    torch.distributed process group passes shard their work over (None: one process)."""
+
+    targets: TargetSet
+    seed: int = 0
+    loss_fn: LossFn | None = None
+    process_group: Any = None
+
 
 @dataclass
 class CompileContext:
-    """Everything passes read besides the graph: targets, data, loss, seed, and the analysis cache."""
+    """What passes read and write besides the graph: the configuration, the data, the analysis cache and what
+    the compile records (pass records, the manifest's ``extra``)."""
 
-    targets: TargetSet
+    config: CompileConfig
     model: nn.Module | None = None
     data: Any = None
-    loss_fn: LossFn | None = None
-    seed: int = 0
     records: list[PassRecord] = field(default_factory=list)
     # What passes want recorded in the manifest's ``extra`` (e.g. a fine-tuning log, a search trace).
     manifest_extra: dict[str, Any] = field(default_factory=dict)
-    _analyses: dict[Any, Any] = field(default_factory=dict)
+    analyses: AnalysisCache = field(default_factory=AnalysisCache)
     _calibration: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> TargetSet:
+        return self.config.targets
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def loss_fn(self) -> LossFn | None:
+        return self.config.loss_fn
 
     @property
     def loss(self) -> LossFn:
@@ -98,20 +122,9 @@ class CompileContext:
             return tensor.device
         return torch.device("cpu")
 
-    def analysis(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """Return the cached analysis for ``key``, computing it once."""
-        if key not in self._analyses:
-            self._analyses[key] = compute()
-        return self._analyses[key]
-
-    def has_analysis(self, key: Any) -> bool:
-        return key in self._analyses
-
-    def drop_analysis(self, key: Any) -> None:
-        self._analyses.pop(key, None)
-
-    def invalidate_analyses(self) -> None:
-        self._analyses.clear()
+    def analysis(self, key: AnalysisKey, compute: Callable[[], Any]) -> Any:
+        """The cached analysis for ``key``, computed once."""
+        return self.analyses.get(key, compute)
 
     def calibration_batches(self, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``count`` (inputs, targets) batches of ``data``, taken once and reused by every pass.
@@ -167,12 +180,69 @@ def _take_batches(data: Any, count: int) -> list[tuple[torch.Tensor, torch.Tenso
     return batches
 
 
-class PassManager:
-    """Runs passes in order after checking every requirement is provided earlier."""
+class PassInstrument:
+    """Hooks around every pass (TVM's PassInstrument): ``before`` and ``after`` see the pass, the graph,
+    the context and the pass's record (``after`` may fill it in)."""
 
-    def __init__(self, passes: Sequence[Pass], provided: Iterable[str] = TRACED) -> None:
+    def before(self, p: Pass, gm: fx.GraphModule, ctx: CompileContext, record: PassRecord) -> None:
+        pass
+
+    def after(self, p: Pass, gm: fx.GraphModule, ctx: CompileContext, record: PassRecord) -> None:
+        pass
+
+
+class Timing(PassInstrument):
+    """Each pass's wall time, in its record (and so in the manifest)."""
+
+    def before(self, p: Pass, gm: fx.GraphModule, ctx: CompileContext, record: PassRecord) -> None:
+        self._start = time.perf_counter()
+
+    def after(self, p: Pass, gm: fx.GraphModule, ctx: CompileContext, record: PassRecord) -> None:
+        record.seconds = time.perf_counter() - self._start
+
+
+class PeakMemoryUse(PassInstrument):
+    """What each pass added to memory at its peak (hetcomp.memory.PeakMemory), in its record."""
+
+    def before(self, p: Pass, gm: fx.GraphModule, ctx: CompileContext, record: PassRecord) -> None:
+        self._peak = PeakMemory(ctx.device(gm)).__enter__()
+
+    def after(self, p: Pass, gm: fx.GraphModule, ctx: CompileContext, record: PassRecord) -> None:
+        self._peak.__exit__(None, None, None)
+        record.peak_bytes, record.memory_kind = self._peak.bytes, self._peak.kind
+
+
+class Progress(PassInstrument):
+    """A progress bar over the pipeline's passes (silenced by hetcomp.progress.set_quiet)."""
+
+    total = 0  # set by the PassManager
+
+    def before(self, p: Pass, gm: fx.GraphModule, ctx: CompileContext, record: PassRecord) -> None:
+        if not hasattr(self, "_bar"):
+            self._bar = bar(self.total, "passes")
+        self._bar.set_postfix(current=p.name)
+
+    def after(self, p: Pass, gm: fx.GraphModule, ctx: CompileContext, record: PassRecord) -> None:
+        self._bar.update(1)
+        if self._bar.n >= self.total:
+            self._bar.close()
+
+
+def default_instruments() -> list[PassInstrument]:
+    return [Timing(), PeakMemoryUse(), Progress()]
+
+
+class PassManager:
+    """Runs passes in order after checking every requirement is provided earlier; instruments see each pass."""
+
+    def __init__(self, passes: Sequence[Pass], provided: Iterable[str] = TRACED,
+                 instruments: Sequence[PassInstrument] | None = None) -> None:
         self.passes = list(passes)
         self.initially_provided = tuple(provided)
+        self.instruments = list(default_instruments() if instruments is None else instruments)
+        for instrument in self.instruments:
+            if isinstance(instrument, Progress):
+                instrument.total = len(self.passes)
         self.validate()
 
     def validate(self) -> None:
@@ -194,21 +264,25 @@ class PassManager:
         self.provided = available
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-        for p in progress(self.passes, desc="passes", total=len(self.passes)):
-            start = time.perf_counter()
-            with PeakMemory(ctx.device(gm)) as peak:
-                try:
-                    result = p.run(gm, ctx)
-                except HetcompError as err:  # name the pass that refused, keep the error's class
-                    raise _in_pass(err, p.name) from err
-                except Exception as err:
-                    err.add_note(f"(raised in hetcomp pass {p.name!r})")
-                    raise
+        for p in self.passes:
+            record = PassRecord(p.name, 0.0, {})
+            for instrument in self.instruments:
+                instrument.before(p, gm, ctx, record)
+            try:
+                result = p.run(gm, ctx)
+            except HetcompError as err:  # name the pass that refused, keep the error's class
+                raise _in_pass(err, p.name) from err
+            except Exception as err:
+                err.add_note(f"(raised in hetcomp pass {p.name!r})")
+                raise
             gm = result if result is not None else gm
-            if p.modifies_graph:
+            if GRAPH in p.changes:
                 gm.recompile()
-                ctx.invalidate_analyses()
-            ctx.records.append(PassRecord(p.name, time.perf_counter() - start, p.settings(), peak.bytes, peak.kind))
+            ctx.analyses.invalidate(p.changes)
+            record.settings = p.settings()
+            for instrument in reversed(self.instruments):
+                instrument.after(p, gm, ctx, record)
+            ctx.records.append(record)
         return gm
 
 

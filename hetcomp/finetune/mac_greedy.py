@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from hetcomp import checks
+from hetcomp.analysis.cache import WEIGHTS
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate
 from hetcomp.finetune.data import training_split
@@ -35,7 +36,7 @@ class MacGreedy(Pass):
     name = "mac_greedy"
     requires = ("layers",)
     provides = ("assignment", "finetuned")
-    modifies_graph = True
+    changes = frozenset({WEIGHTS})  # fine-tuning changes weights, not the graph
 
     def __init__(self, digital: str, analog: str, threshold: float = 0.02, training: LAFT | None = None,
                  eval_repeats: int = 5, t_inference: float = 86400.0) -> None:
