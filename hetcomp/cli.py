@@ -186,6 +186,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from hetcomp import targets
 
     # Everything that can be checked is checked before the model is built or compile runs.
+    for path in args.target_file:  # TOML target files first, so --target can name them
+        targets.load_file(path, overwrite=True)
     target_set = targets.parse(args.target)  # fail on a bad target before building the model
     chosen = hetcomp.strategies.resolve(args.strategy, target_set)  # unknown strategy: fail now too
     if args.no_hessian and args.laft:
@@ -355,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_cmd = commands.add_parser("compile", help="compile a model; write manifest, ONNX and plots")
     compile_cmd.add_argument("model", help="path/to/file.py:function returning a model or (model, data)")
     compile_cmd.add_argument("--target", default="pcm+digital", help="'+'-joined targets (default pcm+digital)")
+    compile_cmd.add_argument("--target-file", action="append", default=[], metavar="TOML",
+                             help="register the target a TOML file describes (repeatable), so --target can name it")
     compile_cmd.add_argument("--strategy", default=None, help="partition strategy (default: the target set's)")
     compile_cmd.add_argument("--data", default=None, help="path/to/file.py:function returning calibration data")
     compile_cmd.add_argument("--input-shape", default=None, type=_shape,

@@ -196,3 +196,23 @@ def test_a_toml_target_file_needs_no_python(tmp_path):
             targets.load_file(path)
     finally:
         targets.registry.TARGETS.unregister("rram-6bit")
+
+
+def test_the_cli_compiles_for_a_toml_target(tmp_path):
+    import json
+
+    from hetcomp.cli import main
+
+    (tmp_path / "rram6.toml").write_text(TOML_TARGET)
+    (tmp_path / "mlp_model.py").write_text("import torch.nn as nn\n\n\ndef build():\n"
+                                           "    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), "
+                                           "nn.ReLU(), nn.Linear(16, 3))\n")
+    try:
+        assert main(["--quiet", "compile", f"{tmp_path / 'mlp_model.py'}:build", "--target-file",
+                     str(tmp_path / "rram6.toml"), "--target", "rram-6bit+digital", "--strategy", "first-last-digital",
+                     "--input-shape", "2,6", "--out", str(tmp_path / "out")]) == 0
+        manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+        assert [layer["assignment"] for layer in manifest["layers"]] == ["digital", "rram-6bit", "digital"]
+        assert next(t for t in manifest["targets"] if t["name"] == "rram-6bit")["device"]["weight_bits"] == 6
+    finally:
+        targets.registry.TARGETS.unregister("rram-6bit")
