@@ -98,6 +98,11 @@ def test_a_user_device_compiles_lowers_evaluates_saves_loads_and_exports(fefet, 
     # the device's physics reaches the Hessian passes: row sensitivity used its weight noise
     row_pass = next(p for p in compiled.manifest.passes if p["name"] == "row_sensitivity")
     assert row_pass["settings"]["gamma"] == 0.2 and row_pass["settings"]["noise_from_target"] == "fefet"
+    hni_pass = next(p for p in compiled.manifest.passes if p["name"] == "hni")
+    assert hni_pass["settings"]["gamma"] == 0.2 and hni_pass["settings"]["noise_from_target"] == "fefet"
+    fc2 = compiled.manifest.layer("fc2")["metrics"]
+    sigma = 0.2 * float(model.fc2.weight.detach().abs().max())
+    assert fc2["hni"] == pytest.approx(sigma**2 / (2 * 16 * 16) * fc2["hessian_trace"], rel=1e-9)
     assert compiled.lowering["fc2"]["simulator"] == "fefet"
     assert isinstance(compiled.module.get_submodule("fc2"), fefet.FeFETLinear)
     result = compiled.evaluate((x, y), repeats=4, seed=1)

@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 
 from hetcomp.errors import ConfigError
+from hetcomp.graph.layers import WEIGHT_STATIC
 from hetcomp.registry import Registry
-from hetcomp.targets.base import Target
+from hetcomp.targets.base import Target, TargetSet
 
 
 class Simulator:
@@ -125,3 +126,23 @@ def weight_noise_rel(target: Target) -> float:
     """The target's effective relative weight noise (0 for a target without a simulator)."""
     simulator = simulator_of(target)
     return 0.0 if simulator is None else float(simulator.weight_noise_rel(target))
+
+
+# HILAL's gamma: used where no analog target of the set has weight noise to take sigma from.
+DEFAULT_WEIGHT_NOISE = 0.08
+
+
+def noisiest_analog(targets: TargetSet) -> tuple[Target | None, float]:
+    """The analog target that stores weights with the most weight noise (as its simulator states it), and
+    that noise; (None, 0) when the set has no such target."""
+    analog = [t for t in targets.analog if t.supports_kind(WEIGHT_STATIC)]
+    noise = {t.name: weight_noise_rel(t) for t in analog}
+    source = max(analog, key=lambda t: noise[t.name], default=None)
+    return source, 0.0 if source is None else noise[source.name]
+
+
+def hessian_noise(targets: TargetSet) -> tuple[float, Target | None]:
+    """(relative weight noise, its target) for HNI: the noisiest analog target's; HILAL's 0.08 (and None)
+    when no analog target has weight noise."""
+    source, noise = noisiest_analog(targets)
+    return (noise, source) if noise > 0 else (DEFAULT_WEIGHT_NOISE, None)

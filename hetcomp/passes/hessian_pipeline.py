@@ -14,7 +14,7 @@ from hetcomp.passes.scr import SCR
 
 
 def hessian_passes(probes: int = 10, max_iter: int = 20, tol: float = 1e-3, batches: int = 2,
-                   estimator: str = "block", gamma: float = 0.08, eigen_method: str = "lanczos",
+                   estimator: str = "block", gamma: float | None = None, eigen_method: str = "lanczos",
                    deflate: bool = True, deflate_bytes: int | None = 2 << 30) -> list[Pass]:
     """The standard annotation pipeline: Tr(H), lambda_max, HNI, SCR, row sensitivity.
 

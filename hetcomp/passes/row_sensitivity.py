@@ -7,8 +7,7 @@ import torch.fx as fx
 
 from hetcomp import checks
 from hetcomp.analysis import layer_hessian
-from hetcomp.graph.layers import WEIGHT_STATIC
-from hetcomp.lower.simulator import weight_noise_rel  # the target's physics, from its simulator
+from hetcomp.lower.simulator import DEFAULT_WEIGHT_NOISE, noisiest_analog  # the targets' physics
 from hetcomp.passes.base import CompileContext, Pass
 from hetcomp.passes.hessian_trace import deflation_settings
 
@@ -42,10 +41,8 @@ class RowSensitivity(Pass):
         return {"probes": self.probes, "estimator": self.estimator, "batches": self.batches, **self._resolved}
 
     def _noise(self, ctx: CompileContext) -> tuple[float, int | None, str | None]:
-        analog = [t for t in ctx.targets.analog if t.supports_kind(WEIGHT_STATIC)]
-        noise = {t.name: weight_noise_rel(t) for t in analog}
-        source = max(analog, key=lambda t: noise[t.name], default=None)
-        gamma = self.gamma if self.gamma is not None else (noise[source.name] if source else 0.08)
+        source, noise = noisiest_analog(ctx.targets)
+        gamma = self.gamma if self.gamma is not None else (noise if source else DEFAULT_WEIGHT_NOISE)
         bits = self.weight_bits if self.weight_bits is not None else (
             source.precision.weight_bits if source and self.gamma is None else None)
         return gamma, bits, source.name if source and self.gamma is None else None
