@@ -227,7 +227,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     compiled = hetcomp.compile(model, target=args.target, example_inputs=example,
                                data=None if args.no_hessian else calibration, strategy=strategy,
                                seed=args.seed, finetune=finetune)
-    out = compiled.save(Path(args.out), plots=True)
+    traced_by_export = compiled.graph.meta["hetcomp"]["frontend"] == "export"
+    if traced_by_export:
+        print("note: the model was traced by the torch.export front end, whose ONNX export is not built yet: "
+              "writing the manifest, weights and plots without model.onnx")
+    out = compiled.save(Path(args.out), onnx=not traced_by_export, plots=True)
     summary = compiled.manifest.summary
     ratio = ", ".join(f"{t} {r:.1%}" for t, r in summary["mac_ratio"].items())
     print(f"compiled {compiled.manifest.model['class']} for {compiled.manifest.target_set} "

@@ -107,7 +107,8 @@ class CompiledModel:
         ``onnx=False``), ``onnx/`` (one graph per partition, with ``split_onnx=True``) and the plots (with
         ``plots=True``). It is built beside ``directory`` and swapped in whole (hetcomp.storage): a reader sees
         the previous output or this one, never a mix, and nothing of the previous output is left. An
-        existing non-empty folder without a manifest.json is refused rather than replaced.
+        existing non-empty folder is replaced only if an earlier save made it and nothing was added since (its
+        ``.hetcomp-output`` marker); anything else, and the current folder, is refused rather than replaced.
         """
         from safetensors.torch import save as safetensors_bytes
 
@@ -129,7 +130,7 @@ class CompiledModel:
 
                 plotting.write_all(self.manifest, folder)
 
-        return replace_directory(directory, write, owned=lambda folder: (folder / "manifest.json").exists())
+        return replace_directory(directory, write)
 
 
 def _example_inputs(example_inputs: Any, data: Any) -> tuple | dict:
@@ -142,7 +143,8 @@ def _example_inputs(example_inputs: Any, data: Any) -> tuple | dict:
     if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         return (data[0],)
     try:
-        batch = next(iter(data))
+        with torch.random.fork_rng(devices=[]):  # a DataLoader draws its seeds: not from the caller's RNG
+            batch = next(iter(data))
     except (TypeError, StopIteration):
         raise ConfigError("data yielded no (inputs, targets) batch to trace with; pass example_inputs") from None
     return (batch[0],)

@@ -113,8 +113,9 @@ def _prefix_env(gm: fx.GraphModule, frontier: fx.Node, inputs: torch.Tensor) -> 
             if order[node] >= cut:
                 raise _Stop
             value = super().run_node(node)
-            if node in needed:
-                env[node] = value
+            # Every prefix node goes in: Interpreter.run recomputes any node missing from its initial env.
+            # Only the values later nodes read are kept; the rest are placeholders nothing reads.
+            env[node] = value if node in needed else None
             return value
 
     try:
@@ -206,7 +207,8 @@ class EvaluationData:
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         count = index = 0
         try:
-            iterator = iter(self.data)
+            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its seeds here: not the repeat's stream
+                iterator = iter(self.data)
         except TypeError:
             raise DataError(f"{self.what} must be an iterable of (inputs, labels) batches or an (inputs, labels) "
                             f"tensor pair, got {type(self.data).__name__}") from None

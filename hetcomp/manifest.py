@@ -45,9 +45,10 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def fingerprint(gm: fx.GraphModule, model: nn.Module) -> dict[str, str]:
-    """Class, architecture hash (traced code + parameter names/shapes/dtypes) and weights hash."""
+    """Class, architecture hash (traced code, the modules' reprs, parameter names/shapes/dtypes) and weights hash."""
     state = model.state_dict()
     arch = hashlib.sha256(gm.code.encode())
+    arch.update(repr(model).encode())  # module settings the code does not show: activation classes, eps, dropout p
     for key in sorted(state):
         arch.update(f"{key}:{tuple(state[key].shape)}:{state[key].dtype};".encode())
     return {"class": type(model).__name__, "architecture": arch.hexdigest()[:16], "weights": weights_hash(model)}

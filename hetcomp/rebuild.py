@@ -56,8 +56,8 @@ def apply_manifest(model: nn.Module, manifest: Manifest | str | Path, example_in
     fine-tuned the weights (LAFT) is refused on the original weights: use ``hetcomp.load`` on the saved
     folder. Refuses a manifest of another model, naming the mismatch.
     """
-    if not isinstance(manifest, Manifest):
-        manifest = Manifest.load(manifest)
+    # A Manifest object (e.g. edited in memory) is checked exactly as a file would be.
+    manifest = Manifest.from_dict(manifest.to_dict()) if isinstance(manifest, Manifest) else Manifest.load(manifest)
     return _rebuild(model, manifest, example_inputs, leaf_modules, None)
 
 

@@ -23,9 +23,13 @@ def load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True  # set first: registering may look things up
-        from hetcomp import builtins
+        try:
+            from hetcomp import builtins
 
-        builtins.register_all()
+            builtins.register_all()
+        except BaseException:
+            _builtins_loaded = False  # the next lookup tries again and shows the real cause
+            raise
 
 
 class Registry(Generic[T]):

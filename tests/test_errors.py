@@ -157,7 +157,7 @@ CASES = [
          DataError, r"data batch 0 is a Tensor, not an \(inputs, targets\) pair", HESSIAN_WORK),
     # Hessian settings
     Case("NaN gamma", lambda: compile_with(hessian={**HESSIAN, "gamma": math.nan}), ConfigError,
-         r"gamma \(relative weight noise\) must be a finite number > 0, got nan \(float\)", TRACE),
+         r"gamma \(relative weight noise\) must be None or a finite number > 0, got nan \(float\)", TRACE),
     Case("probes=2.5", lambda: compile_with(hessian={**HESSIAN, "probes": 2.5}), ConfigError,
          r"probes must be an integer >= 1, got 2\.5 \(float\)", TRACE),
     Case("probes='3'", lambda: compile_with(hessian={**HESSIAN, "probes": "3"}), ConfigError,

@@ -375,6 +375,8 @@ def test_deflation_memory_is_capped_by_deflate_bytes(tiny, monkeypatch):
     capped = hetcomp.compile(model, "pcm+digital", data=(x.float(), y), strategy="all-digital",
                              hessian={"probes": 200, "deflate_bytes": 3 * per_step})
     assert bases == [{0: 3, 1: 3}]
+    settings = next(p["settings"] for p in capped.manifest.passes if p["name"] == "lambda_max")
+    assert settings["kept_vectors"] == 3 and settings["deflate_bytes"] == 3 * per_step
     exact = exact_blocks(model.double(), x, y)
     for record, block in zip((r for r in capped.manifest.layers if r["name"] in ("fc1", "fc2")), exact):
         metrics = record["metrics"]

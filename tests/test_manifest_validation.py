@@ -183,3 +183,25 @@ def test_summary_cost_by_hand():
     assert cost["energy_j"] == pytest.approx(energy, rel=1e-12)
     assert cost["per_target"]["pcm"]["busy_s"] == pytest.approx(pcm.latency_s(640))
     assert cost["per_target"]["digital"]["energy_j"] == pytest.approx(float(digital.energy_j(on_digital)))
+
+
+def bad_definition(change):
+    def edit(data):
+        target = next(t for t in data["targets"] if t["name"] == "pcm")
+        change(target)
+    return edit
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t["tile"].__setitem__("cells_per_weight", 0), "tile.cells_per_weight must be an integer >= 1"),
+    (lambda t: t["precision"].__setitem__("input_bits", "8"), "precision.input_bits must be an integer"),
+    (lambda t: t["precision"].__setitem__("output_bits", 1), "aihwkit needs precision.output_bits >= 2"),
+    (lambda t: t["device"].__setitem__("g_maks", 25.0), "unknown device parameter.*'g_maks'"),
+], ids=["zero cells per weight", "bits as a string", "1-bit aihwkit converter", "misspelt device parameter"])
+def test_a_bad_target_definition_is_a_manifest_error(saved, tmp_path, change, message):
+    model, good = saved
+    data = copy.deepcopy(good)
+    bad_definition(change)(data)
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=message):
+        hetcomp.apply_manifest(model, tmp_path / "manifest.json", (X,))

@@ -92,7 +92,8 @@ def test_load_gives_the_compiled_weights_and_apply_manifest_refuses_the_original
     compiled = hetcomp.compile(model, "pcm+digital", (x,), strategy="first-last-digital", passes=[ScaleWeights()])
     assert compiled.manifest.finetuned
     out = compiled.save(tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "weights.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".hetcomp-output", "manifest.json", "model.onnx",
+                                                     "weights.safetensors"]
     loaded = hetcomp.load(out, Net(), (x,))  # any weights: the architecture comes from the model
     torch.testing.assert_close(loaded.graph.fc1.weight, model.fc1.weight * 1.5, rtol=0, atol=0)
     with pytest.raises(ManifestError, match="fine-tuned the weights.*hetcomp.load"):
@@ -156,7 +157,7 @@ def test_save_replaces_the_folder_whole_with_umask_modes(tmp_path):
         second.save(out, onnx=False)
     finally:
         os.umask(old_umask)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "weights.safetensors"]  # nothing stale
+    assert sorted(p.name for p in out.iterdir()) == [".hetcomp-output", "manifest.json", "weights.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
     assert json.loads((out / "manifest.json").read_text())["strategy"] == "all-digital"
     for path in out.iterdir():
@@ -168,7 +169,7 @@ def test_save_refuses_a_folder_that_is_not_hetcomp_output(tmp_path):
     model, x, _ = net_and_data()
     compiled = hetcomp.compile(model, "pcm+digital", (x,), strategy="all-digital")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not empty and holds no hetcomp output"):
+    with pytest.raises(ConfigError, match=r"not empty and is not \(only\) an earlier hetcomp output"):
         compiled.save(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -207,7 +208,8 @@ def test_a_killed_save_leaves_the_old_or_the_new_output(tmp_path):
 
         onnx_manifest = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}["hetcomp.manifest"]
         assert json.loads(onnx_manifest)["model"] == loaded.manifest.model
-        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "weights.safetensors"]
+        assert sorted(p.name for p in out.iterdir()) == [".hetcomp-output", "manifest.json", "model.onnx",
+                                                     "weights.safetensors"]
 
 
 FEFET_SIMULATOR = textwrap.dedent('''

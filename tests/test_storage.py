@@ -214,33 +214,75 @@ def _umask() -> int:
     return mask
 
 
-def test_replace_directory_swaps_in_whole_and_refuses_a_foreign_folder(tmp_path):
+def test_replace_directory_swaps_in_whole_and_refuses_a_foreign_folder(tmp_path, monkeypatch):
     def output(files):
         def write(folder):
             for name, text in files.items():
                 (folder / name).write_text(text)
         return write
 
-    def owned(folder):
-        return (folder / "manifest.json").exists()
-
     target = tmp_path / "out"
-    replace_directory(target, output({"manifest.json": "1", "old.txt": "x"}), owned)
-    replace_directory(target, output({"manifest.json": "2"}), owned)
-    assert sorted(os.listdir(target)) == ["manifest.json"] and (target / "manifest.json").read_text() == "2"
+    replace_directory(target, output({"manifest.json": "1", "old.txt": "x"}))
+    replace_directory(target, output({"manifest.json": "2"}))
+    assert sorted(os.listdir(target)) == [".hetcomp-output", "manifest.json"]
+    assert (target / "manifest.json").read_text() == "2"
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no hidden temporary or old folder left
 
-    foreign = tmp_path / "photos"
+    foreign = tmp_path / "webapp"  # a folder with a manifest.json that is not hetcomp's
     foreign.mkdir()
-    (foreign / "holiday.jpg").write_text("precious")
-    with pytest.raises(ConfigError, match=r"photos is not empty and holds no hetcomp output; choose a new or empty"):
-        replace_directory(foreign, output({"manifest.json": "3"}), owned)
-    assert os.listdir(foreign) == ["holiday.jpg"] and sorted(os.listdir(tmp_path)) == ["out", "photos"]
+    (foreign / "manifest.json").write_text('{"name": "my-web-app"}')
+    (foreign / "app.js").write_text("precious")
+    with pytest.raises(ConfigError, match=r"webapp is not empty and is not \(only\) an earlier hetcomp output"):
+        replace_directory(foreign, output({"manifest.json": "3"}))
+    assert sorted(os.listdir(foreign)) == ["app.js", "manifest.json"]
+
+    (target / "curvature.png").write_text("added by the user after the save")
+    with pytest.raises(ConfigError, match="not \\(only\\) an earlier hetcomp output"):
+        replace_directory(target, output({"manifest.json": "4"}))
+    assert (target / "curvature.png").exists()
+    (target / "curvature.png").unlink()
+
+    monkeypatch.chdir(target)
+    with pytest.raises(ConfigError, match="current folder"):
+        replace_directory(".", output({"manifest.json": "5"}))
+    with pytest.raises(ConfigError, match="current folder"):
+        replace_directory(tmp_path, output({"manifest.json": "5"}))
+    monkeypatch.chdir(tmp_path)
+
+    link = tmp_path / "latest"
+    link.symlink_to(target)
+    replace_directory(link, output({"manifest.json": "6"}))  # the folder the link points to is replaced
+    assert link.is_symlink() and (target / "manifest.json").read_text() == "6"
+
+    bracketed = tmp_path / "out[1]"
+    replace_directory(bracketed, output({"manifest.json": "7"}))  # glob characters in the name are literal
+    assert (bracketed / "manifest.json").read_text() == "7"
 
     def failing(folder):
         (folder / "manifest.json").write_text("half")
         raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
-        replace_directory(target, failing, owned)
-    assert (target / "manifest.json").read_text() == "2" and sorted(os.listdir(tmp_path)) == ["out", "photos"]
+        replace_directory(target, failing)
+    assert (target / "manifest.json").read_text() == "6"
+    assert sorted(os.listdir(tmp_path)) == ["latest", "out", "out[1]", "webapp"]
+
+
+def test_run_keys_tell_user_functions_apart():
+    import functools
+
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from hetcomp.storage.checkpoints import describe_callable
+
+    def make(weight):
+        return lambda logits, labels: weight * F.cross_entropy(logits, labels)
+
+    described = [describe_callable(fn) for fn in (
+        nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.3), make(1.0), make(2.0),
+        functools.partial(F.cross_entropy, label_smoothing=0.1),
+        functools.partial(F.cross_entropy, label_smoothing=0.2),
+        F.cross_entropy, None)]
+    assert len(set(described)) == len(described)
+    assert describe_callable(make(1.0)) == describe_callable(make(1.0))  # the same function: the same key

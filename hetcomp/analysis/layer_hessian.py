@@ -7,6 +7,7 @@ the same Hutchinson probes, and all passes reuse the same gradient graphs.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +51,13 @@ class EigenKey(AnalysisKey):
 
 @dataclass(frozen=True)
 class KrylovBasesKey(AnalysisKey):
-    """The Krylov bases the Lanczos run of ``EigenKey("lanczos", batches, max_iter, tol)`` kept."""
+    """The Krylov bases the Lanczos run of ``EigenKey("lanczos", batches, max_iter, tol)`` kept within
+    ``keep_bytes``."""
 
     batches: int
     max_iter: int
     tol: float
+    keep_bytes: int | None
 
 
 def operator(gm: fx.GraphModule, ctx, batches: int, batched: bool = False) -> HessianOperator:
@@ -76,7 +79,7 @@ def hutchinson(gm: fx.GraphModule, ctx, batches: int, probes: int, estimator: st
         if deflate is not None:
             dominant_eigenvalue(gm, ctx, batches, deflate[0], deflate[1], "lanczos", keep_vectors=True,
                                 keep_bytes=deflate[2])
-            vectors = ctx.analysis(KrylovBasesKey(batches, deflate[0], deflate[1]), dict)
+            vectors = ctx.analysis(KrylovBasesKey(batches, deflate[0], deflate[1], deflate[2]), dict)
         return operator(gm, ctx, batches).hutchinson(probes, generator, estimator, deflate=vectors)
 
     return ctx.analysis(HutchinsonKey(batches, probes, estimator, None if deflate is None else tuple(deflate)),
@@ -101,15 +104,19 @@ def dominant_eigenvalue(gm: fx.GraphModule, ctx, batches: int, max_iter: int, to
     if keep_vectors and method != "lanczos":
         raise ConfigError("keep_vectors (deflation) needs eigen_method='lanczos'")
     key = EigenKey(method, batches, max_iter, tol)
-    bases = KrylovBasesKey(batches, max_iter, tol)
+    bases = KrylovBasesKey(batches, max_iter, tol, keep_bytes)
 
     def compute():
         generator = torch.Generator().manual_seed(ctx.seed + 1)
         op = operator(gm, ctx, batches)
         if method == "power":
             return op.power_iteration(max_iter, tol, generator)
-        result = op.lanczos(max_iter, tol, generator,
-                            keep_vectors=kept_vectors(op.params, max_iter, keep_bytes) if keep_vectors else 0)
+        keep = kept_vectors(op.params, max_iter, keep_bytes) if keep_vectors else 0
+        if keep_vectors and keep == 0:
+            size = sum(p.numel() * p.element_size() for p in op.params)
+            warnings.warn(f"deflate_bytes={keep_bytes:,} holds not one Krylov vector of every layer (2 x {size:,} "
+                          "bytes): the trace is not deflated; raise hessian=dict(deflate_bytes=...)", stacklevel=2)
+        result = op.lanczos(max_iter, tol, generator, keep_vectors=keep)
         if keep_vectors:
             ctx.analysis(bases, lambda: dict(op.deflations))
         return result

@@ -34,6 +34,7 @@ from hetcomp.graph.layers import mappable_nodes
 from hetcomp.manifest import data_hash, fingerprint
 from hetcomp.passes.base import CompileContext, Pass
 from hetcomp.storage import StepLog, run_key
+from hetcomp.storage.checkpoints import describe_callable
 
 
 @dataclass
@@ -150,7 +151,7 @@ def training_run_key(gm: fx.GraphModule, ctx: CompileContext, data: TrainingData
     first_batch = next(iter(data.epoch_loader(0)))
     return run_key({
         "model": fingerprint(gm, gm), "targets": [t.to_dict() for t in ctx.targets], "seed": ctx.seed,
-        "loss": getattr(ctx.loss, "__qualname__", repr(ctx.loss)),
+        "loss": describe_callable(ctx.loss_fn),
         "data": [len(data.train), len(data.val[1]), data_hash([tuple(data.val), tuple(first_batch[:2])])], **parts,
     })
 

@@ -204,11 +204,17 @@ RECOGNIZERS: list[Callable[[fx.GraphModule, fx.Node, int], LayerInfo | None]] = 
 
 
 def find_layers(gm: fx.GraphModule, batch_size: int) -> list[tuple[fx.Node, LayerInfo]]:
-    found = []
+    """Every mappable node's layer record. A module called more than once is one layer per call (each call
+    site is its own mapping decision: ``name``, then ``name@node`` for later calls), as the torch.export front
+    end names them; lowering lowers such calls at their graph node."""
+    found, names = [], set()
     for node in gm.graph.nodes:
         for recognize in RECOGNIZERS:
             info = recognize(gm, node, batch_size)
             if info is not None:
+                if info.name in names:
+                    info.name = f"{info.name}@{node.name}"
+                names.add(info.name)
                 found.append((node, info))
                 break
     return found

@@ -79,6 +79,12 @@ def lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | 
     ``RowSplit`` with one part per tier. Returns (lowered graph, report: layer name -> {module, target,
     simulator, weight_shape}); simulator is None where the layer runs as the ideal digital layer.
     """
+    with torch.random.fork_rng(devices=[]):  # new modules initialise from the CPU RNG: not the caller's
+        return _lower_graph(gm, targets, layers)
+
+
+def _lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | None
+                 ) -> tuple[fx.GraphModule, dict[str, dict[str, Any]]]:
     only = None if layers is None else set(layers)
     plan = []
     for _, annotation in mappable_nodes(gm):
@@ -90,6 +96,10 @@ def lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | 
         plan.append((layer, annotation.assignment, annotation.row_targets))
     lowered = copy.deepcopy(gm)
     nodes = {node.name: node for node in lowered.graph.nodes}
+    calls: dict[str, int] = {}
+    for _, annotation in mappable_nodes(gm):
+        if annotation.layer.module_name is not None:
+            calls[annotation.layer.module_name] = calls.get(annotation.layer.module_name, 0) + 1
     report = {}
     for layer, assignment, row_targets in plan:
         if isinstance(assignment, dict):
@@ -100,14 +110,18 @@ def lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | 
             module = None if sim is None else sim.lower(_source_module(lowered, layer), targets[assignment])
         name = layer.module_name
         if module is not None:
-            if name is not None:
+            if name is not None and calls.get(name, 0) == 1:
                 lowered.set_submodule(name, module)
-            else:
+            else:  # a functional layer, or one call of a module called several times: lowered at its node
                 name = _replace_node(lowered, nodes[layer.node_name], layer, module)
         report[layer.name] = {"module": name, "target": assignment, "simulator": simulator,
                               "weight_shape": list(layer.weight_shape), "kind": layer.kind}
     lowered.graph.eliminate_dead_code()
     lowered.recompile()
+    # New simulation modules start in training mode (aihwkit would then add training noise on every forward):
+    # the lowered model is in the digital graph's mode, eval after compile.
+    for module in lowered.modules():  # not .train(): a torch.export graph refuses it
+        module.training = gm.training
     return lowered, report
 
 

@@ -219,6 +219,14 @@ class AihwkitSimulator(Simulator):
     trainable = True
     defaults = DEFAULTS
 
+    def check(self, target: Target) -> None:
+        super().check(target)
+        for field_name in ("input_bits", "output_bits"):  # aihwkit's resolution is 1 / (2^bits - 2)
+            bits = getattr(target.precision, field_name)
+            if bits is not None and bits < 2:
+                raise ConfigError(f"target {target.name!r}: aihwkit needs precision.{field_name} >= 2 bits or None, "
+                                  f"got {bits}")
+
     def weight_noise_rel(self, target: Target) -> float:
         """HILAL's gamma: the training weight noise relative to max|W| (``training_noise_rel``)."""
         return float(self.settings(target)["training_noise_rel"])

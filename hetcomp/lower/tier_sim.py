@@ -256,6 +256,26 @@ class PimCrossbarSimulator(_TorchTierSimulator):
     name = "pim-crossbar"
     required = PIM_KEYS
     defaults = {"conductance_noise": None}
+    NOISE_KEYS = ("g_min_s", "g_max_s", "voltage_v", "freq_hz", "temperature_k")
+
+    def settings(self, target: Target) -> dict[str, Any]:
+        settings = super().settings(target)
+        for key in PIM_KEYS:
+            value = settings[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"target {target.name!r}: device parameter {key} must be an integer >= 1, got "
+                                  f"{value!r}")
+        noise = settings["conductance_noise"]
+        if noise is not None:
+            missing = [key for key in self.NOISE_KEYS if not isinstance((noise or {}).get(key), int | float)]
+            if not isinstance(noise, dict) or missing:
+                needed = missing or list(self.NOISE_KEYS)
+                raise ConfigError(f"target {target.name!r}: conductance_noise needs numbers for {needed} (H3PIMAP "
+                                  "Eq. 1's parameters)")
+            if not 0 <= noise["g_min_s"] < noise["g_max_s"] or noise["voltage_v"] <= 0:
+                raise ConfigError(f"target {target.name!r}: conductance_noise needs 0 <= g_min_s < g_max_s and "
+                                  "voltage_v > 0")
+        return settings
 
     def lower(self, module: nn.Module | None, target: Target) -> nn.Module:
         if module is None:

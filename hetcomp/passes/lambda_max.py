@@ -39,12 +39,16 @@ class LambdaMax(Pass):
         self.keep_vectors = keep_vectors
         # At most this many bytes of kept Krylov vectors (bases and their products; None: max_iter of each).
         self.keep_bytes = checks.integer("deflate_bytes", keep_bytes, 0, optional=True)
+        self._kept: int | None = None  # Krylov vectors kept per layer, known once the layers are
 
     def settings(self) -> dict:
         return {"max_iter": self.max_iter, "tol": self.tol, "batches": self.batches, "method": self.method,
-                **({"deflate_bytes": self.keep_bytes} if self.keep_vectors else {})}
+                **({"deflate_bytes": self.keep_bytes, "kept_vectors": self._kept} if self.keep_vectors else {})}
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+        if self.keep_vectors:
+            params = [gm.get_parameter(a.layer.weight_param) for a in layer_hessian.weight_layers(gm)]
+            self._kept = layer_hessian.kept_vectors(params, self.max_iter, self.keep_bytes)
         eigen, iterations = layer_hessian.dominant_eigenvalue(gm, ctx, self.batches, self.max_iter, self.tol,
                                                               self.method, keep_vectors=self.keep_vectors,
                                                               keep_bytes=self.keep_bytes)

@@ -47,6 +47,7 @@ from hetcomp.passes.base import CompileContext, Pass
 from hetcomp.passes.pareto_search import mapping_problem
 from hetcomp.progress import bar
 from hetcomp.storage import StepLog, run_key
+from hetcomp.storage.checkpoints import describe_callable
 
 Quality = Callable[[torch.nn.Module, Any], float]
 
@@ -80,7 +81,7 @@ class RowRemap(Pass):
                 "repeats": self.repeats, "max_steps": self.max_steps,
                 "quality": "top-1 accuracy" if self.quality is None else getattr(self.quality, "__qualname__",
                                                                                  "custom"),
-                "higher_is_better": self.higher_is_better,
+                "higher_is_better": self.higher_is_better, "samples": self.samples,
                 "checkpoint": None if self.checkpoint is None else str(self.checkpoint)}
 
     def _shortfall(self, baseline: float, value: float) -> float:
@@ -111,7 +112,7 @@ class RowRemap(Pass):
             gm.eval()
             with torch.no_grad():
                 baseline = float(self.quality(gm, data))
-        log = StepLog(self.checkpoint, self._run_key(gm, ctx, front, baseline), "row remap", restart_with=None)
+        log = StepLog(self.checkpoint, self._run_key(gm, ctx, front, baseline, data), "row remap", restart_with=None)
         steps = log.resume()
 
         def apply(counts: np.ndarray, why: str) -> None:
@@ -179,16 +180,17 @@ class RowRemap(Pass):
         }
         return gm
 
-    def _run_key(self, gm: fx.GraphModule, ctx: CompileContext, front: list, baseline: float) -> str:
-        """Everything a step depends on: model, targets, seed, settings (not the checkpoint folder), the
-        Pareto front, the baseline and the row sensitivities (hashed)."""
+    def _run_key(self, gm: fx.GraphModule, ctx: CompileContext, front: list, baseline: float, data: Any) -> str:
+        """Everything a step depends on: model, targets, seed, settings (not the checkpoint folder), the quality
+        measure, the validation data and the row sensitivities (hashed), the Pareto front and the baseline."""
         rows = {a.layer.name: a.metrics.get("row_sensitivity") for _, a in mappable_nodes(gm)}
         rows = {name: None if v is None else torch.tensor(v, dtype=torch.float64) for name, v in rows.items()}
         return run_key({
             "method": "row-remap", "model": fingerprint(gm, gm), "targets": [t.to_dict() for t in ctx.targets],
             "seed": ctx.seed, "settings": {k: v for k, v in self.settings().items() if k != "checkpoint"},
             "front": [p["counts"] for p in front], "baseline": baseline,
-            "rows": data_hash([rows]),
+            "rows": data_hash([rows]), "quality": describe_callable(self.quality),
+            "data": data_hash([_validation_sample(data)]),
         })
 
 
@@ -250,3 +252,17 @@ def _plan_move(problem, counts: np.ndarray, sensitivity: list[np.ndarray], free:
         if moved:
             return new, moved
     return None
+
+
+def _validation_sample(data: Any, batches: int = 8) -> Any:
+    """What of the validation data a run key hashes: the tensors themselves, or a loader's first ``batches``
+    batches (read without touching the caller's RNG)."""
+    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return tuple(data)
+    taken = []
+    with torch.random.fork_rng(devices=[]):
+        for batch in data:
+            taken.append(batch)
+            if len(taken) == batches:
+                break
+    return taken

@@ -23,6 +23,7 @@ delete DIR"), never a silent load or a silent restart.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -56,6 +57,27 @@ def run_key(description: Mapping[str, Any]) -> str:
     text = json.dumps({**description, "hetcomp_version": __version__, "checkpoint_format": FORMAT},
                       sort_keys=True, default=_jsonable)
     return sha256_bytes(text.encode())[:16]
+
+
+def describe_callable(fn: Any) -> str:
+    """What a run key records of a user function (a loss, a quality measure), so that two different ones never
+    share a key: an ``nn.Module``'s class, repr and plain attributes (``CrossEntropyLoss(label_smoothing=0.3)``
+    reprs like the default one), a ``functools.partial``'s function and arguments, a function's module,
+    qualified name, code, defaults and closure values, another callable object's class and ``__call__`` code."""
+    if fn is None:
+        return "None"
+    if isinstance(fn, functools.partial):
+        return f"partial({describe_callable(fn.func)}, {fn.args!r}, {sorted(fn.keywords.items())!r})"
+    if isinstance(fn, torch.nn.Module):
+        plain = {k: v for k, v in sorted(vars(fn).items()) if isinstance(v, int | float | str | bool | type(None))}
+        return f"{type(fn).__module__}.{type(fn).__qualname__} {fn!r} {plain!r}"
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a callable object: its class and its __call__ (its state, e.g. a call counter, is not keyed)
+        call = getattr(type(fn).__call__, "__code__", None)
+        return f"{type(fn).__module__}.{type(fn).__qualname__} call={sha256_bytes(call.co_code)[:16] if call else ''}"
+    closure = [cell.cell_contents for cell in fn.__closure__ or ()]
+    return (f"{fn.__module__}.{fn.__qualname__} defaults={fn.__defaults__!r} closure={closure!r} "
+            f"code={sha256_bytes(code.co_code)[:16]}")
 
 
 def step_file(index: int) -> str:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import glob
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -65,37 +68,57 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where the kernel or libc lacks it."""
+    """Atomically swap two paths (Linux renameat2); False only where the kernel or libc lacks it."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
     at_fdcwd = -100
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return result == 0
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, f"cannot swap {a} and {b}: {os.strerror(error)}")
+
+
+MARKER = ".hetcomp-output"  # the entries a save wrote: what a later save may replace
 
 
 def _leftovers(directory: Path) -> Iterable[Path]:
-    for pattern in (f".{directory.name}.tmp-*", f".{directory.name}.old-*"):
+    name = glob.escape(directory.name)
+    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
         yield from directory.parent.glob(pattern)
 
 
-def replace_directory(directory: str | os.PathLike, write: Callable[[Path], None],
-                      owned: Callable[[Path], bool]) -> Path:
+def _owned(directory: Path) -> bool:
+    """A folder is ours to replace only if a save made it and nobody added anything since: its marker lists
+    every entry in it."""
+    try:
+        listed = set(json.loads((directory / MARKER).read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+    return {entry.name for entry in directory.iterdir()} <= listed | {MARKER}
+
+
+def replace_directory(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Build a new ``directory`` with ``write(tmp)`` and swap it in as one unit.
 
-    ``owned(existing)`` says whether an existing folder is one this writer made (e.g. it holds a
-    manifest.json); a non-empty folder that is not owned is refused, so a mistyped path never deletes a
-    user's files.
+    An existing non-empty folder is replaced only if an earlier save made it and it holds nothing else (its
+    ``.hetcomp-output`` marker lists every entry): a mistyped path, the current folder, or an output folder
+    someone added files to is refused, never deleted. A symlink is followed: the folder it points to is
+    replaced, the link stays.
     """
-    directory = Path(directory).absolute()
+    directory = Path(directory).resolve()
+    if directory == Path.cwd().resolve() or directory in Path.cwd().resolve().parents:
+        raise ConfigError(f"{directory} is the current folder or holds it; choose a new output folder")
     if directory.exists():
         if not directory.is_dir():
             raise ConfigError(f"{directory} exists and is not a folder; choose another output folder")
-        if any(directory.iterdir()) and not owned(directory):
-            raise ConfigError(f"{directory} is not empty and holds no hetcomp output; choose a new or empty "
-                              "folder (hetcomp replaces its output folder as a whole)")
+        if any(directory.iterdir()) and not _owned(directory):
+            raise ConfigError(f"{directory} is not empty and is not (only) an earlier hetcomp output; choose a new "
+                              "or empty folder (hetcomp replaces its output folder as a whole)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     for stale in _leftovers(directory):
         shutil.rmtree(stale, ignore_errors=True)
@@ -103,15 +126,16 @@ def replace_directory(directory: str | os.PathLike, write: Callable[[Path], None
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         write(tmp)
+        write_atomic(tmp / MARKER, json.dumps(sorted(entry.name for entry in tmp.iterdir())))
         _fsync_tree(tmp)
         if directory.exists():
             if _exchange(tmp, directory):
-                shutil.rmtree(tmp)  # tmp now holds the old output
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old output; the swap is done
             else:
                 old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
                 os.replace(directory, old / "content")
                 os.replace(tmp, directory)
-                shutil.rmtree(old)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
     except BaseException:

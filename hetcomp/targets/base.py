@@ -65,6 +65,20 @@ class Target:
                               f"{type(self.simulator).__name__}")
         if not isinstance(self.device, dict):
             raise TargetError(f"target {self.name!r}: device must be a dict of the simulator's parameters")
+        for field_name in ("input_bits", "weight_bits", "output_bits"):
+            bits = getattr(self.precision, field_name)
+            if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or bits < 1):
+                raise TargetError(f"target {self.name!r}: precision.{field_name} must be an integer >= 1 or None "
+                                  f"(full precision), got {bits!r}")
+        if self.tile is not None:
+            for field_name in ("rows", "cols", "crossbars_per_tile", "cells_per_weight", "tiles"):
+                value = getattr(self.tile, field_name)
+                if (value is not None or field_name != "tiles") and (
+                        not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                    raise TargetError(f"target {self.name!r}: tile.{field_name} must be an integer >= 1"
+                                      f"{' or None (unbounded)' if field_name == 'tiles' else ''}, got {value!r}")
+        if self.clock_hz is not None and not (isinstance(self.clock_hz, int | float) and self.clock_hz > 0):
+            raise TargetError(f"target {self.name!r}: clock_hz must be a number > 0 or None, got {self.clock_hz!r}")
 
     def __hash__(self) -> int:  # device is a dict: hash by the identifying fields
         return hash((self.name, self.simulator))
