@@ -212,51 +212,13 @@ def test_a_killed_save_leaves_the_old_or_the_new_output(tmp_path):
                                                      "weights.safetensors"]
 
 
-FEFET_SIMULATOR = textwrap.dedent('''
-    """A user's FeFET simulator: a static relative Gaussian weight offset, drawn afresh at each programming."""
-    import torch
-    import torch.nn as nn
-    from hetcomp.lower import Simulator, register_simulator
-
-
-    class NoisyLinear(nn.Module):
-        def __init__(self, linear, sigma):
-            super().__init__()
-            self.weight = nn.Parameter(linear.weight.detach().clone())
-            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-            self.sigma = sigma
-            self.register_buffer("programmed", self.weight.detach().clone())
-
-        def forward(self, x):
-            return nn.functional.linear(x, self.programmed, self.bias)
-
-
-    class FeFETSimulator(Simulator):
-        name = "fefet-sim"
-        required = ("sigma",)
-
-        def weight_noise_rel(self, target):
-            return self.settings(target)["sigma"]
-
-        def lower(self, module, target):
-            return NoisyLinear(module, self.settings(target)["sigma"])
-
-        def program_and_drift(self, module, t_inference):
-            scale = module.weight.abs().max()
-            module.programmed = module.weight.detach() + module.sigma * scale * torch.randn_like(module.weight)
-
-
-    register_simulator(FeFETSimulator())
-''')
-
-
-def fefet_target(simulator, sigma=0.3):
+def fefet_target(simulator, spread=0.3):
     from hetcomp.targets import WEIGHT_STATIC, CostModel, Precision, Target, TileGeometry
 
     return Target(name="fefet", description="FeFET crossbar (a user's target)", analog=True,
                   precision=Precision(8, 4, 8), tile=TileGeometry(rows=64, cols=64), clock_hz=None,
                   supports=frozenset({WEIGHT_STATIC}), cost=CostModel(macs_per_second=1e12), accuracy_rank=4,
-                  simulator=simulator, device={"sigma": sigma} if simulator else {})
+                  simulator=simulator, device={"spread": spread} if simulator else {})
 
 
 class MLP(nn.Module):
@@ -294,16 +256,29 @@ def run_loader(tmp_path, out, data, imports=""):
 
 
 def test_a_user_target_loads_in_a_process_that_never_registered_it(tmp_path):
-    (tmp_path / "my_fefet.py").write_text(FEFET_SIMULATOR)
+    from test_external_target import FEFET_MODULE  # the user's device module of that test
+
+    (tmp_path / "fefet_device.py").write_text(FEFET_MODULE)
     sys.path.insert(0, str(tmp_path))
     try:
-        import my_fefet  # noqa: F401  (registers the simulator in this process)
+        import fefet_device  # noqa: F401  (registers the simulator in this process)
     finally:
         sys.path.remove(str(tmp_path))
+    try:
+        check_user_target_round_trips(tmp_path)
+    finally:
+        from hetcomp.lower import SIMULATORS
+
+        hetcomp.targets.registry.TARGETS.unregister("fefet")
+        SIMULATORS.unregister("fefet")
+        sys.modules.pop("fefet_device", None)
+
+
+def check_user_target_round_trips(tmp_path):
     torch.manual_seed(0)
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     torch.save((x, y), tmp_path / "data.pt")
-    for simulator, name in ((None, "as-data"), ("fefet-sim", "with-code")):
+    for simulator, name in ((None, "as-data"), ("fefet", "with-code")):
         compiled = hetcomp.compile(MLP(), fefet_target(simulator), (x,), strategy="all-fefet")
         expected = compiled.evaluate((x, y), repeats=3, seed=2).accuracies
         out = compiled.save(tmp_path / name)
@@ -312,9 +287,9 @@ def test_a_user_target_loads_in_a_process_that_never_registered_it(tmp_path):
         if simulator is None:
             assert run_loader(tmp_path, out, tmp_path / "data.pt") == {"accuracies": expected, "targets": "fefet"}
         else:
-            assert record["simulator_module"] == "my_fefet"
+            assert record["simulator_module"] == "fefet_device"
             refused = run_loader(tmp_path, out, tmp_path / "data.pt")
-            assert "fefet" in refused["error"] and "import my_fefet" in refused["error"]
-            loaded = run_loader(tmp_path, out, tmp_path / "data.pt", imports="import my_fefet")
+            assert "fefet" in refused["error"] and "import fefet_device" in refused["error"]
+            loaded = run_loader(tmp_path, out, tmp_path / "data.pt", imports="import fefet_device")
             assert loaded["accuracies"] == expected
-            assert compiled.lowering["fc1"]["simulator"] == "fefet-sim"
+            assert compiled.lowering["fc1"]["simulator"] == "fefet"

@@ -95,24 +95,37 @@ class PimCrossbarCore(nn.Module):
         noise = s.get("conductance_noise")
         if noise:
             cells = _conductance_noise(cells, levels, noise)
-        sign_w = torch.tensor([1.0, -1.0], device=x.device, dtype=x.dtype).view(2, 1, 1)
-        slices = torch.arange(cells.shape[1], device=x.device, dtype=x.dtype)
-        slice_weight = (2.0 ** (cell_bits * slices)).view(1, -1, 1)
         k = shape[-1]
         chunks = math.ceil(k / rows)
         pad = chunks * rows - k
-        cells = F.pad(cells, (0, pad)).reshape(2, cells.shape[1], -1, chunks, rows)  # [2, S, R, C, rows]
+        slices = cells.shape[1]
+        # [C, rows, 2*S*R]: each crossbar chunk's cells, both arrays and every slice side by side.
+        cells = F.pad(cells, (0, pad)).reshape(2 * slices, -1, chunks, rows).permute(2, 3, 0, 1)
+        cells = cells.reshape(chunks, rows, -1)
+        # Input bit-planes of both signs at once: [P = 2 * B_in, N, C, rows].
+        input_bits, dac_bits = s["input_bits"] - 1, s["dac_bits"]
+        planes = torch.cat([_bit_planes(xq.clamp(min=0), input_bits, dac_bits),
+                            _bit_planes((-xq).clamp(min=0), input_bits, dac_bits)])
+        per_sign = planes.shape[0] // 2
+        planes = F.pad(planes, (0, pad)).reshape(planes.shape[0], -1, chunks, rows)
+        # Shift-and-add weights of each (input sign, bit) and each (array sign, cell slice) column sum.
+        plane_weight = torch.cat([2.0 ** (dac_bits * torch.arange(per_sign, dtype=x.dtype)),
+                                  -(2.0 ** (dac_bits * torch.arange(per_sign, dtype=x.dtype)))]).to(x.device)
+        cell_weight = (torch.tensor([1.0, -1.0], dtype=x.dtype).view(2, 1)
+                       * 2.0 ** (s["cell_bits"] * torch.arange(slices, dtype=x.dtype))).flatten().to(x.device)
         saturation = float(2 ** s["adc_bits"] - 1)
-        out = x2.new_zeros(x2.shape[0], self.weight.shape[0])
-        input_bits = s["input_bits"] - 1
-        for sign_x, part in ((1.0, xq.clamp(min=0)), (-1.0, (-xq).clamp(min=0))):
-            planes = _bit_planes(part, input_bits, s["dac_bits"])  # [B_in, N, K]
-            planes = F.pad(planes, (0, pad)).reshape(planes.shape[0], -1, chunks, rows)  # [B_in, N, C, rows]
-            for b, plane in enumerate(planes):
-                sums = torch.einsum("ncr,wsocr->wsnoc", plane, cells)  # column sums per crossbar
-                sums = torch.round(sums).clamp(0, saturation)  # the ADC
-                combined = (sums.sum(-1) * slice_weight.unsqueeze(-1) * sign_w.unsqueeze(-1)).sum((0, 1))
-                out += sign_x * (2.0 ** (s["dac_bits"] * b)) * combined
+        out_rows = self.weight.shape[0]
+        out = x2.new_empty(x2.shape[0], out_rows)
+        # One batched matmul per block of samples (every bit-plane, slice and crossbar chunk at once), the ADC
+        # applied to each crossbar's column sum; blocks bound the [C, P*n, 2*S*R] partial sums to ~64 MB.
+        block = max(1, (16 << 20) // max(1, chunks * planes.shape[0] * cells.shape[-1]))
+        for start in range(0, x2.shape[0], block):
+            part = planes[:, start : start + block]  # [P, n, C, rows]
+            n = part.shape[1]
+            sums = torch.bmm(part.permute(2, 0, 1, 3).reshape(chunks, -1, rows), cells)  # [C, P*n, 2*S*R]
+            sums = sums.round_().clamp_(0, saturation).sum(0)  # the ADC per crossbar, then the digital adder
+            sums = sums.view(planes.shape[0], n, 2 * slices, out_rows)
+            out[start : start + n] = torch.einsum("pnjr,p,j->nr", sums, plane_weight, cell_weight)
         y = out * (x_scale * w_scale)
         if self.bias is not None:
             y = y + self.bias
