@@ -226,18 +226,6 @@ def batches(what: str, pairs: Iterable[tuple[Any, Any]], labels: bool, start: in
         pair(f"{what} batch {index}", inputs, targets, labels)
 
 
-def tensor_data(data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(inputs, labels) of ``data`` when they are at hand without iterating it: an (inputs, labels) tensor
-    pair, or a DataLoader over a TensorDataset of two tensors. None otherwise."""
-    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0], data[1]
-    dataset = getattr(data, "dataset", None)
-    tensors = getattr(dataset, "tensors", None) if isinstance(dataset, torch.utils.data.TensorDataset) else None
-    if tensors is not None and len(tensors) == 2:
-        return tensors[0], tensors[1]
-    return None
-
-
 def describe_inputs(inputs: Any) -> str:
     """"shape [2, 3], float32" per tensor input (other inputs by type), for messages about example inputs."""
     values = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs) if \

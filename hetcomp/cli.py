@@ -143,21 +143,13 @@ def _calibration(data: Any) -> Any:
 
 def _first_batch_inputs(data: Any) -> tuple:
     """Example inputs from the calibration data's first batch, as hetcomp.compile would take them."""
-    import torch
+    from hetcomp.data import first_inputs
+    from hetcomp.errors import DataError
 
-    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return (data[0],)  # one (inputs, labels) pair of tensors
     try:
-        batch = next(iter(data))
-    except TypeError:
-        raise ConfigError(f"the calibration data ({type(data).__name__}) is not iterable; return a DataLoader of "
-                          "(inputs, labels) batches, or pass --input-shape") from None
-    except StopIteration:
-        raise ConfigError("the calibration loader yielded no batch to trace with; pass --input-shape") from None
-    if not isinstance(batch, tuple | list) or not batch:
-        raise ConfigError(f"the calibration loader must yield (inputs, labels) batches, got {type(batch).__name__}; "
-                          "pass --input-shape")
-    return (batch[0],)
+        return first_inputs(data, what="the calibration data")
+    except DataError as err:
+        raise ConfigError(f"{err}; or pass --input-shape") from None
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:

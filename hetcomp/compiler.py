@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from hetcomp import checks
+from hetcomp.data import first_inputs, whole_tensors
 from hetcomp.errors import ConfigError, TraceError
 from hetcomp.evaluate import Evaluation, evaluate
 from hetcomp.graph import FRONTENDS, META_KEY, trace
@@ -140,14 +141,7 @@ def _example_inputs(example_inputs: Any, data: Any) -> tuple | dict:
         return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if data is None:
         raise ConfigError("compile needs example_inputs=(x,) or data= to trace the model")
-    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return (data[0],)
-    try:
-        with torch.random.fork_rng(devices=[]):  # a DataLoader draws its seeds: not from the caller's RNG
-            batch = next(iter(data))
-    except (TypeError, StopIteration):
-        raise ConfigError("data yielded no (inputs, targets) batch to trace with; pass example_inputs") from None
-    return (batch[0],)
+    return first_inputs(data)
 
 
 def compile(  # noqa: A001 - the public name the issue and users expect
@@ -224,7 +218,7 @@ def compile(  # noqa: A001 - the public name the issue and users expect
         pipeline.append(finetune)
     manager = PassManager(pipeline)  # checks the order before anything runs
     checks.finite_parameters(model)
-    whole = checks.tensor_data(data)
+    whole = whole_tensors(data)
     if whole is not None:  # tensor data: checked whole now; other data batch by batch when taken
         checks.pair("data", *whole, labels=loss_fn is None)
 

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from hetcomp import checks
+from hetcomp.data import take_batches, tensor_pair
 from hetcomp.errors import DataError
 from hetcomp.lower import lowered_modules, program_and_drift
 from hetcomp.progress import progress
@@ -63,25 +64,12 @@ class Evaluation:
 def staged(loader: Any, device: torch.device, what: str = "evaluation data") -> tuple[torch.Tensor, torch.Tensor]:
     """All (inputs, labels) of ``loader`` (or a tensor pair) concatenated on ``device``; checked: inputs
     finite, labels integer class indices (DataError naming ``what``)."""
-    if isinstance(loader, tuple | list) and len(loader) == 2 and all(isinstance(t, torch.Tensor) for t in loader):
-        inputs, labels = loader[0], loader[1]
-    else:
-        batches = []
-        try:
-            for batch in loader:
-                batches.append((batch[0], batch[1]))
-        except (TypeError, IndexError, KeyError):
-            raise DataError(f"{what} must be an iterable of (inputs, labels) batches or an (inputs, labels) tensor "
-                            f"pair, got {type(loader).__name__}") from None
-        if not batches:
-            raise DataError(f"{what} yielded no batch; pass a non-empty DataLoader")
-        if not all(isinstance(t, torch.Tensor) for pair in batches for t in pair):
-            raise DataError(f"{what}: each batch must be an (inputs, labels) pair of tensors")
-        try:
-            inputs, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-        except RuntimeError as error:
-            raise DataError(f"{what}: batches do not concatenate ({str(error).splitlines()[0]}); every batch must "
-                            "hold inputs of the same shape per sample") from None
+    batches = take_batches(loader, None, what=what)
+    try:
+        inputs, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    except RuntimeError as error:
+        raise DataError(f"{what}: batches do not concatenate ({str(error).splitlines()[0]}); every batch must "
+                        "hold inputs of the same shape per sample") from None
     if len(inputs) != len(labels):
         raise DataError(f"{what}: {len(inputs)} inputs but {len(labels)} labels; pass one label per sample")
     checks.pair(what, inputs, labels, labels=True)
@@ -154,7 +142,7 @@ class EvaluationData:
     def __init__(self, data: Any, device: torch.device, batch_size: int, stage_bytes: int,
                  what: str = "evaluation data") -> None:
         self.data, self.device, self.batch_size, self.what = data, device, batch_size, what
-        self.tensors = _tensor_pair(data)
+        self.tensors = tensor_pair(data)
         self.staged: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if self.tensors is not None:
             inputs, labels = self.tensors
@@ -242,12 +230,6 @@ def _joined(batches: list[tuple[torch.Tensor, torch.Tensor]], what: str) -> tupl
     except RuntimeError as error:
         raise DataError(f"{what}: batches do not concatenate ({str(error).splitlines()[0]}); every batch must "
                         "hold inputs of the same shape per sample") from None
-
-
-def _tensor_pair(data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0], data[1]
-    return None
 
 
 def _bytes(*tensors: torch.Tensor) -> int:

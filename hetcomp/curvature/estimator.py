@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from hetcomp import checks
 from hetcomp.analysis.hessian import rademacher
+from hetcomp.data import tensor_pair
 from hetcomp.errors import ConfigError
 from hetcomp.progress import progress
 
@@ -57,8 +58,8 @@ def input_curvature(model: nn.Module, data: Any, h: float = 1e-3, n: int = 10, s
     per_sample = _per_sample_loss(loss_fn)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    batches = [(data[0], data[1])] if isinstance(data, tuple | list) and len(data) == 2 and \
-        isinstance(data[0], torch.Tensor) else data
+    pair = tensor_pair(data)
+    batches = [pair] if pair is not None else data
     was_training = model.training
     model.eval()
     curvatures, traces, used_labels = [], [], []

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from hetcomp import checks
+from hetcomp.data import tensor_pair, whole_tensors
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import staged
 
@@ -54,13 +55,13 @@ def training_split(data: Any, val_data: Any = None, val_fraction: float = 0.1, s
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise ConfigError("fine-tuning needs a DataLoader over a map-style dataset (with __len__ and "
                               "__getitem__) so that it can split off validation data and reshuffle per epoch")
-    elif isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        dataset = TensorDataset(data[0], data[1])
+    elif tensor_pair(data) is not None:
+        dataset = TensorDataset(*tensor_pair(data))
         batch_size = batch_size or 64
     else:
         raise ConfigError("fine-tuning needs data= as a DataLoader or an (inputs, labels) tensor pair, "
                           f"got {type(data).__name__}")
-    whole = checks.tensor_data(data)
+    whole = whole_tensors(data)
     if whole is not None:
         checks.pair("training data", *whole, class_labels)
     if val_data is not None:

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from hetcomp import checks
 from hetcomp.analysis.cache import GRAPH, AnalysisCache, AnalysisKey
-from hetcomp.errors import ConfigError, DataError, HetcompError, PassOrderError
+from hetcomp.data import take_batches
+from hetcomp.errors import ConfigError, HetcompError, PassOrderError
 from hetcomp.memory import PeakMemory
 from hetcomp.progress import bar
 from hetcomp.registry import Registry
@@ -138,9 +139,7 @@ class CompileContext:
         count = checks.integer("calibration batch count", count)
         if count not in self._calibration:
             # A shuffling loader yields the same batches for the same seed; the caller's RNG is untouched.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                taken = _take_batches(self.data, count)
+            taken = take_batches(self.data, count, seed=self.seed)
             checks.batches("calibration data", taken, labels=self.loss_fn is None)
             self._calibration[count] = taken
         return [(x.to(device), y.to(device)) for x, y in self._calibration[count]]
@@ -153,31 +152,6 @@ class CompileContext:
         return {str(count): {"batches": len(batches), "samples": sum(len(x) for x, _ in batches),
                              "sha256": data_hash(batches)}
                 for count, batches in sorted(self._calibration.items())}
-
-
-def _take_batches(data: Any, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return [(data[0], data[1])]
-    batches = []
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise ConfigError(
-            f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}"
-        ) from None
-    for batch in iterator:
-        if not (isinstance(batch, tuple | list) and len(batch) >= 2):
-            raise DataError(f"data batch {len(batches)} is a {type(batch).__name__}, not an (inputs, targets) "
-                            "pair; make the dataset return (input, label) samples")
-        if not all(isinstance(t, torch.Tensor) for t in batch[:2]):
-            raise DataError(f"data batch {len(batches)} holds {type(batch[0]).__name__} inputs and "
-                            f"{type(batch[1]).__name__} targets; both must be tensors (use the default collate_fn)")
-        batches.append((batch[0], batch[1]))
-        if len(batches) == count:
-            break
-    if not batches:
-        raise DataError("data yielded no batch; pass a non-empty DataLoader (check drop_last and the dataset size)")
-    return batches
 
 
 class PassInstrument:

@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from hetcomp import checks
+from hetcomp.data import take_batches
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate, hardware_repeat
 from hetcomp.graph.layers import mappable_nodes
@@ -255,14 +256,5 @@ def _plan_move(problem, counts: np.ndarray, sensitivity: list[np.ndarray], free:
 
 
 def _validation_sample(data: Any, batches: int = 8) -> Any:
-    """What of the validation data a run key hashes: the tensors themselves, or a loader's first ``batches``
-    batches (read without touching the caller's RNG)."""
-    if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return tuple(data)
-    taken = []
-    with torch.random.fork_rng(devices=[]):
-        for batch in data:
-            taken.append(batch)
-            if len(taken) == batches:
-                break
-    return taken
+    """What of the validation data a run key hashes: a tensor pair, or a loader's first ``batches`` batches."""
+    return take_batches(data, batches, what="validation data")
