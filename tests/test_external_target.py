@@ -221,3 +221,16 @@ def test_the_cli_compiles_for_a_toml_target(tmp_path):
         assert next(t for t in manifest["targets"] if t["name"] == "rram-6bit")["device"]["weight_bits"] == 6
     finally:
         targets.registry.TARGETS.unregister("rram-6bit")
+
+
+def test_fine_tuning_uses_the_devices_optimizer():
+    """The update rule belongs to the device: plain SGD for a simulator that defines none, aihwkit's AnalogSGD
+    for PCM tiles."""
+    from aihwkit.optim import AnalogSGD
+
+    from hetcomp.lower import Simulator, simulator_named
+
+    parameters = [{"params": [nn.Parameter(torch.zeros(2))], "lr": 0.1}]
+    plain = Simulator().optimizer(parameters, lr=0.1, momentum=0.5)
+    assert type(plain) is torch.optim.SGD and plain.defaults["momentum"] == 0.5
+    assert isinstance(simulator_named("aihwkit").optimizer(parameters, lr=0.1, momentum=0.5), AnalogSGD)

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from hetcomp.errors import ConfigError
 from hetcomp.evaluate import accuracy_labels, batched_logits, evaluate
 from hetcomp.finetune.data import TrainingData
-from hetcomp.lower import digital_state_dict, lower_graph, lowered_modules
+from hetcomp.lower import Simulator, digital_state_dict, lower_graph, lowered_modules
 from hetcomp.progress import bar
 from hetcomp.targets.base import TargetSet
 
@@ -91,9 +92,8 @@ def validation_accuracy(module: torch.nn.Module, val: tuple[torch.Tensor, torch.
 
 def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[str], data: TrainingData,
                 settings: StageSettings, loss_fn: Callable, seed: int, desc: str) -> StageResult:
-    """Fine-tune ``gm`` with ``analog_layers`` lowered; returns the validation-best digital state."""
-    from aihwkit.optim import AnalogSGD
-
+    """Fine-tune ``gm`` with ``analog_layers`` lowered; returns the validation-best digital state. The optimizer
+    is the lowered layers' simulator's (aihwkit: AnalogSGD; one simulator per stage: LAFT checks it)."""
     start = time.perf_counter()
     lowered, report = lower_graph(gm, targets, layers=analog_layers)
     device = next(lowered.parameters()).device
@@ -104,7 +104,13 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
     groups = [{"params": analog_params, "lr": settings.lr_analog}]
     if digital_params:
         groups.append({"params": digital_params, "lr": settings.lr_digital})
-    optimizer = AnalogSGD(groups, lr=settings.lr_analog, momentum=settings.momentum)
+    simulators = {type(simulator): simulator for simulator in lowered_modules(report).values()}
+    if len(simulators) > 1:
+        names = sorted(each.name for each in simulators.values())
+        raise ConfigError(f"one fine-tuning stage trains layers of several simulators ({names}); fine-tune one "
+                          "device's layers at a time")
+    simulator = next(iter(simulators.values()), Simulator())
+    optimizer = simulator.optimizer(groups, lr=settings.lr_analog, momentum=settings.momentum)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
                  if settings.lr_decay else None)
     val_seed = derive_seed(seed, "validation")

@@ -227,6 +227,12 @@ class AihwkitSimulator(Simulator):
                 raise ConfigError(f"target {target.name!r}: aihwkit needs precision.{field_name} >= 2 bits or None, "
                                   f"got {bits}")
 
+    def optimizer(self, groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+        """aihwkit's AnalogSGD: analog tiles apply their own update (and LAFT's noise injection, clip, remap)."""
+        from aihwkit.optim import AnalogSGD
+
+        return AnalogSGD(groups, lr=lr, momentum=momentum)
+
     def weight_noise_rel(self, target: Target) -> float:
         """HILAL's gamma: the training weight noise relative to max|W| (``training_noise_rel``)."""
         return float(self.settings(target)["training_noise_rel"])

@@ -64,6 +64,11 @@ class Simulator:
         """Fresh programming (and drift to ``t_inference`` seconds) for a new hardware repeat; nothing by
         default (a device whose noise is drawn on every read)."""
 
+    def optimizer(self, groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+        """The optimizer fine-tuning uses when layers on this device train (``trainable``): plain SGD by default;
+        a device whose layers need their own update rule (aihwkit's tiles) returns its own."""
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
