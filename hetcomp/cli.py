@@ -132,9 +132,12 @@ def _run_builder(spec: str, returns: str = "a model or (model, data)") -> Any:
             raise ConfigError(f"{spec} raised {_raised(err)}{hint}") from err
 
 
-def _calibration(data: Any) -> Any:
+def _calibration(data: Any, training: bool = False) -> Any:
+    """The loader compile gets: a data dict's 'calibration' loader (the Hessian passes take its first batches),
+    or its 'train' loader. With ``training`` (LAFT) the 'train' loader comes first: compile's data is also what
+    fine-tuning trains on, and a small calibration subset must not silently become the training set."""
     if isinstance(data, dict):
-        for key in ("calibration", "train"):
+        for key in (("train", "calibration") if training else ("calibration", "train")):
             if key in data:
                 return data[key]
         raise ConfigError("the data dict returned by MODEL needs a 'train' or 'calibration' loader")
@@ -192,7 +195,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     model, data = built if isinstance(built, tuple) else (built, None)
     if args.data:
         data = _run_builder(args.data, returns="calibration data")
-    calibration = _calibration(data) if data is not None else None
+    calibration = _calibration(data, training=args.laft) if data is not None else None
     if chosen.needs_data and calibration is None:
         raise ConfigError(f"strategy {chosen.name!r} needs data: return (model, data) from MODEL or pass --data; "
                           "without data use e.g. --strategy first-last-digital (one analog tier) or pareto-po "

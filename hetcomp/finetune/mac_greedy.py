@@ -63,15 +63,17 @@ class MacGreedy(Pass):
         training = self.training
         data = training_split(ctx.data, training.val_data, training.val_fraction, ctx.seed, training.batch_size,
                               class_labels=ctx.loss_fn is None)
-        candidates = []
+        candidates, pinned = [], []
         for _, annotation in mappable_nodes(gm):
             if annotation.layer.kind == WEIGHT_STATIC and annotation.assignment is None:
                 candidates.append(annotation)
+            elif isinstance(annotation.assignment, str) and ctx.targets[annotation.assignment].analog:
+                pinned.append(annotation.layer.name)  # put on analog by an earlier pass: analog in every trial
         candidates.sort(key=lambda a: -a.layer.macs)  # stable: ties keep graph order
         baseline = validation_accuracy(gm, data.val, 1, derive_seed(ctx.seed, "baseline"))
         floor = baseline - self.threshold
         log = StepLog(training.checkpoint_dir, training_run_key(
-            gm, ctx, data, method="mac-greedy", candidates=[c.layer.name for c in candidates],
+            gm, ctx, data, method="mac-greedy", candidates=[c.layer.name for c in candidates], pinned=pinned,
             settings=self.settings()), "mac-greedy")
         trials = log.resume() if training.resume else log.restart()
         try:
@@ -91,11 +93,11 @@ class MacGreedy(Pass):
             name = candidate.layer.name
             candidate.assignment = self.analog  # tentatively, so lowering knows its target
             gm.load_state_dict(state)
-            result = train_stage(gm, ctx.targets, [*accepted, name], data, training.stage_settings(), ctx.loss,
+            result = train_stage(gm, ctx.targets, [*pinned, *accepted, name], data, training.stage_settings(), ctx.loss,
                                  derive_seed(ctx.seed, "mac-greedy", index),
                                  desc=f"mac-greedy {index + 1}/{len(candidates)} (+{name})")
             gm.load_state_dict(result.state)
-            lowered, report = lower_graph(gm, ctx.targets, layers=[*accepted, name])
+            lowered, report = lower_graph(gm, ctx.targets, layers=[*pinned, *accepted, name])
             score = evaluate(lowered, report, data.val, repeats=self.eval_repeats, t_inference=self.t_inference,
                              seed=derive_seed(ctx.seed, "mac-greedy-eval", index)).mean
             keep = score >= floor
