@@ -212,3 +212,11 @@ def test_compile_multitier_writes_front_and_row_split_onnx(tmp_path, capsys):
     onnx.checker.check_model(model)
     split = [json.loads(p.value) for node in model.graph.node for p in node.metadata_props if p.key == "hetcomp.rows"]
     assert split and all(sum(rows.values()) > 0 for rows in split)
+
+
+def test_laft_trains_on_the_train_loader_not_the_calibration_subset():
+    from hetcomp.cli import _calibration
+
+    data = {"train": "all training batches", "calibration": "a few batches"}
+    assert _calibration(data) == "a few batches"  # the Hessian passes need only a few
+    assert _calibration(data, training=True) == "all training batches"  # what LAFT trains on
