@@ -297,6 +297,7 @@ def _report_lines(manifest: Any) -> list[str]:
 def _cmd_report(args: argparse.Namespace) -> int:
     from hetcomp import plots
     from hetcomp.rebuild import read_manifest
+    from hetcomp.storage.files import add_outputs
 
     manifest = read_manifest(args.directory)  # schema, targets and assignments checked; summary recomputed
     try:
@@ -308,6 +309,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     directory = directory if directory.is_dir() else directory.parent
     written = plots.write_all(manifest, directory)
+    add_outputs(directory, [Path(p).name for p in written])  # still hetcomp's output: a later save may replace it
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -220,3 +220,17 @@ def test_laft_trains_on_the_train_loader_not_the_calibration_subset():
     data = {"train": "all training batches", "calibration": "a few batches"}
     assert _calibration(data) == "a few batches"  # the Hessian passes need only a few
     assert _calibration(data, training=True) == "all training batches"  # what LAFT trains on
+
+
+def test_a_folder_report_added_plots_to_is_still_replaced_by_the_next_save(tmp_path, capsys):
+    import torch
+
+    import hetcomp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    compiled = hetcomp.compile(model, "pcm+digital", (torch.randn(2, 4),), strategy="first-last-digital")
+    out = compiled.save(tmp_path / "out", onnx=False)  # no plots in the folder
+    assert main(["report", str(out)]) == 0 and (out / "assignment.png").exists()
+    compiled.save(out, onnx=False)  # the report's plots are hetcomp's output: replaced, not refused
+    assert not (out / "assignment.png").exists()

@@ -102,6 +102,17 @@ def _owned(directory: Path) -> bool:
     return {entry.name for entry in directory.iterdir()} <= listed | {MARKER}
 
 
+def add_outputs(directory: Path, names: Iterable[str]) -> None:
+    """Record files written into a saved output folder after the save (e.g. plots ``hetcomp report`` adds), so
+    the next save may still replace the folder. A folder without a marker (not a save's) is left as it is."""
+    marker = Path(directory) / MARKER
+    try:
+        listed = set(json.loads(marker.read_text()))
+    except (OSError, ValueError, TypeError):
+        return
+    write_atomic(marker, json.dumps(sorted(listed | set(names))))
+
+
 def replace_directory(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Build a new ``directory`` with ``write(tmp)`` and swap it in as one unit.
 
