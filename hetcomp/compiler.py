@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
@@ -226,7 +227,11 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     working = copy.deepcopy(model).eval()  # never the caller's model (nor its BatchNorm statistics)
     gm = trace(working, inputs, leaf_modules=leaf_modules, frontend=frontend)
     fingerprint_of_input = fingerprint(gm, working)  # before any pass changes weights
-    ctx = CompileContext(CompileConfig(target_set, seed=seed, loss_fn=loss_fn), model=working, data=data)
+    # Under torch.distributed (torchrun + init_process_group) the Hessian passes shard their batches over the
+    # ranks; every rank computes the same metrics and the same manifest.
+    group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    ctx = CompileContext(CompileConfig(target_set, seed=seed, loss_fn=loss_fn, process_group=group), model=working,
+                         data=data)
     gm = manager.run(gm, ctx)
     ctx.analyses.invalidate()  # free the gradient graphs
     set_eval(gm)

@@ -39,8 +39,10 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.func import functional_call
 
@@ -74,6 +76,7 @@ class HessianOperator:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         batched: bool = False,
         cuda_graphs: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         if not params:
             raise ConfigError("HessianOperator needs at least one parameter tensor (the model has no weight layer)")
@@ -100,12 +103,18 @@ class HessianOperator:
         self._pool = None
         was_training = model.training
         model.eval()  # BatchNorm running stats, no dropout: the deployed function's curvature
-        total = sum(int(y.shape[0]) for _, y in batches)
+        total = sum(int(y.shape[0]) for _, y in batches)  # the global sample count: every rank has every batch
+        # torch.distributed: each rank builds (and keeps in memory) only its share of the batches' gradient
+        # graphs; every product is summed over the ranks, so all ranks see the HVPs of the whole data.
+        self.group = process_group
+        rank, world = (dist.get_rank(process_group), dist.get_world_size(process_group)) if process_group else (0, 1)
         self._graphs: list[tuple[tuple[torch.Tensor, ...], float]] = []
         self.gradient = [torch.zeros_like(p) for p in self.params]
         self.loss = 0.0
         with self._on_stream(), torch.enable_grad():
             for index, (inputs, targets) in enumerate(batches):
+                if index % world != rank:
+                    continue
                 weight = int(targets.shape[0]) / total
                 with efficient_double_backward():  # same function; cheaper graph to differentiate again
                     outputs = functional_call(model, dict(zip(self._names, self.params)), (inputs,))
@@ -120,6 +129,12 @@ class HessianOperator:
                                     "finite): the model overflows on this data or loss_fn returns NaN/Inf; normalise "
                                     "the inputs or check loss_fn")
                 self.loss += weight * value
+        if self.group is not None:
+            for accumulated in self.gradient:
+                dist.all_reduce(accumulated, group=self.group)
+            loss = torch.tensor(self.loss, dtype=torch.float64, device=self.params[0].device)
+            dist.all_reduce(loss, group=self.group)
+            self.loss = float(loss)
         model.train(was_training)
 
     @contextmanager
@@ -150,6 +165,11 @@ class HessianOperator:
                 else:
                     for acc, part in zip(result, parts):
                         acc.add_(part, alpha=weight)
+        if result is None:  # a rank without batches (more ranks than batches) contributes zeros
+            result = [torch.zeros_like(t) for t in tangents]
+        if self.group is not None:  # outside any captured region: the replay above is complete
+            for part in result:
+                dist.all_reduce(part, group=self.group)
         return result
 
     def _differentiate(self, key: tuple, outputs, inputs, tangents, batched: bool) -> list[torch.Tensor]:

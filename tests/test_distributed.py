@@ -1,0 +1,62 @@
+"""torch.distributed (gloo, 2 processes on CPU): the Hessian passes shard their calibration batches over the
+ranks, all-reduce every HVP, and give the metrics one process gives."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import hetcomp
+
+SETTINGS = {"probes": 4, "max_iter": 6, "batches": 4}
+
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    return model, batches
+
+
+def metrics(compiled):
+    keys = ("hessian_trace", "lambda_max", "hni", "scr")
+    return {layer["name"]: {key: layer["metrics"][key] for key in keys} | {
+        "row_sensitivity": layer["metrics"]["row_sensitivity"]} for layer in compiled.manifest.layers}
+
+
+def _rank(rank, world, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model, batches = model_and_data()
+        compiled = hetcomp.compile(model, "pcm+digital", data=batches, strategy="hni-only", hessian=SETTINGS)
+        from hetcomp.analysis.hessian import HessianOperator
+
+        params = [model[0].weight, model[2].weight, model[4].weight]
+        operator = HessianOperator(model, params, batches, nn.functional.cross_entropy,
+                                   process_group=dist.group.WORLD)
+        with open(f"{out}.{rank}", "w") as handle:
+            json.dump({"metrics": metrics(compiled), "graphs": len(operator._graphs)}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])  # 3 ranks: 4 batches do not divide evenly
+def test_sharded_hessian_metrics_equal_one_process(tmp_path, world):
+    model, batches = model_and_data()
+    single = metrics(hetcomp.compile(model, "pcm+digital", data=batches, strategy="hni-only", hessian=SETTINGS))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "metrics")), nprocs=world, join=True)
+    results = [json.loads((tmp_path / f"metrics.{rank}").read_text()) for rank in range(world)]
+    graphs = [r["graphs"] for r in results]
+    assert sum(graphs) == 4 and max(graphs) == -(-4 // world)  # each rank holds only its share of the graphs
+    ranks = [r["metrics"] for r in results]
+    assert all(r == ranks[0] for r in ranks[1:])  # every rank computed the same metrics
+    for name, expected in single.items():
+        for key, value in expected.items():
+            assert ranks[0][name][key] == pytest.approx(value, rel=1e-5, abs=1e-8), (name, key)
