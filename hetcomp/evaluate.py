@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from hetcomp import checks
@@ -271,10 +272,21 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
             prefix_computes = any(n.op not in ("placeholder", "get_attr") for n in _before(module, frontier))
             envs = _prefix_cache(module, frontier, source, prefix_cache_bytes) if prefix_computes else []
             runner = fx.Interpreter(module)
-            for repeat in progress(range(repeats), desc="repeats", total=repeats):
+            # Under torch.distributed each rank runs every world-th repeat (repeat r keeps its seed (seed, r))
+            # and the results are gathered in order: the same accuracies as one process.
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and \
+                dist.is_initialized() else (0, 1)
+            mine = range(rank, repeats, world)
+            local = {}
+            for repeat in progress(mine, desc="repeats", total=len(mine)):
                 with hardware_repeat(module, report, t_inference, seed, repeat):
-                    correct, total = _correct(module, source.chunks(), envs, runner, check=repeat == 0)
-                accuracies.append(correct / total)
+                    correct, total = _correct(module, source.chunks(), envs, runner, check=repeat == rank)
+                local[repeat] = correct / total
+            if world > 1:
+                gathered: list[dict[int, float]] = [{} for _ in range(world)]
+                dist.all_gather_object(gathered, local)
+                local = {repeat: value for part in gathered for repeat, value in part.items()}
+            accuracies = [local[repeat] for repeat in range(repeats)]
     module.train(was_training)
     return Evaluation(accuracies, float(t_inference), mac_ratio, time.perf_counter() - start)
 

@@ -1,5 +1,5 @@
-"""torch.distributed (gloo, 2 processes on CPU): the Hessian passes shard their calibration batches over the
-ranks, all-reduce every HVP, and give the metrics one process gives."""
+"""torch.distributed (gloo, 2 and 3 processes on CPU): the Hessian passes shard their calibration batches over the
+ranks and all-reduce every HVP, evaluation splits its hardware repeats; both give what one process gives."""
 
 import json
 import os
@@ -40,8 +40,11 @@ def _rank(rank, world, store, out):
         params = [model[0].weight, model[2].weight, model[4].weight]
         operator = HessianOperator(model, params, batches, nn.functional.cross_entropy,
                                    process_group=dist.group.WORLD)
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        accuracies = compiled.evaluate((x, y), repeats=5, seed=3).accuracies
         with open(f"{out}.{rank}", "w") as handle:
-            json.dump({"metrics": metrics(compiled), "graphs": len(operator._graphs)}, handle)
+            json.dump({"metrics": metrics(compiled), "graphs": len(operator._graphs), "accuracies": accuracies},
+                      handle)
     finally:
         dist.destroy_process_group()
 
@@ -49,12 +52,18 @@ def _rank(rank, world, store, out):
 @pytest.mark.parametrize("world", [2, 3])  # 3 ranks: 4 batches do not divide evenly
 def test_sharded_hessian_metrics_equal_one_process(tmp_path, world):
     model, batches = model_and_data()
-    single = metrics(hetcomp.compile(model, "pcm+digital", data=batches, strategy="hni-only", hessian=SETTINGS))
+    compiled = hetcomp.compile(model, "pcm+digital", data=batches, strategy="hni-only", hessian=SETTINGS)
+    single = metrics(compiled)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    single_accuracies = compiled.evaluate((x, y), repeats=5, seed=3).accuracies
+    assert compiled.manifest.summary["mac_ratio"]["pcm"] > 0  # analog layers: the repeats differ and are split
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "metrics")), nprocs=world, join=True)
     results = [json.loads((tmp_path / f"metrics.{rank}").read_text()) for rank in range(world)]
     graphs = [r["graphs"] for r in results]
     assert sum(graphs) == 4 and max(graphs) == -(-4 // world)  # each rank holds only its share of the graphs
+    # hardware repeats split over the ranks (repeat r keeps its seed), gathered in order on every rank
+    assert all(r["accuracies"] == single_accuracies for r in results)
     ranks = [r["metrics"] for r in results]
     assert all(r == ranks[0] for r in ranks[1:])  # every rank computed the same metrics
     for name, expected in single.items():
