@@ -132,7 +132,16 @@ class CompiledModel:
 
                 plotting.write_all(self.manifest, folder)
 
-        return replace_directory(directory, write)
+        # Under torch.distributed every rank holds the same compile: rank 0 writes, the others wait for it.
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed and dist.get_rank() != 0:
+            dist.barrier()
+            return Path(directory).resolve()
+        try:
+            return replace_directory(directory, write)
+        finally:
+            if distributed:
+                dist.barrier()
 
 
 def _example_inputs(example_inputs: Any, data: Any) -> tuple | dict:

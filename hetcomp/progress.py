@@ -10,7 +10,8 @@ from typing import TypeVar
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
-_quiet = os.environ.get("HETCOMP_QUIET", "") not in ("", "0")
+# Quiet when asked, and on every torch.distributed rank but the first (torchrun sets RANK): one set of bars.
+_quiet = os.environ.get("HETCOMP_QUIET", "") not in ("", "0") or os.environ.get("RANK", "0") != "0"
 
 
 def set_quiet(quiet: bool) -> None:
