@@ -83,3 +83,32 @@ def test_an_in_memory_manifest_is_validated_like_a_file():
     edited.layers.append(dict(edited.layers[0]))
     with pytest.raises(ManifestError, match="more than once"):
         hetcomp.apply_manifest(model, edited, (x,))
+
+
+def test_mac_greedy_keeps_layers_pinned_to_analog_lowered_in_every_trial(monkeypatch):
+    import hetcomp.finetune.mac_greedy as greedy
+
+    class PinFirst(hetcomp.Pass):
+        name = "pin_first"
+        provides = ("assignment",)
+
+        def run(self, gm, ctx):
+            first = next(a for _, a in hetcomp.mappable_nodes(gm))
+            first.assignment, first.reason = "pcm", "pinned by the user"
+            return gm
+
+    trials = []
+    real = greedy.train_stage
+
+    def recording(gm, targets, analog_layers, *args, **kwargs):
+        trials.append(list(analog_layers))
+        return real(gm, targets, analog_layers, *args, **kwargs)
+
+    monkeypatch.setattr(greedy, "train_stage", recording)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(48, 6), torch.randint(0, 3, (48,))
+    hetcomp.compile(model, "pcm+digital", data=(x, y), strategy=hetcomp.strategies.mac_greedy(eval_repeats=1),
+                    passes=[PinFirst()], hessian={"probes": 1, "max_iter": 2, "batches": 1},
+                    finetune=hetcomp.LAFT(epochs=1, patience=1, val_repeats=1, checkpoint_dir=None))
+    assert len(trials) == 2 and all(trial[0] == "0" for trial in trials)  # the pinned layer, in every trial
