@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import importlib.util
 import math
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -414,10 +415,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a one-line argument error (2), already printed
         return stop.code if isinstance(stop.code, int) else 2
+    from hetcomp import distributed
     from hetcomp.progress import set_quiet
 
     set_quiet(args.quiet)
     try:
+        # Under torchrun every rank runs this command; hetcomp shards the work and rank 0 alone prints.
+        if distributed.init() and not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
         return args.run(args)
     except (Exception, SystemExit) as err:  # one clear line for any failure (KeyboardInterrupt propagates)
         if args.debug:

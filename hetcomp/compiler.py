@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
-from hetcomp import checks
+from hetcomp import checks, distributed
 from hetcomp.data import first_inputs, whole_tensors
 from hetcomp.errors import ConfigError, TraceError
 from hetcomp.evaluate import Evaluation, evaluate
@@ -133,14 +133,13 @@ class CompiledModel:
                 plotting.write_all(self.manifest, folder)
 
         # Under torch.distributed every rank holds the same compile: rank 0 writes, the others wait for it.
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed and dist.get_rank() != 0:
+        if not distributed.is_main():
             dist.barrier()
             return Path(directory).resolve()
         try:
             return replace_directory(directory, write)
         finally:
-            if distributed:
+            if distributed.active():
                 dist.barrier()
 
 
@@ -238,9 +237,8 @@ def compile(  # noqa: A001 - the public name the issue and users expect
     fingerprint_of_input = fingerprint(gm, working)  # before any pass changes weights
     # Under torch.distributed (torchrun + init_process_group) the Hessian passes shard their batches over the
     # ranks; every rank computes the same metrics and the same manifest.
-    group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-    ctx = CompileContext(CompileConfig(target_set, seed=seed, loss_fn=loss_fn, process_group=group), model=working,
-                         data=data)
+    ctx = CompileContext(CompileConfig(target_set, seed=seed, loss_fn=loss_fn, process_group=distributed.group()),
+                         model=working, data=data)
     gm = manager.run(gm, ctx)
     ctx.analyses.invalidate()  # free the gradient graphs
     set_eval(gm)

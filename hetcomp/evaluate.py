@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from hetcomp import checks
+from hetcomp import checks, distributed
 from hetcomp.data import take_batches, tensor_pair
 from hetcomp.errors import DataError
 from hetcomp.lower import lowered_modules, program_and_drift
@@ -274,8 +274,7 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
             runner = fx.Interpreter(module)
             # Under torch.distributed each rank runs every world-th repeat (repeat r keeps its seed (seed, r))
             # and the results are gathered in order: the same accuracies as one process.
-            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and \
-                dist.is_initialized() else (0, 1)
+            rank, world = distributed.rank(), distributed.world_size()
             mine = range(rank, repeats, world)
             local = {}
             for repeat in progress(mine, desc="repeats", total=len(mine)):

@@ -71,3 +71,39 @@ def test_sharded_hessian_metrics_equal_one_process(tmp_path, world):
     for name, expected in single.items():
         for key, value in expected.items():
             assert ranks[0][name][key] == pytest.approx(value, rel=1e-5, abs=1e-8), (name, key)
+
+
+TINY_MODEL = """
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    return model, {"train": DataLoader(TensorDataset(x, y), batch_size=16)}
+"""
+
+
+def test_torchrun_runs_the_cli_on_every_rank_and_prints_once(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "tiny_dist.py").write_text(TINY_MODEL)
+    command = ["--quiet", "compile", f"{tmp_path / 'tiny_dist.py'}:build", "--strategy", "hni-only"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", "29613", "-m", "hetcomp", *command, "--out", str(tmp_path / "two")],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert launched.stdout.count("compiled Sequential for digital+pcm") == 1  # rank 0 alone prints
+    single = subprocess.run([sys.executable, "-m", "hetcomp", *command, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert [layer["assignment"] for layer in two["layers"]] == [layer["assignment"] for layer in one["layers"]]
+    for sharded, whole in zip(two["layers"], one["layers"], strict=True):
+        assert sharded["metrics"]["hessian_trace"] == pytest.approx(whole["metrics"]["hessian_trace"], rel=1e-5)
