@@ -2,10 +2,14 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup setup-gpu demo test lint bench clean
 
 setup:
 	@bash scripts/setup_venv.sh
+
+# A CUDA machine that already has torch: keep it (HETCOMP_WHEELHOUSE=DIR for an offline machine).
+setup-gpu:
+	@bash scripts/setup_gpu.sh
 
 demo: setup
 	$(PY) examples/demo.py

@@ -38,14 +38,15 @@ def is_main() -> bool:
 
 def init(backend: str | None = None) -> bool:
     """Start the default process group from torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR, ...): NCCL
-    when CUDA is there (each rank on GPU LOCAL_RANK), else gloo. Returns whether a group is active; a no-op in a
+    when there is a GPU for every local rank (each rank on GPU LOCAL_RANK), else gloo. Returns whether a group is active; a no-op in a
     single process or when a group is already initialized."""
     if active():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and local_rank < torch.cuda.device_count()  # a GPU per rank, else gloo
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
     return True
