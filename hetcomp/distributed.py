@@ -38,8 +38,8 @@ def is_main() -> bool:
 
 def init(backend: str | None = None) -> bool:
     """Start the default process group from torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR, ...): NCCL
-    when there is a GPU for every local rank (each rank on GPU LOCAL_RANK), else gloo. Returns whether a group is active; a no-op in a
-    single process or when a group is already initialized."""
+    when there is a GPU for every local rank (each rank on GPU LOCAL_RANK), else gloo. Returns whether a group
+    is active; a no-op in a single process or when a group is already initialized."""
     if active():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
