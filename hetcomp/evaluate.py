@@ -145,6 +145,7 @@ class EvaluationData:
         self.data, self.device, self.batch_size, self.what = data, device, batch_size, what
         self.tensors = tensor_pair(data)
         self.staged: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._checked = False  # a loader's batches are checked on the first complete pass, not on every repeat
         if self.tensors is not None:
             inputs, labels = self.tensors
             if len(inputs) != len(labels):
@@ -209,7 +210,8 @@ class EvaluationData:
             x, y = batch[0], batch[1]
             if len(x) != len(y):
                 raise DataError(f"{self.what} batch {index}: {len(x)} inputs but {len(y)} labels")
-            checks.pair(f"{self.what} batch {index}", x, y, labels=True)
+            if not self._checked:
+                checks.pair(f"{self.what} batch {index}", x, y, labels=True)
             pending.append((x, y))
             count += len(y)
             if count >= self.batch_size:  # exact batch_size chunks: the same chunks as sliced tensors give
@@ -221,6 +223,7 @@ class EvaluationData:
                 count -= full
         if count:
             yield _joined(pending, self.what)
+        self._checked = True
 
 
 def _joined(batches: list[tuple[torch.Tensor, torch.Tensor]], what: str) -> tuple[torch.Tensor, torch.Tensor]:
