@@ -71,18 +71,21 @@ class CompiledModel:
 
     def evaluate(self, data: Any, repeats: int = 20, t_inference: float = 86400.0, seed: int | None = None,
                  batch_size: int | None = None, stage_bytes: int = 1 << 30,
-                 prefix_cache_bytes: int = 1 << 30) -> Evaluation:
+                 prefix_cache_bytes: int = 1 << 30, exact_tiles: bool = False,
+                 fold_bytes: int | None = None) -> Evaluation:
         """Top-1 accuracy over ``repeats`` independent hardware repeats, each re-programmed then drifted to
         ``t_inference`` seconds (default one day), plus the analog MAC ratio. ``seed`` defaults to the
-        compile seed. See hetcomp.evaluate for what makes the repeats fast and what bounds their memory
-        (``stage_bytes``, ``prefix_cache_bytes``).
+        compile seed. See hetcomp.evaluate for what makes the repeats fast (repeat-vectorized; ``exact_tiles=True``
+        runs aihwkit's tiles one repeat at a time, the reference) and what bounds their memory (``stage_bytes``,
+        ``prefix_cache_bytes``, ``fold_bytes``).
         """
         module, report = self._lower()
         analog = {t.name for t in self.targets.analog}
         mac_ratio = sum(v for k, v in self.manifest.summary["mac_ratio"].items() if k in analog)
         return evaluate(module, report, data, repeats=repeats, t_inference=t_inference,
                         seed=self.manifest.seed if seed is None else seed, mac_ratio=mac_ratio,
-                        batch_size=batch_size, stage_bytes=stage_bytes, prefix_cache_bytes=prefix_cache_bytes)
+                        batch_size=batch_size, stage_bytes=stage_bytes, prefix_cache_bytes=prefix_cache_bytes,
+                        exact_tiles=exact_tiles, fold_bytes=fold_bytes)
 
     def export_onnx(self, path: str | Path, split: bool = False) -> Path:
         """Write the digital graph as ONNX with every mapped layer's nodes tagged with its target.

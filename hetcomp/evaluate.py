@@ -18,6 +18,7 @@ reference for tests and ``bench/evaluate.py``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import statistics
 import time
@@ -33,7 +34,8 @@ from hetcomp import checks, distributed
 from hetcomp.data import take_batches, tensor_pair
 from hetcomp.errors import DataError
 from hetcomp.lower import lowered_modules, program_and_drift
-from hetcomp.progress import progress
+from hetcomp.lower.repeats import FoldedRunner, fold_matches, repeated_layers, why_not_vectorized
+from hetcomp.progress import bar, progress
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Evaluation:
     t_inference: float
     mac_ratio: float  # fraction of mappable-layer MACs on analog targets
     seconds: float
+    method: str = "tiles"  # "vectorized" (hetcomp.lower.repeats) or "tiles (why)": one repeat at a time
 
     @property
     def mean(self) -> float:
@@ -242,7 +245,8 @@ def _bytes(*tensors: torch.Tensor) -> int:
 
 def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: Any, repeats: int = 20,
              t_inference: float = 86400.0, seed: int = 0, mac_ratio: float = math.nan, batch_size: int | None = None,
-             prefix_cache_bytes: int = 1 << 30, stage_bytes: int = 1 << 30) -> Evaluation:
+             prefix_cache_bytes: int = 1 << 30, stage_bytes: int = 1 << 30, exact_tiles: bool = False,
+             fold_bytes: int | None = None) -> Evaluation:
     """Top-1 accuracy of the lowered ``module`` on ``data`` over ``repeats`` independent repeats.
 
     ``batch_size`` None: 128 on CPU (measured fastest for aihwkit's elementwise-heavy tiles), 4096 on CUDA.
@@ -251,8 +255,17 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     ``prefix_cache_bytes`` (the limit is checked before each chunk is computed, from the first chunk's size
     per sample), the remaining chunks run whole every repeat. The data is checked (finite inputs, integer
     labels, in range of the model's outputs: DataError).
+
+    Repeats run vectorized by default: every lowered layer whose simulator has a repeat-vectorized forward
+    (aihwkit PCM) holds R realizations drawn from its noise model and the data passes once for all R
+    (hetcomp.lower.repeats; ``fold_bytes`` bounds the working set, None: 1 GiB on CPU, 8 GiB on CUDA). It leaves
+    ``module`` unchanged. ``exact_tiles=True``, or a layer or graph that cannot run so (``Evaluation.method`` says
+    why), runs one repeat at a time through the simulators' own modules (aihwkit's tiles: program, drift, forward),
+    the reference, on a copy of ``module`` (programming overwrites tile weights): ``module`` is never changed.
     """
     repeats = checks.integer("repeats", repeats)
+    exact_tiles = checks.boolean("exact_tiles", exact_tiles)
+    fold_bytes = checks.integer("fold_bytes (None: 1 GiB on CPU, 8 GiB on CUDA)", fold_bytes, optional=True)
     t_inference = checks.real("t_inference (seconds after programming)", t_inference, 0.0)
     seed = checks.seed(seed)
     batch_size = checks.integer("batch_size (None: 128 on CPU, 4096 on CUDA)", batch_size, optional=True)
@@ -268,29 +281,99 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     accuracies = []
     with torch.no_grad():  # not inference_mode: aihwkit keeps tensors made here (programmed weights)
         frontier = _frontier(module, stochastic)
+        method = "exact (no analog layer)"
         if frontier is None:  # nothing stochastic: one pass gives every repeat's result
             correct, total = _correct(module, source.chunks(), [], None, check=True)
             accuracies = [correct / total] * repeats
         else:
             prefix_computes = any(n.op not in ("placeholder", "get_attr") for n in _before(module, frontier))
             envs = _prefix_cache(module, frontier, source, prefix_cache_bytes) if prefix_computes else []
-            runner = fx.Interpreter(module)
             # Under torch.distributed each rank runs every world-th repeat (repeat r keeps its seed (seed, r))
             # and the results are gathered in order: the same accuracies as one process.
             rank, world = distributed.rank(), distributed.world_size()
-            mine = range(rank, repeats, world)
-            local = {}
-            for repeat in progress(mine, desc="repeats", total=len(mine)):
-                with hardware_repeat(module, report, t_inference, seed, repeat):
-                    correct, total = _correct(module, source.chunks(), envs, runner, check=repeat == rank)
-                local[repeat] = correct / total
+            mine = list(range(rank, repeats, world))
+            lowered = lowered_modules(report)
+            local, method = None, "tiles (exact_tiles=True)"
+            if not exact_tiles:
+                why = why_not_vectorized(module, lowered)
+                local = None if why else _folded_accuracies(module, lowered, source, envs, mine, seed, t_inference,
+                                                            fold_bytes, check=rank == 0)
+                method = "vectorized" if local is not None else f"tiles ({why or 'the graph does not fold repeats'})"
+            if local is None:  # on a copy: programming and drift overwrite the tiles' weights
+                local = _tile_accuracies(copy.deepcopy(module), report, source, envs, mine, seed, t_inference, rank)
             if world > 1:
                 gathered: list[dict[int, float]] = [{} for _ in range(world)]
                 dist.all_gather_object(gathered, local)
                 local = {repeat: value for part in gathered for repeat, value in part.items()}
             accuracies = [local[repeat] for repeat in range(repeats)]
     module.train(was_training)
-    return Evaluation(accuracies, float(t_inference), mac_ratio, time.perf_counter() - start)
+    return Evaluation(accuracies, float(t_inference), mac_ratio, time.perf_counter() - start, method)
+
+
+def _tile_accuracies(module: fx.GraphModule, report: dict[str, dict[str, Any]], source: EvaluationData,
+                     envs: list[dict[fx.Node, Any]], mine: list[int], seed: int, t_inference: float,
+                     rank: int) -> dict[int, float]:
+    """One repeat at a time through the simulators' own modules (program, drift, run): the reference path."""
+    runner = fx.Interpreter(module)
+    local = {}
+    for repeat in progress(mine, desc="repeats", total=len(mine)):
+        with hardware_repeat(module, report, t_inference, seed, repeat):
+            correct, total = _correct(module, source.chunks(), envs, runner, check=repeat == rank)
+        local[repeat] = correct / total
+    return local
+
+
+def _folded_accuracies(module: fx.GraphModule, lowered: dict[str, Any], source: EvaluationData,
+                       envs: list[dict[fx.Node, Any]], mine: list[int], seed: int, t_inference: float,
+                       fold_bytes: int | None, check: bool) -> dict[int, float] | None:
+    """Accuracies of the repeats ``mine``, many per pass over the data (hetcomp.lower.repeats); None when the graph
+    does not fold repeats (checked on the first chunk against separate runs).
+
+    The first pass runs two repeats and measures the working set per repeat and sample; later passes take as many
+    repeats as fit ``fold_bytes`` (None: 1 GiB on CPU, 8 GiB on CUDA)."""
+    device = next(module.parameters()).device
+    budget = fold_bytes if fold_bytes is not None else (8 << 30 if device.type == "cuda" else 1 << 30)
+    local: dict[int, float] = {}
+    position, per_repeat_sample = 0, None
+    progress_bar = bar(len(mine), "repeats (vectorized)")
+    first = True
+    while position < len(mine):
+        if per_repeat_sample is None:
+            count = min(2, len(mine))
+        else:
+            count = int(max(1, min(len(mine) - position, budget // max(per_repeat_sample * source.batch_size, 1))))
+        chunk = mine[position : position + count]
+        layers = repeated_layers(module, lowered, [_repeat_seed(seed, r) for r in chunk], t_inference)
+        if first and len(chunk) >= 2:
+            x, _ = next(iter(source.chunks()))
+            if not fold_matches(module, layers, x, envs[0] if envs else None):
+                progress_bar.close()
+                return None
+        runner = FoldedRunner(module, layers, len(chunk))
+        correct = torch.zeros(len(chunk), dtype=torch.long, device=device)
+        total = 0
+        for index, (x, y) in enumerate(source.chunks()):
+            env = envs[index] if index < len(envs) else None
+            logits = runner.run(x, initial_env=dict(env) if env else None)
+            if not isinstance(logits, torch.Tensor) or logits.shape[0] != len(chunk) * len(y):
+                accuracy_labels(logits, y)  # names what the outputs are
+            logits = logits.view(len(chunk), len(y), -1)
+            if first and check:
+                accuracy_labels(logits[0], y)
+            correct += (logits.argmax(-1) == y).sum(-1)
+            total += len(y)
+        if total == 0:
+            raise DataError("evaluation data yielded no sample")
+        if per_repeat_sample is None:
+            working = max((getattr(layer, "peak_bytes", 0) for layer in layers.values()), default=0)
+            per_repeat_sample = max(working / (len(chunk) * source.batch_size), 1.0)
+        for repeat, value in zip(chunk, correct.tolist()):
+            local[repeat] = value / total
+        position += len(chunk)
+        progress_bar.update(len(chunk))
+        first = False
+    progress_bar.close()
+    return local
 
 
 def _correct(module: fx.GraphModule, chunks: Iterator[tuple[torch.Tensor, torch.Tensor]],

@@ -98,18 +98,19 @@ def test_repeats_are_independent_and_reproducible(digits_model, monkeypatch):
     # (359 test images) depends on the trained weights; two noisy programmings of a tile never coincide.
     evaluate_module = importlib.import_module("hetcomp.evaluate")
     program = evaluate_module.program_and_drift
-    tile = next(m for m in compiled.module.modules() if isinstance(m, InferenceTileWithPeriphery))
     programmed = []
 
-    def recording(module, report, t_inference):
+    def recording(module, report, t_inference):  # the tile path programs a copy of the module
         program(module, report, t_inference)
+        tile = next(m for m in module.modules() if isinstance(m, InferenceTileWithPeriphery))
         programmed.append(tile.programmed_weights.clone())
 
     monkeypatch.setattr(evaluate_module, "program_and_drift", recording)
 
     def run(repeats, seed):
         programmed.clear()
-        result = compiled.evaluate(data["test"], repeats=repeats, seed=seed, batch_size=data["test"].batch_size)
+        result = compiled.evaluate(data["test"], repeats=repeats, seed=seed, batch_size=data["test"].batch_size,
+                                   exact_tiles=True)
         return result, list(programmed)
 
     first, first_programmed = run(4, seed=1)

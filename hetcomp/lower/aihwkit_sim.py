@@ -248,6 +248,18 @@ class AihwkitSimulator(Simulator):
         weight, bias = module.get_weights()
         return weight, bias
 
+    def repeats_unsupported(self, module: nn.Module) -> str | None:
+        from hetcomp.lower.aihwkit_repeats import unsupported
+
+        return unsupported(module)
+
+    def repeated(self, module: nn.Module, t_inference: float, program_seeds: list[int],
+                 noise_seeds: list[int]) -> nn.Module:
+        """R realizations drawn from the tiles' own noise model, run at once (hetcomp.lower.aihwkit_repeats)."""
+        from hetcomp.lower.aihwkit_repeats import RepeatedAnalogLayer, draw_realizations
+
+        return RepeatedAnalogLayer(module, draw_realizations(module, t_inference, program_seeds, noise_seeds))
+
     def program_and_drift(self, module: nn.Module, t_inference: float) -> None:
         """Program every analog tile afresh (new programming noise) and drift it to ``t_inference`` seconds.
 

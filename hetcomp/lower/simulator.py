@@ -64,6 +64,20 @@ class Simulator:
         """Fresh programming (and drift to ``t_inference`` seconds) for a new hardware repeat; nothing by
         default (a device whose noise is drawn on every read)."""
 
+    def repeats_unsupported(self, module: nn.Module) -> str | None:
+        """Why ``module`` has no repeat-vectorized forward (None: ``repeated`` gives one); evaluation then runs one
+        hardware repeat at a time."""
+        return f"simulator {self.name!r} has no repeat-vectorized forward"
+
+    def repeated(self, module: nn.Module, t_inference: float, program_seeds: list[int],
+                 noise_seeds: list[int]) -> Any:
+        """A module computing ``module`` for len(program_seeds) independent hardware repeats at once: called as
+        ``(x, folded=...)`` with ``x`` shared ([B, ...]) or repeat-major folded ([R*B, ...]), it returns the folded
+        output; ``.select(indices)`` keeps some repeats, ``.noise = False`` turns forward noise off. Repeat r is
+        programmed and drifted from ``program_seeds[r]`` and draws its forward noise from ``noise_seeds[r]``;
+        ``module`` itself is not changed."""
+        raise NotImplementedError(f"simulator {self.name!r} has no repeat-vectorized forward")
+
     def optimizer(self, groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
         """The optimizer fine-tuning uses when layers on this device train (``trainable``): plain SGD by default;
         a device whose layers need their own update rule (aihwkit's tiles) returns its own."""

@@ -1,0 +1,594 @@
+"""R hardware repeats of an aihwkit (PCM) layer at once: stacked realizations and a forward that carries them.
+
+A hardware repeat re-programs every tile (programming noise, drift exponents ν), drifts it to ``t_inference``
+(drift and accumulated read noise) and compensates the drift (GlobalDriftCompensation's α from an eye read-out
+before and after drift). This module draws R such realizations of a layer's tiles *with aihwkit's own noise model
+objects* — the target's ``PCMLikeNoiseModel`` (or subclass) ``apply_programming_noise_to_conductance``,
+``generate_drift_coefficients`` and ``apply_drift_noise_to_conductance`` — on conductances of all the layer's
+tiles stacked (``draw_realizations``), or reads them from the tiles after aihwkit's own ``program_weights`` /
+``drift_weights`` per repeat (``capture_realization``: the reference, identical draws to the tile path).
+
+``RepeatedAnalogLayer`` then runs the data once for all R realizations: the layer's tiles are *sites* (a weight
+block reading some input columns and writing some output columns: a ``TileModuleArray``'s grid, a grouped
+convolution's groups), padded to one shape and run as one batched matmul over (repeat, site). The periphery is the
+torch tile's (``AnalogMVM.matmul``), kept operation for operation: noise management (abs-max per input row and
+tile), input quantization and bound, the all-zero-input shortcut, output noise, output quantization and bound,
+iterative bound management — with the bound test per (repeat, tile) call, as aihwkit tests it per tile call —,
+then mapping scales, drift compensation α, learned output scales and the digital bias. Inputs the R repeats share
+(the first analog layer's, computed once by the digital prefix) are prepared once and multiplied by the R weight
+realizations in one GEMM.
+
+Randomness: repeat r's programming draws come from torch's RNG seeded by (seed, r, layer), its forward noise from
+its own ``torch.Generator``; so a repeat's result does not depend on how repeats are chunked or split over ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hetcomp.errors import ConfigError
+
+
+@dataclass
+class Site:
+    """One tile of a layer: it reads ``inputs`` (column indices of the layer's input rows) and writes ``outputs``."""
+
+    tile: Any  # aihwkit TorchInferenceTile
+    inputs: list[int]
+    outputs: list[int]
+
+
+@dataclass
+class Layout:
+    """A lowered layer as tile sites, with how its input rows are formed (unfold geometry) and its bias."""
+
+    sites: list[Site]
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+    conv: dict[str, Any] | None = None  # kernel_size, stride, padding, dilation, out_channels, one_d
+
+
+def _tiles_of(analog_module: nn.Module, in_offset: int, out_offset: int) -> tuple[list[Site], torch.Tensor | None]:
+    """Sites of an aihwkit tile module (a ``TileModuleArray`` grid or a single tile) and its digital bias."""
+    from aihwkit.simulator.tiles.array import TileModuleArray
+
+    if isinstance(analog_module, TileModuleArray):
+        sites, in_start = [], in_offset
+        for in_size, row in zip(analog_module.in_sizes, analog_module.array):
+            out_start = out_offset
+            for out_size, tile in zip(analog_module.out_sizes, row):
+                sites.append(Site(tile, list(range(in_start, in_start + in_size)),
+                                  list(range(out_start, out_start + out_size))))
+                out_start += out_size
+            in_start += in_size
+        return sites, analog_module.bias
+    tile = analog_module
+    bias = tile.bias if getattr(tile, "digital_bias", False) else None
+    return [Site(tile, list(range(in_offset, in_offset + tile.in_size)),
+                 list(range(out_offset, out_offset + tile.out_size)))], bias
+
+
+def layout(layer: nn.Module) -> Layout:
+    """The tile sites of a lowered aihwkit layer (AnalogLinear, AnalogConv1d/2d, hetcomp's GroupedAnalogConv)."""
+    import aihwkit.nn as analog_nn
+
+    from hetcomp.lower.aihwkit_sim import GroupedAnalogConv
+
+    if isinstance(layer, GroupedAnalogConv):
+        sites, biases = [], []
+        columns = None
+        out_start = 0
+        for group, part in enumerate(layer.tiles):
+            columns = part.analog_module.in_size if columns is None else columns
+            part_sites, bias = _tiles_of(part.analog_module, group * columns, out_start)
+            sites += part_sites
+            biases.append(bias)
+            out_start += part.analog_module.out_size
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        conv = {"kernel_size": layer.kernel_size, "stride": layer.stride, "padding": layer.padding,
+                "dilation": layer.dilation, "out_channels": layer.out_channels, "one_d": layer.one_d}
+        return Layout(sites, columns * layer.groups, out_start, bias, conv)
+    if isinstance(layer, analog_nn.AnalogLinear):
+        sites, bias = _tiles_of(layer.analog_module, 0, 0)
+        return Layout(sites, layer.in_features, layer.out_features, bias)
+    if isinstance(layer, analog_nn.AnalogConv1d | analog_nn.AnalogConv2d):
+        if getattr(layer, "padding_mode", "zeros") != "zeros":
+            raise ConfigError(f"padding_mode {layer.padding_mode!r}")
+        sites, bias = _tiles_of(layer.analog_module, 0, 0)
+        one_d = isinstance(layer, analog_nn.AnalogConv1d)
+
+        def two_d(value: tuple[int, ...], fill: int) -> tuple[int, int]:
+            return (fill, value[0]) if one_d else (value[0], value[1])
+
+        conv = {"kernel_size": two_d(layer.kernel_size, 1), "stride": two_d(layer.stride, 1),
+                "padding": two_d(layer.padding, 0), "dilation": two_d(layer.dilation, 1),
+                "out_channels": layer.out_channels, "one_d": one_d}
+        return Layout(sites, layer.analog_module.in_size, layer.analog_module.out_size, bias, conv)
+    raise ConfigError(f"{type(layer).__name__} is not an aihwkit layer hetcomp lowers")
+
+
+def unsupported(layer: nn.Module) -> str | None:
+    """Why ``layer`` cannot run repeat-vectorized (None: it can): features of the tile the forward here does not
+    reproduce fall back to the tile path."""
+    from aihwkit.inference import GlobalDriftCompensation
+    from aihwkit.inference.converter.conductance import SinglePairConductanceConverter
+    from aihwkit.inference.noise.base import BaseNoiseModel
+    from aihwkit.simulator.parameters.enums import AnalogMVType, NoiseManagementType
+    from aihwkit.simulator.tiles.inference_torch import TorchInferenceTile
+
+    try:
+        sites = layout(layer).sites
+    except ConfigError as error:
+        return str(error)
+    for site in sites:
+        tile = site.tile
+        if type(tile) is not TorchInferenceTile:
+            return f"tile class {type(tile).__name__} (the torch tile only)"
+        config = tile.rpu_config
+        io = config.forward
+        if (io.mv_type != AnalogMVType.ONE_PASS or io.out_noise_std > 0 or tile.input_range is not None
+                or io.inp_sto_round or io.out_sto_round):
+            return "forward settings beyond the torch tile's one-pass MVM"
+        if io.noise_management not in (NoiseManagementType.NONE, NoiseManagementType.ABS_MAX,
+                                       NoiseManagementType.CONSTANT, NoiseManagementType.MAX):
+            return f"noise management {io.noise_management}"
+        if tile.analog_bias or tile.in_trans or tile.out_trans:
+            return "analog bias or transposed tiles"
+        model = config.noise_model
+        if (type(model).apply_programming_noise is not BaseNoiseModel.apply_programming_noise
+                or type(model).apply_drift_noise is not BaseNoiseModel.apply_drift_noise
+                or type(model.g_converter) is not SinglePairConductanceConverter):
+            return f"noise model {type(model).__name__} with its own programming/drift or conductance converter"
+        compensation = config.drift_compensation
+        if compensation is not None and type(compensation) is not GlobalDriftCompensation:
+            return f"drift compensation {type(compensation).__name__}"
+    return None
+
+
+@dataclass
+class Realizations:
+    """R realizations of a layer's tiles, stacked: weights [R, S, out, in] (normalized conductance units, padded
+    with zeros), drift compensation α [R, S] (1 without compensation)."""
+
+    weights: torch.Tensor
+    alpha: torch.Tensor
+    seeds: list[int] = field(default_factory=list)  # per repeat: seeds its forward noise generator
+
+    def select(self, indices: list[int]) -> Realizations:
+        return Realizations(self.weights[indices], self.alpha[indices], [self.seeds[i] for i in indices])
+
+
+class _Geometry:
+    """Gather/scatter indices that pad every site to one [out_max, in_max] block."""
+
+    def __init__(self, lay: Layout, device: torch.device) -> None:
+        self.in_max = max(len(s.inputs) for s in lay.sites)
+        self.out_max = max(len(s.outputs) for s in lay.sites)
+        pad_in, pad_out = lay.in_features, lay.out_features  # index of a zero column / a discarded column
+        self.gather = torch.tensor([s.inputs + [pad_in] * (self.in_max - len(s.inputs)) for s in lay.sites],
+                                   device=device)
+        self.scatter = torch.tensor([s.outputs + [pad_out] * (self.out_max - len(s.outputs)) for s in lay.sites],
+                                    device=device).flatten()
+        self.valid_out = torch.tensor([[k < len(s.outputs) for k in range(self.out_max)] for s in lay.sites],
+                                      device=device)
+        self.valid_in = torch.tensor([[k < len(s.inputs) for k in range(self.in_max)] for s in lay.sites],
+                                     device=device)
+        self.plan = _block_plan(lay)
+
+
+    def pad_weights(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        out = weights[0].new_zeros((len(weights), self.out_max, self.in_max))
+        for index, weight in enumerate(weights):
+            out[index, : weight.shape[0], : weight.shape[1]] = weight
+        return out
+
+
+def _block_plan(lay: Layout) -> tuple[str, int, int] | None:
+    """How the sites tile the layer when no gather/scatter is needed: ("grid", I, J) — I equal consecutive input
+    blocks times J equal output blocks, site i*J+j reads block i and writes block j (a TileModuleArray; sums over
+    i) — or ("diagonal", G, 1) — site g reads input block g and writes output block g (a grouped convolution).
+    None: sizes differ (gather and scatter with padding)."""
+    sites = lay.sites
+    count = len(sites)
+    in_size, out_size = len(sites[0].inputs), len(sites[0].outputs)
+    if any(len(s.inputs) != in_size or len(s.outputs) != out_size for s in sites):
+        return None
+
+    def block(start: int, size: int) -> list[int]:
+        return list(range(start * size, (start + 1) * size))
+
+    if all(s.inputs == block(k, in_size) and s.outputs == block(k, out_size) for k, s in enumerate(sites)):
+        if count * in_size == lay.in_features and count * out_size == lay.out_features:
+            return ("diagonal", count, 1)
+    blocks_in, blocks_out = lay.in_features // in_size, lay.out_features // out_size
+    if (blocks_in * blocks_out == count and blocks_in * in_size == lay.in_features
+            and blocks_out * out_size == lay.out_features
+            and all(s.inputs == block(k // blocks_out, in_size) and s.outputs == block(k % blocks_out, out_size)
+                    for k, s in enumerate(sites))):
+        return ("grid", blocks_in, blocks_out)
+    return None
+
+
+def _site_tensor(values: list[torch.Tensor | None], width: int, fill: float, like: torch.Tensor) -> torch.Tensor:
+    """Per-site vectors (mapping or learned output scales; None or a scalar broadcast) padded to ``width``."""
+    out = like.new_full((len(values), width), fill)
+    for index, value in enumerate(values):
+        if value is None:
+            continue
+        value = value.detach().reshape(-1).to(like)
+        out[index, : value.numel()] = value if value.numel() > 1 else value.expand(out.shape[1])[: out.shape[1]]
+    return out
+
+
+def capture_realization(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's current programmed-and-drifted tiles (after aihwkit's program_weights/drift_weights) as
+    (weights [S, out, in] padded, α [S])."""
+    lay = layout(layer)
+    geometry = _Geometry(lay, torch.device("cpu"))
+    weights = geometry.pad_weights([s.tile.tile.weight.detach() for s in lay.sites])
+    alpha = torch.stack([_alpha(s.tile).to(weights) for s in lay.sites])
+    return weights, alpha
+
+
+def _alpha(tile: Any) -> torch.Tensor:
+    if tile.rpu_config.drift_compensation is None:
+        return torch.ones((), device=tile.tile.weight.device)
+    return torch.as_tensor(tile.alpha).detach().reshape(-1)[0]
+
+
+class _Conductances:
+    """aihwkit's SinglePairConductanceConverter, per tile: each [out, in] block gets its own abs-max scale (the
+    converter takes one tensor's max; here a stack of tiles and repeats is converted at once)."""
+
+    def __init__(self, converter: Any) -> None:
+        from aihwkit.inference.converter.conductance import _ZERO_CLIP
+
+        self.g_max, self.g_min, self.zero_clip = converter.g_max, converter.g_min, _ZERO_CLIP
+
+    def to_conductances(self, weights: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        abs_max = weights.abs().amax(dim=(-2, -1), keepdim=True)
+        scale_ratio = (self.g_max - self.g_min) / abs_max.clamp(min=self.zero_clip)
+        scaled = weights * scale_ratio
+        return [scaled.clamp(min=0.0, max=self.g_max) + self.g_min,
+                (-scaled).clamp(min=0.0, max=self.g_max) + self.g_min], scale_ratio
+
+    def to_weights(self, conductances: list[torch.Tensor], scale_ratio: torch.Tensor) -> torch.Tensor:
+        return ((conductances[0] - self.g_min) - (conductances[1] - self.g_min)) / scale_ratio
+
+
+def reference_weights(layer: nn.Module) -> torch.Tensor:
+    """The weights aihwkit programs from (its ``reference_combined_weights``, else the tile's current weights),
+    padded: [S, out, in]."""
+    lay = layout(layer)
+    geometry = _Geometry(lay, torch.device("cpu"))
+    blocks = []
+    for site in lay.sites:
+        reference = site.tile.reference_combined_weights
+        blocks.append((site.tile.tile.weight if reference is None else reference).detach())
+    return geometry.pad_weights(blocks)
+
+
+def draw_realizations(layer: nn.Module, t_inference: float, program_seeds: list[int],
+                      noise_seeds: list[int]) -> Realizations:
+    """R programmed-and-drifted realizations of ``layer``'s tiles from the tiles' noise model (one per seed)."""
+    lay = layout(layer)
+    tile0 = lay.sites[0].tile
+    device = tile0.tile.weight.device
+    geometry = _Geometry(lay, device)
+    reference = reference_weights(layer).to(device)
+    mask = (geometry.valid_out[:, :, None] & geometry.valid_in[:, None, :]).to(reference.dtype)
+    config = tile0.rpu_config
+    model = config.noise_model
+    converter = _Conductances(model.g_converter)
+    programmed, drifted = [], []
+    for seed in program_seeds:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            conductances, scale = converter.to_conductances(reference)
+            noisy = [model.apply_programming_noise_to_conductance(g) for g in conductances]
+            nu = [model.generate_drift_coefficients(g) for g in conductances]
+            weights = converter.to_weights(noisy, scale) * mask
+            conductances, scale = converter.to_conductances(weights)
+            moved = [model.apply_drift_noise_to_conductance(g, n, t_inference) for g, n in zip(conductances, nu)]
+            programmed.append(weights)
+            drifted.append(converter.to_weights(moved, scale) * mask)
+    programmed_stack, drifted_stack = torch.stack(programmed), torch.stack(drifted)
+    alpha = torch.ones(programmed_stack.shape[:2], device=device, dtype=reference.dtype)
+    if config.drift_compensation is not None:  # aihwkit: alpha = readout(programmed) / readout(drifted), eye input
+        readout_seeds = [(seed * 6364136223846793005 + 1442695040888963407) % 2**63 for seed in noise_seeds]
+        forward = RepeatedAnalogLayer(layer, Realizations(programmed_stack, alpha, readout_seeds))
+        baseline = forward.readout(programmed_stack)
+        alpha = baseline / forward.readout(drifted_stack)
+    return Realizations(drifted_stack, alpha, list(noise_seeds))
+
+
+def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+
+class RepeatedAnalogLayer:
+    """A lowered aihwkit layer run for R realizations at once (see the module docstring).
+
+    ``forward(x, folded)``: ``x`` is either shared by all repeats ([B, ...], ``folded=False``) or holds the repeats
+    folded into the batch, repeat-major ([R*B, ...]); the result is always folded. ``noise=False`` turns the
+    forward's input/output noise off (what the fold check compares with).
+    """
+
+    def __init__(self, layer: nn.Module, realizations: Realizations) -> None:
+        self.lay = layout(layer)
+        self.io = self.lay.sites[0].tile.rpu_config.forward
+        self.realizations = realizations
+        self.repeats = realizations.weights.shape[0]
+        weights = realizations.weights
+        self.geometry = _Geometry(self.lay, weights.device)
+        tiles = [s.tile for s in self.lay.sites]
+        self.mapping = _site_tensor([t.get_mapping_scales() for t in tiles], self.geometry.out_max, 1.0, weights)
+        self.out_scales = _site_tensor([t.out_scaling_alpha for t in tiles], self.geometry.out_max, 1.0, weights)
+        self.generators = _generators(realizations.seeds, weights.device)
+        self.noise = True
+        from aihwkit.simulator.parameters.enums import NoiseManagementType
+
+        self.abs_max_scaled = (self.io.noise_management == NoiseManagementType.ABS_MAX and self.io.nm_thres <= 0.0)
+
+    def select(self, indices: list[int]) -> RepeatedAnalogLayer:
+        """The same layer with only the realizations ``indices`` (fresh generators from their seeds)."""
+        other = copy.copy(self)
+        other.realizations = self.realizations.select(indices)
+        other.repeats = len(indices)
+        other.generators = _generators(other.realizations.seeds, self.realizations.weights.device)
+        return other
+
+    # ----------------------------------------------------------------------------------------------- layer shape
+    def __call__(self, x: torch.Tensor, folded: bool = False) -> torch.Tensor:
+        conv = self.lay.conv
+        if conv is None:
+            lead = x.shape[:-1]
+            rows = x.reshape(-1, x.shape[-1])
+            out = self._rows(rows.view(self.repeats, -1, rows.shape[-1]) if folded else rows, folded)
+            return out.reshape(self.repeats * (lead[0] // self.repeats if folded else lead[0]), *lead[1:], -1)
+        if conv["one_d"]:
+            x = x.unsqueeze(-2)
+        batch = x.shape[0]
+        patches = _patches(x, conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"])
+        out_h, out_w = patches.shape[1:3]
+        columns = patches.shape[-1]
+        rows = patches.reshape(self.repeats, -1, columns) if folded else patches.reshape(-1, columns)
+        out = self._rows(rows, folded)  # [R, B*L, out]
+        total = self.repeats * (batch // self.repeats if folded else batch)
+        out = out.reshape(total, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()
+        return out.squeeze(-2) if conv["one_d"] else out
+
+    def _rows(self, rows: torch.Tensor, folded: bool) -> torch.Tensor:
+        """The layer on input rows: [M, in] shared, or [R, M, in] folded -> [R, M, out]."""
+        geometry = self.geometry
+        plan = geometry.plan
+        if plan is not None:  # sites read consecutive equal blocks: a view, no gather
+            kind, blocks, per_block = plan
+            x = rows.view(*rows.shape[:-1], blocks, geometry.in_max).movedim(-2, -3)  # [..., I, M, in]
+            if kind == "grid" and per_block > 1:
+                x = x.unsqueeze(-3).expand(*x.shape[:-2], per_block, *x.shape[-2:]).flatten(-4, -3)
+        else:
+            padded = F.pad(rows, (0, 1))  # the zero column padded sites read
+            x = padded[..., geometry.gather].movedim(-2, -3)  # [..., S, M, in_max]
+        y = self.mvm(x, self.realizations.weights, folded)  # [R, S, M, out_max]
+        # Mapping scales, drift compensation alpha and learned output scales, in aihwkit's order, as one multiply.
+        y = y.mul_(self.mapping[None, :, None, :] * self.realizations.alpha[:, :, None, None]
+                   * self.out_scales[None, :, None, :])
+        repeats, sites, m, width = y.shape
+        # Working set per call (input rows, their gathered and prepared copies, outputs and noise): sizes the
+        # number of repeats the evaluator folds into one pass.
+        self.peak_bytes = max(getattr(self, "peak_bytes", 0),
+                              3 * (x.numel() * (repeats if not folded else 1) + y.numel()) * y.element_size())
+        if plan is not None:
+            kind, blocks, per_block = plan
+            if kind == "grid":  # [R, I, J, M, out] summed over the input blocks, J output blocks side by side
+                y = y.view(repeats, blocks, per_block, m, width)
+                y = y[:, 0] if blocks == 1 else y.sum(1)
+            out = y[:, 0] if y.shape[1] == 1 else y.permute(0, 2, 1, 3).reshape(repeats, m, -1)
+        else:
+            out = y.new_zeros((repeats, m, self.lay.out_features + 1))
+            out.index_add_(-1, geometry.scatter, y.permute(0, 2, 1, 3).reshape(repeats, m, sites * width))
+            out = out[..., :-1]
+        if self.lay.bias is not None:
+            out = out + self.lay.bias.detach()
+        return out
+
+    def readout(self, weights: torch.Tensor) -> torch.Tensor:
+        """GlobalDriftCompensation's read-out, per (repeat, tile): mean |tile forward of eye(in)| (clamped at 1e-4),
+        over each tile's own rows and columns."""
+        geometry = self.geometry
+        eye = torch.eye(geometry.in_max, device=weights.device, dtype=weights.dtype)
+        x = eye.expand(len(self.lay.sites), -1, -1) * geometry.valid_in[:, :, None]  # [S, in_max, in_max]
+        y = self.mvm(x, weights, folded=False).abs()  # [R, S, in_max, out_max]
+        valid = (geometry.valid_in[:, :, None] & geometry.valid_out[:, None, :]).to(y.dtype)
+        mean = (y * valid).sum(dim=(-2, -1)) / valid.sum(dim=(-2, -1))
+        return mean.clamp(min=0.0001)
+
+    # ----------------------------------------------------------------------------------------------- periphery
+    def mvm(self, x: torch.Tensor, weights: torch.Tensor, folded: bool) -> torch.Tensor:
+        """aihwkit's ``AnalogMVM.matmul`` per (repeat, tile): x [S, M, in] shared or [R, S, M, in]; weights
+        [R, S, out, in] -> [R, S, M, out].
+
+        The arithmetic is aihwkit's, reordered to touch each element fewer times: the input is scaled straight to
+        integer DAC levels (round, clip), the matmul runs on levels, output noise is added in level units, the
+        output rounded to ADC levels and clipped, and one multiply per row and per column scales back. Results
+        agree with the tile to float rounding (a value that lands on a quantization boundary may round the other
+        way)."""
+        from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType
+
+        io = self.io
+        repeats, sites = weights.shape[:2]
+        if io.is_perfect:
+            return self._matmul(x, weights, folded)
+        if io.inp_noise > 0.0 and self.noise and not folded:  # input noise differs per repeat
+            x, folded = x.expand(repeats, *x.shape), True
+        nm = self._noise_management(x)  # [(R,) S, M, 1] or a number
+        zero = None
+        if isinstance(nm, torch.Tensor):
+            if io.inp_noise <= 0.0:
+                zero = (nm == 0.0).all(dim=-2).squeeze(-1)  # [(R,) S]: aihwkit returns zeros for an all-zero call
+            nm = nm.masked_fill(nm <= 0.0, 1.0)
+        scale = 1.0 / nm if io.noise_management != NoiseManagementType.NONE else 1.0
+        if io.bound_management == BoundManagementType.NONE:
+            _, out, unit = self._analog_mv(x, weights, scale, folded)
+            out = out.mul_(_expand(unit * io.out_scale / scale, repeats, folded) if isinstance(scale, torch.Tensor)
+                           else unit * io.out_scale / scale)
+        else:
+            out = self._bound_managed(x, weights, scale, folded)
+        if zero is not None and bool(zero.any()):
+            zero = zero.expand(repeats, sites) if zero.dim() == 1 else zero
+            out = out.masked_fill(zero[:, :, None, None], 0.0)
+        return out
+
+    def _bound_managed(self, x: torch.Tensor, weights: torch.Tensor, scale: Any, folded: bool) -> torch.Tensor:
+        """Iterative bound management, as aihwkit's loop but per (repeat, tile) call: a call whose output clips is
+        run again with its input scaled down by 2 (until it passes or the limits of ``max_bm_factor`` /
+        ``max_bm_res`` are reached)."""
+        io = self.io
+        repeats, sites = weights.shape[:2]
+        inp_res = io.inp_res
+        if inp_res > 0:
+            inp_res = 1 / inp_res if inp_res > 1.0 else inp_res
+            inp_res *= 2.0 * io.inp_bound
+        full_scale = _expand(scale, repeats, folded)
+        passed, out, unit = self._analog_mv(x, weights, scale, folded)  # every call at reduction 1, shared x once
+        out = out.mul_(unit * io.out_scale / full_scale)
+        reduction = 1.0
+        pending = ~passed
+        while bool(pending.any()):
+            if reduction > io.max_bm_factor or (inp_res > 0.0 and reduction > io.max_bm_res / inp_res):
+                break
+            reduction *= 2.0
+            index = pending.nonzero(as_tuple=True)
+            self.bound_reruns = getattr(self, "bound_reruns", 0) + len(index[0])
+            full_x = x if folded else x.expand(repeats, *x.shape)
+            sub_scale = (full_scale[index] / reduction)[None] if isinstance(full_scale, torch.Tensor) \
+                else full_scale / reduction
+            ok, result, unit = self._analog_mv(full_x[index][None], weights[index][None], sub_scale, True,
+                                               repeat_index=index[0], site_index=index[1])
+            out[index] = result.mul_(unit * io.out_scale / sub_scale)[0]
+            still = torch.zeros_like(pending)
+            still[index] = ~ok[0]
+            pending = still
+        return out
+
+    def _noise_management(self, x: torch.Tensor) -> Any:
+        from aihwkit.simulator.parameters.enums import NoiseManagementType
+
+        io = self.io
+        if io.noise_management == NoiseManagementType.ABS_MAX:  # one pass, no |x| temporary
+            low, high = torch.aminmax(x, dim=-1, keepdim=True)
+            abs_max = torch.maximum(high, -low)
+            return abs_max.clamp(max=io.nm_thres) if io.nm_thres > 0.0 else abs_max
+        from aihwkit.simulator.tiles.analog_mvm import AnalogMVM
+
+        return AnalogMVM._compute_noise_management(x, io.noise_management, io)
+
+    def _analog_mv(self, x: torch.Tensor, weights: torch.Tensor, scale: Any, folded: bool,
+                   repeat_index: torch.Tensor | None = None, site_index: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """aihwkit's ``_compute_analog_mv`` (prepare input, matmul, finalize output) with the bound test per call:
+        (passed [R, S], output in units of ``unit``, unit). ``repeat_index``/``site_index``: the (repeat, tile) of
+        each call of a bound-management rerun ([1, K, ...] tensors)."""
+        io = self.io
+        # Input: scaled, rounded to DAC levels of the bound, clipped (aihwkit's _prepare_input), kept in level units
+        # with the same float steps as aihwkit ((x * scale) / step, round: the row maximum lands exactly on a
+        # rounding boundary under bound management, so the order matters).
+        in_step = _step(io.inp_res, io.inp_bound)
+        levels = torch.empty(torch.broadcast_shapes(x.shape, scale.shape) if isinstance(scale, torch.Tensor)
+                             else x.shape, dtype=x.dtype, device=x.device)  # contiguous for the batched matmul
+        torch.mul(x, scale, out=levels)
+        if in_step:
+            levels = levels.div_(in_step).round_()
+        in_bound = io.inp_bound / in_step if in_step else io.inp_bound
+        # Abs-max noise management maps every row into [-1, 1]: the clip only acts when the bound is tighter (or a
+        # noise-management threshold leaves rows above 1).
+        if io.inp_bound > 0 and not (self.abs_max_scaled and io.inp_bound >= 1.0 and isinstance(scale, torch.Tensor)):
+            levels = levels.clamp_(-in_bound, in_bound)
+        if io.inp_noise > 0.0 and self.noise:
+            levels = levels.add_(self._normal_like(levels, repeat_index), alpha=io.inp_noise / (in_step or 1.0))
+        if io.inp_asymmetry != 0.0:
+            levels = torch.where(levels < 0, levels * (1.0 - io.inp_asymmetry), levels)
+        # The matmul on levels against weights times the DAC step: output in aihwkit's units.
+        out = self._matmul(levels, weights * in_step if in_step else weights, folded)
+        if not folded:
+            out = out.contiguous()
+        # Output: asymmetry, noise, ADC rounding, bound test and clip (aihwkit's _finalize_output).
+        if io.out_asymmetry != 0.0:
+            out = torch.where(out < 0, out * (1.0 - io.out_asymmetry), out)
+        if io.out_noise > 0.0 and self.noise:
+            out = out.add_(self._normal_like(out, repeat_index), alpha=io.out_noise)
+        out_step = _step(io.out_res, io.out_bound)
+        unit = 1.0
+        if out_step:
+            out = out.div_(out_step).round_()
+            unit = out_step
+        valid = self.geometry.valid_out if site_index is None else self.geometry.valid_out[site_index]
+        # Padded outputs of smaller tiles do not take part in the bound test.
+        low, high = torch.aminmax((out.masked_fill(~valid[None, :, None, :], 0.0) if not bool(valid.all())
+                                   else out).flatten(-2), dim=-1)
+        if io.out_bound > 0:  # tested in output units as aihwkit does (the top level times the step may exceed it)
+            passed = (high * unit <= io.out_bound) & (low * unit >= -io.out_bound)
+            out = out.clamp_(-io.out_bound / unit, io.out_bound / unit)
+        else:
+            passed = torch.ones_like(high, dtype=torch.bool)
+        return passed, out, unit
+
+    def _matmul(self, x: torch.Tensor, weights: torch.Tensor, folded: bool) -> torch.Tensor:
+        repeats, sites, out_size, in_size = weights.shape
+        if folded:  # [R, S, M, in] x [R, S, out, in]
+            m = x.shape[-2]
+            product = torch.bmm(x.reshape(repeats * sites, m, in_size),
+                                weights.reshape(repeats * sites, out_size, in_size).transpose(1, 2))
+            return product.view(repeats, sites, m, out_size)
+        # Shared input [S, M, in]: one GEMM per tile against all R realizations side by side.
+        m = x.shape[-2]
+        stacked = weights.permute(1, 3, 0, 2).reshape(sites, in_size, repeats * out_size)
+        product = torch.bmm(x, stacked).view(sites, m, repeats, out_size)
+        return product.permute(2, 0, 1, 3)
+
+    def _normal_like(self, values: torch.Tensor, repeat_index: torch.Tensor | None) -> torch.Tensor:
+        """Standard normal noise of ``values``' shape [R or 1, ...], repeat r's from its own generator."""
+        noise = torch.empty_like(values)
+        if repeat_index is None:
+            for r, generator in enumerate(self.generators):
+                noise[r].normal_(generator=generator)
+        else:  # rows of a bound-management rerun: [1, K, ...], row k belongs to repeat repeat_index[k]
+            for k, r in enumerate(repeat_index.tolist()):
+                noise[0, k].normal_(generator=self.generators[r])
+        return noise
+
+
+def _patches(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+             dilation: tuple[int, int]) -> torch.Tensor:
+    """Convolution patches [N, H', W', C*kh*kw], columns ordered as ``F.unfold``'s (channel, kernel row, kernel
+    column) — as strided views copied once (several times faster than ``F.unfold`` on CPU)."""
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+    span_h, span_w = dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1
+    windows = padded.unfold(2, span_h, stride[0]).unfold(3, span_w, stride[1])  # [N, C, H', W', span_h, span_w]
+    windows = windows[..., :: dilation[0], :: dilation[1]]
+    n, c, h, w = windows.shape[:4]
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(n, h, w, c * kernel[0] * kernel[1])
+
+
+def _step(resolution: float, bound: float) -> float:
+    """aihwkit's quantization step (UniformQuantize: ``res`` states or a step, scaled by the range 2 x bound);
+    0: no quantization."""
+    if resolution <= 0:
+        return 0.0
+    resolution = 1 / resolution if resolution > 1.0 else resolution
+    return resolution * 2 * bound
+
+
+def _expand(scale: Any, repeats: int, folded: bool) -> Any:
+    """A shared input's per-row scale [S, M, 1] as the folded [R, S, M, 1] (numbers stay numbers)."""
+    if isinstance(scale, torch.Tensor) and not folded:
+        return scale.expand(repeats, *scale.shape)
+    return scale
