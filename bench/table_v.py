@@ -7,12 +7,19 @@ Pythia-70M-shaped model (GPT-NeoX: d=512, 6 layers, 8 heads, MLP 2048, vocab 503
 only), 24 linear layers + 12 attention matmuls as in Table III. Attention matmuls are dynamic: in the 100%-SRAM and
 100%-ReRAM rows (and the equal split) they run on the photonic tier, the only one of the three that runs them.
 
-Calibration, stated: Table V does not give the workload, so SEQUENCES (sequences of TOKENS = 128 tokens per
-inference) is fitted to make the SRAM and ReRAM latency errors equal and opposite; the photonic WAVELENGTHS (not in
-Table I), the SRAM and ReRAM static powers (Table I says only "medium" / "low") are fitted to the 100% photonic
-latency and the 100% SRAM / ReRAM energies. Everything else (throughputs from Table I's geometry, per-event
-energies, the laser power) comes from the sources named in hetcomp/targets/*.py. What the fit does not touch, and
-so tests the model: the ReRAM-to- SRAM latency ratio, the photonic energy, and both equal-split numbers.
+What this check is worth, stated: 4 free parameters are fitted to Table V's 8 numbers (latency and energy of
+its 4 rows). SEQUENCES (sequences of TOKENS = 128 tokens per inference; Table V does not give the workload) makes
+the SRAM and ReRAM latency errors equal and opposite; the photonic WAVELENGTHS (not in Table I) match the 100%
+photonic latency; the SRAM and ReRAM static powers (Table I says only "medium" / "low") match the 100% SRAM /
+ReRAM energies. So 3 numbers match by construction, and the workload leaves of the two PIM latencies only their
+ratio. The equal-split row is no check either: Eq. 2 is linear in the rows, so its energy is the mean of the three
+single-tier energies and its latency the ReRAM latency / 3 (the slowest tier of every weight-static layer) plus
+2/3 of the attention time; Table V's own numbers obey the same identities. What is left to test the model:
+the ReRAM/SRAM latency ratio (2.0 from Table I's geometry, 1.44 in the paper: hence the +-16% latency errors)
+and the photonic energy, which rests on the fitted wavelength count (SimPhony's default 12 wavelengths give
++76% latency and +36% energy on the 100% photonic row). ``main`` prints this accounting, computed.
+Everything else (throughputs from Table I's geometry, per-event energies, the laser power) comes from the
+sources named in hetcomp/targets/*.py.
 """
 
 from __future__ import annotations
@@ -115,7 +122,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<20} {latency:>10.2f} {paper_latency:>7.2f} {e_lat:>+7.1%}   {energy:>9.2f} {paper_energy:>7.2f} "
               f"{e_en:>+7.1%}")
     print(f"largest relative error {worst:.1%} (goal: within 25%)")
+    print()
+    print(honesty(rows))
     return 0 if worst <= 0.25 else 1
+
+
+def honesty(rows: dict[str, tuple[float, float]]) -> str:
+    """What the table above tests and what it only reproduces by construction, with the numbers."""
+    from hetcomp.targets import photonic as photonic_module
+
+    sram, reram, tempo, equal = (rows[name] for name in PAPER)
+    p_sram, p_reram, p_tempo, p_equal = (PAPER[name] for name in PAPER)
+    tiers = [targets.get(n) for n in ("sram", "reram", "photonic")]
+    geometry_ratio = tiers[0].cost.macs_per_second / tiers[1].cost.macs_per_second
+    problem = MappingProblem.build(pythia_layers(), tiers, samples=SEQUENCES)
+    dynamic = np.array([layer.kind != "weight-static" for layer in problem.layers])
+    attention_ms = float(problem.evaluate(problem.single_tier("photonic")).layer_latency_s[0][dynamic].sum()) * 1e3
+    no_static = [dataclasses.replace(t, cost=dataclasses.replace(t.cost, static_power_w=0.0)) for t in tiers[:2]]
+    dynamic_only = table([*no_static, tiers[2]], SEQUENCES)
+    static_share = [1 - dynamic_only[name][1] / rows[name][1] for name in ("100% SRAM", "100% ReRAM")]
+    default_n = 12  # SimPhony's default DPTC
+    simphony = table([tiers[0], tiers[1], photonic_target(tiers[2].precision.input_bits, wavelengths=default_n)],
+                     SEQUENCES)["100% TeMPO"]
+    lines = [
+        "What the table tests. 4 free parameters are fitted to its 8 numbers: the workload "
+        f"({SEQUENCES:g} sequences; SRAM and ReRAM",
+        f"latency errors equal and opposite), the wavelength count ({photonic_module.WAVELENGTHS}; 100% TeMPO "
+        "latency) and the two static powers",
+        f"(SRAM {tiers[0].cost.static_power_w:.3f} W, ReRAM {tiers[1].cost.static_power_w:.3f} W; 100% SRAM and "
+        "ReRAM energy).",
+        f"- By construction: SRAM energy {sram[1] / p_sram[1] - 1:+.1%}, ReRAM energy "
+        f"{reram[1] / p_reram[1] - 1:+.1%}, TeMPO latency {tempo[0] / p_tempo[0] - 1:+.1%}; the SRAM and ReRAM",
+        "  latencies share the fitted workload, which leaves only their ratio to test. The fitted static powers "
+        f"are {static_share[0]:.0%} / {static_share[1]:.0%}",
+        "  of the SRAM / ReRAM energies.",
+        "- The equal split follows from the single-tier rows (Eq. 2 is linear in the rows):",
+        f"  energy = mean of the 3 single-tier energies = {(sram[1] + reram[1] + tempo[1]) / 3:.2f} mJ "
+        f"(row {equal[1]:.2f}; from the paper's rows {(p_sram[1] + p_reram[1] + p_tempo[1]) / 3:.2f}, "
+        f"its table {p_equal[1]:.2f});",
+        f"  latency = ReRAM / 3 + 2/3 x attention ({attention_ms:.3f} ms) = "
+        f"{reram[0] / 3 + 2 / 3 * attention_ms:.2f} ms (row {equal[0]:.2f}; paper's ReRAM / 3 = "
+        f"{p_reram[0] / 3:.2f}, its table {p_equal[0]:.2f}).",
+        "- Independent checks, only two:",
+        f"  ReRAM/SRAM latency ratio {geometry_ratio:.2f} from Table I's geometry ({reram[0] / sram[0]:.2f} with "
+        f"attention) vs {p_reram[0] / p_sram[0]:.2f} in the paper:",
+        "  hence the +-16% latency errors;",
+        f"  photonic energy {tempo[1] / p_tempo[1] - 1:+.1%}, resting on the fitted wavelength count: SimPhony's "
+        f"default {default_n} wavelengths give",
+        f"  {simphony[0] / p_tempo[0] - 1:+.0%} latency and {simphony[1] / p_tempo[1] - 1:+.0%} energy on the 100% "
+        "TeMPO row.",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

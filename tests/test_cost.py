@@ -96,17 +96,70 @@ def test_lep_reproduces_table_v():
     assert lep_scores(latency, energy, perplexity) == pytest.approx(paper, abs=0.004)
 
 
-def test_table_v_bench_stays_within_25_percent(capsys):
+def _table_v_bench():
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("table_v", Path(__file__).parents[1] / "bench" / "table_v.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+# Pythia-70M (GPT-NeoX: d = 512, 6 blocks, 8 heads of 64, MLP 2048) on 128-token sequences, counted by hand:
+# per block QKV 512x1536, dense 512x512, MLP 512x2048 and 2048x512 per token; scores and context 128x128x64 per head.
+PYTHIA_LINEAR_MACS = 6 * 128 * 512 * (1536 + 512 + 2048 + 2048)  # 2,415,919,104 per sequence
+PYTHIA_ATTENTION_MACS = 6 * 2 * 8 * 128 * 128 * 64  # 100,663,296 per sequence
+
+
+def test_table_v_rows_from_hand_counted_macs_and_table_i_throughputs():
+    """Table V's model rows from numbers counted here, not from the model: the Pythia-70M MACs above, Table I's
+    throughputs (SRAM 25,600 ADCs x 2 MACs x 100 MHz, ReRAM 6,400 x 4 x 100 MHz, photonic 4 cores x 14 x 14 x
+    wavelengths x 3 GHz), attention on photonic in the PIM-only rows, static power x busy time (Eq. 2)."""
+    from hetcomp.targets import photonic as module
+
+    bench = _table_v_bench()
+    sequences = bench.SEQUENCES
+    linear, attention = PYTHIA_LINEAR_MACS * sequences, PYTHIA_ATTENTION_MACS * sequences
+    photonic_rate = 4 * 14 * 14 * module.WAVELENGTHS * 3e9
+    rows = bench.table([targets.get(n) for n in ("sram", "reram", "photonic")], sequences)
+    for name, rate in (("100% SRAM", 5.12e12), ("100% ReRAM", 2.56e12)):
+        assert rows[name][0] == pytest.approx((linear / rate + attention / photonic_rate) * 1e3, rel=1e-9)
+    assert rows["100% TeMPO"][0] == pytest.approx((linear + attention) / photonic_rate * 1e3, rel=1e-9)
+    # ReRAM / SRAM latency: Table I's geometry gives 2 (attention on photonic barely dilutes it); the paper has
+    # 14.73 / 10.21 = 1.44. This ratio is one of only two numbers of Table V the fit does not set.
+    assert rows["100% ReRAM"][0] / rows["100% SRAM"][0] == pytest.approx(2.0, abs=0.01)
+    # photonic energy per MAC from SimPhony's device numbers (the other unfitted number): per cycle the cores drive
+    # H*T*N*C streamed + W*C*N/128 stationary DAC+modulator pairs, H*W*T*C photodetectors, every 3 cycles H*W*T*C
+    # TIAs and H*W*T ADCs; the laser draws 0.524 W per core while busy
+    n = module.WAVELENGTHS
+    macs_per_cycle = 2 * 2 * 14 * 14 * n
+    dac = 50e-3 * (2**6 / 7) / (2**8 / 9) * (3e9 / 14e9) / 3e9 * 1e12  # pJ: DAC_2 scaled to 6 b at 3 GHz
+    modulators = 14 * 2 * n * 2 + 14 * 2 * n / 128
+    pj_per_mac = (modulators * (dac + 0.45) + 14 * 14 * 4 * 0.37 + 14 * 14 * 4 / 3 * 1.0 + 14 * 14 * 2 / 3 * 1.48) \
+        / macs_per_cycle
+    energy_mj = (linear + attention) * (pj_per_mac * 1e-12 + 4 * 0.524 / photonic_rate) * 1e3
+    assert rows["100% TeMPO"][1] == pytest.approx(energy_mj, rel=1e-9)
+
+
+def test_reram_energy_per_mac_by_hand():
+    per_mac = {t.name: t.pj_per_mac for t in targets.get("reram").cost.terms}
+    # a conversion sums 128 rows of 1 input bit x one 2-bit cell: 128 / (4 cells x 8 input cycles) = 4 MACs
+    assert per_mac == pytest.approx({"adc": 0.161 / 4, "dac": 0.039 * 8 * 4 / 128, "cell": 0.00183 * 4 * 8,
+                                     "shift_add": 0.0195 / 4})
+
+
+def test_equal_split_row_is_implied_by_the_single_tier_rows():
+    """Why the equal split is no independent check of Table V (README): Eq. 2 is linear in the rows, so its energy
+    is the mean of the single-tier energies and its latency ReRAM's / 3 (the slowest tier of every linear layer)
+    plus 2/3 of the attention time, up to rows that do not divide by 3. Table V's own rows obey the same."""
+    bench = _table_v_bench()
     rows = bench.table([targets.get(n) for n in ("sram", "reram", "photonic")], bench.SEQUENCES)
-    for name, (latency, energy) in rows.items():
-        paper_latency, paper_energy = bench.PAPER[name]
-        assert abs(latency / paper_latency - 1) <= 0.25, name
-        assert abs(energy / paper_energy - 1) <= 0.25, name
-    # equal split = the slowest tier's third (Eq. 2: tiers of a layer run in parallel)
-    assert rows["Equal Distribution"][0] == pytest.approx(rows["100% ReRAM"][0] / 3, rel=0.02)
+    single = [rows[name] for name in ("100% SRAM", "100% ReRAM", "100% TeMPO")]
+    attention_ms = PYTHIA_ATTENTION_MACS * bench.SEQUENCES / targets.get("photonic").cost.macs_per_second * 1e3
+    assert rows["Equal Distribution"][1] == pytest.approx(sum(e for _, e in single) / 3, rel=1e-3)
+    assert rows["Equal Distribution"][0] == pytest.approx(single[1][0] / 3 + 2 / 3 * attention_ms, rel=2e-3)
+    paper = bench.PAPER
+    assert paper["Equal Distribution"][1] == pytest.approx(
+        sum(paper[n][1] for n in ("100% SRAM", "100% ReRAM", "100% TeMPO")) / 3, rel=0.005)
+    assert paper["Equal Distribution"][0] == pytest.approx(paper["100% ReRAM"][0] / 3, rel=0.005)

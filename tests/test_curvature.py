@@ -14,9 +14,12 @@ import torch.nn.functional as F
 from hetcomp.cli import main
 from hetcomp.curvature.estimator import input_curvature
 from hetcomp.curvature.failures import (
+    ADC_BITS,
+    STATIC_WEIGHT_NOISE,
     all_profiles,
     decile_failure_rates,
     deciles,
+    failure_by_decile,
     lower_all_analog,
     profile_target,
 )
@@ -128,6 +131,95 @@ def test_profiles_switch_non_idealities_on_and_off(digits_model):
     assert (outputs[("PCM",)] - digital).abs().max() > 1e-2
     with pytest.raises(ConfigError, match="unknown non-ideality"):
         profile_target(("TIA",))
+
+
+def _boundary_classifier() -> nn.Module:
+    """Two classes split by the hand-set boundary x0 = 0: logits (x1 + x0, x1 - x0). Input x1 adds the same to
+    both logits, but through devices of their own: their noise moves the boundary (no weight sits at 0 conductance,
+    where aihwkit clamps noise away)."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 1.0], [-1.0, 1.0]]))
+        model[0].bias.zero_()
+    return model.eval()
+
+
+def test_top_curvature_decile_fails_more_than_the_bottom_one_on_a_constructed_boundary():
+    """The paper's central claim (Sharma et al.: high input curvature -> vulnerable to hardware noise), built in.
+
+    For this linear classifier the input Hessian of the cross-entropy is p(1 - p) d d^T (d = (2, 0)), so the
+    curvature falls monotonically with the distance |x0| to the boundary. 10 samples lie within 1e-4 of it (five
+    per class), 90 at 1 to 10 from it: D10 is the near ten (curvature ~ h p(1 - p) |d|^2 with p = 1/2, against
+    p(1 - p) < 0.11 for the others), D1 ten of the far ones. After the simulator's input normalization a far
+    sample keeps a logit margin of 2 (no analog noise here comes near it), a near one < 2e-4, below any noise
+    or quantization step. So every non-ideal profile flips D10 samples and never a D1 sample, on any CPU."""
+    distance = torch.cat([torch.logspace(-5, -4, 10), torch.logspace(0, 1, 90)])
+    x0 = distance * torch.tensor([1.0, -1.0]).repeat(50)  # classes alternate along the distance
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    x = torch.stack([x0, torch.ones(100)], 1)[order]
+    y = (x[:, 0] < 0).long()
+    model = _boundary_classifier()
+    curvature = input_curvature(model, (x, y), n=2).curvature
+    bins = deciles(curvature)
+    near = torch.nonzero(x[:, 0].abs() < 1e-3).flatten()
+    assert set(bins[9].tolist()) == set(near.tolist())  # the construction holds: D10 = the near ten
+    assert bool((x[bins[0], 0].abs() >= 1).all())
+    analysis = failure_by_decile(model, (x, y), curvature, repeats=4)
+    assert analysis.digital_accuracy == 1.0 and analysis.rates["ideal"] == [0.0] * 10
+    for name in analysis.profiles[1:]:  # ADC, WNoise, PCM and every combination
+        rates = analysis.rates[name]
+        assert rates[0] == 0.0 and rates[9] >= 0.3, (name, rates)  # about 0.5: one class flips per programming
+        assert rates[9] > rates[0]
+
+
+def test_adc_profile_quantizes_outputs_to_the_9_bit_grid():
+    """ADC: outputs on a grid of 2 out_bound / (2^9 - 2) in units of max|x| * max|W| (aihwkit's input and weight
+    normalization), computed here by hand; the ideal profile returns the digital outputs."""
+    model = _boundary_classifier()
+    x = torch.tensor([[0.3, 1.0], [0.05, 1.0], [-0.7, 1.0], [0.5, 0.5], [2.0, 0.1]])
+    step = 2 * 12.0 / (2**ADC_BITS - 2)  # out_bound 12 (the PCM target's ADC range)
+    assert profile_target(("ADC",)).device["out_bound"] == 12.0 and ADC_BITS == 9
+    scale = x.abs().amax(1, keepdim=True)
+    with torch.no_grad():
+        digital = model(x)
+        expected = torch.round(digital / scale / step) * step * scale  # e.g. 1.3 -> 28 steps = 1.3176
+        outputs = {}
+        for enabled in [(), ("ADC",)]:
+            lowered, report = lower_all_analog(model, x[:2], profile_target(enabled))
+            lowered.eval()
+            program_and_drift(lowered, report, 86400.0)
+            outputs[enabled] = lowered(x)
+    torch.testing.assert_close(outputs[()], digital, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outputs[("ADC",)], expected, rtol=1e-5, atol=1e-6)
+    assert float((outputs[("ADC",)] - digital).abs().max()) > 0.01
+
+
+def test_wnoise_profile_is_static_weight_noise_of_2_percent_of_g_max():
+    """WNoise: Gaussian noise of std 2% of g_max on every device at programming, nothing at read. Weights are +-1
+    (= +-g_max on one device of the pair, 0 on the other, clamped at 0 after the noise), so each weight's error is
+    N(0, s) - max(N(0, s), 0) with s = 0.02: RMS s * sqrt(3/2) by hand. The per-weight errors are recovered
+    exactly from the outputs by least squares (the profile has no output noise or quantization)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(0, 2, (64, 64)).float() * 2 - 1)
+    model = nn.Sequential(layer).eval()
+    x = torch.randn(256, 64)
+    lowered, report = lower_all_analog(model, x[:2], profile_target(("WNoise",)))
+    lowered.eval()
+    with torch.no_grad():
+        digital = model(x)
+        program_and_drift(lowered, report, 86400.0)
+        first, again = lowered(x), lowered(x)
+        program_and_drift(lowered, report, 86400.0)
+        reprogrammed = lowered(x)
+    assert torch.equal(first, again)  # static: no read noise
+    assert not torch.equal(first, reprogrammed)  # drawn afresh at every programming
+    error = torch.linalg.lstsq(x, first - digital).solution.T  # [out, in] weight errors
+    assert float(error.pow(2).mean().sqrt()) == pytest.approx(STATIC_WEIGHT_NOISE * math.sqrt(1.5), rel=0.15)
+    # the clamped device only adds: the error leans against the weight's sign by s / sqrt(2 pi)
+    lean = -STATIC_WEIGHT_NOISE / math.sqrt(2 * math.pi)
+    assert float((error * layer.weight.detach()).mean()) == pytest.approx(lean, rel=0.25)
 
 
 def test_routing_fraction_zero_is_analog_and_one_is_digital(digits_model):

@@ -1,6 +1,7 @@
 """Multi-tier mapping: tier simulators, row-split lowering, NSGA-II search, row remap, strategies."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -51,25 +52,71 @@ def test_pim_crossbar_with_lossless_adc_is_exact_int8_arithmetic():
     assert 0 < float((real - expected).abs().max()) < 0.05 * float(expected.abs().max())
 
 
-def test_reram_conductance_noise_follows_eq1():
+def test_reram_conductance_noise_equals_eq1_worked_by_hand():
+    """H3PIMAP Eq. 1, thermal N(0, sqrt(4 G f k_B T / V)) and shot N(0, sqrt(2 G f q / V)), evaluated by hand.
+
+    The code uses PytorX's form sqrt(G f (4 k_B T + 2 q V)) / V (a current noise turned into a conductance
+    noise: dimensionally consistent). Its shot term is Eq. 1's as printed; its thermal term is Eq. 1's / sqrt(V),
+    so the two agree at V = 1 V and with T = 0, and at the ReRAM tier's V = 0.2 V the code's sigma is 9% above the
+    printed formula's (2.59e-7 S against 2.37e-7 S). Numbers (k_B = 1.380649e-23, q = 1.602176634e-19, G = 333 uS,
+    f = 100 MHz, T = 300 K): 4 k_B T = 1.65678e-20 J, 2 q (0.2 V) = 6.40871e-20 J, G f = 3.33e4 S/s.
+    """
+    reram = targets.get("reram").device["conductance_noise"]
+    assert reram == {"g_min_s": 0.333e-6, "g_max_s": 333e-6, "voltage_v": 0.2, "freq_hz": 100e6,
+                     "temperature_k": 300.0}
+    # tier settings: sqrt(3.33e4 x (1.65678e-20 + 6.40871e-20)) / 0.2 = sqrt(2.68580e-15) / 0.2
+    assert tier_sim.conductance_sigma(333e-6, reram) == pytest.approx(2.59124e-7, rel=1e-5)
+    assert tier_sim.conductance_sigma(333e-6, reram) / 333e-6 == pytest.approx(7.78e-4, rel=1e-3)  # reram.py's claim
+    # T = 0: shot noise alone, Eq. 1 as printed: sqrt(2 x 3.33e4 x 1.60218e-19 / 0.2) = sqrt(5.33525e-14)
+    assert tier_sim.conductance_sigma(333e-6, {**reram, "temperature_k": 0.0}) == pytest.approx(2.30982e-7, rel=1e-5)
+    # V = 1 V: both terms as printed, in quadrature: sqrt(3.33e4 x (1.65678e-20 + 3.20435e-19)) = sqrt(1.12222e-14)
+    assert tier_sim.conductance_sigma(333e-6, {**reram, "voltage_v": 1.0}) == pytest.approx(1.05935e-7, rel=1e-5)
+    # sigma grows as sqrt(G): at G_min = 0.333 uS it is 2.59124e-7 x sqrt(1e-3)
+    assert tier_sim.conductance_sigma(0.333e-6, reram) == pytest.approx(8.19422e-9, rel=1e-5)
+
+
+def test_reram_cell_noise_is_drawn_per_cell_in_adc_units():
+    """Monte Carlo of the simulator's cell noise: 2-bit cells (levels 0..3) map G_min..G_max; the noise in digit
+    units is sigma(G) / (G_max - G_min) x 3 with the hand values above (2.3368e-3 at G_max, 7.3896e-5 at G_min),
+    zero-mean, independent from cell to cell and from read to read."""
     settings = targets.get("reram").device["conductance_noise"]
-    levels = 3
-    cells = torch.full((200_000,), 3.0)  # every cell at G_max
+    cells = torch.cat([torch.full((100_000,), 3.0), torch.zeros(100_000)])
     torch.manual_seed(0)
-    noisy = tier_sim._conductance_noise(cells, levels, settings)
-    g = settings["g_max_s"]
-    sigma = np.sqrt(g * settings["freq_hz"] * (4 * 1.380649e-23 * 300 + 2 * 1.602176634e-19 * 0.2)) / 0.2
-    expected_levels = sigma / (settings["g_max_s"] - settings["g_min_s"]) * levels
-    assert float(noisy.std()) == pytest.approx(expected_levels, rel=0.02)
-    assert float(noisy.mean()) == pytest.approx(3.0, abs=1e-4)
+    first = tier_sim._conductance_noise(cells, 3, settings)
+    second = tier_sim._conductance_noise(cells, 3, settings)
+    top, bottom = first[:100_000] - 3.0, first[100_000:]
+    assert float(top.std()) == pytest.approx(2.59124e-7 / (333e-6 - 0.333e-6) * 3, rel=0.02)
+    assert float(bottom.std()) == pytest.approx(8.19422e-9 / (333e-6 - 0.333e-6) * 3, rel=0.02)
+    assert abs(float(top.mean())) < 4 * 2.3368e-3 / math.sqrt(100_000)
+    assert abs(float(np.corrcoef(top[:-1].numpy(), top[1:].numpy())[0, 1])) < 0.02  # cell to cell
+    assert abs(float(np.corrcoef(top.numpy(), (second[:100_000] - 3.0).numpy())[0, 1])) < 0.02  # read to read
 
 
-def test_photonic_noise_is_relative_gaussian():
+def test_photonic_core_perturbs_both_operands_relatively_once_per_read():
+    """The photonic simulator's noise (TeMPO, H3PIMAP §III-C: x~ = x + N(0, (sigma |x|)^2) on both operands), seen
+    through a lowered layer: y = sum_i x_i (1 + sigma a_i) w_i (1 + sigma c_i), with x = w = 1 on n = 16 inputs.
+    The input noise a is fresh per sample, the weight noise c once per forward (one read of the streamed weights),
+    so across the samples of one forward Var y = n sigma^2 and across forwards the batch mean varies by
+    n sigma^2 (1 + 1/B); quantization off (bits None) so only the noise acts. Zero inputs give exactly zero."""
+    n, sigma, batch, reads = 16, 0.05, 100, 1200
+    tier = dataclasses.replace(targets.get("photonic"), name="photonic-float", precision=Precision(None, None, None),
+                               device={"input_bits": None, "weight_bits": None, "output_bits": None,
+                                       "input_noise_rel": sigma})
+    linear = nn.Linear(n, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+    core = tier_sim.PhotonicSimulator().lower(linear, tier)
     torch.manual_seed(0)
-    x = torch.full((100_000,), 0.5)
-    noisy = tier_sim._relative_noise(x, 0.0031)
-    assert float(noisy.std()) == pytest.approx(0.0031 * 0.5, rel=0.02)
-    assert float(tier_sim._relative_noise(torch.zeros(10), 0.0031).abs().max()) == 0.0
+    with torch.no_grad():
+        outputs = torch.stack([core(torch.ones(batch, n)).squeeze(-1) for _ in range(reads)]).double()
+        assert float(core(torch.zeros(4, n)).abs().max()) == 0.0
+        scaled = torch.stack([core(3 * torch.ones(batch, n)).squeeze(-1) for _ in range(reads)]).double()
+    within = float(outputs.var(dim=1).mean())
+    between = float(outputs.mean(dim=1).var())
+    assert float(outputs.mean()) == pytest.approx(n, abs=4 * math.sqrt(n * sigma**2 * 2 / (batch * reads)) + 0.01)
+    assert within == pytest.approx(n * sigma**2, rel=0.05)
+    assert between == pytest.approx(n * sigma**2 * (1 + 1 / batch), rel=0.2)  # 1200 forwards: 4% std error
+    assert float((scaled / 3).var(dim=1).mean()) == pytest.approx(n * sigma**2, rel=0.05)  # relative to |x|
 
 
 def test_row_split_lowering_equals_original_with_noise_off():
@@ -135,6 +182,89 @@ def test_nsga2_front_is_seeded_feasible_and_beats_baselines():
         cost = problem.evaluate(counts)
         assert not ((cost.latency_s[0] < first.latency_s) & (cost.energy_j[0] < first.energy_j)).any()
     assert first.hypervolume[-1] >= first.hypervolume[0] > 0
+    # hand-known extremes: photonic is the cheapest tier per MAC (static power included), so all-photonic is the
+    # least-energy mapping and must be the front's last point; no mapping is faster than every layer split over
+    # all tiers that run it in exact proportion to their throughputs
+    assert np.array_equal(first.counts[-1], problem.single_tier("photonic"))
+    rates = np.array([t.cost.macs_per_second for t in problem.tiers])
+    bound = sum(macs / rates[allowed].sum() for macs, allowed in zip(problem.macs, problem.allowed))
+    assert (first.latency_s >= bound * (1 - 1e-12)).all()
+
+
+def _cost_tier(name: str, macs_per_s: float, pj: float, static_w: float = 0.0, rank: int = 0,
+               tiles: int | None = None) -> Target:
+    return Target(name=name, description="test tier", analog=True, precision=Precision(8, 8, 8),
+                  tile=TileGeometry(8, 8, tiles=tiles), clock_hz=1e9, supports=frozenset({"weight-static"}),
+                  cost=CostModel(macs_per_s, (EnergyTerm("mac", pj, 1.0, "test"),), static_w), accuracy_rank=rank)
+
+
+def test_nsga2_finds_exactly_the_brute_force_front_of_a_small_problem():
+    """Two layers (4 and 3 rows) on three tiers: all 15 x 10 = 150 mappings enumerated, their latency and energy
+    computed here by hand from Eq. 2 (per layer the slowest tier's share of its MACs; energy per MAC plus static
+    power x busy time), the non-dominated ones (16) found by brute force. NSGA-II must return exactly them."""
+    rate, pj, static = [4e9, 1e9, 2e9], [3.0, 1.0, 1.2], [0.0, 0.0, 5e-4]
+    tiers = [_cost_tier(n, r, e, w) for n, r, e, w in zip(("fast", "slow", "mid"), rate, pj, static)]
+    rows, macs = [4, 3], [4e6, 9e6]
+    from hetcomp.graph.layers import LayerInfo
+    layers = [LayerInfo(f"l{i}", "weight-static", "linear", (r, 8), r, r * 8, m, f"l{i}")
+              for i, (r, m) in enumerate(zip(rows, macs))]
+    problem = MappingProblem.build(layers, tiers)
+
+    def splits(total):
+        return [(a, b, total - a - b) for a in range(total + 1) for b in range(total + 1 - a)]
+
+    objectives = {}
+    for first in splits(4):
+        for second in splits(3):
+            latency = energy = 0.0
+            for counts, total, work in ((first, 4, 4e6), (second, 3, 9e6)):
+                busy = [c / total * work / r for c, r in zip(counts, rate)]
+                latency += max(busy)
+                energy += sum(c / total * work * e * 1e-12 for c, e in zip(counts, pj)) + sum(
+                    w * b for w, b in zip(static, busy))
+            objectives[(first, second)] = (latency, energy)
+    values = np.array(list(objectives.values()))
+    front = {key for key, (lat, en) in objectives.items() if not (
+        (values[:, 0] <= lat) & (values[:, 1] <= en) & ((values[:, 0] < lat) | (values[:, 1] < en))).any()}
+    assert len(objectives) == 150 and len(front) == 16
+    assert ((0, 4, 0), (0, 3, 0)) in front  # all on the cheapest tier
+    result = run_nsga2(problem, population=24, generations=40, seed=0)
+    found = {tuple(tuple(int(c) for c in layer) for layer in point) for point in result.counts}
+    assert found == front
+    for point, latency, energy in zip(result.counts, result.latency_s, result.energy_j):
+        key = tuple(tuple(int(c) for c in layer) for layer in point)
+        assert (latency, energy) == pytest.approx(objectives[key], rel=1e-12)
+
+
+def test_row_remap_moves_the_most_sensitive_rows_first_across_layers():
+    """Algorithm 2's move, on sensitivities set by hand: off the least accurate tier holding rows, the ``step``
+    most sensitive of its rows, compared across layers, to the most accurate tier with room."""
+    from hetcomp.graph.layers import LayerInfo
+    from hetcomp.passes.row_remap import _plan_move
+
+    exact, middle, noisy = _cost_tier("exact", 1e9, 1.0, rank=0), _cost_tier("middle", 1e9, 1.0, rank=5), \
+        _cost_tier("noisy", 1e9, 1.0, rank=9)
+    layers = [LayerInfo(n, "weight-static", "linear", (4, 8), 4, 32, 1000, n) for n in ("a", "b")]
+    problem = MappingProblem.build(layers, [noisy, exact, middle])  # tiers in any order
+    # each layer's rows ranked most sensitive first (as _row_sensitivities gives them)
+    sensitivity = [np.array([9.0, 1.0, 1.0, 1.0]), np.array([5.0, 4.0, 0.1, 0.1])]
+    everything_noisy = np.array([[4, 0, 0], [4, 0, 0]])
+    counts, moved = _plan_move(problem, everything_noisy, sensitivity, [True, True], 3)
+    assert moved == {"a: noisy->exact": 1, "b: noisy->exact": 2}  # 9, 5, 4: not a's 1s, not b's 0.1s
+    assert counts.tolist() == [[3, 1, 0], [2, 2, 0]]
+    counts, moved = _plan_move(problem, counts, sensitivity, [True, True], 2)
+    assert moved == {"a: noisy->exact": 2} and counts.tolist() == [[1, 3, 0], [2, 2, 0]]
+    assert _plan_move(problem, counts, sensitivity, [False, True], 2)[1] == {"b: noisy->exact": 2}  # a is pinned
+    # the least accurate tier sheds first: b's rows on noisy move before a's (more sensitive) rows on middle
+    mixed = np.array([[0, 0, 4], [2, 0, 2]])  # a: 4 on middle; b: its 2 least sensitive rows (0.1s) on noisy
+    assert _plan_move(problem, mixed, sensitivity, [True, True], 2)[1] == {"b: noisy->exact": 2}
+    # the most accurate tier that has room: exact holds one row (8 weights) only, the next goes to middle
+    small = _cost_tier("exact", 1e9, 1.0, rank=0, tiles=None)
+    small = dataclasses.replace(small, tile=TileGeometry(8, 1, crossbars_per_tile=1, tiles=1, cells_per_weight=1))
+    tight = MappingProblem.build(layers, [noisy, small, middle])
+    assert tight.capacity[1] == 8
+    moved = _plan_move(tight, everything_noisy, sensitivity, [True, True], 2)[1]
+    assert moved == {"a: noisy->exact": 1, "b: noisy->middle": 1}
 
 
 def test_nsga2_respects_capacity():
@@ -203,6 +333,26 @@ def test_row_remap_moves_rows_until_accuracy_is_back(teacher_task):
         assert sum(step["moved"].values()) <= 4
     # moving rows to the slower digital tier costs latency, step after step
     assert trajectory[-1]["latency_s"] > trajectory[0]["latency_s"]
+    # every step moved the most sensitive rows still on the noisy tier, compared across layers (Eq. 4): replay the
+    # trajectory on the row sensitivities (a layer's rows sit on tiers in sensitivity order, so its noisy rows are
+    # its least sensitive ones); a random or per-layer choice of rows fails this
+    ranked = {a.layer.name: np.sort(np.asarray(a.metrics["row_sensitivity"]))[::-1]
+              for _, a in mappable_nodes(compiled.graph)}
+    final_noisy = {layer["name"]: (layer["assignment"].get("noisytier", 0) if isinstance(layer["assignment"], dict)
+                                   else layer["rows"] * (layer["assignment"] == "noisytier"))
+                   for layer in compiled.manifest.layers}
+    moved_total = {name: sum(step["moved"].get(f"{name}: noisytier->digital", 0) for step in trajectory[1:])
+                   for name in ranked}
+    on_digital = {name: len(ranked[name]) - final_noisy[name] - moved_total[name] for name in ranked}
+    for step in trajectory[1:]:
+        moved_values = []
+        for name in ranked:
+            count = step["moved"].get(f"{name}: noisytier->digital", 0)
+            moved_values.extend(ranked[name][on_digital[name]:on_digital[name] + count])
+            on_digital[name] += count
+        remaining = np.concatenate([ranked[name][on_digital[name]:] for name in ranked])
+        assert not len(remaining) or min(moved_values) >= remaining.max()
+    assert sum(moved_total.values()) >= 8
     # the final manifest is the remapped one
     digital_rows = sum(layer["assignment"].get("digital", 0) if isinstance(layer["assignment"], dict)
                        else layer["rows"] * (layer["assignment"] == "digital") for layer in compiled.manifest.layers)
