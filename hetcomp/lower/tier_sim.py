@@ -79,57 +79,106 @@ class PimCrossbarCore(nn.Module):
         self.settings = dict(settings)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The crossbar result, computed exactly but not bit by bit where that cannot change it.
+
+        A crossbar column's ADC read of one input bit-plane is the identity when its sum can neither saturate nor
+        be moved by noise: its cells sum to at most ``saturation`` for any input plane (``(2^dac - 1) x the sum of
+        the column's cells``) and the noise summed over its rows is under half a level. Such (array, slice, chunk,
+        column) blocks add ``xq @ (their cells)`` exactly, so they are folded into one effective integer weight and
+        computed by one matmul of the layer's own size; only output columns with a block that could clip or round
+        go through the bit-serial path (``_bit_serial``), with their other blocks zeroed. The noise is drawn
+        exactly as before (same shapes, same order), so a seeded forward gives what the all-bit-serial one did.
+        """
         if _IDEAL[0]:
             return F.linear(x, self.weight, self.bias)
         s = self.settings
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xq, x_scale = quantize(x2, s["input_bits"])
-        wq, w_scale = quantize(self.weight, s["weight_bits"])
-        magnitude_bits = s["weight_bits"] - 1
+        w_scale, digits = self._cells()
         cell_bits, rows = s["cell_bits"], s["xbar_rows"]
         levels = 2**cell_bits - 1
-        # Cells of the positive and negative arrays: [2, slices, R, K]
-        cells = torch.stack([_bit_planes(wq.clamp(min=0), magnitude_bits, cell_bits),
-                             _bit_planes((-wq).clamp(min=0), magnitude_bits, cell_bits)])
         noise = s.get("conductance_noise")
-        if noise:
-            cells = _conductance_noise(cells, levels, noise)
+        cells = _conductance_noise(digits, levels, noise) if noise else digits
         k = shape[-1]
         chunks = math.ceil(k / rows)
         pad = chunks * rows - k
-        slices = cells.shape[1]
-        # [C, rows, 2*S*R]: each crossbar chunk's cells, both arrays and every slice side by side.
-        cells = F.pad(cells, (0, pad)).reshape(2 * slices, -1, chunks, rows).permute(2, 3, 0, 1)
-        cells = cells.reshape(chunks, rows, -1)
-        # Input bit-planes of both signs at once: [P = 2 * B_in, N, C, rows].
-        input_bits, dac_bits = s["input_bits"] - 1, s["dac_bits"]
-        planes = torch.cat([_bit_planes(xq.clamp(min=0), input_bits, dac_bits),
-                            _bit_planes((-xq).clamp(min=0), input_bits, dac_bits)])
-        per_sign = planes.shape[0] // 2
-        planes = F.pad(planes, (0, pad)).reshape(planes.shape[0], -1, chunks, rows)
-        # Shift-and-add weights of each (input sign, bit) and each (array sign, cell slice) column sum.
-        plane_weight = torch.cat([2.0 ** (dac_bits * torch.arange(per_sign, dtype=x.dtype)),
-                                  -(2.0 ** (dac_bits * torch.arange(per_sign, dtype=x.dtype)))]).to(x.device)
-        cell_weight = (torch.tensor([1.0, -1.0], dtype=x.dtype).view(2, 1)
-                       * 2.0 ** (s["cell_bits"] * torch.arange(slices, dtype=x.dtype))).flatten().to(x.device)
-        saturation = float(2 ** s["adc_bits"] - 1)
+        slices = digits.shape[1]
         out_rows = self.weight.shape[0]
-        out = x2.new_empty(x2.shape[0], out_rows)
-        # One batched matmul per block of samples (every bit-plane, slice and crossbar chunk at once), the ADC
-        # applied to each crossbar's column sum; blocks bound the [C, P*n, 2*S*R] partial sums to ~64 MB.
-        block = max(1, (16 << 20) // max(1, chunks * planes.shape[0] * cells.shape[-1]))
-        for start in range(0, x2.shape[0], block):
-            part = planes[:, start : start + block]  # [P, n, C, rows]
-            n = part.shape[1]
-            sums = torch.bmm(part.permute(2, 0, 1, 3).reshape(chunks, -1, rows), cells)  # [C, P*n, 2*S*R]
-            sums = sums.round_().clamp_(0, saturation).sum(0)  # the ADC per crossbar, then the digital adder
-            sums = sums.view(planes.shape[0], n, 2 * slices, out_rows)
-            out[start : start + n] = torch.einsum("pnjr,p,j->nr", sums, plane_weight, cell_weight)
+        saturation = float(2 ** s["adc_bits"] - 1)
+        top = float(2 ** s["dac_bits"] - 1)  # the largest input plane value
+        blocked = F.pad(digits, (0, pad)).view(2, slices, out_rows, chunks, rows)
+        safe = top * blocked.sum(-1) <= saturation  # [2, S, R, C]: no input can saturate the column sum
+        if noise:
+            spread = F.pad((cells - digits).abs(), (0, pad)).view(2, slices, out_rows, chunks, rows).sum(-1)
+            safe &= top * spread < 0.5  # the noise can never move the sum to another ADC level
+        significance = (torch.tensor([1.0, -1.0], dtype=x.dtype).view(2, 1)
+                        * 2.0 ** (cell_bits * torch.arange(slices, dtype=x.dtype))).to(x.device)  # [2, S]
+        effective = (blocked * (safe.to(x.dtype) * significance[:, :, None, None])[..., None]).sum((0, 1))
+        out = xq @ effective.reshape(out_rows, -1)[:, :k].t()
+        unsafe = (~safe).any(dim=3).any(dim=1).any(dim=0).nonzero().flatten()  # output columns that need the ADC
+        if len(unsafe):
+            masked = F.pad(cells, (0, pad)).view(2, slices, out_rows, chunks, rows)[:, :, unsafe]
+            masked = masked * (~safe[:, :, unsafe]).to(x.dtype)[..., None]  # a zeroed block reads 0: adds nothing
+            out[:, unsafe] += _bit_serial(xq, masked.reshape(2, slices, len(unsafe), -1)[..., :k], s)
         y = out * (x_scale * w_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], -1)
+
+    def _cells(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The programmed cell digits, kept until the weight changes (they are deterministic; noise is per read)."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device, self.weight.dtype)
+        if getattr(self, "_cell_cache", (None,))[0] != key:
+            self._cell_cache = (key, *_weight_cells(self.weight.detach(), self.settings))
+        return self._cell_cache[1], self._cell_cache[2]
+
+
+def _weight_cells(weight: torch.Tensor, s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight scale, cell digits [2 arrays, slices, R, K]) of a weight quantized to ``weight_bits``."""
+    wq, w_scale = quantize(weight, s["weight_bits"])
+    magnitude_bits, cell_bits = s["weight_bits"] - 1, s["cell_bits"]
+    return w_scale, torch.stack([_bit_planes(wq.clamp(min=0), magnitude_bits, cell_bits),
+                                 _bit_planes((-wq).clamp(min=0), magnitude_bits, cell_bits)])
+
+
+def _bit_serial(xq: torch.Tensor, cells: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """Integer-valued inputs [N, K] through cells [2 arrays, slices, R, K], bit-plane by bit-plane: each crossbar
+    (``xbar_rows`` rows) sums one input plane times one cell slice, the ADC rounds and saturates that column sum,
+    shift-and-add recombines. [N, R]."""
+    rows = s["xbar_rows"]
+    k = xq.shape[-1]
+    chunks = math.ceil(k / rows)
+    pad = chunks * rows - k
+    slices, out_rows = cells.shape[1], cells.shape[2]
+    # [C, rows, 2*S*R]: each crossbar chunk's cells, both arrays and every slice side by side.
+    cells = F.pad(cells, (0, pad)).reshape(2 * slices, -1, chunks, rows).permute(2, 3, 0, 1)
+    cells = cells.reshape(chunks, rows, -1)
+    # Input bit-planes of both signs at once: [P = 2 * B_in, N, C, rows].
+    input_bits, dac_bits = s["input_bits"] - 1, s["dac_bits"]
+    planes = torch.cat([_bit_planes(xq.clamp(min=0), input_bits, dac_bits),
+                        _bit_planes((-xq).clamp(min=0), input_bits, dac_bits)])
+    per_sign = planes.shape[0] // 2
+    planes = F.pad(planes, (0, pad)).reshape(planes.shape[0], -1, chunks, rows)
+    # Shift-and-add weights of each (input sign, bit) and each (array sign, cell slice) column sum.
+    dtype, device = xq.dtype, xq.device
+    plane_weight = torch.cat([2.0 ** (dac_bits * torch.arange(per_sign, dtype=dtype)),
+                              -(2.0 ** (dac_bits * torch.arange(per_sign, dtype=dtype)))]).to(device)
+    cell_weight = (torch.tensor([1.0, -1.0], dtype=dtype).view(2, 1)
+                   * 2.0 ** (s["cell_bits"] * torch.arange(slices, dtype=dtype))).flatten().to(device)
+    saturation = float(2 ** s["adc_bits"] - 1)
+    out = xq.new_empty(xq.shape[0], out_rows)
+    # One batched matmul per block of samples (every bit-plane, slice and crossbar chunk at once), the ADC
+    # applied to each crossbar's column sum; blocks bound the [C, P*n, 2*S*R] partial sums to ~64 MB.
+    block = max(1, (16 << 20) // max(1, chunks * planes.shape[0] * cells.shape[-1]))
+    for start in range(0, xq.shape[0], block):
+        part = planes[:, start : start + block]  # [P, n, C, rows]
+        n = part.shape[1]
+        sums = torch.bmm(part.permute(2, 0, 1, 3).reshape(chunks, -1, rows), cells)  # [C, P*n, 2*S*R]
+        sums = sums.round_().clamp_(0, saturation).sum(0)  # the ADC per crossbar, then the digital adder
+        sums = sums.view(planes.shape[0], n, 2 * slices, out_rows)
+        out[start : start + n] = torch.einsum("pnjr,p,j->nr", sums, plane_weight, cell_weight)
+    return out
 
 
 def conductance_sigma(conductance: torch.Tensor | float, p: dict[str, float]) -> torch.Tensor | float:
