@@ -1,80 +1,271 @@
-"""torch.distributed scaling of the Hessian passes and of evaluation (issue #16): run under torchrun with 1 and
-with N processes and compare.
+"""torch.distributed scaling (issue #16): the Hessian passes, evaluation and one LAFT stage on 1 vs N ranks.
 
-    torchrun --nproc-per-node 1 bench/scale.py     # then --nproc-per-node 2
+    python bench/scale.py --ranks 2                # runs torchrun with 1 and with 2 ranks, prints the ratios
+    python bench/scale.py --ranks 2 --tiny         # a CPU smoke run (gloo): small models, data and settings
+    torchrun --nproc-per-node 2 bench/scale.py     # one world size: rank 0 prints one JSON line per model
 
-ResNet-20 on digits-as-CIFAR (seeded initialisation), hilal on pcm+digital with the Hessian over ``--batches``
-calibration batches of 128, then ``--repeats`` hardware repeats on the test split. Rank 0 prints one JSON line:
-world size, Hessian seconds, evaluation seconds, peak memory per rank (CUDA allocated, max over ranks), the
-partition and the first repeats' accuracies (equal for every world size).
+Models (``--models``): ResNet-20 on digits-as-CIFAR and a digits transformer (``hetcomp.zoo.DigitsTransformer``,
+widened; each 8x8 image row a token), seeded initialisation, no download. Per model: hilal on pcm+digital with
+the Hessian passes over ``--batches`` calibration batches of ``--calib-batch``; ``--repeats`` hardware repeats
+on the test split; one LAFT stage (``train_stage``: every PCM layer lowered, ``--laft-epochs`` epoch(s) over
+``--laft-samples`` training samples, the training split tiled, global batch ``--laft-batch``, validation with
+4 repeats) on PCM without aihwkit's per-sample output noise (``out_noise=0``; the training weight noise stays
+on), the setting in which a data-parallel stage computes one process's weights (README, Scaling).
+On CUDA each rank uses GPU LOCAL_RANK (NCCL); on the CPU, gloo.
+
+Each world size prints, per model, one JSON line: seconds per phase, peak CUDA memory per rank (max over
+ranks, per phase), and what must match across world sizes (traces, partition, repeat accuracies, a sample of
+the LAFT stage's final weights). With ``--ranks N`` (not under torchrun) the script launches torchrun for 1 and
+N ranks and prints, per model and phase, the seconds, the speedup and whether the results match (weights to
+``--tolerance``). On the CPU ResNet-20's LAFT weights do not match: torch has no SyncBatchNorm there, so
+each rank normalizes by its own slice of the batch (on CUDA BatchNorm is synchronized).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import hetcomp  # noqa: E402
+from hetcomp import distributed  # noqa: E402
 from hetcomp.progress import set_quiet  # noqa: E402
 
+MODELS = ("resnet20", "transformer")
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=40)
-    args = parser.parse_args()
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="launch torchrun with 1 and with this many ranks and compare (not under torchrun)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--batches", type=int, default=8, help="calibration batches of the Hessian passes")
+    parser.add_argument("--calib-batch", type=int, default=128, help="samples per calibration batch")
+    parser.add_argument("--repeats", type=int, default=40, help="hardware repeats of the evaluation")
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="test (and LAFT validation) samples used (default: the whole splits)")
+    parser.add_argument("--laft-samples", type=int, default=8192, help="training samples of the LAFT stage")
+    parser.add_argument("--laft-batch", type=int, default=256, help="global batch of the LAFT stage")
+    parser.add_argument("--laft-epochs", type=int, default=1)
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="max |weight difference| that matches")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a CPU smoke run: 2 calibration batches of 16, light Hessian settings, 4 repeats, "
+                             "128 LAFT samples in batches of 32, 48 test and validation samples, a narrow transformer")
+    parser.add_argument("--out", type=Path, default=None, help="also write the report (with --ranks) here")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batches, args.calib_batch, args.repeats = 2, 16, 4
+        args.laft_samples, args.laft_batch, args.eval_samples = 128, 32, 48
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    return args
+
+
+def model_and_data(name: str, tiny: bool) -> tuple[torch.nn.Module, dict]:
+    """The seeded model and its train / val / test TensorDatasets."""
+    if name == "resnet20":
+        from resnet20 import ResNet20, digits_as_cifar
+
+        splits = digits_as_cifar()
+        torch.manual_seed(0)
+        return ResNet20(), {"train": splits.train, "val": splits.val, "test": splits.test}
+    from hetcomp.datasets import digits
+    from hetcomp.zoo import DigitsTransformer
+
+    splits = digits()
+    torch.manual_seed(0)
+    model = DigitsTransformer() if tiny else DigitsTransformer(dim=256, layers=4, heads=8, mlp=1024)
+    return model, {"train": splits.train, "val": splits.val, "test": splits.test}
+
+
+def synchronize(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+    distributed.barrier()
+
+
+def peak_and_reset(cuda: bool) -> list[float]:
+    """Every rank's peak CUDA memory (GiB) since the last reset, then reset (zeros on the CPU)."""
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    return [round(p, 3) for p in distributed.all_agree(peak)]
+
+
+def laft_stage(compiled: hetcomp.CompiledModel, splits: dict, device: torch.device, args: argparse.Namespace
+               ) -> tuple[float, dict]:
+    """One LAFT stage with every PCM layer lowered, on PCM without per-sample output noise; (seconds, results).
+    The stage's starting validation score is taken as -1, so that it returns its trained weights (a seeded
+    random model need not gain on validation in one epoch) and the comparison is of trained weights."""
+    from hetcomp.finetune import stage
+    from hetcomp.finetune.data import training_split
+    from hetcomp.finetune.stage import StageSettings, train_stage
+    from hetcomp.targets.base import TargetSet
+
+    real_validate, calls = stage._validate, []
+
+    def keep_trained(*arguments: object) -> float:
+        calls.append(None)
+        score = real_validate(*arguments)
+        return -1.0 if len(calls) == 1 else score
+
+    stage._validate = keep_trained
+
+    layers = [layer["name"] for layer in compiled.manifest.layers if layer["assignment"] == "pcm"]
+    quiet = TargetSet.of([dataclasses.replace(t, device={**t.device, "out_noise": 0.0}) if t.name == "pcm" else t
+                          for t in compiled.targets])
+    inputs, labels = splits["train"].tensors
+    tiles = -(-args.laft_samples // len(labels))
+    train = TensorDataset(inputs.repeat(tiles, *[1] * (inputs.dim() - 1))[: args.laft_samples],
+                          labels.repeat(tiles)[: args.laft_samples])
+    data = training_split((train.tensors[0], train.tensors[1]), val_data=splits["val"].tensors,
+                          batch_size=args.laft_batch)
+    settings = StageSettings(epochs=args.laft_epochs, patience=args.laft_epochs, lr_analog=0.05, lr_digital=0.05,
+                             momentum=0.85, lr_decay=True, val_repeats=4, val_t_inference=86400.0)
+    gm = compiled.graph.to(device)
+    synchronize(device.type == "cuda")
+    start = time.perf_counter()
+    result = train_stage(gm, quiet, layers, data, settings, torch.nn.functional.cross_entropy, seed=0,
+                         desc="LAFT stage")
+    synchronize(device.type == "cuda")
+    seconds = time.perf_counter() - start
+    stage._validate = real_validate
+    flat = torch.cat([value.detach().float().flatten().cpu() for _, value in sorted(result.state.items())])
+    sample = flat[torch.linspace(0, len(flat) - 1, 32).long()]
+    return seconds, {"layers": len(layers), "history": [round(v, 4) for v in result.history],
+                     "weights_sample": sample.tolist()}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One world size (this process is one rank, or the only process): rank 0 prints a JSON line per model."""
     set_quiet(True)
     cuda = torch.cuda.is_available()
+    distributed.init()  # torchrun's environment; one process otherwise (also under --nproc-per-node 1)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    from resnet20 import ResNet20, digits_as_cifar
+    if cuda:
+        torch.cuda.set_device(device)
+    hessian = {"batches": args.batches} | ({"probes": 2, "max_iter": 4} if args.tiny else {})
+    for name in args.models:
+        model, splits = model_and_data(name, args.tiny)
+        model = model.to(device)
+        inputs, labels = splits["train"].tensors
+        train = [(inputs[i : i + args.calib_batch].to(device), labels[i : i + args.calib_batch].to(device))
+                 for i in range(0, args.batches * args.calib_batch, args.calib_batch)]
+        splits = {key: TensorDataset(*(t[: args.eval_samples] for t in split.tensors)) if key != "train" else split
+                  for key, split in splits.items()}
+        test = tuple(t.to(device) for t in splits["test"].tensors)
+        hetcomp.compile(model, "pcm+digital", data=train[:1], hessian={"batches": 1, "max_iter": 2, "probes": 1})
+        peak_and_reset(cuda)  # warm-up done
+        synchronize(cuda)
+        start = time.perf_counter()
+        compiled = hetcomp.compile(model, "pcm+digital", data=train, hessian=hessian)
+        synchronize(cuda)
+        hessian_s = time.perf_counter() - start
+        hessian_peak = peak_and_reset(cuda)
+        start = time.perf_counter()
+        result = compiled.evaluate(test, repeats=args.repeats, seed=1)
+        synchronize(cuda)
+        evaluate_s = time.perf_counter() - start
+        peak_and_reset(cuda)
+        laft_s, laft = laft_stage(compiled, splits, device, args)
+        laft_peak = peak_and_reset(cuda)
+        if distributed.is_main():
+            print(json.dumps({
+                "model": name, "world": distributed.world_size(),
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
+                "hessian_s": round(hessian_s, 3), "evaluate_s": round(evaluate_s, 3), "laft_s": round(laft_s, 3),
+                "hessian_peak_gib_per_rank": hessian_peak, "laft_peak_gib_per_rank": laft_peak,
+                "pcm_layers": sum(layer["assignment"] == "pcm" for layer in compiled.manifest.layers),
+                "assignments": [layer["assignment"] for layer in compiled.manifest.layers],
+                "accuracies": result.accuracies,
+                "traces": [layer["metrics"].get("hessian_trace") for layer in compiled.manifest.layers[:4]],
+                "laft": laft,
+            }), flush=True)
+    if distributed.active():
+        torch.distributed.destroy_process_group()
 
-    splits = digits_as_cifar()
-    torch.manual_seed(0)
-    model = ResNet20().to(device)
-    train = [(x.to(device), y.to(device)) for x, y in
-             list(splits.loader("train", batch_size=128, shuffle=False))[: args.batches]]
-    test = splits.test.tensors
-    test = (test[0].to(device), test[1].to(device))
-    hetcomp.compile(model, "pcm+digital", data=train[:1], hessian={"batches": 1, "max_iter": 2, "probes": 1})  # warm
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    dist.barrier()
-    start = time.perf_counter()
-    compiled = hetcomp.compile(model, "pcm+digital", data=train, hessian={"batches": args.batches})
-    if cuda:
-        torch.cuda.synchronize()
-    hessian_s = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if cuda else 0
-    dist.barrier()
-    start = time.perf_counter()
-    result = compiled.evaluate(test, repeats=args.repeats, seed=1)
-    evaluate_s = time.perf_counter() - start
-    peaks = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, peak)
-    if dist.get_rank() == 0:
-        print(json.dumps({
-            "world": dist.get_world_size(), "device": torch.cuda.get_device_name() if cuda else "cpu",
-            "hessian_s": round(hessian_s, 3), "evaluate_s": round(evaluate_s, 3),
-            "peak_gib_per_rank": [round(p / 2**30, 3) for p in peaks],
-            "pcm_layers": sum(layer["assignment"] == "pcm" for layer in compiled.manifest.layers),
-            "accuracies": [round(a, 4) for a in result.accuracies[:5]],
-            "traces": [round(layer["metrics"]["hessian_trace"], 5) for layer in compiled.manifest.layers[:3]],
-        }), flush=True)
-    dist.destroy_process_group()
+
+def run_world(world: int, argv: list[str]) -> dict[str, dict]:
+    """Launch torchrun with ``world`` ranks on this script; its JSON lines by model."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+               str(Path(__file__).resolve()), *argv]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"torchrun with {world} rank(s) failed:\n{done.stderr[-4000:]}")
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {line["model"]: line for line in lines}
+
+
+def compare(one: dict, many: dict, tolerance: float) -> list[str]:
+    """Per phase: seconds on 1 and N ranks, the speedup and whether the results match."""
+    def close(a: list, b: list, rel: float = 1e-5) -> bool:
+        return len(a) == len(b) and all(x == y or (x is not None and y is not None and
+                                                   abs(x - y) <= rel * max(abs(x), abs(y), 1e-12))
+                                        for x, y in zip(a, b))
+
+    weights = max(abs(a - b) for a, b in zip(one["laft"]["weights_sample"], many["laft"]["weights_sample"]))
+    matches = {
+        "hessian": close(one["traces"], many["traces"]) and one["assignments"] == many["assignments"],
+        "evaluate": one["accuracies"] == many["accuracies"],
+        "laft": weights <= tolerance,
+    }
+    rows = []
+    for phase in ("hessian", "evaluate", "laft"):
+        a, b = one[f"{phase}_s"], many[f"{phase}_s"]
+        note = f" (max |weight diff| {weights:.2e}, history {one['laft']['history']} vs {many['laft']['history']})" \
+            if phase == "laft" else ""
+        if phase == "laft" and not matches[phase] and one["device"] == "cpu":
+            note += "; on the CPU a BatchNorm model differs: no SyncBatchNorm there"
+        rows.append(f"{one['model']:<12} {phase:<9} {a:>9.3f} s {b:>9.3f} s {a / b:>7.2f}x   "
+                    f"{'match' if matches[phase] else 'DIFFER'}{note}")
+    for phase in ("hessian", "laft"):
+        rows.append(f"{one['model']:<12} {phase:<9} peak GiB per rank: {one[f'{phase}_peak_gib_per_rank']} -> "
+                    f"{many[f'{phase}_peak_gib_per_rank']}")
+    return rows
+
+
+def driver(args: argparse.Namespace, argv: list[str]) -> None:
+    """Run 1 and ``--ranks`` ranks under torchrun and print the comparison."""
+    passed, skip = [], False
+    for arg in argv:  # the workers' arguments: all but --ranks and --out (and their values)
+        if skip or arg.split("=")[0] in ("--ranks", "--out"):
+            skip = not skip and "=" not in arg
+            continue
+        passed.append(arg)
+    results = {world: run_world(world, passed) for world in (1, args.ranks)}
+    one, many = results[1], results[args.ranks]
+    report = [f"# python bench/scale.py {' '.join(argv)}  ({one[args.models[0]]['device']})",
+              f"{'model':<12} {'phase':<9} {'1 rank':>11} {f'{args.ranks} ranks':>11} {'speedup':>8}   results"]
+    for name in args.models:
+        report += compare(one[name], many[name], args.tolerance)
+    report += [json.dumps(results[world][name]) for world in (1, args.ranks) for name in args.models]
+    text = "\n".join(report)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.ranks is not None and "LOCAL_RANK" not in os.environ:
+        driver(args, argv)
+    else:
+        worker(args)
 
 
 if __name__ == "__main__":

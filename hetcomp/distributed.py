@@ -1,16 +1,22 @@
 """torch.distributed, the one switch: when a default process group is initialized, hetcomp shards its work
-(the Hessian passes' batches, evaluation's repeats) and only rank 0 writes files and prints; otherwise nothing
+(the Hessian passes' batches, evaluation's repeats, row remap's measurements, LAFT and mac-greedy training
+data-parallel) and only rank 0 writes files (saved folders, checkpoints) and prints; otherwise nothing
 changes. ``init()`` starts the group from torchrun's environment, so the same script (or ``torchrun
---nproc-per-node N -m hetcomp compile ...``) runs on one process or many.
+--nproc-per-node N -m hetcomp compile ...``) runs on one process or many. The helpers below (``on_main``,
+``all_agree``, ``broadcast_tensors``, ``barrier``) are no-ops or plain calls in a single process.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import pickle
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def active() -> bool:
@@ -50,3 +56,64 @@ def init(backend: str | None = None) -> bool:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
     return True
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if active() and world_size() > 1:
+        dist.barrier()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and hand its result to every rank; an error ``fn`` raises on rank 0 is raised
+    on every rank (so no rank waits forever in a collective its peers never reach). For work whose result
+    every rank needs but only one should do: file writes, a search that must not differ between ranks."""
+    if not active() or world_size() == 1:
+        return fn()
+    payload: list[Any] = [None]
+    if is_main():
+        try:
+            payload[0] = ("ok", fn())
+        except Exception as error:  # noqa: BLE001 - handed to every rank, raised there and here
+            payload[0] = ("error", _portable(error))
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def all_agree(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank: for checks that must fail on every rank
+    alike when the ranks disagree (every rank then takes the same branch)."""
+    if not active() or world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite each tensor with rank 0's values, in place (every rank passes the same tensors in the same
+    order). A tensor on another device than the backend's (NCCL: this rank's GPU; gloo: the CPU) goes through
+    a copy there: a state dict mixes them (aihwkit hands its tile weights out on the CPU)."""
+    if not active() or world_size() == 1:
+        return
+    nccl = dist.get_backend() == "nccl"
+    for tensor in tensors:
+        data = tensor.detach()
+        if (data.device.type == "cuda") == nccl:
+            dist.broadcast(data, src=0)
+            continue
+        staged = data.to(torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
+        dist.broadcast(staged, src=0)
+        data.copy_(staged)
+
+
+def _portable(error: Exception) -> Exception:
+    """``error`` if it survives pickling (to reach the other ranks), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure: fall back to the text
+        return RuntimeError(f"{type(error).__name__} on rank 0: {error}")

@@ -1,8 +1,16 @@
 """torch.distributed (gloo, 2 and 3 processes on CPU): the Hessian passes shard their calibration batches over the
-ranks and all-reduce every HVP, evaluation splits its hardware repeats; both give what one process gives."""
+ranks and all-reduce every HVP, evaluation splits its hardware repeats; both give what one process gives. LAFT
+trains data-parallel (DistributedDataParallel, each rank a slice of every global batch): one epoch per stage
+gives one process's weights, rank 0 alone writes the checkpoints, and a LAFT run killed under torchrun
+resumes to the uninterrupted result."""
 
+import dataclasses
 import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +19,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import hetcomp
+from hetcomp.errors import ConfigError
+from hetcomp.finetune.data import TrainingData
+from hetcomp.targets.base import TargetSet
+from hetcomp.targets.registry import get
 
 SETTINGS = {"probes": 4, "max_iter": 6, "batches": 4}
 
@@ -88,9 +100,6 @@ def build():
 
 
 def test_torchrun_runs_the_cli_on_every_rank_and_prints_once(tmp_path):
-    import subprocess
-    import sys
-
     (tmp_path / "tiny_dist.py").write_text(TINY_MODEL)
     command = ["--quiet", "compile", f"{tmp_path / 'tiny_dist.py'}:build", "--strategy", "hni-only"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -107,3 +116,239 @@ def test_torchrun_runs_the_cli_on_every_rank_and_prints_once(tmp_path):
     assert [layer["assignment"] for layer in two["layers"]] == [layer["assignment"] for layer in one["layers"]]
     for sharded, whole in zip(two["layers"], one["layers"], strict=True):
         assert sharded["metrics"]["hessian_trace"] == pytest.approx(whole["metrics"]["hessian_trace"], rel=1e-5)
+
+
+def test_shards_deal_every_global_batch_of_one_process_over_the_ranks():
+    """Rank r's shard is slice r of the batch one process trains on; the loss weights make the ranks' mean the
+    global batch's mean; a last batch smaller than the world goes whole to every rank."""
+    data = TrainingData(torch.utils.data.TensorDataset(torch.arange(41.0)[:, None], torch.arange(41) % 3),
+                        (torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)), batch_size=8)
+    single = [x[:, 0].tolist() for x, _ in data.batches(seed=5)]  # 5 batches of 8 and a last one of 1
+    assert [len(b) for b in single] == [8, 8, 8, 8, 8, 1]
+    assert [[int(i) for i in b] for b in single] == data.epoch_indices(5)  # the loader's own batches
+    for world in (2, 3):
+        shards = [list(data.shards(5, rank, world)) for rank in range(world)]
+        for index, batch in enumerate(single):
+            parts = [ranks[index] for ranks in shards]
+            if len(batch) < world:  # whole on every rank, trained without averaging
+                assert all(p.whole and p.weight == 1.0 and p.inputs[:, 0].tolist() == batch for p in parts)
+                continue
+            assert [v for p in parts for v in p.inputs[:, 0].tolist()] == batch
+            assert max(len(p.labels) for p in parts) - min(len(p.labels) for p in parts) <= 1
+            assert all(not p.whole and p.weight == world * len(p.labels) / len(batch) for p in parts)
+
+
+def _step_log_rank(rank, world, store, root):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from hetcomp.errors import CheckpointError
+        from hetcomp.storage import StepLog
+
+        tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+        shared = StepLog(root / "shared", "k", "LAFT")
+        shared.restart()
+        shared.append({"step": 0}, tensors)
+        shared.append({"step": 1})
+        resumed = StepLog(root / "shared", "k", "LAFT")
+        assert resumed.resume() == [{"step": 0}, {"step": 1}]  # every rank reads what rank 0 wrote
+        assert torch.equal(resumed.latest_tensors(tensors)["w"], tensors["w"])
+        local = StepLog(root / f"node-{rank}", "k", "LAFT")  # a folder each rank sees alone
+        local.restart()
+        local.append({"step": 0}, tensors)
+        with pytest.raises(CheckpointError, match=r"ranks \[1\] read other LAFT checkpoints .* every rank sees"):
+            StepLog(root / f"node-{rank}", "k", "LAFT").resume()
+        dist.barrier()
+        if rank == 0:
+            (root / "shared" / "k" / "step-00.safetensors").write_bytes(b"replaced")
+        dist.barrier()
+        with pytest.raises(CheckpointError, match="step-00.safetensors is corrupted"):  # on every rank alike
+            StepLog(root / "shared", "k", "LAFT").resume()
+        with pytest.raises(ConfigError, match="ranks describe different LAFT runs"):
+            StepLog(None, f"key-{rank}", "LAFT")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_step_log_under_two_ranks_rank_0_writes_every_rank_reads_and_all_raise_alike(tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_step_log_rank, args=(2, str(tmp_path / "store"), tmp_path), nprocs=2, join=True)
+    assert not (tmp_path / "node-1").exists()  # rank 1 wrote nothing, not even its own folder
+    assert sorted(p.name for p in (tmp_path / "shared" / "k").iterdir()) == ["progress.json", "step-00.safetensors"]
+
+
+def tiny_task():
+    """A tiny MLP (four Linear layers) on a learnable task: 75 training samples (in batches of 16 the last batch,
+    11, splits 6 + 5 over two ranks) and 24 validation samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 3))
+    x, xv, w = torch.randn(75, 6), torch.randn(24, 6), torch.randn(6, 3)
+    return model, (x, (x @ w).argmax(1)), (xv, (xv @ w).argmax(1))
+
+
+def quiet_pcm():
+    """PCM without aihwkit's per-sample output noise (``out_noise``); the training weight noise stays on."""
+    pcm = get("pcm")
+    return TargetSet.of([get("digital"), dataclasses.replace(pcm, name="pcm-quiet",
+                                                             device={**pcm.device, "out_noise": 0.0})])
+
+
+def training(checkpoint_dir, batch_size=16, **settings):
+    return hetcomp.LAFT(epochs=1, patience=1, val_repeats=2, val_data=tiny_task()[2], batch_size=batch_size,
+                        lr_analog=0.05, lr_digital=0.05, checkpoint_dir=checkpoint_dir, **settings)
+
+
+def laft_run(checkpoint_dir, quiet=True, batch_size=16, **settings):
+    """A 2-stage LAFT (first-last-digital: the two inner layers on PCM), one epoch a stage."""
+    model, data, _ = tiny_task()
+    return hetcomp.compile(model, quiet_pcm() if quiet else "pcm+digital", data=data, strategy="first-last-digital",
+                           hessian={"probes": 2, "max_iter": 3, "batches": 1},
+                           finetune=training(checkpoint_dir, batch_size, **settings))
+
+
+def greedy_run(checkpoint_dir):
+    """mac-greedy over the four layers (each candidate a one-epoch stage, then 2 hardware repeats)."""
+    model, data, _ = tiny_task()
+    return hetcomp.compile(model, quiet_pcm(), data=data, strategy=hetcomp.strategies.mac_greedy(0.3, eval_repeats=2),
+                           finetune=training(checkpoint_dir))
+
+
+def remap_run():
+    """H3PIMAP with a user quality function: NSGA-II, then row remap measuring 3 repeats per step."""
+    model, data, val = tiny_task()
+
+    def quality(module, data):
+        return float((module(data[0]).argmax(-1) == data[1]).float().mean())
+
+    strategy = hetcomp.strategies.pareto(population=8, generations=4, repeats=3, max_steps=3, quality=quality,
+                                         val_data=val)
+    return hetcomp.compile(model, "pcm+digital", data=data, strategy=strategy,
+                           hessian={"probes": 2, "max_iter": 3, "batches": 1})
+
+
+def summary(laft, noisy, greedy, remap):
+    """What the one-process and the data-parallel runs are compared on (weights as lists, records without
+    their timings and rank counts)."""
+    def weights(compiled):
+        return {k: v.tolist() for k, v in compiled.graph.state_dict().items()}
+
+    def records(entries):
+        return [{k: v for k, v in entry.items() if k not in ("seconds", "ranks")} for entry in entries]
+
+    return {"laft": weights(laft), "noisy": weights(noisy), "greedy": weights(greedy),
+            "stages": records(laft.manifest.extra["finetune"]["stages"]),
+            "ranks": [s.get("ranks", 1) for s in laft.manifest.extra["finetune"]["stages"]],
+            "trials": records(greedy.manifest.extra["finetune"]["trials"]),
+            "remap": remap.manifest.extra["row_remap"]["trajectory"], "pareto": remap.manifest.extra["pareto"],
+            "assignments": [layer["assignment"] for layer in remap.manifest.layers]}
+
+
+def _training_rank(rank, world, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from hetcomp.storage import checkpoints
+
+        written = []
+        real_write = checkpoints.write_atomic
+
+        def recording(path, content):
+            written.append(str(Path(path).relative_to(Path(out).parent)))
+            return real_write(path, content)
+
+        checkpoints.write_atomic = recording  # in this spawned process only
+        result = summary(laft_run(f"{out}.laft"), laft_run(None, quiet=False), greedy_run(f"{out}.greedy"),
+                         remap_run())
+        with pytest.raises(ConfigError, match="smaller than the 2 torch.distributed ranks"):
+            laft_run(None, batch_size=1)
+        with open(f"{out}.{rank}", "w") as handle:
+            json.dump({**result, "written": written}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_laft_mac_greedy_and_row_remap_under_two_ranks_equal_one_process_and_rank_0_writes(tmp_path):
+    single = summary(laft_run(None), laft_run(None, quiet=False), greedy_run(None), remap_run())
+    assert [s["best_epoch"] for s in single["stages"]] == [1, 1]  # both stages trained, and kept, new weights
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_training_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "run")), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"run.{rank}").read_text()) for rank in range(2)]
+    # Every rank ends with the same weights, also with aihwkit's per-sample output noise on ("noisy").
+    assert {k: v for k, v in ranks[1].items() if k != "written"} == {k: v for k, v in ranks[0].items()
+                                                                      if k != "written"}
+    # Weight-noise injection on, output noise off: one process's weights, up to float reduction order.
+    for run in ("laft", "greedy"):
+        for name, value in single[run].items():
+            torch.testing.assert_close(torch.tensor(ranks[0][run][name]), torch.tensor(value), rtol=1e-5, atol=1e-6)
+    assert ranks[0]["stages"] == single["stages"] and ranks[0]["ranks"] == [2, 2]
+    assert ranks[0]["trials"] == single["trials"]  # mac-greedy: the same verdicts from the sharded evaluation
+    # NSGA-II on rank 0, broadcast; row remap's quality repeats split over the ranks: one process's trajectory.
+    for key in ("remap", "pareto", "assignments"):
+        assert ranks[0][key] == single[key], key
+    # Rank 0 alone wrote the checkpoints: each step's tensors and the progress file listing them.
+    assert ranks[1]["written"] == []
+    files = {str(p.relative_to(tmp_path)) for run in ("laft", "greedy") for p in (tmp_path / f"run.{run}").rglob("*")
+             if p.is_file()}
+    assert set(ranks[0]["written"]) == files
+    (laft_folder,) = (tmp_path / "run.laft").iterdir()
+    assert sorted(p.name for p in laft_folder.iterdir()) == ["progress.json", "step-00.safetensors",
+                                                             "step-01.safetensors"]
+
+
+KILLED_LAFT = """
+import json, os, sys
+import torch
+sys.path.insert(0, {tests!r})
+import hetcomp.distributed
+from hetcomp.finetune import laft
+from hetcomp.finetune.data import TrainingData
+from hetcomp.progress import set_quiet
+from test_distributed import laft_run
+
+set_quiet(True)
+torch.set_num_threads(1)
+hetcomp.distributed.init()
+rank = hetcomp.distributed.rank()
+real_stage, real_shards, calls = laft.train_stage, TrainingData.shards, []
+
+
+def train_stage(*args, **kwargs):
+    calls.append(kwargs["desc"])
+    return real_stage(*args, **kwargs)
+
+
+def shards(self, *args, **kwargs):
+    for index, shard in enumerate(real_shards(self, *args, **kwargs)):
+        if os.environ.get("KILL_IN_STAGE") == str(len(calls)) and rank == 1 and index == 2:
+            os._exit(9)  # killed in the middle of a stage, after two data-parallel steps: no clean-up
+        yield shard
+
+
+laft.train_stage, TrainingData.shards = train_stage, shards
+compiled = laft_run({checkpoints!r})
+if rank == 0:
+    json.dump({{"calls": calls, "weights": {{k: v.tolist() for k, v in compiled.graph.state_dict().items()}}}},
+              open({out!r}, "w"))
+"""
+
+
+def test_laft_killed_under_torchrun_resumes_to_the_uninterrupted_result(tmp_path):
+    uninterrupted = laft_run(None)
+    script = tmp_path / "killed_laft.py"
+    script.write_text(KILLED_LAFT.format(tests=str(Path(__file__).parent), checkpoints=str(tmp_path / "ckpt"),
+                                         out=str(tmp_path / "resumed.json")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_IN_STAGE": "2"}
+    killed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert killed.returncode != 0 and not (tmp_path / "resumed.json").exists()
+    assert re.search(r"exitcode\s*:\s*9\b", killed.stderr), killed.stderr[-3000:]  # rank 1's kill, no other error
+    (folder,) = (tmp_path / "ckpt").iterdir()
+    assert len(json.loads((folder / "progress.json").read_text())["steps"]) == 1  # stage 1 finished, stage 2 not
+    del env["KILL_IN_STAGE"]
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads((tmp_path / "resumed.json").read_text())
+    assert len(result["calls"]) == 1 and result["calls"][0].startswith("LAFT stage 2/2")  # only the stage left
+    for name, value in uninterrupted.graph.state_dict().items():
+        torch.testing.assert_close(torch.tensor(result["weights"][name]), value, rtol=1e-5, atol=1e-6)

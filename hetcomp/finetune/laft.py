@@ -14,6 +14,12 @@ key (``training_run_key``) hashes everything a stage depends on, so ``resume=Tru
 same run (a changed model, data, target or setting starts a new run in a folder of its own), and a stage
 file that does not match its checksum is refused (CheckpointError) rather than loaded; ``resume=False``
 starts the run over.
+
+Under torch.distributed (the same script under torchrun) the stages stay sequential and each one trains
+data-parallel over the ranks (``train_stage``: DistributedDataParallel, every rank a slice of each global
+batch of ``batch_size``); rank 0 alone writes the checkpoints and every rank reads them on resume (StepLog),
+so a run killed under torchrun resumes under torchrun (with any number of ranks) after its last finished
+stage. Every rank ends with the same weights.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ LAFT's (hetcomp.storage.StepLog, keyed by ``training_run_key``): after each cand
 the retrained state when the candidate is accepted (a rejected one changes no weights, so it writes no
 tensor file); a killed search resumes after the last finished candidate (``resume=True``), reaching the
 same result, and a changed run starts over in a folder of its own.
+
+Under torch.distributed each candidate's stage trains data-parallel (``train_stage``), its acceptance test is
+the sharded evaluation (the repeats split over the ranks, the same score on every rank, hence the same
+verdict), and rank 0 alone writes the checkpoints (StepLog).
 """
 
 from __future__ import annotations

@@ -6,11 +6,28 @@ training-noise modifier to analog weights in train mode), trains with AnalogSGD 
 rates for analog and digital parameters), validates after every epoch in eval mode (read/ADC noise,
 no drift), and stops after ``patience`` epochs without gain. The pre-training validation score is
 the initial best, so a stage never returns weights worse on validation than those it started from.
+
+Under torch.distributed (``hetcomp.distributed.active()``) the stage trains data-parallel: the lowered model is
+wrapped in ``DistributedDataParallel`` (on its own device: each rank's model on its GPU with NCCL, on the CPU
+with gloo), every rank trains on its slice of each global batch of ``batch_size`` samples
+(``TrainingData.shards``, the same global batches as one process) and DDP averages the gradients, so the stage
+computes what one process computes, up to float reduction order (a mean-reduced loss is assumed, as
+cross-entropy's default). aihwkit's ``AnalogContext`` parameters are left out of DDP: they are placeholder
+views of the tile's own weight parameter (the torch tile's ``tile.weight``, the C++ InferenceTile's
+``shared_weights``), which DDP averages like any parameter. Every rank seeds the training noise as one process
+does, so a weight-noise draw (one per batch, the same for all its samples) is the same on every rank and
+the same as one process's; noise drawn per sample (aihwkit's output noise ``out_noise``, dropout) is drawn
+per rank, so with it the run differs from one process (see the README's Scaling section). BatchNorm
+statistics are synchronized over the ranks on CUDA (``SyncBatchNorm``: the global batch's statistics); on
+the CPU torch has no SyncBatchNorm, so each rank normalizes by its own slice's statistics and the running
+statistics are rank 0's. Validation is ``validation_accuracy`` (the sharded evaluation when it programs and
+drifts; whole on every rank with ``val_t_inference=None``), rank 0's score decides, and the stage returns rank
+0's weights on every rank (identical anyway: every rank applied the same averaged update).
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
+from hetcomp import distributed
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import accuracy_labels, batched_logits, evaluate
 from hetcomp.finetune.data import TrainingData
@@ -56,11 +75,13 @@ class StageResult:
     history: list[float]
     seconds: float
     state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    ranks: int = 1  # data-parallel ranks the stage trained on (torch.distributed world size)
 
     def record(self) -> dict[str, Any]:
-        return {"layers": self.layers, "start_val": self.start_val, "best_val": self.best_val,
-                "best_epoch": self.best_epoch, "epochs": self.epochs, "history": self.history,
-                "seconds": round(self.seconds, 3)}
+        record = {"layers": self.layers, "start_val": self.start_val, "best_val": self.best_val,
+                  "best_epoch": self.best_epoch, "epochs": self.epochs, "history": self.history,
+                  "seconds": round(self.seconds, 3)}
+        return record if self.ranks == 1 else {**record, "ranks": self.ranks}
 
 
 def validation_accuracy(module: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], repeats: int,
@@ -68,11 +89,11 @@ def validation_accuracy(module: torch.nn.Module, val: tuple[torch.Tensor, torch.
                         batch_size: int = 256) -> float:
     """Mean top-1 accuracy over ``repeats`` noisy passes, seeded.
 
-    ``t_inference=None``: eval-mode forward noise only (read noise, ADC). Otherwise each repeat programs
-    and drifts a copy of the module (drift overwrites tile weights, so the trained module is untouched).
+    ``t_inference=None``: eval-mode forward noise only (read noise, ADC). Otherwise each repeat is programmed
+    and drifted (``evaluate``: repeat-vectorized, and it never changes ``module``).
     """
     if t_inference is not None and report is not None and lowered_modules(report):
-        return evaluate(copy.deepcopy(module), report, val, repeats=repeats, t_inference=t_inference,
+        return evaluate(module, report, val, repeats=repeats, t_inference=t_inference,
                         seed=seed, batch_size=batch_size).mean
     device = next(module.parameters()).device
     was_training = module.training
@@ -93,8 +114,14 @@ def validation_accuracy(module: torch.nn.Module, val: tuple[torch.Tensor, torch.
 def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[str], data: TrainingData,
                 settings: StageSettings, loss_fn: Callable, seed: int, desc: str) -> StageResult:
     """Fine-tune ``gm`` with ``analog_layers`` lowered; returns the validation-best digital state. The optimizer
-    is the lowered layers' simulator's (aihwkit: AnalogSGD; one simulator per stage: LAFT checks it)."""
+    is the lowered layers' simulator's (aihwkit: AnalogSGD; one simulator per stage: LAFT checks it). Under
+    torch.distributed it trains data-parallel over the ranks and returns the same result on every rank."""
     start = time.perf_counter()
+    world = distributed.world_size()
+    if world > 1 and data.batch_size < world:
+        raise ConfigError(f"fine-tuning batch_size {data.batch_size} is smaller than the {world} torch.distributed "
+                          f"ranks: every rank would train on every sample; use batch_size >= {world} (the global "
+                          "batch: each rank trains on batch_size / world samples of it)")
     lowered, report = lower_graph(gm, targets, layers=analog_layers)
     device = next(lowered.parameters()).device
     analog_prefixes = tuple(name + "." for name in lowered_modules(report))
@@ -110,28 +137,33 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
         raise ConfigError(f"one fine-tuning stage trains layers of several simulators ({names}); fine-tune one "
                           "device's layers at a time")
     simulator = next(iter(simulators.values()), Simulator())
+    model = _data_parallel(lowered, device) if world > 1 else lowered  # before the optimizer: SyncBatchNorm
     optimizer = simulator.optimizer(groups, lr=settings.lr_analog, momentum=settings.momentum)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
                  if settings.lr_decay else None)
     val_seed = derive_seed(seed, "validation")
-    best_val = start_val = validation_accuracy(lowered, data.val, settings.val_repeats, val_seed,
-                                                   settings.val_t_inference, report)
+    best_val = start_val = _validate(lowered, data, settings, val_seed, report)
     best_state = digital_state_dict(lowered, report)
     best_epoch, since_best, history = 0, 0, []
     progress_bar = bar(settings.epochs, desc)
+    rank = distributed.rank()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # The same noise seed on every rank: a per-batch weight-noise draw is the one a single process makes.
         torch.manual_seed(derive_seed(seed, "noise"))
         for epoch in range(1, settings.epochs + 1):
             lowered.train()
-            for inputs, labels in data.batches(derive_seed(seed, "epoch", epoch)):
+            for shard in data.shards(derive_seed(seed, "epoch", epoch), rank, world):
                 optimizer.zero_grad()
-                loss = loss_fn(lowered(inputs.to(device)), labels.to(device))
-                loss.backward()
+                # A batch every rank holds whole: the same step on every rank, no gradient averaging needed.
+                with model.no_sync() if world > 1 and shard.whole else contextlib.nullcontext():
+                    loss = loss_fn(model(shard.inputs.to(device)), shard.labels.to(device))
+                    if shard.weight != 1.0:  # a last batch that does not divide evenly over the ranks
+                        loss = loss * shard.weight
+                    loss.backward()
                 optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            val = validation_accuracy(lowered, data.val, settings.val_repeats, val_seed, settings.val_t_inference,
-                                      report)
+            val = _validate(lowered, data, settings, val_seed, report)
             history.append(val)
             progress_bar.update(1)
             progress_bar.set_postfix(val=f"{val:.4f}", best=f"{max(best_val, val):.4f}")
@@ -143,5 +175,38 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
                 if since_best >= settings.patience:
                     break
     progress_bar.close()
+    distributed.broadcast_tensors(best_state.values())  # rank 0's weights on every rank (bitwise the same)
     return StageResult(list(analog_layers), start_val, best_val, best_epoch, len(history), history,
-                       time.perf_counter() - start, best_state)
+                       time.perf_counter() - start, best_state, world)
+
+
+def _validate(lowered: fx.GraphModule, data: TrainingData, settings: StageSettings, seed: int,
+              report: dict) -> float:
+    """``validation_accuracy`` of the lowered model; under torch.distributed after rank 0's buffers (BatchNorm
+    running statistics, which a CPU run updates per rank) are copied to every rank, and rank 0's score is
+    every rank's, so that early stopping takes the same branch on every rank."""
+    distributed.broadcast_tensors(buffer for _, buffer in sorted(lowered.named_buffers()))
+    score = validation_accuracy(lowered, data.val, settings.val_repeats, seed, settings.val_t_inference, report)
+    return distributed.on_main(lambda: score)
+
+
+def _data_parallel(lowered: fx.GraphModule, device: torch.device) -> torch.nn.Module:
+    """``lowered`` wrapped in DistributedDataParallel for this rank's device (BatchNorm synchronized on CUDA);
+    aihwkit's AnalogContext placeholders are left out (the tile's own weight parameter carries the gradient)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cpu" and dist.get_backend() == "nccl":
+        raise ConfigError("fine-tuning under torch.distributed with NCCL needs each rank's model on its GPU "
+                          "(model.to(f'cuda:{LOCAL_RANK}') before compile); a CPU model trains with gloo")
+    ignored = []
+    for module in lowered.modules():
+        if getattr(module, "supports_ddp", True) is False:  # aihwkit's analog training tiles
+            raise ConfigError(f"aihwkit tile {type(module).__name__} cannot train under DistributedDataParallel; "
+                              "use an inference tile (tile='torch', the default, or 'cpp') or one process")
+    for name, parameter in lowered.named_parameters():
+        if type(parameter).__name__ == "AnalogContext":
+            ignored.append(name)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(lowered, ignored)
+    if device.type == "cuda":
+        lowered = torch.nn.SyncBatchNorm.convert_sync_batchnorm(lowered)
+    return DistributedDataParallel(lowered, device_ids=[device.index] if device.type == "cuda" else None)

@@ -4,7 +4,8 @@ Layers a user pass already assigned stay where they are (their counts are fixed)
 (latency, energy and row counts of each point) goes to the manifest's ``extra["pareto"]``; the point
 chosen here (``choose``: "knee" = nearest the ideal point after normalizing both objectives over the
 front, "min-latency" or "min-energy") is applied, most sensitive rows on the most accurate tiers. A
-following ``RowRemap`` pass re-chooses among the front by measured accuracy.
+following ``RowRemap`` pass re-chooses among the front by measured accuracy. Under torch.distributed the
+search runs on rank 0 (it is fast) and its result is broadcast, so every rank applies the same point.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch.fx as fx
 
-from hetcomp import checks
+from hetcomp import checks, distributed
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.partition.mapping_cost import MappingProblem
 from hetcomp.partition.rows import apply_counts, counts_of
@@ -66,7 +67,10 @@ class ParetoSearch(Pass):
         from hetcomp.partition.nsga import run_nsga2  # pymoo is imported only when the search runs
 
         problem = mapping_problem(gm, ctx, self.samples)
-        result = run_nsga2(problem, self.population, self.generations, seed=ctx.seed)
+        # Under torch.distributed rank 0 alone searches and every rank takes its front: seeded NSGA-II is
+        # deterministic, but floats computed on other nodes' CPUs need not be bitwise equal, and every rank
+        # must apply the same counts.
+        result = distributed.on_main(lambda: run_nsga2(problem, self.population, self.generations, seed=ctx.seed))
         chosen = choose_point(result.latency_s, result.energy_j, self.choose)
         for annotation, counts in zip((a for _, a in mappable_nodes(gm)), result.counts[chosen]):
             if annotation.assignment is None:

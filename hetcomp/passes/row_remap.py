@@ -15,7 +15,8 @@ Within every layer the most sensitive rows sit on the most accurate tiers (``app
 trajectory (accuracy, latency, energy and the move of every step) goes to ``extra["row_remap"]``.
 Accuracy is top-1 on ``val_data`` (default: the data given to compile). ``quality=f(module, data) ->
 float`` replaces it (e.g. perplexity, with ``higher_is_better=False``; H3PIMAP's tolerance is 0.1 PPL),
-averaged over ``repeats`` noisy repeats.
+averaged over ``repeats`` noisy repeats. Under torch.distributed the repeats of every measurement are split
+over the ranks (``_score``): each rank gets the single-process value, so every rank makes the same moves.
 
 ``checkpoint=FOLDER``: the run is checkpointed with hetcomp.storage.StepLog (the mechanism of LAFT and
 mac-greedy) in ``FOLDER/<run key>/progress.json``, one step per measurement round: step 0 records the
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from hetcomp import checks
+from hetcomp import checks, distributed
 from hetcomp.data import take_batches
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate, hardware_repeat
@@ -90,15 +91,22 @@ class RowRemap(Pass):
         return baseline - value if self.higher_is_better else value - baseline
 
     def _score(self, module: torch.nn.Module, report: dict, data, seed: int) -> float:
+        """The mean quality over ``repeats`` hardware repeats. Under torch.distributed the repeats are split over
+        the ranks (top-1: the sharded ``evaluate``; a ``quality`` function: each rank runs every world-th
+        repeat, seeded (seed, repeat) as in one process, and the values are gathered in repeat order), so every
+        rank gets the single-process mean and takes the same next move."""
         if self.quality is None:
             return evaluate(module, report, data, repeats=self.repeats, seed=seed).mean
-        values = []
+        rank, world = distributed.rank(), distributed.world_size()
+        mine = {}
         module.eval()
         with torch.no_grad():
-            for repeat in range(self.repeats):
+            for repeat in range(rank, self.repeats, world):
                 with hardware_repeat(module, report, 86400.0, seed, repeat):
-                    values.append(float(self.quality(module, data)))
-        return sum(values) / len(values)
+                    mine[repeat] = float(self.quality(module, data))
+        values = {repeat: value for part in distributed.all_agree(mine) for repeat, value in part.items()}
+        ordered = [values[repeat] for repeat in range(self.repeats)]
+        return sum(ordered) / len(ordered)
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         data = self.val_data if self.val_data is not None else ctx.data

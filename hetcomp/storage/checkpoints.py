@@ -19,6 +19,12 @@ list well-formed steps; every listed tensor file must be present with the record
 tensor file that is loaded must parse, hold finite tensors and (when given) the expected names and
 shapes. Anything else raises ``CheckpointError`` naming the file and the fix ("resume with resume=False or
 delete DIR"), never a silent load or a silent restart.
+
+Under torch.distributed (torchrun) every rank keeps the same log: rank 0 alone writes (``restart`` and
+``append``; the others wait for it and take its file entry, or its error), every rank reads and verifies on
+resume (the folder must be one every rank sees: a shared filesystem across nodes). The ranks then compare
+what they read: if any rank failed, or they read different steps (a node-local folder), every rank raises
+the same CheckpointError, so no rank goes on alone.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hetcomp import distributed
 from hetcomp.errors import CheckpointError, ConfigError
 from hetcomp.storage.files import sha256_bytes, sha256_file, write_atomic
 
@@ -99,6 +106,11 @@ class StepLog:
         if root is not None and Path(root).exists() and not Path(root).is_dir():
             raise ConfigError(f"{method} checkpoint folder {root} is a file; pass a folder (each run keeps its "
                               "steps in <folder>/<run key>/)")
+        keys = distributed.all_agree(key)  # one process: [key]
+        if len(set(keys)) > 1:
+            raise ConfigError(f"the torch.distributed ranks describe different {method} runs (run keys {keys}): "
+                              "every rank must pass the same model, data, targets and settings (hetcomp shards "
+                              "the work itself)")
         self.key, self.method, self.restart_with = key, method, restart_with
         self.directory = None if root is None else Path(root) / key
         self._steps: list[dict[str, Any]] | None = None  # per finished step: {"record": ..., "tensors": ...}
@@ -113,7 +125,11 @@ class StepLog:
     def resume(self) -> list[dict[str, Any]]:
         """The records of the finished steps, in order, after verifying progress.json and every tensor file
         it lists (CheckpointError if progress.json is malformed or for another run, or a file is missing,
-        truncated or replaced). [] for a run not started (or ``root=None``)."""
+        truncated or replaced). [] for a run not started (or ``root=None``). Under torch.distributed every
+        rank reads, and every rank raises if any rank failed or the ranks read different steps."""
+        return self._on_every_rank(self._resume, lambda records: _digest(self._steps), PROGRESS)
+
+    def _resume(self) -> list[dict[str, Any]]:
         self._steps = []
         if self.directory is None or not (self.directory / PROGRESS).exists():
             return []
@@ -156,7 +172,12 @@ class StepLog:
 
     def tensors(self, index: int, expected: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Step ``index``'s tensors, verified: its checksum (again: the bytes read are the bytes checked),
-        parseable, finite, and with ``expected``'s names and shapes (e.g. the model's state dict)."""
+        parseable, finite, and with ``expected``'s names and shapes (e.g. the model's state dict). Every rank
+        reads them (and raises if any rank could not)."""
+        return self._on_every_rank(lambda: self._tensors(index, expected),
+                                   lambda state: self._steps[index]["tensors"]["sha256"], step_file(index))
+
+    def _tensors(self, index: int, expected: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load as safetensors_load
 
@@ -198,37 +219,87 @@ class StepLog:
     # -- writing --------------------------------------------------------------------------------------------
     def restart(self) -> list[dict[str, Any]]:
         """Start from the first step: the run's progress.json is emptied (first, so the folder is consistent at
-        every moment) and its step files removed. Returns [] (no finished steps), as ``resume`` would."""
+        every moment) and its step files removed. Returns [] (no finished steps), as ``resume`` would. Rank 0
+        alone touches the files (the other ranks wait for it)."""
         self._steps = []
-        if self.directory is not None and self.directory.is_dir():
+        if self.directory is not None:
+            distributed.on_main(self._clear)
+        return []
+
+    def _clear(self) -> None:
+        if self.directory.is_dir():
             if (self.directory / PROGRESS).exists():
                 self._write_progress()
             for stale in self.directory.glob("step-*.safetensors"):
                 stale.unlink(missing_ok=True)
-        return []
 
     def append(self, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Record the next step: its tensors (if any) to ``step-NN.safetensors``, then progress.json listing
         it. ``record`` must be JSON-able (numpy values are written as lists). A log neither resumed nor
-        restarted is restarted first."""
+        restarted is restarted first. Under torch.distributed every rank calls it with the same record and
+        tensors; rank 0 writes and the others take its file entry when it is done (or raise its error)."""
         if self._steps is None:
             self.restart()
         if self.directory is None:
             self._steps.append({"record": dict(record), "tensors": None})
             return
-        entry = None
-        if tensors is not None:
-            from safetensors.torch import save as safetensors_bytes
 
-            # Clones: safetensors refuses tensors that share storage (tied weights).
-            content = safetensors_bytes({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
-            name = step_file(len(self._steps))
-            write_atomic(self.directory / name, content)  # the tensors before the progress that lists them
-            entry = {"file": name, "bytes": len(content), "sha256": sha256_bytes(content)}
-        self._steps.append({"record": dict(record), "tensors": entry})
-        self._write_progress()
+        def write() -> dict[str, Any] | None:
+            entry = None
+            if tensors is not None:
+                from safetensors.torch import save as safetensors_bytes
+
+                # Clones: safetensors refuses tensors that share storage (tied weights).
+                content = safetensors_bytes({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
+                name = step_file(len(self._steps))
+                write_atomic(self.directory / name, content)  # the tensors before the progress that lists them
+                entry = {"file": name, "bytes": len(content), "sha256": sha256_bytes(content)}
+            self._steps.append({"record": dict(record), "tensors": entry})
+            try:
+                self._write_progress()
+            except BaseException:
+                self._steps.pop()  # not written: not a finished step
+                raise
+            return entry
+
+        entry = distributed.on_main(write)
+        if not distributed.is_main():
+            self._steps.append({"record": dict(record), "tensors": entry})
 
     def _write_progress(self) -> None:
         write_atomic(self.directory / PROGRESS, json.dumps(
             {"format": FORMAT, "method": self.method, "run_key": self.key, "steps": self._steps},
             indent=1, default=_jsonable))
+
+    # -- torch.distributed ----------------------------------------------------------------------------------
+    def _on_every_rank(self, read: Any, summary: Any, name: str) -> Any:
+        """``read()`` on every rank; then the ranks compare: a failure on any rank, or another ``summary`` of
+        what was read than rank 0's, is a CheckpointError on every rank (the same one), so that no rank goes
+        on from a checkpoint its peers did not see. One process: ``read()``."""
+        if not distributed.active() or distributed.world_size() == 1:
+            return read()
+        try:
+            result, error = read(), None
+        except (CheckpointError, OSError) as failure:
+            result, error = None, failure
+        seen = distributed.all_agree(("read", summary(result)) if error is None else
+                                     ("checkpoint" if isinstance(error, CheckpointError) else "os", str(error)))
+        failed = [(rank, status, text) for rank, (status, text) in enumerate(seen) if status != "read"]
+        if failed:  # the first failing rank's error, on every rank
+            rank, status, text = failed[0]
+            if error is not None and str(error) == text and isinstance(error, CheckpointError):
+                raise error
+            raise CheckpointError(text if status == "checkpoint" else f"rank {rank} could not read {self.method} "
+                                  f"checkpoint {self.directory / name}: {text}") from error
+        if any(text != seen[0][1] for _, text in seen):
+            ranks = [rank for rank, (_, text) in enumerate(seen) if text != seen[0][1]]
+            raise CheckpointError(
+                f"torch.distributed ranks {ranks} read other {self.method} checkpoints in {self.directory} than "
+                "rank 0 (rank 0 alone writes them): put the checkpoint folder on a filesystem every rank sees "
+                "(a shared folder across nodes)")
+        return result
+
+
+def _digest(steps: Any) -> str:
+    """A short hash of a log's steps (what the ranks compare after resuming)."""
+    return sha256_bytes(json.dumps(steps, sort_keys=True, default=_jsonable).encode())[:16]
