@@ -55,6 +55,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=40, help="hardware repeats of the evaluation")
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="test (and LAFT validation) samples used (default: the whole splits)")
+    parser.add_argument("--eval-images", type=int, default=None,
+                        help="tile the test split to this many images for the evaluation (default: as it is)")
     parser.add_argument("--laft-samples", type=int, default=8192, help="training samples of the LAFT stage")
     parser.add_argument("--laft-batch", type=int, default=256, help="global batch of the LAFT stage")
     parser.add_argument("--laft-epochs", type=int, default=1)
@@ -168,6 +170,9 @@ def worker(args: argparse.Namespace) -> None:
         splits = {key: TensorDataset(*(t[: args.eval_samples] for t in split.tensors)) if key != "train" else split
                   for key, split in splits.items()}
         test = tuple(t.to(device) for t in splits["test"].tensors)
+        if args.eval_images:  # a larger evaluation workload: the test split repeated
+            copies = -(-args.eval_images // len(test[1]))
+            test = tuple(t.repeat(copies, *[1] * (t.dim() - 1))[: args.eval_images] for t in test)
         hetcomp.compile(model, "pcm+digital", data=train[:1], hessian={"batches": 1, "max_iter": 2, "probes": 1})
         peak_and_reset(cuda)  # warm-up done
         synchronize(cuda)
