@@ -112,12 +112,14 @@ def test_bound_management_reruns_per_repeat_and_tile():
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
-def _same_distribution(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Per element, Monte-Carlo means agree (|z| > 4 for under 0.5% of elements) and the stds agree within 5%."""
+def _same_distribution(a: torch.Tensor, b: torch.Tensor, std_tolerance: float = 0.05) -> bool:
+    """Per element, Monte-Carlo means agree (|z| > 4 for under 0.5% of elements) and the stds, averaged over the
+    elements, agree within ``std_tolerance`` (5%: many elements; a few elements need more: the std of n draws
+    scatters by about 1/sqrt(2n))."""
     n = a.shape[0]
     z = (a.mean(0) - b.mean(0)) / torch.sqrt(a.var(0) / n + b.var(0) / n).clamp(min=1e-12)
     std_ratio = (a.std(0).mean() / b.std(0).mean()).item()
-    return bool((z.abs() > 4).float().mean() < 0.005) and abs(std_ratio - 1) < 0.05
+    return bool((z.abs() > 4).float().mean() < 0.005) and abs(std_ratio - 1) < std_tolerance
 
 
 def test_drawn_realizations_have_aihwkits_distribution():
@@ -128,7 +130,7 @@ def test_drawn_realizations_have_aihwkits_distribution():
     drawn = draw_realizations(layer, 86400.0, list(range(draws)), list(range(draws)))
     # effective weights (drift-compensated) and alpha: same mean and spread as aihwkit's own programming
     assert _same_distribution(weights * alpha[..., None, None], drawn.weights * drawn.alpha[..., None, None])
-    assert _same_distribution(alpha, drawn.alpha)
+    assert _same_distribution(alpha, drawn.alpha, std_tolerance=0.2)  # 2 tiles x 300 draws
     # the comparison can fail: 30% more programming noise is told apart
     noisier = dataclasses.replace(PCM, name="pcm-noisier", device={**PCM.device, "prog_noise_scale": 1.3})
     other = lower_module(digital, noisier).eval()

@@ -25,6 +25,7 @@ its own ``torch.Generator``; so a repeat's result does not depend on how repeats
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,6 +337,18 @@ class RepeatedAnalogLayer:
         from aihwkit.simulator.parameters.enums import NoiseManagementType
 
         self.abs_max_scaled = (self.io.noise_management == NoiseManagementType.ABS_MAX and self.io.nm_thres <= 0.0)
+        self.pooled = self._poolable()
+
+    def _poolable(self) -> bool:
+        """Whether the convolution can skip materializing patches (``_pooled_conv``): abs-max noise management, no
+        input noise, and tiles that read whole input channels in order (one tile, a grouped convolution's
+        groups, or an array split on channel boundaries)."""
+        conv, plan, io = self.lay.conv, self.geometry.plan, self.io
+        if conv is None or plan is None or not self.abs_max_scaled or io.inp_noise > 0.0 or io.is_perfect:
+            return False
+        kind, blocks, per_block = plan
+        window = conv["kernel_size"][0] * conv["kernel_size"][1]
+        return (kind == "diagonal" or per_block == 1) and self.geometry.in_max % window == 0
 
     def select(self, indices: list[int]) -> RepeatedAnalogLayer:
         """The same layer with only the realizations ``indices`` (fresh generators from their seeds)."""
@@ -356,6 +369,11 @@ class RepeatedAnalogLayer:
         if conv["one_d"]:
             x = x.unsqueeze(-2)
         batch = x.shape[0]
+        if self.pooled:
+            out, (out_h, out_w) = self._pooled_conv(x, folded)
+            total = self.repeats * (batch // self.repeats if folded else batch)
+            out = out.reshape(total, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()
+            return out.squeeze(-2) if conv["one_d"] else out
         patches = _patches(x, conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"])
         out_h, out_w = patches.shape[1:3]
         columns = patches.shape[-1]
@@ -364,6 +382,32 @@ class RepeatedAnalogLayer:
         total = self.repeats * (batch // self.repeats if folded else batch)
         out = out.reshape(total, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()
         return out.squeeze(-2) if conv["one_d"] else out
+
+    def _pooled_conv(self, x: torch.Tensor, folded: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+        """A convolution whose tiles each read whole input channels, without materializing patches: abs-max noise
+        management as a max-pool, scaled rows written from a strided view of the input (``_Windows``)."""
+        conv = self.lay.conv
+        kernel, stride, padding, dilation = conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"]
+        padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+        n, channels, height, width = padded.shape
+        blocks = self.geometry.plan[1]
+        per_block = channels // blocks
+        channel_max = padded.abs().view(n, blocks, per_block, height, width).amax(2)
+        nm = F.max_pool2d(channel_max, kernel, stride, 0, dilation)  # [N, I, H', W']
+        span_h, span_w = dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1
+        windows = padded.unfold(2, span_h, stride[0]).unfold(3, span_w, stride[1])[..., :: dilation[0], :: dilation[1]]
+        out_h, out_w = windows.shape[2:4]
+        windows = windows.view(n, blocks, per_block, out_h, out_w, *kernel)  # [N, I, C_i, H', W', kh, kw]
+        if folded:
+            windows = windows.view(self.repeats, n // self.repeats, *windows.shape[1:]).permute(0, 2, 1, 4, 5, 3, 6, 7)
+            nm = nm.view(self.repeats, n // self.repeats, blocks, out_h, out_w).permute(0, 2, 1, 3, 4)
+        else:
+            windows = windows.permute(1, 0, 3, 4, 2, 5, 6)
+            nm = nm.permute(1, 0, 2, 3)
+        nm = nm.reshape(*nm.shape[:-3], -1, 1)  # [(R,) I, M, 1]
+        source = _Windows(windows, nm, folded)
+        y = self.mvm(source, self.realizations.weights, folded)
+        return self._assemble(y, math.prod(source.rows), folded), (out_h, out_w)
 
     def _rows(self, rows: torch.Tensor, folded: bool) -> torch.Tensor:
         """The layer on input rows: [M, in] shared, or [R, M, in] folded -> [R, M, out]."""
@@ -377,7 +421,12 @@ class RepeatedAnalogLayer:
         else:
             padded = F.pad(rows, (0, 1))  # the zero column padded sites read
             x = padded[..., geometry.gather].movedim(-2, -3)  # [..., S, M, in_max]
-        y = self.mvm(x, self.realizations.weights, folded)  # [R, S, M, out_max]
+        return self._assemble(self.mvm(x, self.realizations.weights, folded), x.numel(), folded)
+
+    def _assemble(self, y: torch.Tensor, input_numel: int, folded: bool) -> torch.Tensor:
+        """Per-tile outputs [R, S, M, out_max] -> the layer's [R, M, out]: scales, tile sums, bias."""
+        geometry = self.geometry
+        plan = geometry.plan
         # Mapping scales, drift compensation alpha and learned output scales, in aihwkit's order, as one multiply.
         y = y.mul_(self.mapping[None, :, None, :] * self.realizations.alpha[:, :, None, None]
                    * self.out_scales[None, :, None, :])
@@ -385,7 +434,7 @@ class RepeatedAnalogLayer:
         # Working set per call (input rows, their gathered and prepared copies, outputs and noise): sizes the
         # number of repeats the evaluator folds into one pass.
         self.peak_bytes = max(getattr(self, "peak_bytes", 0),
-                              3 * (x.numel() * (repeats if not folded else 1) + y.numel()) * y.element_size())
+                              3 * (input_numel * (repeats if not folded else 1) + y.numel()) * y.element_size())
         if plan is not None:
             kind, blocks, per_block = plan
             if kind == "grid":  # [R, I, J, M, out] summed over the input blocks, J output blocks side by side
@@ -412,7 +461,7 @@ class RepeatedAnalogLayer:
         return mean.clamp(min=0.0001)
 
     # ----------------------------------------------------------------------------------------------- periphery
-    def mvm(self, x: torch.Tensor, weights: torch.Tensor, folded: bool) -> torch.Tensor:
+    def mvm(self, x: Any, weights: torch.Tensor, folded: bool) -> torch.Tensor:
         """aihwkit's ``AnalogMVM.matmul`` per (repeat, tile): x [S, M, in] shared or [R, S, M, in]; weights
         [R, S, out, in] -> [R, S, M, out].
 
@@ -425,11 +474,15 @@ class RepeatedAnalogLayer:
 
         io = self.io
         repeats, sites = weights.shape[:2]
-        if io.is_perfect:
-            return self._matmul(x, weights, folded)
-        if io.inp_noise > 0.0 and self.noise and not folded:  # input noise differs per repeat
-            x, folded = x.expand(repeats, *x.shape), True
-        nm = self._noise_management(x)  # [(R,) S, M, 1] or a number
+        source = x if isinstance(x, _Windows) else None
+        if source is None:
+            if io.is_perfect:
+                return self._matmul(x, weights, folded)
+            if io.inp_noise > 0.0 and self.noise and not folded:  # input noise differs per repeat
+                x, folded = x.expand(repeats, *x.shape), True
+            source = _Rows(x, folded)
+        x = source
+        nm = source.noise_management(self)  # [(R,) S, M, 1] or a number
         zero = None
         if isinstance(nm, torch.Tensor):
             if io.inp_noise <= 0.0:
@@ -447,7 +500,7 @@ class RepeatedAnalogLayer:
             out = out.masked_fill(zero[:, :, None, None], 0.0)
         return out
 
-    def _bound_managed(self, x: torch.Tensor, weights: torch.Tensor, scale: Any, folded: bool) -> torch.Tensor:
+    def _bound_managed(self, x: Any, weights: torch.Tensor, scale: Any, folded: bool) -> torch.Tensor:
         """Iterative bound management, as aihwkit's loop but per (repeat, tile) call: a call whose output clips is
         run again with its input scaled down by 2 (until it passes or the limits of ``max_bm_factor`` /
         ``max_bm_res`` are reached)."""
@@ -468,10 +521,9 @@ class RepeatedAnalogLayer:
             reduction *= 2.0
             index = pending.nonzero(as_tuple=True)
             self.bound_reruns = getattr(self, "bound_reruns", 0) + len(index[0])
-            full_x = x if folded else x.expand(repeats, *x.shape)
             sub_scale = (full_scale[index] / reduction)[None] if isinstance(full_scale, torch.Tensor) \
                 else full_scale / reduction
-            ok, result, unit = self._analog_mv(full_x[index][None], weights[index][None], sub_scale, True,
+            ok, result, unit = self._analog_mv(x.subset(index, repeats), weights[index][None], sub_scale, True,
                                                repeat_index=index[0], site_index=index[1])
             out[index] = result.mul_(unit * io.out_scale / sub_scale)[0]
             still = torch.zeros_like(pending)
@@ -491,7 +543,7 @@ class RepeatedAnalogLayer:
 
         return AnalogMVM._compute_noise_management(x, io.noise_management, io)
 
-    def _analog_mv(self, x: torch.Tensor, weights: torch.Tensor, scale: Any, folded: bool,
+    def _analog_mv(self, x: Any, weights: torch.Tensor, scale: Any, folded: bool,
                    repeat_index: torch.Tensor | None = None, site_index: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """aihwkit's ``_compute_analog_mv`` (prepare input, matmul, finalize output) with the bound test per call:
@@ -502,11 +554,15 @@ class RepeatedAnalogLayer:
         # with the same float steps as aihwkit ((x * scale) / step, round: the row maximum lands exactly on a
         # rounding boundary under bound management, so the order matters).
         in_step = _step(io.inp_res, io.inp_bound)
-        levels = torch.empty(torch.broadcast_shapes(x.shape, scale.shape) if isinstance(scale, torch.Tensor)
-                             else x.shape, dtype=x.dtype, device=x.device)  # contiguous for the batched matmul
-        torch.mul(x, scale, out=levels)
-        if in_step:
-            levels = levels.div_(in_step).round_()
+        if repeat_index is None and in_step and isinstance(scale, torch.Tensor):
+            # The first pass: one multiply by scale / step (the row maximum lands on the top level exactly
+            # either way); a bound-management rerun keeps aihwkit's order (x * scale) / step, under which the
+            # halved row maximum lands exactly on a rounding boundary.
+            levels = x.scaled(scale / in_step).round_()
+        else:
+            levels = x.scaled(scale)
+            if in_step:
+                levels = levels.div_(in_step).round_()
         in_bound = io.inp_bound / in_step if in_step else io.inp_bound
         # Abs-max noise management maps every row into [-1, 1]: the clip only acts when the bound is tighter (or a
         # noise-management threshold leaves rows above 1).
@@ -576,6 +632,52 @@ def _patches(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], 
     windows = windows[..., :: dilation[0], :: dilation[1]]
     n, c, h, w = windows.shape[:4]
     return windows.permute(0, 2, 3, 1, 4, 5).reshape(n, h, w, c * kernel[0] * kernel[1])
+
+
+class _Rows:
+    """A layer's input rows, materialized: [S, M, in] shared by the repeats or [R, S, M, in] folded."""
+
+    def __init__(self, x: torch.Tensor, folded: bool) -> None:
+        self.x, self.folded = x, folded
+
+    def noise_management(self, layer: RepeatedAnalogLayer) -> Any:
+        return layer._noise_management(self.x)
+
+    def scaled(self, scale: Any) -> torch.Tensor:
+        """x * scale, contiguous (for the batched matmul)."""
+        shape = torch.broadcast_shapes(self.x.shape, scale.shape) if isinstance(scale, torch.Tensor) else self.x.shape
+        out = torch.empty(shape, dtype=self.x.dtype, device=self.x.device)
+        return torch.mul(self.x, scale, out=out)
+
+    def subset(self, index: tuple[torch.Tensor, torch.Tensor], repeats: int) -> _Rows:
+        """The rows of the (repeat, tile) calls ``index``, as one folded call group [1, K, M, in]."""
+        full = self.x if self.folded else self.x.expand(repeats, *self.x.shape)
+        return _Rows(full[index][None], True)
+
+
+class _Windows:
+    """A convolution's input rows as a strided view of its (padded) input, never materialized as patches:
+    ``windows`` [(R,) I, B, H', W', C_i, kh, kw] for I tiles that each read whole channels. Abs-max noise
+    management is a max-pool of the per-pixel channel maximum; scaled rows are written straight into the
+    contiguous [(R,) I, M, C_i*kh*kw] layout the matmul reads."""
+
+    def __init__(self, windows: torch.Tensor, nm: torch.Tensor, folded: bool) -> None:
+        self.windows, self.nm, self.folded = windows, nm, folded
+        self.rows = (*windows.shape[:-6], math.prod(windows.shape[-6:-3]), math.prod(windows.shape[-3:]))
+
+    def noise_management(self, layer: RepeatedAnalogLayer) -> torch.Tensor:
+        return self.nm
+
+    def scaled(self, scale: Any) -> torch.Tensor:
+        out = torch.empty(self.windows.shape, dtype=self.windows.dtype, device=self.windows.device)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.reshape(*scale.shape[:-2], *self.windows.shape[-6:-3], 1, 1, 1)
+        return torch.mul(self.windows, scale, out=out).view(self.rows)
+
+    def subset(self, index: tuple[torch.Tensor, torch.Tensor], repeats: int) -> _Rows:
+        full = self.windows if self.folded else self.windows.expand(repeats, *self.windows.shape)
+        picked = full[index]  # [K, B, H', W', C_i, kh, kw]
+        return _Rows(picked.reshape(1, picked.shape[0], *self.rows[-2:]), True)
 
 
 def _step(resolution: float, bound: float) -> float:
