@@ -1,9 +1,12 @@
-"""PIM crossbar simulator speed: the batched forward (every bit-plane, cell slice and crossbar chunk in one
-batched matmul per block of samples) against the plain loop it replaced and the digital matmul it simulates.
+"""PIM crossbar simulator speed: hetcomp's forward against the all-bit-serial forward (every bit-plane, cell slice
+and crossbar chunk in one batched matmul per block of samples), the plain loop, and the digital matmul.
 
-The arithmetic floor of a bit-serial, bit-sliced forward is (input bit-planes x cell slices) x the digital MACs,
-times 4 for the two signs of inputs and weights (sign-magnitude arrays): 7 x 7 x 4 = 196 for SRAM, 7 x 4 x 4 = 112
-for ReRAM. Prints seconds and the ratios to the digital forward.
+hetcomp's forward computes bit by bit only the crossbar columns whose ADC could clip or round (the rest is one
+integer matmul, exactly: hetcomp/lower/tier_sim.py), so it can run below the arithmetic floor of a bit-serial
+forward: (input bits x cell slices) x the digital MACs, 8 x 7 = 56 for SRAM and 8 x 4 = 32 for ReRAM, or with
+both signs of inputs and weights computed apart (sign-magnitude arrays) 7 x 7 x 4 = 196 and 7 x 4 x 4 = 112.
+Prints seconds and the ratios to the digital forward; the outputs of the fast and the all-bit-serial forward are
+compared for the same noise draw.
 
     python bench/tier_sim.py [--tokens 1024] [--shape 384x1536]
 """
@@ -45,16 +48,35 @@ def main() -> None:
     linear = nn.Linear(inputs, outputs)
     x = torch.randn(args.tokens, inputs)
     print(f"Linear {inputs}->{outputs}, {args.tokens} tokens, torch threads {torch.get_num_threads()}")
-    print(f"{'tier':6s} {'digital s':>10s} {'loop s':>9s} {'batched s':>10s} {'loop/digital':>13s} "
-          f"{'batched/digital':>16s} {'speed-up':>9s}")
+    print(f"{'tier':6s} {'digital s':>10s} {'loop s':>8s} {'bit-serial s':>12s} {'hetcomp s':>10s} "
+          f"{'loop/dig':>9s} {'serial/dig':>11s} {'hetcomp/dig':>12s} {'floor':>6s} {'same output':>12s}")
+    floors = {"sram": 56, "reram": 32}
     with torch.no_grad():
         digital = best(lambda: linear(x), 5)
         for tier in ("sram", "reram"):
             core = PimCrossbarSimulator().lower(linear, targets.get(tier))
             loop = best(lambda core=core: _crossbar_reference(core, x), 1)
-            batched = best(lambda core=core: core(x))
-            print(f"{tier:6s} {digital:10.4f} {loop:9.3f} {batched:10.3f} {loop / digital:13.0f} "
-                  f"{batched / digital:16.0f} {loop / batched:8.2f}x")
+            serial = best(lambda core=core: _all_bit_serial(core, x))
+            fast = best(lambda core=core: core(x))
+            torch.manual_seed(1)
+            expected = _all_bit_serial(core, x)
+            torch.manual_seed(1)
+            same = torch.allclose(core(x), expected, rtol=1e-5, atol=1e-5)
+            print(f"{tier:6s} {digital:10.4f} {loop:8.3f} {serial:12.3f} {fast:10.4f} {loop / digital:9.0f} "
+                  f"{serial / digital:11.0f} {fast / digital:12.1f} {floors[tier]:6d} {str(same):>12s}")
+
+
+def _all_bit_serial(core: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward with every crossbar column computed bit by bit (the same noise draw as ``core(x)``)."""
+    from hetcomp.lower.tier_sim import _bit_serial, _conductance_noise, _weight_cells, quantize
+
+    s = core.settings
+    xq, x_scale = quantize(x, s["input_bits"])
+    w_scale, digits = _weight_cells(core.weight, s)[:2]
+    noise = s.get("conductance_noise")
+    cells = _conductance_noise(digits, 2 ** s["cell_bits"] - 1, noise) if noise else digits
+    y = _bit_serial(xq, cells, s) * (x_scale * w_scale)
+    return y if core.bias is None else y + core.bias
 
 
 if __name__ == "__main__":
