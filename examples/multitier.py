@@ -105,6 +105,10 @@ def _print_remap(label: str, remap: dict) -> None:
           f"{remap['baseline_accuracy']:.4f}, tolerance {remap['tolerance']}) in {len(remap['trajectory']) - 1} "
           f"steps of {remap['step_rows']} rows; latency {first['latency_s'] * 1e6:.2f} -> "
           f"{last['latency_s'] * 1e6:.2f} µs; stopped: {remap['stopped']}")
+    if remap.get("tier_quality"):
+        measured = ", ".join(f"{name} {remap['tier_quality'][name]:.4f}" for name in remap["tier_order"])
+        print(f"  tiers alone on validation: {measured} -> order {' > '.join(remap['tier_order'])} "
+              f"(accuracy_rank: {' > '.join(remap['accuracy_rank_order'])})")
 
 
 if __name__ == "__main__":

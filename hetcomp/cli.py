@@ -336,9 +336,21 @@ def _cmd_curvature(args: argparse.Namespace) -> int:
     built = _run_builder(args.model, returns="(model, data)")
     model, data = built if isinstance(built, tuple) else (built, None)
     if isinstance(data, dict):
-        if args.split not in data:
-            raise ConfigError(f"the data dict returned by MODEL has no {args.split!r} split; it has {sorted(data)}")
-        data = data[args.split]
+        known = [name for name in ("train", "val", "test") if name in data] + sorted(set(data) - {"train", "val",
+                                                                                                "test"})
+        names = known if args.split == "all" else args.split.split(",")
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ConfigError(f"the data dict returned by MODEL has no {missing[0]!r} split; it has {sorted(data)}")
+        if len(names) == 1:
+            data = data[names[0]]
+        else:  # several splits: one tensor pair, in the order named (curvature and failures need the same order)
+            import torch
+
+            from hetcomp.evaluate import staged
+
+            pairs = [staged(data[name], torch.device("cpu"), what=f"split {name!r}") for name in names]
+            data = (torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs]))
     if data is None:
         raise ConfigError("curvature needs labelled data: return (model, data) from MODEL")
     study = vulnerability_study(model, data, repeats=args.repeats, h=args.h, n=args.probes, seed=args.seed,
@@ -397,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     curvature = commands.add_parser("curvature", help="input-curvature study: failure rate by curvature decile "
                                     "per analog non-ideality profile, and risk-gated routing")
     curvature.add_argument("model", help="path/to/file.py:function returning (model, data)")
-    curvature.add_argument("--split", default="test", help="which split of a data dict to analyse (default test)")
+    curvature.add_argument("--split", default="test", help="which split of a data dict to analyse: a name, "
+                           "several joined by commas, or 'all' (train, val, test; default test)")
     curvature.add_argument("--repeats", type=int, default=3, help="independent programmings per profile")
     curvature.add_argument("--probes", type=int, default=10, help="Rademacher probes n")
     curvature.add_argument("--h", type=float, default=1e-3, help="finite-difference step h")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hetcomp.compiler import CompiledModel, leaf_module_names, set_eval
+from hetcomp.compiler import CompiledModel, example_inputs_of, leaf_module_names, set_eval
 from hetcomp.errors import HetcompError, ManifestError, TargetError
 from hetcomp.graph import META_KEY, trace
 from hetcomp.graph.layers import LayerAnnotation, mappable_nodes
@@ -81,8 +81,9 @@ def _rebuild(model: nn.Module, manifest: Manifest, example_inputs: Any, leaf_mod
         raise ManifestError(f"model must be a torch.nn.Module (an instance of the compiled class "
                             f"{manifest.model['class']}), got {type(model).__name__}")
     target_set = manifest_targets(manifest)
-    inputs = example_inputs if isinstance(example_inputs, tuple | dict) else (example_inputs,)
-    working = copy.deepcopy(model).eval()  # never the caller's model
+    inputs = example_inputs_of(example_inputs)  # a mapping (e.g. a BatchEncoding) is keyword inputs
+    working = copy.deepcopy(model)  # never the caller's model
+    set_eval(working)
     gm = trace(working, inputs, leaf_modules=leaf_modules, frontend=manifest.model["frontend"])
     found = fingerprint(gm, working)
     expected = manifest.model

@@ -100,16 +100,17 @@ _builtin(mac_greedy())
 def pareto(population: int = 64, generations: int = 100, samples: float = 1.0, tolerance: float = 0.01,
            step: float = 0.02, candidates: int = 5, repeats: int = 3, max_steps: int = 60,
            remap: bool = True, choose: str = "knee", val_data: Any = None, quality: Any = None,
-           higher_is_better: bool = True, checkpoint: Any = None) -> Strategy:
+           higher_is_better: bool = True, checkpoint: Any = None, tier_order: str = "measured") -> Strategy:
     """H3PIMAP with explicit settings: NSGA-II (stage 1) then, with ``remap``, accuracy-driven row remap
     measured on ``val_data`` (default: the data given to compile; pass held-out data). ``quality``,
-    ``higher_is_better``, ``checkpoint``: see hetcomp.passes.row_remap.RowRemap."""
+    ``higher_is_better``, ``checkpoint``, ``tier_order`` ("measured": tiers ordered by their measured single-tier
+    quality; "rank": by accuracy_rank): see hetcomp.passes.row_remap.RowRemap."""
     search = ParetoSearch(population, generations, samples, choose)  # validates now, before any work
     checks.boolean("remap", remap)
     stages: list[Pass] = [search]
     if remap:
         stages.append(RowRemap(tolerance, step, candidates, repeats, max_steps, samples, val_data, quality,
-                               higher_is_better, checkpoint))
+                               higher_is_better, checkpoint, tier_order))
     name = "pareto" if remap else "pareto-po"
 
     def build(targets: TargetSet, _: Any) -> list[Pass]:

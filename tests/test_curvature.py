@@ -111,6 +111,13 @@ def test_decile_bookkeeping_on_constructed_failures():
     assert all(bins[k].max() < bins[k + 1].min() for k in range(9))
     nobody = decile_failure_rates(curvature, torch.zeros(100, dtype=torch.bool), analog_correct)
     assert all(math.isnan(r) for r in nobody)
+    # per-decile 95% intervals over repeats and samples: around each rate, empty where nothing fails
+    intervals: list = []
+    assert decile_failure_rates(curvature, digital_correct, analog_correct, intervals=intervals) == rates
+    assert len(intervals) == 10 and intervals[0] == (0.0, 0.0)
+    low, high = intervals[9]
+    assert 0.2 < low < 0.75 < high <= 1.0  # 15 failures of 20 (repeat x sample) cells, 10 samples
+    assert intervals[4][0] == 0.0 < intervals[4][1] < 0.3  # one failure in 20 cells: 0 is inside
 
 
 def test_profiles_switch_non_idealities_on_and_off(digits_model):
@@ -170,6 +177,8 @@ def test_top_curvature_decile_fails_more_than_the_bottom_one_on_a_constructed_bo
         rates = analysis.rates[name]
         assert rates[0] == 0.0 and rates[9] >= 0.3, (name, rates)  # about 0.5: one class flips per programming
         assert rates[9] > rates[0]
+        assert analysis.d10_above_d1(name), (name, analysis.intervals[name])  # intervals separate
+    assert not analysis.d10_above_d1("ideal")
 
 
 def test_adc_profile_quantizes_outputs_to_the_9_bit_grid():
@@ -266,9 +275,10 @@ def test_routing_curve_endpoints_and_auroc_on_constructed_logits():
 
 def test_cli_curvature_prints_table_and_writes_plots(tmp_path, capsys):
     code = main(["--quiet", "curvature", "examples/digits_cnn.py:build", "--repeats", "1", "--probes", "2",
-                 "--out", str(tmp_path)])
+                 "--split", "val,test", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
     assert "ADC+WNoise+PCM" in out and "D10 FR %" in out and "AUROC" in out
+    assert "62-63 samples per decile" in out  # val (269) + test (359) digits, joined in that order
     assert (tmp_path / "failure_by_decile.png").stat().st_size > 1000 and (tmp_path / "routing.png").exists()
     assert main(["curvature", "examples/digits_cnn.py:build", "--split", "nope", "--out", str(tmp_path)]) == 2

@@ -352,3 +352,117 @@ def test_laft_killed_under_torchrun_resumes_to_the_uninterrupted_result(tmp_path
     assert len(result["calls"]) == 1 and result["calls"][0].startswith("LAFT stage 2/2")  # only the stage left
     for name, value in uninterrupted.graph.state_dict().items():
         torch.testing.assert_close(torch.tensor(result["weights"][name]), value, rtol=1e-5, atol=1e-6)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """A CPU stand-in for ``torch.nn.SyncBatchNorm`` (CUDA only): in training mode under torch.distributed it
+    normalizes by the global batch's statistics (every rank's slice, through autograd-aware all_reduces, whose
+    backward sums the ranks' gradients as SyncBatchNorm's does) and updates the running statistics as BatchNorm
+    would on the global batch (the unbiased variance over the global count)."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels, wide = x.shape[1], x.double()
+        sums = all_reduce(torch.cat([wide.sum((0, 2, 3)), wide.new_tensor([x.numel() / channels])]))
+        count = sums[-1].detach()
+        mean = sums[:channels] / count
+        centered = wide - mean[None, :, None, None]
+        var = all_reduce((centered * centered).sum((0, 2, 3))) / count
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
+            self.running_var.lerp_((var * count / (count - 1)).to(x.dtype), self.momentum)
+        normalized = (centered * torch.rsqrt(var + self.eps)[None, :, None, None]).to(x.dtype)
+        return normalized * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def global_batch_norm(module):
+    """``module`` with every BatchNorm2d replaced by a GlobalBatchNorm2d sharing its parameters and buffers (the
+    same Parameter objects, as ``convert_sync_batchnorm`` keeps them: the stage's optimizer already holds them)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            synced = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum)
+            synced.weight, synced.bias = child.weight, child.bias
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(synced, buffer, getattr(child, buffer))
+            synced.training = child.training
+            module.add_module(name, synced)
+        else:
+            global_batch_norm(child)
+    return module
+
+
+def bn_task():
+    """A tiny conv net with BatchNorm after each convolution, on a learnable task (noisy stripes of three
+    orientations): 75 training samples (the last
+    batch of 16, 11 samples, splits 6 + 5 over two ranks: loss weights 12/11 and 10/11) and 24 validation ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    rows = torch.arange(6.0)
+    patterns = torch.stack([torch.cos(rows)[:, None].expand(6, 6), torch.cos(rows)[None, :].expand(6, 6),
+                            torch.cos(rows[:, None] + rows[None, :])])  # horizontal, vertical, diagonal stripes
+
+    def samples(n):
+        labels = torch.randint(0, 3, (n,))
+        return patterns[labels][:, None] + 0.7 * torch.randn(n, 1, 6, 6), labels
+
+    return model, samples(75), samples(24)
+
+
+def continuous_pcm():
+    """PCM whose simulated forward is continuous in its inputs: no output noise (drawn per sample), no DAC/ADC
+    quantization and no output bound (aihwkit's iterative bound management halves a tile's inputs for the whole
+    batch when any output clips: with it a rank's slice may take another branch than the global batch, and a
+    rounding-level difference can flip a quantization level or that branch). The training weight noise stays on."""
+    pcm = get("pcm")
+    return TargetSet.of([get("digital"), dataclasses.replace(
+        pcm, name="pcm-continuous", device={**pcm.device, "out_noise": 0.0, "out_bound": 0.0},
+        precision=dataclasses.replace(pcm.precision, input_bits=None, output_bits=None))])
+
+
+def bn_laft_run():
+    """LAFT (first-last-digital: the two inner convolutions on PCM, two stages) of ``bn_task``; the weights."""
+    model, data, val = bn_task()
+    compiled = hetcomp.compile(model, continuous_pcm(), data=data, strategy="first-last-digital",
+                               hessian={"probes": 2, "max_iter": 3, "batches": 1},
+                               finetune=hetcomp.LAFT(epochs=1, patience=1, val_repeats=2, val_data=val, batch_size=16,
+                                                     lr_analog=0.05, lr_digital=0.05, checkpoint_dir=None))
+    return {"weights": {k: v.tolist() for k, v in compiled.graph.state_dict().items()},
+            "stages": [{k: v for k, v in s.items() if k not in ("seconds", "ranks")}
+                       for s in compiled.manifest.extra["finetune"]["stages"]]}
+
+
+def _bn_training_rank(rank, world, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from hetcomp.finetune import stage
+
+        real_data_parallel = stage._data_parallel
+        # What _data_parallel does on CUDA (SyncBatchNorm), with the CPU stand-in (in this spawned process only).
+        stage._data_parallel = lambda lowered, device: real_data_parallel(global_batch_norm(lowered), device)
+        with open(f"{out}.{rank}", "w") as handle:
+            json.dump(bn_laft_run(), handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_laft_of_a_batchnorm_model_under_two_ranks_with_global_batch_statistics_equals_one_process(tmp_path):
+    """With BatchNorm normalizing by the global batch (SyncBatchNorm on CUDA; here a CPU stand-in) and a continuous
+    analog forward, the data-parallel stages (shards, loss weights of an uneven last batch, DDP's averaging, the
+    BatchNorm gradient summed over the ranks, running statistics, rank 0's buffers) give one process's weights."""
+    single = bn_laft_run()
+    assert [s["best_epoch"] for s in single["stages"]] == [1, 1]  # both stages trained, and kept, new weights
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_bn_training_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "run")), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"run.{rank}").read_text()) for rank in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["stages"] == single["stages"]
+    for name, value in single["weights"].items():
+        torch.testing.assert_close(torch.tensor(ranks[0]["weights"][name]), torch.tensor(value), rtol=1e-5, atol=1e-6)

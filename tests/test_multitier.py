@@ -375,6 +375,38 @@ def test_row_remap_stops_when_the_accurate_tier_is_full(teacher_task):
     assert weights_on_exact <= 128
 
 
+def test_row_remap_orders_tiers_by_measured_quality_not_accuracy_rank(teacher_task):
+    """A tier that claims to be the most accurate (accuracy_rank 0) but computes with 150% input noise, beside an
+    exact tier ranked last: row remap measures each tier alone, finds the order reversed, and moves rows to the
+    exact tier. Trusting accuracy_rank instead moves rows the wrong way and never meets the tolerance."""
+    model, data = teacher_task
+    claims = dataclasses.replace(_noisy_tier("claimsbest", 1.5, rank=0), name="claimsbest")
+    honest = dataclasses.replace(_noisy_tier("ranklast", 0.0, rank=9), name="ranklast")
+    for target in (claims, honest):
+        targets.register(target, overwrite=True)
+    try:
+        def run(order):
+            strategy = hetcomp.strategies.pareto(population=12, generations=5, tolerance=0.02, step=8, repeats=2,
+                                                 max_steps=12, tier_order=order)
+            return hetcomp.compile(model, "claimsbest+ranklast", data=data, strategy=strategy).manifest.extra[
+                "row_remap"]
+
+        measured = run("measured")
+        assert measured["accuracy_rank_order"] == ["claimsbest", "ranklast"]
+        assert measured["tier_order"] == ["ranklast", "claimsbest"]
+        quality = measured["tier_quality"]
+        assert quality["ranklast"] == 1.0 and quality["claimsbest"] < 0.9  # each tier alone, measured
+        assert measured["met"] and len(measured["trajectory"]) > 1
+        assert all(key.endswith("claimsbest->ranklast") for step in measured["trajectory"][1:] for key in step["moved"])
+        by_rank = run("rank")
+        assert by_rank["tier_quality"] is None and by_rank["tier_order"] == ["claimsbest", "ranklast"]
+        assert not by_rank["met"]
+        assert all(key.endswith("ranklast->claimsbest") for step in by_rank["trajectory"][1:] for key in step["moved"])
+    finally:
+        for name in ("claimsbest", "ranklast"):
+            targets.registry.TARGETS.unregister(name)
+
+
 def test_pareto_is_the_default_for_several_analog_tiers_and_records_its_front():
     torch.manual_seed(0)
     model = DigitsTransformer().eval()
@@ -476,7 +508,8 @@ def test_killed_row_remap_resumes_to_the_same_result(teacher_task, tmp_path):
     checkpoint = tmp_path / "remap"
     # baseline (1 call) + candidates + start (2 repeats each) + one step: killed during the second step
     candidates = len(reference.manifest.extra["row_remap"]["candidates"])
-    crash_after = 1 + 2 * (candidates + 1) + 2 + 1
+    tiers = len(reference.manifest.extra["row_remap"]["tier_quality"])  # each tier alone, measured first
+    crash_after = 1 + 2 * (tiers + candidates + 1) + 2 + 1
     with pytest.raises(KeyboardInterrupt):
         hetcomp.compile(model, "digital+noisytier", data=data,
                         strategy=_remap_strategy(_CrossEntropy(crash_after), checkpoint, **settings))
@@ -493,12 +526,14 @@ def test_killed_row_remap_resumes_to_the_same_result(teacher_task, tmp_path):
 
 
 def test_laft_refuses_layers_it_cannot_train():
+    """The tier simulators train (LSQ, tests/test_lsq.py), so row splits over them do; a row split with rows on
+    PCM does not (aihwkit's tiles need AnalogSGD, the row-split parts train under one plain SGD)."""
     torch.manual_seed(0)
     model = DigitsTransformer().eval()
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
-    with pytest.raises(ConfigError, match="LAFT cannot fine-tune .*row-split"):
-        hetcomp.compile(model, TIERS, data=(x, y), strategy="equal-split", finetune=hetcomp.LAFT(epochs=1),
-                        hessian={"probes": 2, "max_iter": 3})
+    with pytest.raises(ConfigError, match=r"LAFT cannot fine-tune .*row-split over digital\+sram\+pcm"):
+        hetcomp.compile(model, "pcm+sram+digital", data=(x, y), strategy="equal-split",
+                        finetune=hetcomp.LAFT(epochs=1), hessian={"probes": 2, "max_iter": 3})
 
 
 def test_equal_split_needs_no_cost_model_but_the_search_does():

@@ -48,10 +48,12 @@ from torch.func import functional_call
 
 from hetcomp import checks
 from hetcomp.analysis.double_backward import efficient_double_backward
+from hetcomp.data import DataFormat
 from hetcomp.errors import ConfigError, DataError
+from hetcomp.graph.calls import set_training
 from hetcomp.progress import bar, progress
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any  # an (inputs, targets) pair, or any batch ``fmt`` reads (hetcomp.data)
 
 
 class HessianOperator:
@@ -66,6 +68,11 @@ class HessianOperator:
 
     ``batched``: the block estimator's probes of one layer go through one vmapped backward
     (``is_grads_batched``); the full estimator's probes likewise. Off by default (measured: see module doc).
+
+    ``fmt`` (hetcomp.data.DataFormat) reads each batch: ``(inputs, labels)`` pairs by default (``loss_fn(outputs,
+    labels)``), or any batch structure (``loss_fn(outputs, batch)``). A weight the loss does not depend on (a
+    layer whose output the loss never reads, e.g. a pooler beside the pooling the loss does itself) has a zero
+    gradient and a zero Hessian block: its trace is 0, so its HNI and SCR are undefined (the layer stays digital).
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class HessianOperator:
         batched: bool = False,
         cuda_graphs: bool | None = None,
         process_group: Any = None,
+        fmt: DataFormat | None = None,
     ) -> None:
         if not params:
             raise ConfigError("HessianOperator needs at least one parameter tensor (the model has no weight layer)")
@@ -102,8 +110,9 @@ class HessianOperator:
         self._replays: dict[tuple, _Replay] = {}
         self._pool = None
         was_training = model.training
-        model.eval()  # BatchNorm running stats, no dropout: the deployed function's curvature
-        total = sum(int(y.shape[0]) for _, y in batches)  # the global sample count: every rank has every batch
+        set_training(model, False)  # BatchNorm running stats, no dropout: the deployed function's curvature
+        fmt = fmt or DataFormat()
+        total = sum(fmt.samples(batch) for batch in batches)  # the global sample count: every rank has every batch
         # torch.distributed: each rank builds (and keeps in memory) only its share of the batches' gradient
         # graphs; every product is summed over the ranks, so all ranks see the HVPs of the whole data.
         self.group = process_group
@@ -112,14 +121,18 @@ class HessianOperator:
         self.gradient = [torch.zeros_like(p) for p in self.params]
         self.loss = 0.0
         with self._on_stream(), torch.enable_grad():
-            for index, (inputs, targets) in enumerate(batches):
+            for index, batch in enumerate(batches):
                 if index % world != rank:
                     continue
-                weight = int(targets.shape[0]) / total
+                weight = fmt.samples(batch) / total
+                args, kwargs = fmt.inputs(batch)
                 with efficient_double_backward():  # same function; cheaper graph to differentiate again
-                    outputs = functional_call(model, dict(zip(self._names, self.params)), (inputs,))
-                    loss = loss_fn(outputs, targets)
-                grads = torch.autograd.grad(loss, self.params, create_graph=True)
+                    outputs = functional_call(model, dict(zip(self._names, self.params)), args, kwargs)
+                    loss = fmt.loss(loss_fn, outputs, batch)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                # A weight the loss does not read: p * 0 is its gradient, zero, with a graph to differentiate
+                # again (zero Hessian-vector products), so every layer keeps one code path.
+                grads = tuple(p * 0.0 if g is None else g for p, g in zip(self.params, grads))
                 self._graphs.append((grads, weight))
                 for accumulated, g in zip(self.gradient, grads):
                     accumulated.add_(g.detach(), alpha=weight)
@@ -135,7 +148,7 @@ class HessianOperator:
             loss = torch.tensor(self.loss, dtype=torch.float64, device=self.params[0].device)
             dist.all_reduce(loss, group=self.group)
             self.loss = float(loss)
-        model.train(was_training)
+        set_training(model, was_training)
 
     @contextmanager
     def _on_stream(self) -> Iterator[None]:

@@ -65,7 +65,7 @@ def operator(gm: fx.GraphModule, ctx, batches: int, batched: bool = False) -> He
         device = ctx.device(gm)
         params = [gm.get_parameter(a.layer.weight_param) for a in weight_layers(gm)]
         return HessianOperator(gm, params, ctx.calibration_batches(batches, device), ctx.loss, batched=batched,
-                               process_group=ctx.config.process_group)
+                               process_group=ctx.config.process_group, fmt=ctx.fmt)
 
     return ctx.analysis(OperatorKey(batches, batched), build)
 

@@ -15,7 +15,9 @@ paper's "ideal" analog baseline), and no retraining. An *analog-only failure* is
 model classifies correctly and the analog model does not. The failure rate of a decile is the
 fraction of its digitally-correct samples that fail analog-only (with that denominator rates are
 comparable across deciles whose digital accuracy differs), averaged over independent programming
-repeats.
+repeats. Each decile's rate has a 95% bootstrap interval over repeats and the decile's samples
+(hetcomp.stats.bootstrap_accuracy on the failure indicators): a decile holds N/10 samples, so at 36 per decile
+(the 359 test digits) one failure moves the rate by 3 points.
 """
 
 from __future__ import annotations
@@ -88,18 +90,28 @@ def deciles(values: torch.Tensor, bins: int = 10) -> list[np.ndarray]:
 
 
 def decile_failure_rates(curvature: torch.Tensor, digital_correct: torch.Tensor, analog_correct: torch.Tensor,
-                         bins: int = 10) -> list[float]:
+                         bins: int = 10, intervals: list | None = None, draws: int = 1000) -> list[float]:
     """Analog-only failure rate per curvature decile (low to high); NaN for a decile with no
-    digitally-correct sample. ``analog_correct`` may have a leading repeats dimension (averaged)."""
+    digitally-correct sample. ``analog_correct`` may have a leading repeats dimension (averaged).
+    ``intervals``: a list that receives each decile's 95% bootstrap interval (low, high) over repeats and
+    the decile's samples ((nan, nan) for an empty decile)."""
     digital_correct = np.asarray(digital_correct, dtype=bool)
     analog_correct = np.atleast_2d(np.asarray(analog_correct, dtype=bool))
     if analog_correct.shape[1] != len(digital_correct) or len(curvature) != len(digital_correct):
         raise ConfigError("curvature, digital and analog results must cover the same samples")
     failures = digital_correct[None, :] & ~analog_correct  # [repeats, N]
     rates = []
-    for members in deciles(curvature, bins):
+    for index, members in enumerate(deciles(curvature, bins)):
         eligible = members[digital_correct[members]]
         rates.append(float(failures[:, eligible].mean()) if len(eligible) else float("nan"))
+        if intervals is not None:
+            if len(eligible):
+                from hetcomp.stats import bootstrap_accuracy
+
+                interval = bootstrap_accuracy(failures[:, eligible], draws=draws, seed=index)
+                intervals.append((interval.low, interval.high))
+            else:
+                intervals.append((float("nan"), float("nan")))
     return rates
 
 
@@ -112,19 +124,41 @@ class FailureAnalysis:
     digital_accuracy: float
     repeats: int
     t_inference: float
+    # profile -> per decile, the rate's 95% bootstrap interval (low, high) over repeats and samples
+    intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    decile_sizes: list[int] = field(default_factory=list)
     # For routing: the full profile's logits per repeat [R, N, C], the digital logits and the labels.
     full_logits: torch.Tensor | None = field(default=None, repr=False)
     digital_logits: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)
 
+    def d10_above_d1(self, name: str) -> bool:
+        """Whether D10's failure-rate interval lies entirely above D1's."""
+        intervals = self.intervals.get(name)
+        return bool(intervals) and intervals[-1][0] > intervals[0][1]
+
     def table(self) -> str:
-        lines = [f"{'profile':18s} {'D1 FR %':>8s} {'D10 FR %':>9s} {'all FR %':>9s} {'analog acc':>11s}"]
+        def cell(name: str, decile: int) -> str:
+            rate = 100 * self.rates[name][decile]
+            if not self.intervals.get(name):
+                return f"{rate:6.2f}"
+            low, high = (100 * v for v in self.intervals[name][decile])
+            return f"{rate:5.2f} [{low:5.2f}, {high:5.2f}]"
+
+        width = 22 if self.intervals else 8
+        lines = [f"{'profile':15s} {'D1 FR % [95%]' if self.intervals else 'D1 FR %':>{width}s} "
+                 f"{'D10 FR % [95%]' if self.intervals else 'D10 FR %':>{width}s} {'all FR %':>9s} "
+                 f"{'analog acc':>11s}" + ("  D10>D1" if self.intervals else "")]
         for name in self.profiles:
-            rates = self.rates[name]
-            lines.append(f"{name:18s} {100 * rates[0]:8.2f} {100 * rates[-1]:9.2f} {100 * self.overall[name]:9.2f} "
-                         f"{self.analog_accuracy[name]:11.4f}")
-        lines.append(f"(digital accuracy {self.digital_accuracy:.4f}; FR = analog-only failures / digitally-correct "
-                     f"samples, mean over {self.repeats} programming repeats, t = {self.t_inference:g} s)")
+            lines.append(f"{name:15s} {cell(name, 0):>{width}s} {cell(name, -1):>{width}s} "
+                         f"{100 * self.overall[name]:9.2f} {self.analog_accuracy[name]:11.4f}"
+                         + (f"  {'yes' if self.d10_above_d1(name) else 'no':>6s}" if self.intervals else ""))
+        sizes = f"{min(self.decile_sizes)}-{max(self.decile_sizes)} samples per decile; " if self.decile_sizes else ""
+        lines.append(f"(digital accuracy {self.digital_accuracy:.4f}; {sizes}FR = analog-only failures / "
+                     f"digitally-correct samples, mean over {self.repeats} programming repeats, "
+                     f"t = {self.t_inference:g} s" + ("; [95%]: bootstrap over repeats and the decile's samples; "
+                                                      "D10>D1: the intervals do not overlap)" if self.intervals
+                                                      else ")"))
         return "\n".join(lines)
 
 
@@ -146,7 +180,8 @@ def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repe
     digital_correct = (digital_logits.argmax(-1) == labels).cpu()
     profiles = profiles if profiles is not None else all_profiles()
     analysis = FailureAnalysis([profile_name(p) for p in profiles], {}, {}, {}, float(digital_correct.float().mean()),
-                               repeats, t_inference, digital_logits=digital_logits.cpu(), labels=labels.cpu())
+                               repeats, t_inference, digital_logits=digital_logits.cpu(), labels=labels.cpu(),
+                               decile_sizes=[len(m) for m in deciles(curvature, bins)])
     for enabled in profiles:
         name = profile_name(enabled)
         lowered, report = lower_all_analog(model, inputs[:2], profile_target(enabled))
@@ -158,7 +193,9 @@ def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repe
                     logits.append(batched_logits(lowered, inputs).cpu())
         stacked = torch.stack(logits)
         analog_correct = stacked.argmax(-1) == labels.cpu()[None]
-        analysis.rates[name] = decile_failure_rates(curvature, digital_correct, analog_correct, bins)
+        analysis.intervals[name] = []
+        analysis.rates[name] = decile_failure_rates(curvature, digital_correct, analog_correct, bins,
+                                                    intervals=analysis.intervals[name])
         failures = digital_correct[None] & ~analog_correct
         analysis.overall[name] = float(failures[:, digital_correct].float().mean()) if digital_correct.any() else 0.0
         analysis.analog_accuracy[name] = float(analog_correct.float().mean())

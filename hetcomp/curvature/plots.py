@@ -19,11 +19,16 @@ def failure_by_decile_figure(analysis: FailureAnalysis, title: str) -> Figure:
     ax = fig.subplots()
     for index, name in enumerate(analysis.profiles):
         rates = [100 * r for r in analysis.rates[name]]
-        ax.plot(range(1, len(rates) + 1), rates, marker="o", markersize=4, label=name,
+        deciles = range(1, len(rates) + 1)
+        ax.plot(deciles, rates, marker="o", markersize=4, label=name,
                 color=palette(index), linewidth=2.2 if name.count("+") == 2 else 1.2)
+        intervals = analysis.intervals.get(name)
+        if intervals:  # 95% bootstrap interval per decile (repeats and samples)
+            ax.fill_between(deciles, [100 * low for low, _ in intervals], [100 * high for _, high in intervals],
+                            color=palette(index), alpha=0.15, linewidth=0)
     ax.set_xticks(range(1, len(analysis.rates[analysis.profiles[0]]) + 1))
     ax.set_xlabel("input-curvature decile (1 = flattest, 10 = most curved)")
-    ax.set_ylabel("analog-only failure rate (% of digitally-correct samples)")
+    ax.set_ylabel("analog-only failure rate (% of digitally-correct samples)\nshaded: 95% interval")
     ax.grid(True, alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, title="non-idealities", title_fontsize=8)

@@ -29,9 +29,12 @@ import onnx
 import onnx_ir
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx.passes.split_module import split_module
 
 from hetcomp.errors import ConfigError
+from hetcomp.graph.calls import placeholder_values
+from hetcomp.graph.export_frontend import dynamic_shapes, quiet_specialization
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.manifest import Manifest
 from hetcomp.storage import write_atomic
@@ -40,13 +43,27 @@ _FX_NODE = re.compile(r"^%(\S+) :")
 _LAYER_KEY = "hetcomp.layer"
 
 
-def _exported_program(gm: fx.GraphModule, inputs: tuple) -> tuple[torch.export.ExportedProgram, bool]:
-    batch = torch.export.Dim("batch", min=1)
-    try:
-        dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
-        return torch.export.export(gm, inputs, dynamic_shapes=dynamic, strict=False), True
-    except Exception:  # some models specialize the batch size (e.g. reshape to a literal): export static
-        return torch.export.export(gm, inputs, strict=False), False
+def _exported_program(gm: fx.GraphModule, inputs: tuple, kwargs: dict[str, Any] | None = None,
+                      every_dim: bool = False) -> tuple[torch.export.ExportedProgram, bool]:
+    """``gm`` exported for ONNX, with a dynamic batch (and, for a torch.export front-end graph or ``every_dim``,
+    every dimension the graph leaves dynamic: sequence length too) when it allows it, else static;
+    (program, dynamic?)."""
+    kwargs = kwargs or {}
+    if every_dim or _is_export_graph(gm):
+        shapes = dynamic_shapes(gm, inputs, kwargs)
+    else:
+        batch = torch.export.Dim("batch", min=1)
+        shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    with quiet_specialization():
+        try:
+            return torch.export.export(gm, inputs, kwargs=kwargs, dynamic_shapes=shapes, strict=False), True
+        except Exception:  # some models specialize the batch size (e.g. reshape to a literal): export static
+            return torch.export.export(gm, inputs, kwargs=kwargs, strict=False), False
+
+
+def _is_export_graph(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` came from the torch.export front end (its inputs are flattened by an input spec)."""
+    return getattr(gm.graph._codegen, "pytree_info", None) is not None
 
 
 def _to_onnx(program: torch.export.ExportedProgram) -> Any:
@@ -100,10 +117,13 @@ def _save(model_ir: Any, path: Path, metadata: dict[str, str]) -> Path:
     return write_atomic(path, proto.SerializeToString())
 
 
-def export_onnx(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, path: str | Path) -> Path:
-    """Write the whole model to ``path`` with per-node target tags and the manifest embedded."""
+def export_onnx(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, path: str | Path,
+                kwargs: dict[str, Any] | None = None) -> Path:
+    """Write the whole model to ``path`` with per-node target tags and the manifest embedded. ``inputs`` and
+    ``kwargs``: example positional and keyword inputs (a torch.export front-end model's keyword inputs become the
+    ONNX graph's inputs, by name)."""
     _label_layers(gm)
-    program, dynamic = _exported_program(gm, inputs)
+    program, dynamic = _exported_program(gm, inputs, kwargs)
     onnx_program = _to_onnx(program)
     layers = {layer["name"]: layer for layer in manifest.layers}
     _tag_nodes(onnx_program.model, program, layers)
@@ -168,7 +188,8 @@ def _partition_graph(gm: fx.GraphModule, ids: dict[str, int], targets: dict[int,
     return graph
 
 
-def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, directory: str | Path) -> Path:
+def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, directory: str | Path,
+                      kwargs: dict[str, Any] | None = None) -> Path:
     """One ONNX file per contiguous partition plus ``partitions.json`` saying how they connect.
 
     ``partitions.json``: {"inputs": [names], "outputs": [names], "partitions": [{"file", "target",
@@ -177,8 +198,12 @@ def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, dir
     """
     directory = Path(directory)
     layers = {layer["name"]: layer for layer in manifest.layers}
+    every_dim = _is_export_graph(gm)
+    gm, inputs = _plain(gm, inputs, kwargs or {})
     _label_layers(gm)  # split_module copies node meta, so the submodules' nodes keep their labels
     ids, segment_targets = _segments(gm, layers)
+    _localize_scalars(gm, ids)
+    _localize_attributes(gm, ids)
     graph = _partition_graph(gm, ids, segment_targets)
     parent = split_module(gm, gm, lambda node: ids[node.name], keep_original_order=True)
 
@@ -215,7 +240,7 @@ def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, dir
             outputs = [node.name]
         file_name = f"part{len(partitions)}_{'mixed' if target.startswith('mixed') else target}.onnx"
         sub_inputs = [a.name for a in node.args]
-        program, _ = _exported_program(submodule, captured[node.target])
+        program, _ = _exported_program(submodule, captured[node.target], every_dim=every_dim)
         onnx_program = _to_onnx(program)
         _tag_nodes(onnx_program.model, program, layers)
         _rename_io(onnx_program.model, sub_inputs, outputs)
@@ -225,6 +250,103 @@ def export_onnx_split(gm: fx.GraphModule, inputs: tuple, manifest: Manifest, dir
     connections = {"inputs": [p.name for p in placeholders], "outputs": output_names, "partitions": partitions}
     write_atomic(directory / "partitions.json", json.dumps(connections, indent=2))
     return directory
+
+
+def _plain(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> tuple[fx.GraphModule, tuple]:
+    """A torch.export front-end graph as a plain FX graph of positional inputs (its flattened placeholders, e.g.
+    input_ids, token_type_ids, attention_mask) and a flat tuple of outputs, without its input-guard call: what
+    split_module can cut into partitions that each export on their own. Other graphs are returned as they are.
+    ``gm`` is changed in place (the caller exports from a copy)."""
+    if not _is_export_graph(gm):
+        return gm, args
+    flat = tuple(placeholder_values(gm, args, kwargs))
+    gm.graph._codegen = fx.graph.CodeGen()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
+            gm.graph.erase_node(node)  # shape checks of the inputs; each partition's export checks its own
+    gm.recompile()
+    return gm, flat
+
+
+_SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+
+
+def _scalar(node: fx.Node) -> bool:
+    """A node whose value is a Python scalar (a symbolic size such as ``sym_size(input_ids, 1)``, or arithmetic on
+    one), not a tensor."""
+    return node.op == "call_function" and isinstance(node.meta.get("val"), _SCALARS)
+
+
+def _localize_scalars(gm: fx.GraphModule, ids: dict[str, int]) -> None:
+    """Recompute every scalar a partition reads from another partition inside it (a copy of the node, and of the
+    scalars it reads in turn, placed before its user), so partitions pass only tensors between them: an ONNX
+    file's inputs are tensors, and a size read from a tensor stays dynamic in each file."""
+    graph = gm.graph
+
+    def copy_into(node: fx.Node, user: fx.Node) -> fx.Node:
+        def argument(value: fx.Node) -> fx.Node:
+            return copy_into(value, user) if _scalar(value) and ids.get(value.name) != ids[user.name] else value
+
+        with graph.inserting_before(user):
+            new = graph.node_copy(node, argument)
+        ids[new.name] = ids[user.name]
+        return new
+
+    for node in list(graph.nodes):
+        if not _scalar(node) or node.name not in ids:
+            continue
+        for user in list(node.users):
+            if user.name in ids and ids[user.name] != ids[node.name]:
+                user.replace_input_with(node, copy_into(node, user))
+    graph.lint()
+    gm.recompile()
+
+
+class _Constant(nn.Module):
+    """A tensor the graph reads by attribute (a weight, a buffer), as a module a partition calls: split_module hands
+    a partition a tensor attribute as an input, which would make every weight an input of its ONNX file."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", value.detach())
+
+    def forward(self) -> torch.Tensor:
+        return self.value
+
+
+def _localize_attributes(gm: fx.GraphModule, ids: dict[str, int]) -> None:
+    """Each tensor attribute the graph reads (``get_attr``) becomes a call of a ``_Constant`` module in every
+    partition that reads it, so that it is a constant (an initializer) of that partition's ONNX file."""
+    graph = gm.graph
+    holders: dict[str, str] = {}
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value = _get_attribute(gm, str(node.target))
+        if not isinstance(value, torch.Tensor):
+            continue
+        if node.target not in holders:
+            holders[node.target] = f"hetcomp_constant_{len(holders)}"
+            gm.add_submodule(holders[node.target], _Constant(value))
+        for user in list(node.users):
+            if user.name not in ids:
+                continue
+            with graph.inserting_before(user):
+                call = graph.call_module(holders[node.target])
+            call.meta = dict(node.meta)
+            ids[call.name] = ids[user.name]
+            user.replace_input_with(node, call)
+        if not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+
+
+def _get_attribute(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _rename_io(model_ir: Any, inputs: list[str], outputs: list[str]) -> None:

@@ -13,34 +13,52 @@ pads the epoch with repeated samples when the training set does not divide by th
 The data is checked (hetcomp.checks): inputs finite, labels integer class indices with the default loss.
 Tensor data (a tensor pair, or a DataLoader over a TensorDataset) is checked whole when split; other
 datasets batch by batch as training reads them (``TrainingData.batches``); validation data when staged.
+
+Batches of any structure (hetcomp.data: a dict of tensors, or anything ``inputs_fn`` reads) train the same way:
+the epoch loaders use the user DataLoader's ``collate_fn``, and validation is a list of the user's batches of the
+validation split (whole batches, for a metric such as Recall@1 over the whole split). Under torch.distributed a
+rank's slice of a global batch is collated on its own: a loss that is not a mean over samples (an in-batch
+contrastive loss, whose negatives are the batch's other samples) then sees only the slice's negatives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from hetcomp import checks
-from hetcomp.data import tensor_pair, whole_tensors
+from hetcomp.data import DataFormat, needs_loss, take_batches, tensor_pair, whole_tensors
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import staged
 
 
 @dataclass
 class TrainingData:
+    """The training set, the validation data, and how both are read and scored.
+
+    ``val``: staged validation (inputs, labels) tensors (CPU) for labelled data, else the validation batches (a
+    list, collated by ``collate_fn``). ``collate_fn``: the user's DataLoader's, so epoch batches have the
+    structure the user's data has (None: torch's default). ``fmt``/``metric``: how a batch is read
+    (hetcomp.data) and what validation scores (hetcomp.metrics; None: top-1 accuracy).
+    """
+
     train: Dataset
-    val: tuple[torch.Tensor, torch.Tensor]  # staged validation inputs and labels (CPU)
+    val: Any
     batch_size: int
     checked: bool = True  # the training tensors were checked whole; else ``batches`` checks each batch
     class_labels: bool = True  # the default loss: labels must be integer class indices
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    fmt: DataFormat = field(default_factory=DataFormat)
+    metric: Any = None
 
     def epoch_loader(self, seed: int) -> DataLoader:
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator)
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator,
+                          collate_fn=self.collate_fn)
 
     def epoch_indices(self, seed: int) -> list[list[int]]:
         """The epoch's global batches as indices into ``train``: exactly those ``epoch_loader(seed)`` deals (the
@@ -49,10 +67,11 @@ class TrainingData:
                            generator=torch.Generator().manual_seed(seed))
         return [batch.tolist() for batch in order]
 
-    def batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's (inputs, labels) batches, each checked (DataError) unless the data was checked whole."""
+    def batches(self, seed: int) -> Iterator[Any]:
+        """The epoch's batches ((inputs, labels) pairs for labelled data), each checked (DataError) unless the data
+        was checked whole."""
         for shard in self.shards(seed):
-            yield shard.inputs, shard.labels
+            yield shard.batch
 
     def shards(self, seed: int, rank: int = 0, world: int = 1) -> Iterator[Shard]:
         """This rank's part of each of the epoch's global batches (all of it in one process), checked as
@@ -64,32 +83,39 @@ class TrainingData:
         same step)."""
         if world == 1:
             for index, batch in enumerate(self.epoch_loader(seed)):  # one process: the loader itself
-                self._check(batch, index)
-                yield Shard(batch[0], batch[1], 1.0, True)
+                yield self._shard(batch, index, 1.0, True)
             return
         global_batches = self.epoch_indices(seed)
         parts = [_slice(batch, rank, world) for batch in global_batches]
         # Fetches and collates this rank's samples only. Its own generator: a DataLoader without one draws its
         # worker seed from torch's global RNG, which is the training-noise stream every rank keeps in step.
-        loader = DataLoader(self.train, batch_sampler=parts, generator=torch.Generator())
+        loader = DataLoader(self.train, batch_sampler=parts, generator=torch.Generator(), collate_fn=self.collate_fn)
         for index, (batch, part) in enumerate(zip(loader, parts, strict=True)):
-            self._check(batch, index)
             total = len(global_batches[index])
             whole = total < world
-            yield Shard(batch[0], batch[1], 1.0 if whole else world * len(part) / total, whole)
+            yield self._shard(batch, index, 1.0 if whole else world * len(part) / total, whole)
 
-    def _check(self, batch: Any, index: int) -> None:
+    def _shard(self, batch: Any, index: int, weight: float, whole: bool) -> Shard:
+        """The batch as a Shard, checked unless the data was checked whole."""
+        if self.fmt.labelled(batch):
+            if not self.checked:
+                checks.batches("training data", [batch[:2]], self.class_labels, start=index)
+            return Shard(batch[0], batch[1], weight, whole, (batch[0], batch[1]))
         if not self.checked:
-            checks.batches("training data", [batch[:2]], self.class_labels, start=index)
+            self.fmt.check(f"training data batch {index}", batch, labels=False)
+        return Shard(None, None, weight, whole, batch)
 
 
 class Shard(NamedTuple):
-    """One rank's part of a global training batch (``TrainingData.shards``)."""
+    """One rank's part of a global training batch (``TrainingData.shards``). ``batch`` is what the data format
+    reads (hetcomp.data): ``(inputs, labels)`` for labelled data, whose ``inputs`` and ``labels`` are also given
+    apart; for other batch structures those two are None."""
 
-    inputs: torch.Tensor
-    labels: torch.Tensor
+    inputs: torch.Tensor | None
+    labels: torch.Tensor | None
     weight: float  # multiplies this rank's mean loss: world * samples here / samples in the global batch
     whole: bool  # every rank holds the whole global batch (one process, or a batch smaller than the world)
+    batch: Any = None
 
 
 def _slice(batch: list[int], rank: int, world: int) -> list[int]:
@@ -103,13 +129,21 @@ def _slice(batch: list[int], rank: int, world: int) -> list[int]:
 
 
 def training_split(data: Any, val_data: Any = None, val_fraction: float = 0.1, seed: int = 0,
-                   batch_size: int | None = None, class_labels: bool = True) -> TrainingData:
+                   batch_size: int | None = None, class_labels: bool = True, fmt: DataFormat | None = None,
+                   metric: Any = None) -> TrainingData:
     """Split ``data`` (a DataLoader over a map-style dataset, or an (inputs, labels) tensor pair).
-    ``class_labels``: the loss is the default cross-entropy, so labels must be integer class indices."""
+    ``class_labels``: the loss is the default cross-entropy, so labels must be integer class indices.
+
+    ``fmt``, ``metric`` (hetcomp.data, hetcomp.metrics): batches of any structure are read through ``fmt``, and
+    validation is then the DataLoader's own batches (its ``collate_fn``) of the validation split; a general batch
+    needs a loss of the user's (``class_labels`` False; else ConfigError, before training)."""
     batch_size = checks.integer("batch_size", batch_size, optional=True)
+    fmt = fmt or DataFormat()
+    collate_fn = None
     if isinstance(data, DataLoader):
         dataset = data.dataset
         batch_size = batch_size or data.batch_size or 64
+        collate_fn = data.collate_fn if data.collate_fn is not default_collate else None
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise ConfigError("fine-tuning needs a DataLoader over a map-style dataset (with __len__ and "
                               "__getitem__) so that it can split off validation data and reshuffle per epoch")
@@ -119,12 +153,19 @@ def training_split(data: Any, val_data: Any = None, val_fraction: float = 0.1, s
     else:
         raise ConfigError("fine-tuning needs data= as a DataLoader or an (inputs, labels) tensor pair, "
                           f"got {type(data).__name__}")
+    first = None if isinstance(data, DataLoader) and fmt.inputs_fn is None and collate_fn is None \
+        and whole_tensors(data) is not None else _first_batch(dataset, collate_fn)
+    general = first is not None and not fmt.labelled(first)
+    if general and class_labels:  # class_labels: no loss_fn was given
+        raise needs_loss(first)
     whole = whole_tensors(data)
     if whole is not None:
-        checks.pair("training data", *whole, class_labels)
+        fmt.check("training data", whole, class_labels and fmt.labelled(whole))
+    task = {"collate_fn": collate_fn, "fmt": fmt, "metric": metric}
     if val_data is not None:
-        return TrainingData(dataset, staged(val_data, torch.device("cpu"), "validation data (val_data)"), batch_size,
-                            whole is not None, class_labels)
+        val = list(take_batches(val_data, None, what="validation data (val_data)", fmt=fmt)) if general else \
+            staged(val_data, torch.device("cpu"), "validation data (val_data)")
+        return TrainingData(dataset, val, batch_size, whole is not None, class_labels, **task)
     checks.real("val_fraction", val_fraction, 0.0, True, 1.0, True)
     n_val = max(1, int(round(len(dataset) * val_fraction)))
     if n_val >= len(dataset):
@@ -132,6 +173,18 @@ def training_split(data: Any, val_data: Any = None, val_fraction: float = 0.1, s
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     val = Subset(dataset, order[:n_val])
     train = Subset(dataset, order[n_val:])
-    val_tensors = staged(DataLoader(val, batch_size=max(batch_size, 256)), torch.device("cpu"),
-                         f"validation data ({val_fraction:.0%} split of data)")
-    return TrainingData(train, val_tensors, batch_size, whole is not None, class_labels)
+    what = f"validation data ({val_fraction:.0%} split of data)"
+    if general:  # the user's own batches (a whole-dataset metric sees every validation sample)
+        loader = DataLoader(val, batch_size=batch_size, collate_fn=collate_fn)
+        return TrainingData(train, take_batches(loader, None, what=what, fmt=fmt), batch_size, whole is not None,
+                            class_labels, **task)
+    val_tensors = staged(DataLoader(val, batch_size=max(batch_size, 256), collate_fn=collate_fn),
+                         torch.device("cpu"), what)
+    return TrainingData(train, val_tensors, batch_size, whole is not None, class_labels, **task)
+
+
+def _first_batch(dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None) -> Any:
+    """A batch of the dataset's first sample, as the training loader would collate it (to tell its structure)."""
+    if len(dataset) == 0:
+        raise ConfigError("fine-tuning data is empty; pass a non-empty dataset")
+    return (collate_fn or default_collate)([dataset[0]])

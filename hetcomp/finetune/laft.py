@@ -110,7 +110,8 @@ class LAFT(Pass):
     def order(self, gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
         """Analog-assigned layers by increasing HNI (most robust first; undefined HNI last)."""
         analog = {t.name for t in ctx.targets.analog}
-        chosen = [a for _, a in mappable_nodes(gm) if isinstance(a.assignment, str) and a.assignment in analog]
+        chosen = [a for _, a in mappable_nodes(gm) if isinstance(a.assignment, str) and a.assignment in analog
+                  or isinstance(a.assignment, dict) and any(n and t in analog for t, n in a.assignment.items())]
 
         def key(annotation: Any) -> tuple[bool, float]:
             hni = annotation.metrics.get("hni")
@@ -123,7 +124,7 @@ class LAFT(Pass):
         _check_trainable(gm, ctx)
         order = self.order(gm, ctx)
         data = training_split(ctx.data, self.val_data, self.val_fraction, ctx.seed, self.batch_size,
-                              class_labels=ctx.loss_fn is None)
+                              class_labels=ctx.loss_fn is None, fmt=ctx.fmt, metric=ctx.config.metric)
         log = StepLog(self.checkpoint_dir, training_run_key(gm, ctx, data, method="laft", order=order,
                                                             settings=self.settings()), "LAFT")
         records = log.resume() if self.resume else log.restart()
@@ -144,7 +145,8 @@ class LAFT(Pass):
             state = result.state
         gm.load_state_dict(state)
         ctx.manifest_extra["finetune"] = {
-            "method": "laft", "order": order, "stages": records, "complete": len(records) == len(order),
+            "method": "laft", "metric": ctx.metric.name, "order": order, "stages": records,
+            "complete": len(records) == len(order),
             "checkpoints": None if log.directory is None else str(log.directory)}
         return gm
 
@@ -155,23 +157,47 @@ def training_run_key(gm: fx.GraphModule, ctx: CompileContext, data: TrainingData
     and the first training batch) and ``parts`` (method, order, settings...); hetcomp.storage.run_key adds
     hetcomp's version and the checkpoint format."""
     first_batch = next(iter(data.epoch_loader(0)))
+    if data.fmt.labelled(first_batch):
+        sizes, hashed = len(data.val[1]), [tuple(data.val), tuple(first_batch[:2])]
+    else:  # batches of any structure (hetcomp.data), and how they are read
+        sizes, hashed = sum(data.fmt.samples(batch) for batch in data.val), [list(data.val), first_batch]
+        parts = {**parts, "inputs": describe_callable(ctx.config.inputs_fn)}
+    if ctx.config.metric is not None:  # validation scores another metric than top-1 accuracy
+        parts = {**parts, "metric": _describe_metric(ctx)}
     return run_key({
         "model": fingerprint(gm, gm), "targets": [t.to_dict() for t in ctx.targets], "seed": ctx.seed,
-        "loss": describe_callable(ctx.loss_fn),
-        "data": [len(data.train), len(data.val[1]), data_hash([tuple(data.val), tuple(first_batch[:2])])], **parts,
+        "loss": describe_callable(ctx.loss_fn), "data": [len(data.train), sizes, data_hash(hashed)], **parts,
     })
 
 
+def _describe_metric(ctx: CompileContext) -> str:
+    """A run key's record of the validation metric: its class and name, and its functions' code."""
+    metric = ctx.metric
+    functions = [getattr(metric, name) for name in ("fn", "collect", "compute") if hasattr(metric, name)]
+    return f"{type(metric).__qualname__}:{metric.name}:" + ";".join(describe_callable(f) for f in functions)
+
+
 def _check_trainable(gm: fx.GraphModule, ctx: CompileContext) -> None:
-    """LAFT trains through simulators that pass gradients to the weights (aihwkit); refuse, before any
+    """LAFT trains through simulators that pass gradients to the weights (aihwkit; the tier simulators by LSQ;
+    row-split layers: ``row_split_trainable``); refuse, before any
     training, layers it would silently leave untrained."""
-    from hetcomp.lower import simulator_of
+    from hetcomp.lower import row_split_trainable, simulator_of
 
     problems = []
+    users: dict[str, list[str]] = {}  # weight parameter -> the layers that read it
+    for _, annotation in mappable_nodes(gm):
+        if annotation.layer.weight_param is not None:
+            users.setdefault(annotation.layer.weight_param, []).append(annotation.layer.name)
     for _, annotation in mappable_nodes(gm):
         assignment = annotation.assignment
+        shared = users.get(annotation.layer.weight_param or "", [])
+        if isinstance(assignment, str) and ctx.targets[assignment].analog and len(shared) > 1:
+            problems.append(f"{annotation.layer.name} (its weights {annotation.layer.weight_param!r} are shared with "
+                            f"{', '.join(n for n in shared if n != annotation.layer.name)}: one weight cannot be "
+                            "fine-tuned as two layers)")
         if isinstance(assignment, dict):
-            problems.append(f"{annotation.layer.name} (row-split over {'+'.join(assignment)})")
+            if not row_split_trainable(assignment, ctx.targets):
+                problems.append(f"{annotation.layer.name} (row-split over {'+'.join(assignment)})")
         elif assignment is not None and ctx.targets[assignment].analog:
             simulator = simulator_of(ctx.targets[assignment])
             if simulator is not None and not simulator.trainable:
@@ -179,4 +205,6 @@ def _check_trainable(gm: fx.GraphModule, ctx: CompileContext) -> None:
     if problems:
         raise ConfigError(
             f"LAFT cannot fine-tune {', '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}: it trains "
-            "whole layers through aihwkit (PCM) only; compile without finetune= for these targets")
+            "layers through simulators that pass gradients (aihwkit PCM; the tier simulators, by LSQ; a row-split "
+            "layer when none of its tiers needs an optimizer of its own), each with weights of its own; compile "
+            "without finetune= for these layers (or keep them digital)")

@@ -66,7 +66,7 @@ class MacGreedy(Pass):
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         training = self.training
         data = training_split(ctx.data, training.val_data, training.val_fraction, ctx.seed, training.batch_size,
-                              class_labels=ctx.loss_fn is None)
+                              class_labels=ctx.loss_fn is None, fmt=ctx.fmt, metric=ctx.config.metric)
         candidates, pinned = [], []
         for _, annotation in mappable_nodes(gm):
             if annotation.layer.kind == WEIGHT_STATIC and annotation.assignment is None:
@@ -74,8 +74,10 @@ class MacGreedy(Pass):
             elif isinstance(annotation.assignment, str) and ctx.targets[annotation.assignment].analog:
                 pinned.append(annotation.layer.name)  # put on analog by an earlier pass: analog in every trial
         candidates.sort(key=lambda a: -a.layer.macs)  # stable: ties keep graph order
-        baseline = validation_accuracy(gm, data.val, 1, derive_seed(ctx.seed, "baseline"))
-        floor = baseline - self.threshold
+        baseline = validation_accuracy(gm, data.val, 1, derive_seed(ctx.seed, "baseline"), metric=data.metric,
+                                       fmt=data.fmt)
+        better = ctx.metric.higher_is_better  # the metric's direction: accuracy, Recall@1 up; a loss down
+        floor = baseline - self.threshold if better else baseline + self.threshold
         log = StepLog(training.checkpoint_dir, training_run_key(
             gm, ctx, data, method="mac-greedy", candidates=[c.layer.name for c in candidates], pinned=pinned,
             settings=self.settings()), "mac-greedy")
@@ -103,8 +105,9 @@ class MacGreedy(Pass):
             gm.load_state_dict(result.state)
             lowered, report = lower_graph(gm, ctx.targets, layers=[*pinned, *accepted, name])
             score = evaluate(lowered, report, data.val, repeats=self.eval_repeats, t_inference=self.t_inference,
-                             seed=derive_seed(ctx.seed, "mac-greedy-eval", index)).mean
-            keep = score >= floor
+                             seed=derive_seed(ctx.seed, "mac-greedy-eval", index), metric=data.metric,
+                             inputs_fn=data.fmt.inputs_fn).mean
+            keep = score >= floor if better else score <= floor
             if keep:
                 accepted.append(name)
                 state = result.state
@@ -115,17 +118,21 @@ class MacGreedy(Pass):
                            "drift_val_accuracy": score, "accepted": keep})
             log.append(trials[-1], result.state if keep else None)
         gm.load_state_dict(state)
-        test = f"validation accuracy at t={self.t_inference:g}s vs digital baseline {baseline:.4f} - {self.threshold}"
+        sign = "-" if better else "+"
+        test = (f"validation {ctx.metric.name} at t={self.t_inference:g}s vs digital baseline {baseline:.4f} {sign} "
+                f"{self.threshold}")
         for _, annotation in mappable_nodes(gm):
             if annotation.layer.name in verdicts:
                 rank, score, keep = verdicts[annotation.layer.name]
                 annotation.assignment = None  # the search's tentative tag; assign with the reason now
-                why = f"candidate {rank} by MACs; retrained {test}: {score:.4f} {'>=' if keep else '<'} {floor:.4f}"
+                relation = ('>=' if keep else '<') if better else ('<=' if keep else '>')
+                why = f"candidate {rank} by MACs; retrained {test}: {score:.4f} {relation} {floor:.4f}"
                 assign_layer(annotation, self.analog if keep else self.digital, ctx.targets, "mac-greedy", why)
             else:
                 assign_layer(annotation, self.digital, ctx.targets, "mac-greedy",
                              "not an analog candidate (dynamic op or pinned earlier)")
         ctx.manifest_extra["finetune"] = {
-            "method": "mac-greedy", "baseline_val": baseline, "trials": trials, "accepted": accepted,
+            "method": "mac-greedy", "metric": ctx.metric.name, "baseline_val": baseline, "trials": trials,
+            "accepted": accepted,
             "checkpoints": None if log.directory is None else str(log.directory)}
         return gm

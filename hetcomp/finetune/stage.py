@@ -39,9 +39,11 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from hetcomp import distributed
+from hetcomp.data import DataFormat, move, tensor_pair
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import accuracy_labels, batched_logits, evaluate
 from hetcomp.finetune.data import TrainingData
+from hetcomp.graph.calls import set_training
 from hetcomp.lower import Simulator, digital_state_dict, lower_graph, lowered_modules
 from hetcomp.progress import bar
 from hetcomp.targets.base import TargetSet
@@ -84,20 +86,28 @@ class StageResult:
         return record if self.ranks == 1 else {**record, "ranks": self.ranks}
 
 
-def validation_accuracy(module: torch.nn.Module, val: tuple[torch.Tensor, torch.Tensor], repeats: int,
-                        seed: int, t_inference: float | None = None, report: dict | None = None,
-                        batch_size: int = 256) -> float:
-    """Mean top-1 accuracy over ``repeats`` noisy passes, seeded.
+def validation_accuracy(module: torch.nn.Module, val: Any, repeats: int, seed: int, t_inference: float | None = None,
+                        report: dict | None = None, batch_size: int = 256, metric: Any = None,
+                        fmt: DataFormat | None = None) -> float:
+    """The mean validation score over ``repeats`` noisy passes, seeded: top-1 accuracy on staged (inputs, labels)
+    tensors, or ``metric`` (hetcomp.metrics) on batches read by ``fmt`` (hetcomp.data).
 
     ``t_inference=None``: eval-mode forward noise only (read noise, ADC). Otherwise each repeat is programmed
     and drifted (``evaluate``: repeat-vectorized, and it never changes ``module``).
     """
+    inputs_fn = None if fmt is None else fmt.inputs_fn
     if t_inference is not None and report is not None and lowered_modules(report):
         return evaluate(module, report, val, repeats=repeats, t_inference=t_inference,
-                        seed=seed, batch_size=batch_size).mean
+                        seed=seed, batch_size=batch_size, metric=metric, inputs_fn=inputs_fn).mean
     device = next(module.parameters()).device
+    if metric is not None or inputs_fn is not None or tensor_pair(val) is None:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # one seeded noise stream over the passes, as below
+            values = [evaluate(module, {}, val, repeats=1, batch_size=batch_size, metric=metric,
+                               inputs_fn=inputs_fn).mean for _ in range(repeats)]
+        return sum(values) / len(values)
     was_training = module.training
-    module.eval()
+    set_training(module, False)
     inputs, labels = val[0].to(device), val[1].to(device)
     correct = 0
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -107,7 +117,7 @@ def validation_accuracy(module: torch.nn.Module, val: tuple[torch.Tensor, torch.
             if repeat == 0:
                 accuracy_labels(logits, labels, "validation data")
             correct += int((logits.argmax(-1) == labels).sum())
-    module.train(was_training)
+    set_training(module, was_training)
     return correct / (len(labels) * repeats)
 
 
@@ -131,10 +141,12 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
     groups = [{"params": analog_params, "lr": settings.lr_analog}]
     if digital_params:
         groups.append({"params": digital_params, "lr": settings.lr_digital})
-    simulators = {type(simulator): simulator for simulator in lowered_modules(report).values()}
+    # Layers of several simulators train together when they share one update rule (e.g. the base class's SGD).
+    simulators = {type(simulator).optimizer: simulator for simulator in lowered_modules(report).values()}
     if len(simulators) > 1:
         names = sorted(each.name for each in simulators.values())
-        raise ConfigError(f"one fine-tuning stage trains layers of several simulators ({names}); fine-tune one "
+        raise ConfigError(f"one fine-tuning stage trains layers of several simulators ({names}) with optimizers of "
+                          "their own; fine-tune one "
                           "device's layers at a time")
     simulator = next(iter(simulators.values()), Simulator())
     model = _data_parallel(lowered, device) if world > 1 else lowered  # before the optimizer: SyncBatchNorm
@@ -151,12 +163,14 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
         # The same noise seed on every rank: a per-batch weight-noise draw is the one a single process makes.
         torch.manual_seed(derive_seed(seed, "noise"))
         for epoch in range(1, settings.epochs + 1):
-            lowered.train()
+            set_training(lowered, True)
             for shard in data.shards(derive_seed(seed, "epoch", epoch), rank, world):
                 optimizer.zero_grad()
                 # A batch every rank holds whole: the same step on every rank, no gradient averaging needed.
                 with model.no_sync() if world > 1 and shard.whole else contextlib.nullcontext():
-                    loss = loss_fn(model(shard.inputs.to(device)), shard.labels.to(device))
+                    batch = move(shard.batch, device)
+                    args, kwargs = data.fmt.inputs(batch)
+                    loss = data.fmt.loss(loss_fn, model(*args, **kwargs), batch)
                     if shard.weight != 1.0:  # a last batch that does not divide evenly over the ranks
                         loss = loss * shard.weight
                     loss.backward()
@@ -186,7 +200,8 @@ def _validate(lowered: fx.GraphModule, data: TrainingData, settings: StageSettin
     running statistics, which a CPU run updates per rank) are copied to every rank, and rank 0's score is
     every rank's, so that early stopping takes the same branch on every rank."""
     distributed.broadcast_tensors(buffer for _, buffer in sorted(lowered.named_buffers()))
-    score = validation_accuracy(lowered, data.val, settings.val_repeats, seed, settings.val_t_inference, report)
+    score = validation_accuracy(lowered, data.val, settings.val_repeats, seed, settings.val_t_inference, report,
+                                metric=data.metric, fmt=data.fmt)
     return distributed.on_main(lambda: score)
 
 

@@ -7,7 +7,7 @@ records (``mappable_nodes``), never a front end's raw op names.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -45,10 +45,10 @@ def trace(
     Each mappable node carries a ``LayerAnnotation`` under ``node.meta["hetcomp"]``. The batch size
     for per-sample MACs is the leading dimension of the first example input.
 
-    ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs (Hugging Face
-    style: ``{"input_ids": ids, "use_cache": False}``). ``frontend``: "fx" (torch.fx symbolic_trace),
-    "export" (torch.export, ATen level: for models fx cannot trace, e.g. transformers 5.x), or "auto":
-    fx, falling back to export when fx fails or the inputs are keywords.
+    ``example_inputs``: a tensor, a tuple of positional inputs, or a dict (any mapping, e.g. a tokenizer's
+    ``BatchEncoding``) of keyword inputs (Hugging Face style: ``{"input_ids": ids, "use_cache": False}``).
+    ``frontend``: "fx" (torch.fx symbolic_trace), "export" (torch.export, ATen level: for models fx cannot
+    trace, e.g. transformers 5.x), or "auto": fx, falling back to export when fx fails or the inputs are keywords.
 
     Raises TraceError naming the failing module (and how to mark it a leaf), when the example inputs
     do not run, or when the model has no mappable layer.
@@ -57,7 +57,7 @@ def trace(
         raise TraceError(f"hetcomp.trace takes a torch.nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
         raise TraceError(f"unknown front end {frontend!r}; known: {', '.join(FRONTENDS)}")
-    kwargs = dict(example_inputs) if isinstance(example_inputs, dict) else {}
+    kwargs = dict(example_inputs) if isinstance(example_inputs, Mapping) else {}  # a BatchEncoding too
     inputs = () if kwargs else _as_tuple(example_inputs)
     tensors = [x for x in (*inputs, *kwargs.values()) if isinstance(x, torch.Tensor)]
     if not tensors or tensors[0].dim() == 0:

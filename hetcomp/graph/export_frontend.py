@@ -1,8 +1,8 @@
 """torch.export front end: for models torch.fx cannot symbolic_trace (Hugging Face transformers 5.x).
 
-``torch.export.export(model, args, kwargs=..., strict=False)`` gives an ATen-level graph; ``ep.module()`` is
-an FX GraphModule with the parameters as attributes, callable like the model (same args, kwargs and output
-structure). Then:
+``torch.export.export(model, args, kwargs=..., strict=False)`` gives an ATen-level graph (dynamic shapes where the
+model allows them: ``Dim.AUTO`` on every input dimension); ``ep.module()`` is an FX GraphModule with the parameters
+as attributes, callable like the model (same args, kwargs and output structure). Then:
 
 - ``aten.scaled_dot_product_attention`` is decomposed in place into its two dynamic products
   (``q @ k^T`` and ``softmax(...) @ v``) with the scale, mask and causal fill between them, so that each is
@@ -14,7 +14,11 @@ structure). Then:
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,9 +33,54 @@ from hetcomp.graph.layers import DYNAMIC, WEIGHT_STATIC, LayerInfo
 aten = torch.ops.aten
 
 
-def export_module(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphModule:
+def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """Every dimension of every tensor input ``Dim.AUTO`` (dynamic where the model allows it: batch size, sequence
+    length; specialized silently where it does not: a hidden size a weight fixes), keyed by the forward's parameter
+    names; None when the inputs cannot be named so (then the example's shapes are exported)."""
+    def dims(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return dict.fromkeys(range(value.dim()), torch.export.Dim.AUTO)
+        return None
+
     try:
-        program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    positional = [name for name, p in parameters.items()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(positional) or any(key not in parameters for key in kwargs):
+        return None
+    return {**{name: dims(x) for name, x in zip(positional, args)}, **{key: dims(x) for key, x in kwargs.items()}}
+
+
+@contextlib.contextmanager
+def quiet_specialization() -> Iterator[None]:
+    """Hold back torch.export's warning for each ``Dim.AUTO`` dimension it specializes (a broadcast dimension of
+    size 1, a hidden size): expected whenever every dimension is offered as dynamic."""
+    log = logging.getLogger("torch._export.non_strict_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def export_module(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> fx.GraphModule:
+    """The model's ATen graph, with dynamic shapes where the model allows them (then the graph takes batches of
+    any size and any sequence length: real data's last batch, padding to the longest sequence of each batch), else
+    with the example inputs' shapes."""
+    shapes = dynamic_shapes(model, args, kwargs)
+    try:
+        program = None
+        if shapes is not None:
+            try:
+                with quiet_specialization():
+                    program = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=shapes)
+            except Exception:  # a model that cannot be exported with symbolic shapes: the example's shapes
+                program = None
+        if program is None:
+            program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as err:
         raise TraceError(
             f"torch.export could not export {type(model).__name__} with example inputs "

@@ -35,8 +35,8 @@ from hetcomp.targets.base import TargetSet
 
 __all__ = [
     "SIMULATORS", "Simulator", "digital_state_dict", "lower_graph", "lowered_modules", "program_and_drift",
-    "register_simulator", "remember_simulator_module", "simulator_module", "simulator_named", "simulator_of",
-    "target_definition", "weight_noise_rel",
+    "register_simulator", "remember_simulator_module", "row_split_trainable", "simulator_module", "simulator_named",
+    "simulator_of", "target_definition", "weight_noise_rel",
 ]
 
 
@@ -67,6 +67,17 @@ class RowSplitSimulator(Simulator):
 
 
 ROW_SPLIT = RowSplitSimulator()
+
+
+def row_split_trainable(assignment: dict[str, int], targets: TargetSet) -> bool:
+    """Whether fine-tuning can train a layer row-split over ``assignment``: every tier that holds rows runs it
+    digitally or through a ``trainable`` simulator that trains with the base class's plain SGD (the parts train
+    together under ``RowSplitSimulator``, whose optimizer that is; aihwkit's tiles need AnalogSGD)."""
+    for tier, rows in assignment.items():
+        simulator = simulator_of(targets[tier]) if rows else None
+        if simulator is not None and (not simulator.trainable or type(simulator).optimizer is not Simulator.optimizer):
+            return False
+    return True
 
 
 def lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] | None = None
@@ -110,12 +121,21 @@ def _lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] |
             module = None if sim is None else sim.lower(_source_module(lowered, layer), targets[assignment])
         name = layer.module_name
         if module is not None:
+            module = _on_graph_device(module, lowered)
             if name is not None and calls.get(name, 0) == 1:
                 lowered.set_submodule(name, module)
             else:  # a functional layer, or one call of a module called several times: lowered at its node
                 name = _replace_node(lowered, nodes[layer.node_name], layer, module)
         report[layer.name] = {"module": name, "target": assignment, "simulator": simulator,
                               "weight_shape": list(layer.weight_shape), "kind": layer.kind}
+        if module is not None and name.startswith(INSERTED) and layer.weight_param is not None:
+            # where its weights live in the digital graph, to carry fine-tuned weights back (digital_state_dict)
+            bias = layer.extra.get("bias_param")
+            if bias is None and layer.module_name is not None and \
+                    getattr(gm.get_submodule(layer.module_name), "bias", None) is not None:
+                bias = f"{layer.module_name}.bias"  # one call of a module called several times
+            report[layer.name].update(weight_param=layer.weight_param, bias_param=bias,
+                                      transposed=layer.op == "matmul")
     lowered.graph.eliminate_dead_code()
     lowered.recompile()
     # New simulation modules start in training mode (aihwkit would then add training noise on every forward):
@@ -123,6 +143,15 @@ def _lower_graph(gm: fx.GraphModule, targets: TargetSet, layers: Iterable[str] |
     for module in lowered.modules():  # not .train(): a torch.export graph refuses it
         module.training = gm.training
     return lowered, report
+
+
+def _on_graph_device(module: nn.Module, gm: fx.GraphModule) -> nn.Module:
+    """``module`` moved to the graph's device if it holds a parameter elsewhere (a dynamic product's LSQ steps
+    are made without a weight to take the device from); a module already there is left untouched."""
+    reference = next(gm.parameters(), None)
+    if reference is not None and any(p.device != reference.device for p in module.parameters()):
+        module = module.to(reference.device)
+    return module
 
 
 def _source_module(gm: fx.GraphModule, layer) -> nn.Module | None:
@@ -179,8 +208,11 @@ class _MatMul(nn.Module):
         return torch.matmul(a, b)
 
 
+INSERTED = "hetcomp_lowered_"  # prefix of the modules lowering inserts for layers lowered at their graph node
+
+
 def _replace_node(gm: fx.GraphModule, node: fx.Node, layer, module: nn.Module) -> str:
-    name = "hetcomp_lowered_" + "".join(c if c.isalnum() else "_" for c in layer.name)
+    name = INSERTED + "".join(c if c.isalnum() else "_" for c in layer.name)
     gm.add_submodule(name, module)
     args = (node.args[0],) if layer.kind != DYNAMIC else (node.args[0], node.args[1])
     with gm.graph.inserting_before(node):
@@ -201,18 +233,31 @@ def digital_state_dict(lowered: nn.Module, report: dict[str, dict[str, Any]]) ->
     """The state dict of the *digital* graph that computes what ``lowered`` was trained to (detached copies).
 
     Used for checkpoints (plain tensors: loadable with ``weights_only=True``) and to carry fine-tuned
-    weights back into the digital graph for export.
+    weights back into the digital graph for export. A layer swapped by its module name goes back under that
+    name; a layer lowered at its graph node (an inserted ``hetcomp_lowered_*`` module: ``aten.linear`` of the
+    torch.export front end, ``F.linear``, one call of a module called several times) goes back to the weight and
+    bias parameters its node read (transposed back for ``x @ W``), and the inserted module's own state is left out.
     """
-    modules = {name: simulator for name, simulator in lowered_modules(report).items()
-               if not name.startswith("hetcomp_lowered_")}  # inserted modules: the digital weights stay put
+    lowered_by_name = lowered_modules(report)
+    modules = {name: simulator for name, simulator in lowered_by_name.items() if not name.startswith(INSERTED)}
+    inserted = {entry["module"]: entry for entry in report.values()
+                if entry["simulator"] and entry["module"].startswith(INSERTED)}
     shapes = {entry["module"]: entry["weight_shape"] for entry in report.values()}
     state = {key: value.detach().clone() for key, value in lowered.state_dict().items()
-             if not any(key.startswith(name + ".") for name in modules)}
+             if not any(key.startswith(name + ".") for name in (*modules, *inserted))}
     for name, simulator in modules.items():
         weight, bias = simulator.digital_weights(lowered.get_submodule(name))
         state[f"{name}.weight"] = weight.detach().reshape(shapes[name]).clone()  # conv tiles hold [out, in*k*k]
         if bias is not None:
             state[f"{name}.bias"] = bias.detach().clone()
+    for name, entry in inserted.items():
+        if entry.get("weight_param") is None:  # a dynamic product: no weights
+            continue
+        weight, bias = lowered_by_name[name].digital_weights(lowered.get_submodule(name))
+        weight = weight.detach().t() if entry.get("transposed") else weight.detach()
+        state[entry["weight_param"]] = weight.reshape(state[entry["weight_param"]].shape).clone()
+        if bias is not None and entry.get("bias_param") is not None:
+            state[entry["bias_param"]] = bias.detach().reshape(state[entry["bias_param"]].shape).clone()
     return state
 
 

@@ -3,9 +3,11 @@
 The rpu_config is built from the target's data: ``target.device`` (keys in ``DEFAULTS``; a target
 overrides any of them; ``AihwkitSimulator`` at the end of this file is the registered simulator) and
 ``target.precision`` (DAC/ADC bits -> ``inp_res``/``out_res``). Defaults are
-HILAL's configuration: PCMLikeNoiseModel(g_max=25), GlobalDriftCompensation, digital bias, 256x256
-tiles, weight scaling to max|W| = 1 (omega 1.0, layer-wise), ADD_NORMAL training noise of 0.08 x max|W|,
-LAYER_GAUSSIAN clip at 2 sigma, layer-wise symmetric remap, out_noise 0.06, 8-bit input/output.
+HILAL's configuration (its ``gen_rpu_config``): PCMLikeNoiseModel(g_max=25), GlobalDriftCompensation,
+digital bias, tiles of at most 256 inputs x 255 outputs, column-wise weight scaling to max|W| = 1 (omega 1.0)
+with learned column-wise output scales, ADD_NORMAL training noise of 0.08 x max|W|, LAYER_GAUSSIAN clip at
+2 sigma, layer-wise symmetric remap, out_noise 0.06, 8-bit input/output. The one deviation is the tile class
+(``tile="torch"``, below; HILAL uses the C++ tile): bench/hilal_config.py measures it and each setting.
 
 ``tile="torch"`` (default) uses ``TorchInferenceRPUConfig`` (a subclass of ``InferenceRPUConfig`` whose
 MVM is plain torch): its noise comes from torch's RNG, so results are reproducible under a seed, and it
@@ -18,6 +20,7 @@ per group: ``GroupedAnalogConv`` holds one analog convolution per group and conc
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -34,11 +37,13 @@ DEFAULTS: dict[str, Any] = {
     "drift_compensation": "global",  # "global" | None
     "digital_bias": True,
     "max_input_size": 256,
-    "max_output_size": 256,
+    "max_output_size": 255,  # HILAL's gen_rpu_config: 255 (a 256-row output block needs two tiles)
     # Map max|W| to the full conductance range when lowering (as LAFT's layer-wise remap does after every
     # update): without it, a freshly lowered layer has a worse signal-to-output-noise ratio than a trained one.
     "weight_scaling_omega": 1.0,
-    "weight_scaling_columnwise": False,
+    "weight_scaling_columnwise": True,  # HILAL: each output column's max|W| -> full range, scale in digital
+    "learn_out_scaling": True,  # HILAL: a learned digital output scale per column (trained by LAFT)
+    "out_scaling_columnwise": True,
     "training_noise": "add_normal",  # aihwkit WeightModifierType name
     "training_noise_rel": 0.08,  # std relative to max|W| (HILAL's gamma)
     "clip": "layer_gaussian",  # aihwkit WeightClipType name
@@ -81,6 +86,8 @@ def rpu_config(target: Target) -> Any:
     config.mapping.max_output_size = int(options["max_output_size"])
     config.mapping.weight_scaling_omega = float(options["weight_scaling_omega"])
     config.mapping.weight_scaling_columnwise = bool(options["weight_scaling_columnwise"])
+    config.mapping.learn_out_scaling = bool(options["learn_out_scaling"])
+    config.mapping.out_scaling_columnwise = bool(options["out_scaling_columnwise"])
     config.noise_model = _noise_model(
         static_std=float(options["static_weight_noise"]), g_max=float(options["g_max"]),
         prog_noise_scale=float(options["prog_noise_scale"]), read_noise_scale=float(options["read_noise_scale"]),
@@ -194,7 +201,8 @@ def lower_module(module: nn.Module, target: Target) -> nn.Module:
     device = module.weight.device
     groups = getattr(module, "groups", 1)
     if groups == 1:
-        return analog_class.from_digital(module.cpu(), config).to(device)
+        # aihwkit builds tiles on the CPU; a copy, so that the graph's own layer is not moved off its device
+        return analog_class.from_digital(copy.deepcopy(module).cpu(), config).to(device)
     if getattr(module, "padding_mode", "zeros") != "zeros" or isinstance(module.padding, str):
         raise ConfigError(f"grouped convolution with padding {module.padding!r} / padding_mode "
                           f"{module.padding_mode!r} cannot be lowered per group yet; assign it to a digital target")

@@ -20,6 +20,33 @@ relative Gaussian noise ``N(0, (sigma |x|)^2)`` (H3PIMAP §III-C), the product q
 
 Both lower Linear, Conv1d and Conv2d; a grouped or depthwise convolution gets one core (array) per group.
 ``IDEAL`` switches every simulator here to the exact float layer (for equivalence checks).
+
+**Quantization-aware training (LSQ, Esser et al. 2020).** Both cores train (``trainable``): in training mode each
+quantized operand has a learned step size ``s`` (an ``nn.Parameter``: ``input_step``, ``weight_step``, and
+``other_step`` for the second activation of a dynamic product), quantized as LSQ does,
+``q = round(clip(v / s, -Qp, Qp))`` with ``Qp = 2^(bits-1) - 1`` (symmetric: sign-magnitude arrays), rounding
+passed straight through (``dq/dv = 1/s`` inside the range, 0 where clipped) and the step's gradient scaled by
+``g = 1 / sqrt(numel x Qp)`` (numel: the elements that step quantizes in that call, the batch included for
+an input). The steps are set on the first training-mode forward (``lsq_ready``): to today's per-tensor scale
+``max|v| / Qp`` (``step_init="max-abs"``, the default: fine-tuning starts exactly at the post-training-quantized
+model) or to LSQ's ``2 mean|v| / sqrt(Qp)`` (``step_init="lsq"``, a device setting). Everything else (cells,
+ADC, noise draws, the bit-serial path) is computed as before from those integers, so at steps equal to today's
+scales the forward is bit for bit today's. Backward: the PIM crossbar is one straight-through estimator as a
+whole (the gradient of ``x_q @ w_q^T`` w.r.t. the integer operands, times the exact digital rescale; ADC
+clipping/rounding and read noise act in the forward only); the photonic core's noise is differentiated as
+drawn and its output quantizer is passed straight through.
+
+Steps stay positive, and a weight step at most ``max|W| / Qp`` (a larger one clips nothing and only coarsens the
+grid): projected gradient descent, the parameter clamped into range before a training forward uses it.
+
+What persists: no step. The digital weight read back (``float_weight``, ``digital_weights``) is ``W`` clipped at
+``+-Qp x s_w``, so lowering that weight again derives exactly the learned step (its max-abs scale; the core uses
+the step its clipping bound implies, which float arithmetic makes differ from ``s_w`` by at most an ulp) and the
+same integer weights: weight steps are lowering-time state derived from the weights. Input steps are training-time
+state: in eval mode a core quantizes its inputs per call by ``max|x| / Qp`` as before (what a freshly lowered
+layer does), so the accuracy that LAFT validates on the module it trains is the accuracy of the compiled model
+it returns. ``learned_input_steps()`` makes eval use the learned input steps too, to measure what persisting
+them would add (bench/lsq_tiers.py: nothing at 6 and 8 bits, up to 7 points at 3-4 bits).
 """
 
 from __future__ import annotations
@@ -38,6 +65,8 @@ from hetcomp.lower.simulator import Simulator
 from hetcomp.targets.base import Target
 
 _IDEAL = [False]
+_LEARNED_INPUTS = [False]
+STEP_INITS = ("max-abs", "lsq")
 BOLTZMANN = 1.380649e-23
 ELECTRON_CHARGE = 1.602176634e-19
 
@@ -50,6 +79,17 @@ def ideal() -> Iterator[None]:
         yield
     finally:
         _IDEAL[0] = False
+
+
+@contextlib.contextmanager
+def learned_input_steps() -> Iterator[None]:
+    """Inside this block a trained core quantizes its inputs with its learned (LSQ) input steps in eval mode too,
+    instead of by each call's max-abs; for measuring what persisting input steps would add."""
+    _LEARNED_INPUTS[0] = True
+    try:
+        yield
+    finally:
+        _LEARNED_INPUTS[0] = False
 
 
 def quantize(x: torch.Tensor, bits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,14 +109,198 @@ def _bit_planes(magnitude: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     return torch.stack([((value >> (width * s)) % base).to(magnitude.dtype) for s in range(slices)])
 
 
-class PimCrossbarCore(nn.Module):
+class _GradScale(torch.autograd.Function):
+    """The identity on the value; the gradient times ``g`` (LSQ's step-size gradient scale)."""
+
+    @staticmethod
+    def forward(ctx: Any, step: torch.Tensor, g: float) -> torch.Tensor:
+        ctx.g = g
+        return step.view_as(step)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.g, None
+
+
+class _Bounded(torch.autograd.Function):
+    """``step`` clamped to [floor, cap] on the value, the gradient passed to ``step`` unchanged. In training the
+    parameter is projected into that range before use (``_LearnedSteps._step``), so the clamp only acts in eval,
+    on a step that the last optimizer update moved out of range. With ``levels`` (a weight step) a step below the
+    cap is the one its clipping bound implies, ``(step x levels) / levels`` in float arithmetic (the same value
+    up to an ulp): exactly the max-abs scale that lowering derives from the weight clipped at that bound."""
+
+    @staticmethod
+    def forward(ctx: Any, step: torch.Tensor, floor: torch.Tensor, cap: torch.Tensor | None,
+                levels: int | None = None) -> torch.Tensor:
+        step = torch.maximum(step, floor)
+        if cap is None:
+            return step
+        step = torch.minimum(step, cap)
+        return step if levels is None else torch.where(step < cap, torch.minimum(step * levels / levels, cap), cap)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return grad, None, None, None
+
+
+class _LSQRound(torch.autograd.Function):
+    """q = round(clip(v / s, -Qp, Qp)), integer-valued, computed exactly as ``quantize`` does; LSQ's backward:
+    dq/dv = 1/s and dq/ds = -v/s^2 strictly inside (-Qp, Qp) (rounding passed straight through), 0 where clipped.
+    With the caller's ``q * s`` this gives LSQ's d(qs)/ds = round(v/s) - v/s inside and +-Qp where clipped."""
+
+    @staticmethod
+    def forward(ctx: Any, v: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
+        ratio = v / step
+        ctx.save_for_backward(ratio, step)
+        ctx.levels = levels
+        return torch.round(ratio).clamp(-levels, levels)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        ratio, step = ctx.saved_tensors
+        inside = (ratio > -ctx.levels) & (ratio < ctx.levels)
+        grad = torch.where(inside, grad, torch.zeros_like(grad))
+        grad_v = grad / step if ctx.needs_input_grad[0] else None
+        grad_step = (-(grad * ratio).sum() / step).reshape(step.shape) if ctx.needs_input_grad[1] else None
+        return grad_v, grad_step, None
+
+
+class _CrossbarProduct(torch.autograd.Function):
+    """``out * scale`` (the crossbar's integer result, rescaled: its value exactly as the forward computed it);
+    backward: the straight-through estimator of the whole crossbar, out ~ xq @ wq^T, so
+    d/dxq = (G scale) wq, d/dwq = (G scale)^T xq, and d/dscale = sum(G out) (the rescale is exact)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor
+                ) -> torch.Tensor:
+        ctx.save_for_backward(out, xq, wq, scale)
+        return out * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor | None, torch.Tensor | None,
+                                                        torch.Tensor | None]:
+        out, xq, wq, scale = ctx.saved_tensors
+        scaled = grad * scale
+        grad_x = scaled @ wq if ctx.needs_input_grad[1] else None
+        grad_w = scaled.t() @ xq if ctx.needs_input_grad[2] else None
+        grad_scale = (grad * out).sum().reshape(scale.shape) if ctx.needs_input_grad[3] else None
+        return None, grad_x, grad_w, grad_scale
+
+
+class _OutputQuantize(torch.autograd.Function):
+    """``quantize(y, bits)`` rescaled (per call, max-abs: nothing clips), its rounding passed straight through."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, bits: int | None) -> torch.Tensor:
+        q, scale = quantize(y, bits)
+        return q * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def _levels(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _step_init(v: torch.Tensor, bits: int, how: str) -> torch.Tensor:
+    """A step for ``v`` at ``bits``: today's per-tensor scale (``max-abs``) or LSQ's 2 mean|v| / sqrt(Qp)."""
+    levels = _levels(bits)
+    if how == "lsq":
+        return (2 * v.detach().abs().mean() / math.sqrt(levels)).clamp_min(1e-12)
+    return v.detach().abs().max().clamp_min(1e-12) / levels
+
+
+class _LearnedSteps(nn.Module):
+    """LSQ state shared by the cores: learned step sizes (one per quantized operand), set on the first training
+    forward, and the digital weight they imply (``float_weight``)."""
+
+    # operand name -> settings key of its bits
+    OPERANDS: dict[str, str] = {}
+
+    def _init_steps(self, weight: torch.Tensor | None, operands: tuple[str, ...]) -> None:
+        self.lsq_ready = False  # a plain attribute (not a buffer): read on every forward without a device sync
+        self._operands = tuple(name for name in operands if self.settings[self.OPERANDS[name]] is not None)
+        dtype = torch.float32 if weight is None else weight.dtype
+        device = None if weight is None else weight.device
+        for name in self._operands:
+            setattr(self, f"{name}_step", nn.Parameter(torch.ones((), dtype=dtype, device=device)))
+
+    @property
+    def learned(self) -> bool:
+        return self.lsq_ready
+
+    def _start_training(self, values: dict[str, torch.Tensor]) -> None:
+        """Set every step from its operand's values in this (first training) call; the same on every rank."""
+        how = self.settings.get("step_init", "max-abs")
+        with torch.no_grad():
+            for name in self._operands:
+                step = _step_init(values[name], self.settings[self.OPERANDS[name]], how)
+                if name != "weight" and torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MAX)
+                getattr(self, f"{name}_step").copy_(step)
+            self.lsq_ready = True
+
+    def _step(self, name: str) -> torch.Tensor:
+        """Operand ``name``'s learned step, kept positive and, for the weight, at most today's scale max|W| / Qp
+        (a larger step clips nothing and only coarsens the grid): projected gradient descent, the parameter
+        clamped into [floor, cap] before a training forward uses it (only when an update moved it out, so an
+        in-range step is never written), and clamped on the value in eval."""
+        step = getattr(self, f"{name}_step")
+        if name == "weight":
+            cap = _step_init(self.weight, self.settings["weight_bits"], "max-abs")
+            floor, levels = cap * 1e-3, _levels(self.settings["weight_bits"])
+        else:
+            cap, floor, levels = None, torch.full_like(step, 1e-12), None
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                if step < floor or cap is not None and step > cap:
+                    step.copy_(_Bounded.apply(step, floor, cap))
+        return _Bounded.apply(step, floor, cap, levels)
+
+    def _lsq(self, name: str, v: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer-valued v, its step), both carrying LSQ's gradients."""
+        levels = _levels(self.settings[self.OPERANDS[name]])
+        step = _GradScale.apply(step, 1.0 / math.sqrt(v.numel() * levels))
+        return _LSQRound.apply(v, step, levels), step
+
+    def _quantize(self, name: str, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Operand ``name``: learned step in training (and for weights once learned), else ``quantize``."""
+        bits = self.settings[self.OPERANDS[name]]
+        if bits is None or not self.learned:
+            return quantize(v, bits)
+        if name == "weight" or self.training or _LEARNED_INPUTS[0]:
+            return self._lsq(name, v, self._step(name))
+        return quantize(v, bits)  # eval: inputs by each call's max-abs, as a freshly lowered core
+
+    def float_weight(self) -> torch.Tensor:
+        """The digital weight this core computes: the weight clipped at its learned range (+-Qp x step), so that
+        lowering it again derives the same step and integers; the weight itself until LSQ has moved the step
+        below max|W| / Qp."""
+        bits = self.settings["weight_bits"]
+        if not self.learned or bits is None:
+            return self.weight
+        with torch.no_grad():
+            cap = _step_init(self.weight, bits, "max-abs")
+            if self._step("weight") == cap:
+                return self.weight
+            # the bound whose max-abs scale is the step used (_Bounded): below max|W|, so some weight sits on it
+            bound = torch.clamp(self.weight_step, cap * 1e-3, cap) * _levels(bits)
+        return self.weight.clamp(-bound, bound)
+
+
+class PimCrossbarCore(_LearnedSteps):
     """y = x W^T (+ b) through bit-serial, bit-sliced crossbars with per-column ADC quantization."""
+
+    OPERANDS = {"input": "input_bits", "weight": "weight_bits"}
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, settings: dict[str, Any]) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.settings = dict(settings)
+        self._init_steps(self.weight, ("input", "weight"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The crossbar result, computed exactly but not bit by bit where that cannot change it.
@@ -88,14 +312,21 @@ class PimCrossbarCore(nn.Module):
         computed by one matmul of the layer's own size; only output columns with a block that could clip or round
         go through the bit-serial path (``_bit_serial``), with their other blocks zeroed. The noise is drawn
         exactly as before (same shapes, same order), so a seeded forward gives what the all-bit-serial one did.
+
+        In training the integers come from LSQ's learned steps (the module docstring) and the backward is the
+        straight-through estimator of the whole crossbar (``_CrossbarProduct``): the value is this exact result,
+        the gradient that of ``xq @ wq^T`` times the rescale, passed on to x, W and the steps by LSQ.
         """
         if _IDEAL[0]:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.float_weight(), self.bias)
         s = self.settings
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xq, x_scale = quantize(x2, s["input_bits"])
-        w_scale, digits = self._cells()
+        if self.training and not self.learned:
+            self._start_training({"input": x2, "weight": self.weight})
+        xq_graph, x_scale = self._quantize("input", x2)  # xq_graph / wq carry LSQ's gradients in training
+        wq, w_scale, digits = self._cells()
+        xq = xq_graph.detach()
         cell_bits, rows = s["cell_bits"], s["xbar_rows"]
         levels = 2**cell_bits - 1
         noise = s.get("conductance_noise")
@@ -121,25 +352,43 @@ class PimCrossbarCore(nn.Module):
             masked = F.pad(cells, (0, pad)).view(2, slices, out_rows, chunks, rows)[:, :, unsafe]
             masked = masked * (~safe[:, :, unsafe]).to(x.dtype)[..., None]  # a zeroed block reads 0: adds nothing
             out[:, unsafe] += _bit_serial(xq, masked.reshape(2, slices, len(unsafe), -1)[..., :k], s)
-        y = out * (x_scale * w_scale)
+        scale = x_scale * w_scale
+        if torch.is_grad_enabled() and (xq_graph.requires_grad or wq.requires_grad or scale.requires_grad):
+            y = _CrossbarProduct.apply(out, xq_graph, wq, scale)  # the same value; a straight-through backward
+        else:
+            y = out * scale
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], -1)
 
-    def _cells(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The programmed cell digits, kept until the weight changes (they are deterministic; noise is per read)."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.device, self.weight.dtype)
+    def _cells(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(integer weight, weight step, programmed cell digits); the digits are kept until the weight or its step
+        changes (they are deterministic; noise is per read). Before LSQ training: today's per-tensor scale."""
+        if self.learned:
+            wq, w_scale = self._quantize("weight", self.weight)
+            key = (self.weight.data_ptr(), self.weight._version, self.weight_step._version, True, self.weight.device,
+                   self.weight.dtype)
+            if getattr(self, "_cell_cache", (None,))[0] != key:
+                self._cell_cache = (key, None, _cell_digits(wq.detach(), self.settings), None)
+            return wq, w_scale, self._cell_cache[2]
+        key = (self.weight.data_ptr(), self.weight._version, False, self.weight.device, self.weight.dtype)
         if getattr(self, "_cell_cache", (None,))[0] != key:
             self._cell_cache = (key, *_weight_cells(self.weight.detach(), self.settings))
-        return self._cell_cache[1], self._cell_cache[2]
+        return self._cell_cache[3], self._cell_cache[1], self._cell_cache[2]
 
 
-def _weight_cells(weight: torch.Tensor, s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight scale, cell digits [2 arrays, slices, R, K]) of a weight quantized to ``weight_bits``."""
+def _weight_cells(weight: torch.Tensor, s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight scale, cell digits [2 arrays, slices, R, K], integer weight) of a weight quantized to
+    ``weight_bits``."""
     wq, w_scale = quantize(weight, s["weight_bits"])
+    return w_scale, _cell_digits(wq, s), wq
+
+
+def _cell_digits(wq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """Cell digits [2 arrays, slices, R, K] of an integer-valued weight (sign-magnitude, ``cell_bits`` per cell)."""
     magnitude_bits, cell_bits = s["weight_bits"] - 1, s["cell_bits"]
-    return w_scale, torch.stack([_bit_planes(wq.clamp(min=0), magnitude_bits, cell_bits),
-                                 _bit_planes((-wq).clamp(min=0), magnitude_bits, cell_bits)])
+    return torch.stack([_bit_planes(wq.clamp(min=0), magnitude_bits, cell_bits),
+                        _bit_planes((-wq).clamp(min=0), magnitude_bits, cell_bits)])
 
 
 def _bit_serial(xq: torch.Tensor, cells: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
@@ -201,31 +450,36 @@ def _relative_noise(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x + sigma * x.abs() * torch.randn_like(x) if sigma else x
 
 
-class PhotonicCore(nn.Module):
+class PhotonicCore(_LearnedSteps):
     """y = x W^T (+ b), or a @ b for a dynamic product, on a noisy low-precision photonic core."""
+
+    OPERANDS = {"input": "input_bits", "weight": "weight_bits", "other": "weight_bits"}
 
     def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, settings: dict[str, Any]) -> None:
         super().__init__()
-        self.weight = None if weight is None else nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.weight = None if weight is None else nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.settings = dict(settings)
+        # A dynamic product's second operand is an activation ("other"): it gets an input step of its own.
+        self._init_steps(self.weight, ("input", "weight" if weight is not None else "other"))
 
-    def _operand(self, x: torch.Tensor, bits: int | None) -> torch.Tensor:
-        q, scale = quantize(x, bits)
+    def _operand(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        q, scale = self._quantize(name, x)
         return _relative_noise(q, self.settings["input_noise_rel"]) * scale
 
     def product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if _IDEAL[0]:
             return torch.matmul(a, b)
-        s = self.settings
-        y = torch.matmul(self._operand(a, s["input_bits"]), self._operand(b, s["weight_bits"]))
-        q, scale = quantize(y, s["output_bits"])
-        return q * scale
+        if self.training and not self.learned:
+            self._start_training({"input": a, "weight" if self.weight is not None else "other": b})
+        y = torch.matmul(self._operand("input", a), self._operand("weight" if self.weight is not None else "other", b))
+        return _OutputQuantize.apply(y, self.settings["output_bits"])
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         if self.weight is None:  # dynamic: both operands are activations
             return self.product(x, other)
-        y = self.product(x, self.weight.t())
+        weight = self.float_weight() if _IDEAL[0] else self.weight
+        y = self.product(x, weight.t())
         return y if self.bias is None else y + self.bias
 
 
@@ -300,15 +554,26 @@ def _wrap(module: nn.Module | None, make_core: Callable[[torch.Tensor | None, to
 
 
 class _TorchTierSimulator(Simulator):
-    """Shared by the torch tier simulators: read back a (grouped) layer's weights; nothing to program (their
-    noise is drawn on every forward: read noise)."""
+    """Shared by the torch tier simulators: read back a (grouped) layer's weights (clipped at the learned LSQ
+    range: ``float_weight``); nothing to program (their noise is drawn on every forward: read noise). Trainable:
+    LSQ passes gradients to the weights, biases and step sizes (plain SGD, ``Simulator.optimizer``)."""
+
+    trainable = True
+    defaults: dict[str, Any] = {"step_init": "max-abs"}
+
+    def settings(self, target: Target) -> dict[str, Any]:
+        settings = super().settings(target)
+        if settings["step_init"] not in STEP_INITS:
+            raise ConfigError(f"target {target.name!r}: step_init must be one of {list(STEP_INITS)} (the LSQ step "
+                              f"sizes' initial value), got {settings['step_init']!r}")
+        return settings
 
     def digital_weights(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(module, UnfoldConv):  # the whole (grouped) conv weight, from its per-group cores
-            weight = torch.cat([core.weight for core in module.cores]).reshape(module.weight_shape)
+            weight = torch.cat([core.float_weight() for core in module.cores]).reshape(module.weight_shape)
             bias = None if module.cores[0].bias is None else torch.cat([core.bias for core in module.cores])
             return weight, bias
-        return module.weight, module.bias
+        return module.float_weight(), module.bias
 
 
 class PimCrossbarSimulator(_TorchTierSimulator):
@@ -317,7 +582,7 @@ class PimCrossbarSimulator(_TorchTierSimulator):
 
     name = "pim-crossbar"
     required = PIM_KEYS
-    defaults = {"conductance_noise": None}
+    defaults = {"conductance_noise": None, "step_init": "max-abs"}
     NOISE_KEYS = ("g_min_s", "g_max_s", "voltage_v", "freq_hz", "temperature_k")
 
     def settings(self, target: Target) -> dict[str, Any]:

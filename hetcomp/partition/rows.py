@@ -38,8 +38,10 @@ def rows_by_sensitivity(annotation: LayerAnnotation) -> np.ndarray:
     return (groups[:, None] * unit + np.arange(unit)).ravel()
 
 
-def apply_counts(annotation: LayerAnnotation, counts: Sequence[int], tiers: Sequence[Target], reason: str) -> None:
-    """Assign ``counts[i]`` rows of the layer to ``tiers[i]``; ``tiers`` in any order (sorted here by accuracy).
+def apply_counts(annotation: LayerAnnotation, counts: Sequence[int], tiers: Sequence[Target], reason: str,
+                 order: Sequence[str] | None = None) -> None:
+    """Assign ``counts[i]`` rows of the layer to ``tiers[i]``; ``tiers`` in any order (sorted here by accuracy:
+    ``accuracy_rank``, or ``order``, tier names most accurate first, e.g. row remap's measured order).
 
     A layer whose rows all land on one tier gets a plain target name; otherwise ``assignment`` is
     {tier: rows} and ``row_targets`` names each row's tier in row order.
@@ -57,7 +59,11 @@ def apply_counts(annotation: LayerAnnotation, counts: Sequence[int], tiers: Sequ
     if len(used) == 1:
         annotation.assignment, annotation.row_targets = used[0][0].name, None
         return
-    used.sort(key=lambda pair: (pair[0].accuracy_rank, pair[0].name))
+    if order is not None:
+        position = {name: index for index, name in enumerate(order)}
+        used.sort(key=lambda pair: (position.get(pair[0].name, len(position)), pair[0].accuracy_rank, pair[0].name))
+    else:
+        used.sort(key=lambda pair: (pair[0].accuracy_rank, pair[0].name))
     order = rows_by_sensitivity(annotation)
     row_targets = [""] * annotation.layer.rows
     start = 0

@@ -18,9 +18,10 @@ import torch.nn as nn
 
 from hetcomp import checks
 from hetcomp.analysis.cache import GRAPH, AnalysisCache, AnalysisKey
-from hetcomp.data import take_batches
+from hetcomp.data import DataFormat, move, needs_loss, take_batches
 from hetcomp.errors import ConfigError, HetcompError, PassOrderError
 from hetcomp.memory import PeakMemory
+from hetcomp.metrics import Metric, as_metric
 from hetcomp.progress import bar
 from hetcomp.registry import Registry
 from hetcomp.targets.base import TargetSet
@@ -77,13 +78,16 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """What a compile was asked to do (fixed for the whole pipeline): targets, seed, loss, and the
-    torch.distributed process group passes shard their work over (None: one process)."""
+    """What a compile was asked to do (fixed for the whole pipeline): targets, seed, the task (loss, how a batch
+    becomes model inputs, the metric quality-driven passes score with), and the torch.distributed process group
+    passes shard their work over (None: one process)."""
 
     targets: TargetSet
     seed: int = 0
     loss_fn: LossFn | None = None
     process_group: Any = None
+    inputs_fn: Callable[[Any], Any] | None = None  # batch -> model inputs (hetcomp.data.DataFormat)
+    metric: Any = None  # None: top-1 accuracy; a function (outputs, target) -> value or a hetcomp.metrics.Metric
 
 
 @dataclass
@@ -117,6 +121,16 @@ class CompileContext:
         """``loss_fn``, or cross-entropy that first checks the labels (hetcomp.checks.checked_cross_entropy)."""
         return self.loss_fn if self.loss_fn is not None else checks.checked_cross_entropy
 
+    @property
+    def fmt(self) -> DataFormat:
+        """How the compile's data is read (hetcomp.data): (inputs, labels) pairs, or batches through ``inputs_fn``."""
+        return DataFormat(self.config.inputs_fn)
+
+    @property
+    def metric(self) -> Metric:
+        """The metric quality-driven passes (LAFT's validation, mac-greedy, row remap) score with."""
+        return as_metric(self.config.metric)
+
     def device(self, gm: nn.Module) -> torch.device:
         """Where the model lives: data and probes follow it."""
         for tensor in gm.parameters():
@@ -127,29 +141,36 @@ class CompileContext:
         """The cached analysis for ``key``, computed once."""
         return self.analyses.get(key, compute)
 
-    def calibration_batches(self, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``count`` (inputs, targets) batches of ``data``, taken once and reused by every pass.
+    def calibration_batches(self, count: int, device: torch.device) -> list[Any]:
+        """The first ``count`` batches of ``data``, taken once and reused by every pass, on ``device``.
 
-        ``data`` may be a DataLoader / iterable of (inputs, targets) pairs, or one (inputs, targets)
-        pair of tensors. Checked when taken (DataError naming the batch): inputs finite, and with the
-        default loss integer labels (their range is checked against the model's outputs by the loss).
+        ``data`` may be a DataLoader / iterable of (inputs, targets) pairs, one (inputs, targets) pair of
+        tensors, or batches of any structure read through ``inputs_fn`` (hetcomp.data). Checked when taken
+        (DataError naming the batch): inputs finite, and with the default loss integer labels (their range is
+        checked against the model's outputs by the loss); a batch that is not a labelled pair needs ``loss_fn``
+        (ConfigError, before any Hessian work).
         """
         if self.data is None:
             raise ConfigError("this pass needs calibration data: pass data=<DataLoader of (inputs, targets)>")
         count = checks.integer("calibration batch count", count)
         if count not in self._calibration:
             # A shuffling loader yields the same batches for the same seed; the caller's RNG is untouched.
-            taken = take_batches(self.data, count, seed=self.seed)
-            checks.batches("calibration data", taken, labels=self.loss_fn is None)
+            fmt = self.fmt
+            taken = take_batches(self.data, count, seed=self.seed, fmt=fmt)
+            for index, batch in enumerate(taken):
+                if not fmt.labelled(batch) and self.loss_fn is None:
+                    raise needs_loss(batch)
+                fmt.check(f"calibration data batch {index}", batch, labels=self.loss_fn is None)
             self._calibration[count] = taken
-        return [(x.to(device), y.to(device)) for x, y in self._calibration[count]]
+        return [move(batch, device) for batch in self._calibration[count]]
 
     def calibration_record(self) -> dict[str, dict[str, Any]]:
         """For the manifest: per batch count used, the batches, samples and a SHA-256 of the data, so two
         compiles can be checked to have seen the same calibration data."""
         from hetcomp.manifest import data_hash
 
-        return {str(count): {"batches": len(batches), "samples": sum(len(x) for x, _ in batches),
+        fmt = self.fmt
+        return {str(count): {"batches": len(batches), "samples": sum(fmt.samples(b) for b in batches),
                              "sha256": data_hash(batches)}
                 for count, batches in sorted(self._calibration.items())}
 
