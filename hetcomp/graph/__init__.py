@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from hetcomp.data import move
 from hetcomp.errors import TraceError
 from hetcomp.graph import export_frontend, fx_frontend
 from hetcomp.graph.layers import META_KEY, LayerAnnotation, LayerInfo, annotate, layer_annotations, mappable_nodes
@@ -57,6 +58,9 @@ def trace(
         raise TraceError(f"hetcomp.trace takes a torch.nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
         raise TraceError(f"unknown front end {frontend!r}; known: {', '.join(FRONTENDS)}")
+    parameter = next(model.parameters(), None)
+    if parameter is not None:  # the device follows the model: example inputs (or a CPU loader's batch) go to it
+        example_inputs = move(example_inputs, parameter.device)
     kwargs = dict(example_inputs) if isinstance(example_inputs, Mapping) else {}  # a BatchEncoding too
     inputs = () if kwargs else _as_tuple(example_inputs)
     tensors = [x for x in (*inputs, *kwargs.values()) if isinstance(x, torch.Tensor)]
