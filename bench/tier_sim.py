@@ -8,7 +8,12 @@ both signs of inputs and weights computed apart (sign-magnitude arrays) 7 x 7 x 
 Prints seconds and the ratios to the digital forward; the outputs of the fast and the all-bit-serial forward are
 compared for the same noise draw.
 
-    python bench/tier_sim.py [--tokens 1024] [--shape 384x1536]
+Then hardware repeats (hetcomp/lower/tier_repeats.py): ``--repeats`` independent reads of the layer as ``evaluate``
+runs them vectorized (``Simulator.repeated``: one call for all repeats, the input shared by the repeats as a first
+analog layer sees it, or folded [R*tokens, in] as later layers do) against as many separate forwards of the lowered
+module, for SRAM, ReRAM and photonic; repeat 0 is checked against the module's own forward with the same seed.
+
+    python bench/tier_sim.py [--tokens 1024] [--shape 384x1536] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--shape", default="384x1536")
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     from test_multitier import _crossbar_reference
 
@@ -64,6 +70,31 @@ def main() -> None:
             same = torch.allclose(core(x), expected, rtol=1e-5, atol=1e-5)
             print(f"{tier:6s} {digital:10.4f} {loop:8.3f} {serial:12.3f} {fast:10.4f} {loop / digital:9.0f} "
                   f"{serial / digital:11.0f} {fast / digital:12.1f} {floors[tier]:6d} {str(same):>12s}")
+    repeats_comparison(linear, x, args.repeats)
+
+
+def repeats_comparison(linear: nn.Linear, x: torch.Tensor, repeats: int) -> None:
+    """``repeats`` reads vectorized (shared and folded input) against ``repeats`` separate forwards."""
+    from hetcomp.lower.tier_sim import PhotonicSimulator
+
+    print(f"\n{repeats} hardware repeats, {x.shape[0]} tokens each: separate forwards vs one vectorized call")
+    print(f"{'tier':9s} {'separate s':>11s} {'shared s':>9s} {'folded s':>9s} {'sep/shared':>11s} {'sep/folded':>11s} "
+          f"{'repeat 0 = module':>18s}")
+    seeds = list(range(1000, 1000 + repeats))
+    folded_x = torch.cat([x.roll(r, 0) for r in range(repeats)])  # repeats see different inputs
+    simulators = {"sram": PimCrossbarSimulator(), "reram": PimCrossbarSimulator(), "photonic": PhotonicSimulator()}
+    with torch.no_grad():
+        for tier, simulator in simulators.items():
+            core = simulator.lower(linear, targets.get(tier)).eval()
+            separate = best(lambda core=core: [core(x) for _ in range(repeats)], 2)
+            shared = best(lambda core=core, s=simulator: s.repeated(core, 0.0, [0] * repeats, seeds)(x), 2)
+            folded = best(lambda core=core, s=simulator: s.repeated(core, 0.0, [0] * repeats, seeds)(folded_x,
+                                                                                                   folded=True), 2)
+            out = simulator.repeated(core, 0.0, [0] * repeats, seeds)(x)
+            torch.manual_seed(seeds[0])
+            same = torch.equal(out[: x.shape[0]], core(x))
+            print(f"{tier:9s} {separate:11.3f} {shared:9.3f} {folded:9.3f} {separate / shared:10.2f}x "
+                  f"{separate / folded:10.2f}x {str(same):>18s}")
 
 
 def _all_bit_serial(core: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,10 @@ reduced over the data, or a whole-dataset metric such as Recall@1), on batches r
 (``(inputs, labels)`` pairs, or any batch structure with ``inputs_fn``). Labelled batches are re-chunked into
 exact ``batch_size`` chunks; general batches are scored as the data gives them.
 
+``RepeatRunner`` is the one loop over hardware repeats (vectorized where the graph folds them, else one repeat
+at a time): ``evaluate``, ``repeat_outputs`` (every sample's outputs per repeat), ``hetcomp.stats.correctness``
+and the curvature study (hetcomp.curvature.failures) all run their repeats through it.
+
 ``plain_loop_accuracy`` is the straightforward loop (program, drift, iterate the loader) kept as the
 reference for tests and ``bench/evaluate.py``.
 """
@@ -28,26 +32,27 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from hetcomp import checks, distributed
 from hetcomp.data import DataFormat, move, nbytes, take_batches, tensor_pair
-from hetcomp.errors import DataError
+from hetcomp.errors import ConfigError, DataError
 from hetcomp.graph.calls import placeholder_values, set_training
 from hetcomp.lower import lowered_modules, program_and_drift
-from hetcomp.lower.repeats import FoldedRunner, fold_matches, repeated_layers, why_not_vectorized
-from hetcomp.metrics import ACCURACY, Metric, accuracy_labels, as_metric, split_value
+from hetcomp.lower.repeats import FoldedRunner, folds, repeated_layers, why_not_vectorized
+from hetcomp.metrics import Metric, accuracy_labels, as_metric, split_value
 from hetcomp.progress import bar, progress
 
-__all__ = ["EvaluationData", "Evaluation", "accuracy_labels", "batched_logits", "evaluate", "hardware_repeat",
-           "plain_loop_accuracy", "staged"]
+__all__ = ["EvaluationData", "Evaluation", "RepeatChunk", "RepeatRunner", "accuracy_labels", "batched_logits",
+           "evaluate", "hardware_repeat", "plain_loop_accuracy", "repeat_outputs", "staged"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -173,6 +178,7 @@ class EvaluationData:
         self.tensors = tensor_pair(data)
         self.staged: list[Any] | None = None
         self._checked = False  # a loader's batches are checked on the first complete pass, not on every repeat
+        self._count: int | None = None  # chunks of a streamed loader, once counted
         if self.tensors is not None:
             inputs, labels = self.tensors
             if len(inputs) != len(labels):
@@ -193,15 +199,41 @@ class EvaluationData:
 
     def chunks(self) -> Iterator[Any]:
         """The chunks on the device, in order: (inputs, labels) pairs, or general batches."""
+        for _, batch in self.indexed_chunks():
+            yield batch
+
+    def indexed_chunks(self, indices: range | None = None) -> Iterator[tuple[int, Any]]:
+        """(index, chunk on the device) for the chunks ``indices`` (None: all), in order. A streamed loader is read
+        up to the last chunk asked for; chunks outside ``indices`` are not moved to the device."""
+        if indices is not None and len(indices) == 0:
+            return
+        last = None if indices is None else indices[-1]
         if self.staged is not None:
-            yield from self.staged
+            for index, batch in enumerate(self.staged):
+                if indices is None or index in indices:
+                    yield index, batch
         elif self.tensors is not None:
             inputs, labels = self.tensors
-            for i in range(0, len(labels), self.batch_size):
-                yield inputs[i : i + self.batch_size].to(self.device), labels[i : i + self.batch_size].to(self.device)
+            for index, i in enumerate(range(0, len(labels), self.batch_size)):
+                if indices is None or index in indices:
+                    yield index, (inputs[i : i + self.batch_size].to(self.device),
+                                  labels[i : i + self.batch_size].to(self.device))
         else:
-            for batch in self._rechunked():
-                yield move(batch, self.device)
+            for index, batch in enumerate(self._rechunked()):
+                if indices is None or index in indices:
+                    yield index, move(batch, self.device)
+                if last is not None and index >= last:
+                    break
+
+    def chunk_count(self) -> int:
+        """How many chunks ``chunks()`` yields (a streamed loader is read once to count them, then remembered)."""
+        if self.staged is not None:
+            return len(self.staged)
+        if self.tensors is not None:
+            return math.ceil(len(self.tensors[1]) / self.batch_size)
+        if self._count is None:
+            self._count = sum(1 for _ in self._rechunked())
+        return self._count
 
     def _stage_loader(self, stage_bytes: int) -> list[Any] | None:
         staged, total = [], 0
@@ -300,6 +332,18 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     ``module`` unchanged. ``exact_tiles=True``, or a layer or graph that cannot run so (``Evaluation.method`` says
     why), runs one repeat at a time through the simulators' own modules (aihwkit's tiles: program, drift, forward),
     the reference, on a copy of ``module`` (programming overwrites tile weights): ``module`` is never changed.
+    Both paths are ``RepeatRunner``'s.
+
+    Under torch.distributed (N ranks, every rank passing the same arguments) the work is split and every rank
+    returns the same Evaluation, one process's. With ``repeats >= N`` rank k runs the repeats k, k + N, ... (repeat
+    r keeps its seed (seed, r)) and the values are gathered in repeat order. With fewer repeats than ranks every
+    rank runs all repeats on its contiguous share of the data chunks (rank k: chunks [k C / N, (k + 1) C / N) of C)
+    and the metric's parts (``Metric.update``'s values, per repeat and chunk) are gathered and finished in chunk
+    order on every rank: per-batch and whole-dataset metrics alike. That equals one process up to float reduction
+    order when the forward draws no noise per read (aihwkit's ``out_noise``/``inp_noise`` 0; programming noise and
+    drift are drawn per repeat, identically); with read noise each rank's share starts the repeat's read-noise
+    stream afresh, so the values are equally distributed, reproducible for a given N, but not one process's draws.
+    An error on any rank is raised on every rank.
     """
     repeats = checks.integer("repeats", repeats)
     exact_tiles = checks.boolean("exact_tiles", exact_tiles)
@@ -316,37 +360,36 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     device = next(module.parameters()).device
     batch_size = batch_size if batch_size is not None else (4096 if device.type == "cuda" else 128)
     source = EvaluationData(data, device, batch_size, stage_bytes, fmt=fmt)
-    stochastic = set(lowered_modules(report))
-    was_training = module.training
-    set_training(module, False)
-    with torch.no_grad():  # not inference_mode: aihwkit keeps tensors made here (programmed weights)
-        frontier = _frontier(module, stochastic)
-        method = "exact (no analog layer)"
-        if frontier is None:  # nothing stochastic: one pass gives every repeat's result
-            value = _score(module, source, [], None, metric, check=True)
-            local = dict.fromkeys(range(repeats), value)
+    rank, world = distributed.rank(), distributed.world_size()
+    # Without an analog layer one pass gives every repeat's value: every rank runs it whole.
+    spread = world > 1 and _frontier(module, set(lowered_modules(report))) is not None
+    split_data = spread and repeats < world
+    mine = list(range(rank, repeats, world)) if spread and not split_data else list(range(repeats))
+    chunk_indices = None
+    if split_data:
+        count = source.chunk_count()
+        chunk_indices = range(rank * count // world, (rank + 1) * count // world)
+
+    def run() -> tuple[str, dict[int, Any]]:
+        runner = RepeatRunner(module, report, source, mine, seed, t_inference, exact_tiles=exact_tiles,
+                              fold_bytes=fold_bytes, prefix_cache_bytes=prefix_cache_bytes,
+                              chunk_indices=chunk_indices, check=metric.check, probe_folding=repeats >= 2)
+        scored = _metric_by_repeat(runner, metric, finish=not split_data)
+        return runner.method, move(scored, torch.device("cpu")) if split_data else scored
+
+    if not spread:
+        method, local = run()
+    else:
+        results = _on_every_rank(run)
+        method = results[0][0]
+        if split_data:  # {repeat: {chunk index: part}} from every rank, finished in chunk order
+            merged: dict[int, dict[int, Any]] = {repeat: {} for repeat in range(repeats)}
+            for _, parts in results:
+                for repeat, by_chunk in parts.items():
+                    merged[repeat].update(by_chunk)
+            local = {repeat: _finished(metric, move(merged[repeat], device)) for repeat in range(repeats)}
         else:
-            prefix_computes = any(n.op not in ("placeholder", "get_attr") for n in _before(module, frontier))
-            envs = _prefix_cache(module, frontier, source, prefix_cache_bytes) if prefix_computes else []
-            # Under torch.distributed each rank runs every world-th repeat (repeat r keeps its seed (seed, r))
-            # and the results are gathered in order: the same values as one process.
-            rank, world = distributed.rank(), distributed.world_size()
-            mine = list(range(rank, repeats, world))
-            lowered = lowered_modules(report)
-            local, method = None, "tiles (exact_tiles=True)"
-            if not exact_tiles:
-                why = why_not_vectorized(module, lowered) or batch_size_read_after(module, frontier)
-                local = None if why else _folded_scores(module, lowered, source, envs, mine, seed, t_inference,
-                                                        fold_bytes, metric, check=rank == 0)
-                method = "vectorized" if local is not None else f"tiles ({why or 'the graph does not fold repeats'})"
-            if local is None:  # on a copy: programming and drift overwrite the tiles' weights
-                local = _tile_scores(copy.deepcopy(module), report, source, envs, mine, seed, t_inference, rank,
-                                     metric)
-            if world > 1:
-                gathered: list[dict[int, Any]] = [{} for _ in range(world)]
-                dist.all_gather_object(gathered, local)
-                local = {repeat: value for part in gathered for repeat, value in part.items()}
-    set_training(module, was_training)
+            local = {repeat: value for _, values in results for repeat, value in values.items()}
     values, others = [], {}
     for repeat in range(repeats):
         value, extra = split_value(metric, local[repeat])
@@ -355,6 +398,64 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
             others.setdefault(name, []).append(number)
     return Evaluation(values, float(t_inference), mac_ratio, time.perf_counter() - start, method, metric.name,
                       others)
+
+
+def _on_every_rank(work: Callable[[], T]) -> list[T]:
+    """``work()`` here, and every rank's result in rank order on every rank. An error on any rank is raised on
+    every rank (the lowest failing rank's), so no rank waits in the gather for a peer that failed."""
+    try:
+        payload: tuple[str, Any] = ("ok", work())
+    except Exception as error:  # noqa: BLE001 - handed to every rank and raised there and here
+        payload = ("error", distributed._portable(error))
+    gathered = distributed.all_agree(payload)
+    for status, value in gathered:
+        if status == "error":
+            raise value
+    return [value for _, value in gathered]
+
+
+def _finished(metric: Metric, parts: dict[int, Any]) -> Any:
+    """``metric.finish`` of one repeat's parts, in chunk order."""
+    return metric.finish([parts[index] for index in sorted(parts)])
+
+
+def _metric_by_repeat(runner: RepeatRunner, metric: Metric, finish: bool) -> dict[int, Any]:
+    """Per repeat of ``runner``: the metric's value (``finish``), or its parts by chunk index (to be gathered
+    from several ranks and finished there). A repeat is finished as soon as its group of repeats has seen every
+    chunk, so at most one group's parts are held."""
+    fmt = runner.source.fmt
+    results: dict[int, Any] = {}
+    pending: dict[int, dict[int, Any]] = {}
+    group: list[int] | None = None
+
+    def close() -> None:
+        for repeat, parts in pending.items():
+            results[repeat] = _finished(metric, parts) if finish else parts
+        pending.clear()
+
+    for chunk in runner:
+        if chunk.repeats != group:
+            close()
+            group = chunk.repeats
+        target, samples = fmt.target(chunk.batch), fmt.samples(chunk.batch)
+        for repeat, outputs in chunk.per_repeat()[:1] if chunk.shared else chunk.per_repeat():
+            pending.setdefault(repeat, {})[chunk.index] = metric.update(outputs, target, samples)
+    close()
+    if runner.shared:  # one pass was scored (under the first repeat): it is every repeat's
+        results = dict.fromkeys(runner.repeats, results[runner.repeats[0]])
+    return results
+
+
+@contextlib.contextmanager
+def _evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd inside the block; ``module``'s training flag is restored after it."""
+    was_training = module.training
+    set_training(module, False)
+    try:
+        with torch.no_grad():  # not inference_mode: aihwkit keeps tensors made here (programmed weights)
+            yield
+    finally:
+        set_training(module, was_training)
 
 
 def _call(module: fx.GraphModule, fmt: DataFormat, batch: Any, env: dict[fx.Node, Any] | None,
@@ -366,120 +467,237 @@ def _call(module: fx.GraphModule, fmt: DataFormat, batch: Any, env: dict[fx.Node
     return module(*args, **kwargs)
 
 
-def _tile_scores(module: fx.GraphModule, report: dict[str, dict[str, Any]], source: EvaluationData,
-                 envs: list[dict[fx.Node, Any]], mine: list[int], seed: int, t_inference: float,
-                 rank: int, metric: Metric = ACCURACY) -> dict[int, Any]:
-    """One repeat at a time through the simulators' own modules (program, drift, run): the reference path."""
-    runner = fx.Interpreter(module)
-    local = {}
-    for repeat in progress(mine, desc="repeats", total=len(mine)):
-        with hardware_repeat(module, report, t_inference, seed, repeat):
-            local[repeat] = _score(module, source, envs, runner, metric, check=repeat == rank)
-    return local
+@dataclass
+class RepeatChunk:
+    """One data chunk's model outputs for a group of hardware repeats: what iterating a ``RepeatRunner`` gives."""
+
+    repeats: list[int]
+    index: int  # the chunk's position in the data (EvaluationData's order)
+    batch: Any  # the chunk, on the device
+    outputs: list[Any]  # the model's outputs on ``batch``, one per repeat of ``repeats`` (one for all: ``shared``)
+    shared: bool = False  # no analog layer: ``outputs[0]`` is every repeat's
+
+    def per_repeat(self) -> list[tuple[int, Any]]:
+        """(repeat, outputs) for every repeat of the chunk."""
+        if self.shared:
+            return [(repeat, self.outputs[0]) for repeat in self.repeats]
+        return list(zip(self.repeats, self.outputs, strict=True))
 
 
-def _folded_scores(module: fx.GraphModule, lowered: dict[str, Any], source: EvaluationData,
-                   envs: list[dict[fx.Node, Any]], mine: list[int], seed: int, t_inference: float,
-                   fold_bytes: int | None, metric: Metric, check: bool) -> dict[int, Any] | None:
-    """Metric values of the repeats ``mine``, many per pass over the data (hetcomp.lower.repeats); None when the
-    graph does not fold repeats (checked on the first chunk against separate runs).
+class RepeatRunner:
+    """The lowered ``module`` run over hardware repeats, data chunk by data chunk: iterating it yields every
+    ``RepeatChunk`` (a chunk's outputs for a group of repeats). The one loop behind ``evaluate``,
+    ``repeat_outputs``, ``hetcomp.stats.correctness`` and the curvature study, so all run the same repeats alike.
 
-    Each pass's outputs are [R*B, ...] (repeat-major): every output tensor is split into R per-repeat outputs
-    [B, ...] and the metric is updated per repeat, so a per-batch metric and a whole-dataset one (whose parts
-    are collected per repeat over all chunks) both see exactly what R separate runs would give them.
-    The first pass runs two repeats and measures the working set per repeat and sample; later passes take as many
-    repeats as fit ``fold_bytes`` (None: 1 GiB on CPU, 8 GiB on CUDA)."""
-    device = next(module.parameters()).device
-    budget = fold_bytes if fold_bytes is not None else (8 << 30 if device.type == "cuda" else 1 << 30)
-    fmt = source.fmt
-    local: dict[int, Any] = {}
-    position, per_repeat_sample = 0, None
-    progress_bar = bar(len(mine), "repeats (vectorized)")
-    first = True
-    while position < len(mine):
-        if per_repeat_sample is None:
-            count = min(2, len(mine))
-        else:
-            count = int(max(1, min(len(mine) - position, budget // max(per_repeat_sample * source.batch_size, 1))))
-        chunk = mine[position : position + count]
-        layers = repeated_layers(module, lowered, [_repeat_seed(seed, r) for r in chunk], t_inference)
-        if first and len(chunk) >= 2:
-            batch = next(iter(source.chunks()))
-            flat = placeholder_values(module, *fmt.inputs(batch))
-            if not flat or not _folds(module, layers, flat, envs[0] if envs else None):
-                progress_bar.close()
-                return None
-        runner = FoldedRunner(module, layers, len(chunk))
-        parts: list[list[Any]] = [[] for _ in chunk]
-        samples_seen = 0
-        for index, batch in enumerate(source.chunks()):
-            env = envs[index] if index < len(envs) else None
-            outputs = runner.run(*placeholder_values(module, *fmt.inputs(batch)),
-                                 initial_env=dict(env) if env else None)
-            samples, target = fmt.samples(batch), fmt.target(batch)
-            per_repeat = split_repeats(outputs, len(chunk), samples)
-            if per_repeat is None:
-                metric.check(outputs, target)  # names what the outputs are
-                raise DataError(f"evaluation: the model's outputs do not carry the batch ({samples} samples) in their "
-                                "leading dimension, so hardware repeats cannot be told apart")
-            if first and check:
-                metric.check(per_repeat[0], target)
-            for part, repeat_outputs in zip(parts, per_repeat):
-                part.append(metric.update(repeat_outputs, target, samples))
-            samples_seen += samples
-        if samples_seen == 0:
+    Repeat r is programmed and drifted from the seed (seed, r), whichever path runs and however repeats are
+    grouped. The path is chosen on construction and named by ``method``:
+
+    - "vectorized": every lowered layer holds the realizations of a group of repeats and each chunk passes once
+      for the group (hetcomp.lower.repeats); groups of repeats follow one another, each over all chunks. The first
+      group has two repeats and measures the working set per repeat and sample; later groups take as many repeats
+      as fit ``fold_bytes`` (None: 1 GiB on CPU, 8 GiB on CUDA). Every output tensor [R*B, ...] is split into the
+      R per-repeat outputs [B, ...] (``split_repeats``).
+    - "tiles (why)": ``exact_tiles=True``, a layer without a repeat-vectorized forward, or a graph that does not
+      fold repeats (checked on the first chunk against separate runs when ``probe_folding``; None: when there are
+      two repeats or more): one repeat at a time through the simulators' modules (program, drift, every chunk) on
+      a copy of ``module``.
+    - "exact (no analog layer)": one pass; every repeat shares its outputs (``RepeatChunk.shared``).
+
+    ``module`` is never changed (its training flag is restored). ``chunk_indices``: only these chunks of
+    ``source`` (None: all; the others are another rank's). ``check(outputs, target)`` runs on every chunk of the
+    first pass (e.g. ``Metric.check``). The digital prefix (everything before the first analog layer) is computed
+    once per chunk and reused by every repeat, for as many chunks as fit ``prefix_cache_bytes``.
+    """
+
+    def __init__(self, module: fx.GraphModule, report: dict[str, dict[str, Any]], source: EvaluationData,
+                 repeats: Iterable[int], seed: int, t_inference: float, *, exact_tiles: bool = False,
+                 fold_bytes: int | None = None, prefix_cache_bytes: int = 1 << 30,
+                 chunk_indices: range | None = None, check: Callable[[Any, Any], None] | None = None,
+                 probe_folding: bool | None = None) -> None:
+        if not isinstance(module, fx.GraphModule):
+            raise ConfigError(f"running hardware repeats needs the lowered fx.GraphModule (compiled.module), got "
+                              f"{type(module).__name__}")
+        self.module, self.report, self.source = module, report, source
+        self.repeats, self.seed, self.t_inference = list(repeats), seed, t_inference
+        self.fold_bytes, self.chunk_indices, self.check = fold_bytes, chunk_indices, check
+        self.lowered = lowered_modules(report)
+        self.frontier = _frontier(module, set(self.lowered))
+        self.envs: dict[int, dict[fx.Node, Any]] = {}
+        self._first_layers: dict[str, Any] | None = None  # the fold probe's realizations: the first group's
+        if self.frontier is None:
+            self.method = "exact (no analog layer)"
+            return
+        with _evaluation_mode(module):
+            if any(n.op not in ("placeholder", "get_attr") for n in _before(module, self.frontier)):
+                self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, chunk_indices)
+            if exact_tiles:
+                self.method = "tiles (exact_tiles=True)"
+                return
+            why = why_not_vectorized(module, self.lowered)
+            probe = len(self.repeats) >= 2 if probe_folding is None else probe_folding
+            if why is None and probe and self.repeats and not self._folds_on_first_chunk():
+                why = "the graph does not fold repeats"
+        self.method = "vectorized" if why is None else f"tiles ({why})"
+
+    @classmethod
+    def on_inputs(cls, module: fx.GraphModule, report: dict[str, dict[str, Any]], inputs: torch.Tensor,
+                  repeats: int, t_inference: float = 86400.0, seed: int = 0, batch_size: int | None = None,
+                  exact_tiles: bool = False, fold_bytes: int | None = None) -> RepeatRunner:
+        """A runner over one input tensor [N, ...] (one positional model input) in chunks of ``batch_size``
+        (None: 128 on CPU, 4096 on CUDA), for the repeats 0 .. ``repeats`` - 1."""
+        repeats = checks.integer("repeats", repeats)
+        batch_size = checks.integer("batch_size (None: 128 on CPU, 4096 on CUDA)", batch_size, optional=True)
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1:
+            raise DataError(f"inputs must be a tensor [samples, ...], got {checks.got(inputs)}")
+        device = next(module.parameters()).device
+        batch_size = batch_size if batch_size is not None else (4096 if device.type == "cuda" else 128)
+        # The data as (inputs, sample index) pairs: chunked like any labelled data; the indices are not used.
+        indices = torch.arange(len(inputs), device=inputs.device)
+        source = EvaluationData((inputs, indices), device, batch_size, stage_bytes=1 << 62, what="inputs")
+        return cls(module, report, source, range(repeats), seed, t_inference, exact_tiles=exact_tiles,
+                   fold_bytes=fold_bytes)
+
+    @property
+    def shared(self) -> bool:
+        """Whether every repeat gives the same outputs (no analog layer)."""
+        return self.frontier is None
+
+    def stacked(self) -> torch.Tensor:
+        """Every repeat's outputs over the chunks run, [repeats, samples, ...] on the CPU (rows in ``repeats``
+        order); the model's outputs must be one tensor."""
+        rows: dict[int, list[torch.Tensor]] = {repeat: [] for repeat in self.repeats}
+        for chunk in self:
+            for repeat, outputs in chunk.per_repeat():
+                if not isinstance(outputs, torch.Tensor):
+                    raise DataError(f"stacking outputs needs a model that returns one tensor, this one returns a "
+                                    f"{type(outputs).__name__}")
+                rows[repeat].append(outputs.cpu())
+        return torch.stack([torch.cat(rows[repeat]) for repeat in self.repeats])
+
+    def __iter__(self) -> Iterator[RepeatChunk]:
+        was_training = self.module.training
+        set_training(self.module, False)
+        try:
+            if self.shared:
+                yield from self._shared()
+            elif self.method == "vectorized":
+                yield from self._folded()
+            else:
+                yield from self._tiles()
+        finally:
+            set_training(self.module, was_training)
+
+    def _chunks(self) -> Iterator[tuple[int, Any]]:
+        return self.source.indexed_chunks(self.chunk_indices)
+
+    def _checked(self, outputs: Any, batch: Any) -> None:
+        if self.check is not None:
+            self.check(outputs, self.source.fmt.target(batch))
+
+    def _no_sample(self, seen: int) -> None:
+        if seen == 0 and self.chunk_indices is None:  # a share of the chunks may be empty: another rank has them
             raise DataError("evaluation data yielded no sample")
-        if per_repeat_sample is None:
-            working = max((getattr(layer, "peak_bytes", 0) for layer in layers.values()), default=0)
-            per_repeat_sample = max(working / (len(chunk) * source.batch_size), 1.0)
-        for repeat, part in zip(chunk, parts):
-            local[repeat] = metric.finish(part)
-        position += len(chunk)
-        progress_bar.update(len(chunk))
-        first = False
-    progress_bar.close()
-    return local
+
+    @torch.no_grad()
+    def _shared(self) -> Iterator[RepeatChunk]:
+        seen = 0
+        for index, batch in self._chunks():
+            outputs = _call(self.module, self.source.fmt, batch, None, None)
+            self._checked(outputs, batch)
+            seen += self.source.fmt.samples(batch)
+            yield RepeatChunk(list(self.repeats), index, batch, [outputs], shared=True)
+        self._no_sample(seen)
+
+    @torch.no_grad()
+    def _tiles(self) -> Iterator[RepeatChunk]:
+        """One repeat at a time on a copy (programming and drift overwrite the tiles' weights); the cached prefix
+        values are re-keyed to the copy's nodes."""
+        copied = copy.deepcopy(self.module)
+        nodes = {node.name: node for node in copied.graph.nodes}
+        envs = {index: {nodes[node.name]: value for node, value in env.items()} for index, env in self.envs.items()}
+        runner = fx.Interpreter(copied)
+        for position, repeat in enumerate(progress(self.repeats, desc="repeats", total=len(self.repeats))):
+            with hardware_repeat(copied, self.report, self.t_inference, self.seed, repeat):
+                seen = 0
+                for index, batch in self._chunks():
+                    outputs = _call(copied, self.source.fmt, batch, envs.get(index), runner)
+                    if position == 0:
+                        self._checked(outputs, batch)
+                    seen += self.source.fmt.samples(batch)
+                    yield RepeatChunk([repeat], index, batch, [outputs])
+                self._no_sample(seen)
+
+    @torch.no_grad()
+    def _folded(self) -> Iterator[RepeatChunk]:
+        device = next(self.module.parameters()).device
+        budget = self.fold_bytes if self.fold_bytes is not None else (8 << 30 if device.type == "cuda" else 1 << 30)
+        fmt, batch_size = self.source.fmt, self.source.batch_size
+        position, per_repeat_sample = 0, None
+        progress_bar = bar(len(self.repeats), "repeats (vectorized)")
+        try:
+            while position < len(self.repeats):
+                if per_repeat_sample is None:
+                    count = min(2, len(self.repeats))
+                else:
+                    count = int(max(1, min(len(self.repeats) - position,
+                                           budget // max(per_repeat_sample * batch_size, 1))))
+                group = self.repeats[position : position + count]
+                if position == 0 and self._first_layers is not None and count == 2:
+                    layers, self._first_layers = self._first_layers, None
+                else:
+                    layers = repeated_layers(self.module, self.lowered,
+                                             [_repeat_seed(self.seed, r) for r in group], self.t_inference)
+                runner = FoldedRunner(self.module, layers, len(group))
+                seen = 0
+                for index, batch in self._chunks():
+                    env = self.envs.get(index)
+                    outputs = runner.run(*placeholder_values(self.module, *fmt.inputs(batch)),
+                                         initial_env=dict(env) if env else None)
+                    samples = fmt.samples(batch)
+                    per_repeat = split_repeats(outputs, len(group), samples)
+                    if per_repeat is None:
+                        self._checked(outputs, batch)  # names what the outputs are
+                        raise DataError(f"evaluation: the model's outputs do not carry the batch ({samples} samples) "
+                                        "in their leading dimension, so hardware repeats cannot be told apart")
+                    if position == 0:
+                        self._checked(per_repeat[0], batch)
+                    seen += samples
+                    yield RepeatChunk(group, index, batch, per_repeat)
+                self._no_sample(seen)
+                if per_repeat_sample is None:
+                    working = max((getattr(layer, "peak_bytes", 0) for layer in layers.values()), default=0)
+                    per_repeat_sample = max(working / (len(group) * batch_size), 1.0)
+                position += len(group)
+                progress_bar.update(len(group))
+        finally:
+            progress_bar.close()
+
+    def _folds_on_first_chunk(self) -> bool:
+        """Whether two folded repeats give what two separate runs give (noise off) on the data's first chunk (the
+        same chunk on every rank, so every rank takes the same path). The probe's realizations are kept for the
+        first group when they are its repeats."""
+        first = self.repeats[0]
+        probe = self.repeats[:2] if len(self.repeats) >= 2 else [first, first + 1]
+        layers = repeated_layers(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in probe],
+                                 self.t_inference)
+        batch = next(iter(self.source.chunks()))
+        flat = placeholder_values(self.module, *self.source.fmt.inputs(batch))
+        if not flat or not folds(self.module, layers, flat, self.envs.get(0)):
+            return False
+        if len(self.repeats) >= 2:
+            self._first_layers = layers
+        return True
 
 
-_SIZE_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.size.default)
-
-
-def batch_size_read_after(module: fx.GraphModule, frontier: fx.Node) -> str | None:
-    """Why folding repeats into the batch would break ``module`` (None: no reason seen): a graph exported with
-    dynamic shapes reads the batch size as a value (``sym_size(x, 0)``, a symbolic int) and nodes from the first
-    analog layer on use it (``view(h, [batch, seq, heads, dim])`` in attention), but ``FoldedRunner`` folds
-    tensors, not sizes, so those nodes would see B where the folded tensors hold R*B rows. Checked without running
-    anything (``fold_matches`` would find it too, after drawing every layer's realizations)."""
-    order = {node: index for index, node in enumerate(module.graph.nodes)}
-    cut = order[frontier]
-    for node in module.graph.nodes:
-        if node.op != "call_function" or node.target not in _SIZE_OPS or len(node.args) < 2 or node.args[1] != 0:
-            continue
-        pending, seen = list(node.users), set()
-        while pending:  # the size, and scalars computed from it
-            user = pending.pop()
-            if user in seen:
-                continue
-            seen.add(user)
-            if order[user] >= cut:
-                return (f"the graph reads the batch size ({node.name}) at {user.name}, after the first analog layer; "
-                        "folded repeats would change it")
-            if isinstance(user.meta.get("val"), torch.SymInt | torch.SymFloat | int | float):
-                pending.extend(user.users)  # a scalar computed from the size
-    return None
-
-
-def _folds(module: fx.GraphModule, layers: dict[str, Any], flat: list[Any],
-           initial_env: dict[fx.Node, Any] | None) -> bool:
-    """``fold_matches`` for a graph of any number of inputs: it takes the first placeholder's value positionally,
-    so a graph with several inputs is checked with the others bound in a prefix environment."""
-    if len(flat) == 1:
-        return fold_matches(module, layers, flat[0], initial_env)
-    placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
-    env = dict(initial_env) if initial_env else {}
-    for node, value in zip(placeholders[1:], flat[1:]):
-        env.setdefault(node, value)
-    return fold_matches(module, layers, flat[0], env)
+def repeat_outputs(module: fx.GraphModule, report: dict[str, dict[str, Any]], inputs: torch.Tensor, repeats: int,
+                   t_inference: float = 86400.0, seed: int = 0, batch_size: int | None = None,
+                   exact_tiles: bool = False, fold_bytes: int | None = None) -> torch.Tensor:
+    """[repeats, N, ...] on the CPU: the lowered ``module``'s outputs on ``inputs`` [N, ...] in each hardware repeat,
+    for analyses that need every sample's outputs (which samples fail). The repeats are ``evaluate``'s (same
+    seeds, same paths: vectorized where the graph folds, else one repeat at a time); ``module`` is not changed.
+    ``RepeatRunner.on_inputs`` with the same arguments also says which path ran (``method``)."""
+    return RepeatRunner.on_inputs(module, report, inputs, repeats, t_inference, seed, batch_size, exact_tiles,
+                                  fold_bytes).stacked()
 
 
 def split_repeats(outputs: Any, repeats: int, samples: int) -> list[Any] | None:
@@ -502,32 +720,16 @@ def split_repeats(outputs: Any, repeats: int, samples: int) -> list[Any] | None:
     return [pytree.tree_unflatten([parts[r] for parts in split], spec) for r in range(repeats)]
 
 
-def _score(module: fx.GraphModule, source: EvaluationData, envs: list[dict[fx.Node, Any]],
-           runner: fx.Interpreter | None, metric: Metric, check: bool) -> Any:
-    """``metric`` over ``source``'s chunks (one pass); chunk i starts from the cached prefix ``envs[i]`` where there
-    is one. ``check``: the metric checks every chunk's outputs and target (the first pass)."""
-    parts = []
-    for index, batch in enumerate(source.chunks()):
-        env = envs[index] if index < len(envs) else None
-        outputs = _call(module, source.fmt, batch, env, runner)
-        target = source.fmt.target(batch)
-        if check:  # every chunk, on the first pass (for accuracy: a min/max of the labels per chunk)
-            metric.check(outputs, target)
-        parts.append(metric.update(outputs, target, source.fmt.samples(batch)))
-    if not parts:
-        raise DataError("evaluation data yielded no sample")
-    return metric.finish(parts)
-
-
-def _prefix_cache(module: fx.GraphModule, frontier: fx.Node, source: EvaluationData,
-                  limit: int) -> list[dict[fx.Node, Any]]:
-    """The digital prefix's values for the leading staged chunks, as many as fit ``limit`` bytes: a chunk is
-    computed only if the cache, grown by the first chunk's bytes per sample times its size, stays within it."""
+def _prefix_cache(module: fx.GraphModule, frontier: fx.Node, source: EvaluationData, limit: int,
+                  indices: range | None = None) -> dict[int, dict[fx.Node, Any]]:
+    """The digital prefix's values for the leading staged chunks of ``indices`` (None: all), by chunk index, as
+    many as fit ``limit`` bytes: a chunk is computed only if the cache, grown by the first chunk's bytes per sample
+    times its size, stays within it."""
     if source.streamed or limit <= 0:
-        return []
-    envs: list[dict[fx.Node, Any]] = []
+        return {}
+    envs: dict[int, dict[fx.Node, Any]] = {}
     used, per_sample = 0, None
-    for batch in source.chunks():
+    for index, batch in source.indexed_chunks(indices):
         samples = source.fmt.samples(batch)
         if per_sample is not None and used + per_sample * samples > limit:
             break
@@ -536,12 +738,14 @@ def _prefix_cache(module: fx.GraphModule, frontier: fx.Node, source: EvaluationD
         per_sample = per_sample or size / max(samples, 1)
         if used + size > limit:
             break
-        envs.append(env)
+        envs[index] = env
         used += size
     return envs
 
 
 def _repeat_seed(seed: int, repeat: int) -> int:
+    """The seed of hardware repeat ``repeat`` of an evaluation seeded ``seed``: programming and drift (and, on the
+    tile path, the forward's noise) draw from it, so repeat r depends on (seed, r) alone."""
     return (seed * 1_000_003 + repeat) % (2**63)
 
 

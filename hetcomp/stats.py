@@ -6,7 +6,8 @@ This module resamples both (a two-way bootstrap: repeats and samples drawn with 
 
 - ``correctness(module, report, data, repeats)``: the [repeats, samples] matrix of per-sample correctness of a
   lowered model, with the repeats of ``hetcomp.evaluate.evaluate`` (same seeds: its row means are evaluate's
-  accuracies). Repeat-vectorized where the graph allows it (hetcomp.lower.repeats), else one repeat at a time.
+  accuracies): both run ``hetcomp.evaluate.RepeatRunner``, repeat-vectorized where the graph allows it, else one
+  repeat at a time.
 - ``bootstrap_accuracy(correct)``: the mean accuracy with a percentile interval over repeats and samples.
 - ``bootstrap_difference(a, b)``: accuracy(a) - accuracy(b) on the same test samples, paired over samples (both
   use the same resampled samples) and, when both have the same number of repeats, over repeats: hetcomp seeds
@@ -23,7 +24,6 @@ while the paired difference is clearly nonzero; ``tests/test_stats.py`` construc
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from hetcomp import checks
-from hetcomp.errors import ConfigError, DataError
+from hetcomp.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -160,62 +160,27 @@ def spearman(x: Any, y: Any) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------------------------- correctness
-def _repeat_seed(seed: int, repeat: int) -> int:
-    """hetcomp.evaluate's seed of repeat ``repeat`` (tests/test_stats.py checks the two agree)."""
-    return (seed * 1_000_003 + repeat) % (2**63)
-
-
 def correctness(module: torch.nn.Module, report: dict[str, dict[str, Any]], data: Any, repeats: int = 20,
                 t_inference: float = 86400.0, seed: int = 0, batch_size: int | None = None,
-                chunk_repeats: int = 8) -> torch.Tensor:
+                exact_tiles: bool = False, fold_bytes: int | None = None) -> torch.Tensor:
     """[repeats, samples] bool: whether the lowered ``module`` classifies each sample of ``data`` correctly in each
-    hardware repeat (the repeats of ``hetcomp.evaluate.evaluate`` with the same ``seed``: row means are its
-    accuracies). Vectorized over ``chunk_repeats`` repeats at a time where the graph folds repeats, else one
-    repeat at a time through the simulators' modules on a copy (``module`` is not changed)."""
-    import torch.fx as fx
-
-    from hetcomp.evaluate import hardware_repeat, staged
-    from hetcomp.lower import lowered_modules
-    from hetcomp.lower.repeats import FoldedRunner, fold_matches, repeated_layers, why_not_vectorized
+    hardware repeat. The repeats are ``hetcomp.evaluate.evaluate``'s with the same ``seed``, ``batch_size`` and
+    ``exact_tiles`` (both run ``hetcomp.evaluate.RepeatRunner``: vectorized where the graph folds repeats, in
+    groups sized by ``fold_bytes``, else one repeat at a time on a copy), so the row means are its accuracies;
+    ``module`` is not changed."""
+    from hetcomp.evaluate import EvaluationData, RepeatRunner
+    from hetcomp.metrics import ACCURACY
 
     repeats = checks.integer("repeats", repeats)
-    chunk_repeats = checks.integer("chunk_repeats", chunk_repeats)
+    batch_size = checks.integer("batch_size (None: 128 on CPU, 4096 on CUDA)", batch_size, optional=True)
     device = next(module.parameters()).device
-    batch_size = batch_size or (4096 if device.type == "cuda" else 128)
-    x_all, y_all = staged(data, device)
-    lowered = lowered_modules(report)
-    was_training = module.training
-    module.eval()
-    rows: list[torch.Tensor] = []
-    with torch.no_grad():
-        if not lowered:
-            predictions = torch.cat([module(x_all[i : i + batch_size]).argmax(-1)
-                                     for i in range(0, len(y_all), batch_size)])
-            rows = [predictions == y_all] * repeats
-        else:
-            vectorized = why_not_vectorized(module, lowered) is None
-            if vectorized and repeats >= 2:
-                probe = repeated_layers(module, lowered, [_repeat_seed(seed, r) for r in (0, 1)], t_inference)
-                vectorized = fold_matches(module, probe, x_all[:8], None)
-            if vectorized:
-                for start in range(0, repeats, chunk_repeats):
-                    chunk = list(range(start, min(repeats, start + chunk_repeats)))
-                    layers = repeated_layers(module, lowered, [_repeat_seed(seed, r) for r in chunk], t_inference)
-                    runner = FoldedRunner(module, layers, len(chunk))
-                    parts = []
-                    for i in range(0, len(y_all), batch_size):
-                        x, y = x_all[i : i + batch_size], y_all[i : i + batch_size]
-                        logits = runner.run(x).view(len(chunk), len(y), -1)
-                        parts.append(logits.argmax(-1) == y)
-                    rows += list(torch.cat(parts, dim=1))
-            else:
-                copied = copy.deepcopy(module)
-                if not isinstance(copied, fx.GraphModule):
-                    raise ConfigError("correctness needs the lowered fx.GraphModule (compiled.module)")
-                for repeat in range(repeats):
-                    with hardware_repeat(copied, report, t_inference, seed, repeat):
-                        predictions = torch.cat([copied(x_all[i : i + batch_size]).argmax(-1)
-                                                 for i in range(0, len(y_all), batch_size)])
-                    rows.append(predictions == y_all)
-    module.train(was_training)
-    return torch.stack(rows).cpu()
+    batch_size = batch_size if batch_size is not None else (4096 if device.type == "cuda" else 128)
+    source = EvaluationData(data, device, batch_size, stage_bytes=1 << 30)
+    runner = RepeatRunner(module, report, source, range(repeats), seed, t_inference, exact_tiles=exact_tiles,
+                          fold_bytes=fold_bytes, check=ACCURACY.check)
+    rows: dict[int, list[torch.Tensor]] = {repeat: [] for repeat in range(repeats)}
+    for chunk in runner:
+        labels = source.fmt.target(chunk.batch)
+        for repeat, logits in chunk.per_repeat():
+            rows[repeat].append((logits.argmax(-1) == labels).cpu())
+    return torch.stack([torch.cat(rows[repeat]) for repeat in range(repeats)])

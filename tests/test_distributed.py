@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import hetcomp
-from hetcomp.errors import ConfigError
+from hetcomp.errors import ConfigError, DataError
 from hetcomp.finetune.data import TrainingData
 from hetcomp.targets.base import TargetSet
 from hetcomp.targets.registry import get
@@ -83,6 +83,83 @@ def test_sharded_hessian_metrics_equal_one_process(tmp_path, world):
     for name, expected in single.items():
         for key, value in expected.items():
             assert ranks[0][name][key] == pytest.approx(value, rel=1e-5, abs=1e-8), (name, key)
+
+
+def split_data_task():
+    """An MLP on PCM without per-read output noise (quiet_pcm: what a repeat draws is its programming and drift,
+    identical on every rank), 100 samples in chunks of 16 (7 chunks, the last of 4): 50 queries, then their
+    documents (each query plus noise). Recall@1 pairs query i (chunks 0-3) with document i (chunks 3-6), so
+    parts gathered out of chunk order would pair the wrong documents."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+    queries = torch.randn(50, 6)
+    x = torch.cat([queries, queries + 0.7 * torch.randn(50, 6)])
+    y = (x @ torch.randn(6, 8)).argmax(1)
+    compiled = hetcomp.compile(model, quiet_pcm(), (x[:2],), strategy="all-analog")
+    return compiled, (x, y)
+
+
+def _queries_then_documents(parts):
+    from hetcomp.zoo.docstrings import rank_metrics
+
+    queries, documents = nn.functional.normalize(torch.cat(parts), dim=-1).chunk(2)
+    return rank_metrics(queries, documents)
+
+
+def split_data_values(compiled, data, repeats):
+    """Per-repeat accuracy and whole-dataset Recall@1 (with MRR) over ``repeats`` repeats, in chunks of 16."""
+    from hetcomp.metrics import DatasetMetric
+
+    retrieval = DatasetMetric(lambda outputs, labels: outputs, _queries_then_documents, "recall@1")
+    accuracy = compiled.evaluate(data, repeats=repeats, seed=3, batch_size=16)
+    recall = compiled.evaluate(data, repeats=repeats, seed=3, batch_size=16, metric=retrieval)
+    return {"accuracy": accuracy.accuracies, "recall@1": recall.values, "mrr": recall.others["mrr"],
+            "methods": [accuracy.method, recall.method]}
+
+
+def _split_data_rank(rank, world, store, out, repeats):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        import hetcomp.evaluate as evaluation
+
+        shares = []
+
+        class Recording(evaluation.RepeatRunner):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                shares.append((list(self.repeats), list(self.chunk_indices or [])))
+
+        evaluation.RepeatRunner = Recording  # in this spawned process only
+        compiled, (x, y) = split_data_task()
+        values = split_data_values(compiled, (x, y), repeats)
+        # A label out of range in the last chunk: only the last rank reads it, and every rank raises its error
+        # (none waits in the gather for it).
+        bad = y.clone()
+        bad[-1] = 8
+        with pytest.raises(DataError, match="label"):
+            compiled.evaluate((x, bad), repeats=repeats, seed=3, batch_size=16)
+        with open(f"{out}.{rank}", "w") as handle:
+            json.dump({**values, "shares": shares[:2]}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("world", "repeats"), [(2, 1), (3, 2)])
+def test_fewer_repeats_than_ranks_split_the_data_and_equal_one_process(tmp_path, world, repeats):
+    """Every rank runs every repeat on its contiguous share of the chunks; the metric's parts are gathered and
+    finished in chunk order: per-batch accuracy and whole-dataset Recall@1 / MRR equal one process's."""
+    single = split_data_values(*split_data_task(), repeats)
+    assert all(0.0 < value < 1.0 for value in single["recall@1"])  # a value the pairing decides
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_split_data_rank, args=(world, str(tmp_path / "store"), str(tmp_path / "values"), repeats),
+             nprocs=world, join=True)
+    results = [json.loads((tmp_path / f"values.{rank}").read_text()) for rank in range(world)]
+    chunks = [list(range(rank * 7 // world, (rank + 1) * 7 // world)) for rank in range(world)]
+    for rank, result in enumerate(results):  # two evaluations, each: all repeats on this rank's chunks
+        assert result.pop("shares") == [[list(range(repeats)), chunks[rank]]] * 2
+        assert result == single
+    assert single["methods"] == ["vectorized", "vectorized"]
 
 
 TINY_MODEL = """

@@ -89,14 +89,23 @@ def test_spearman_on_a_monotone_and_a_reversed_relation():
     assert spearman(x, [-v for v in x])[0] == pytest.approx(-1.0)
 
 
-@pytest.mark.parametrize("strategy", ["first-last-digital", "all-digital"])
-def test_correctness_rows_are_evaluates_repeats(digits_model, strategy):
+@pytest.mark.parametrize(("strategy", "exact_tiles"), [("first-last-digital", False), ("first-last-digital", True),
+                                                      ("all-digital", False)])
+def test_correctness_rows_are_evaluates_repeats(digits_model, strategy, exact_tiles):
     model, data = digits_model
     x = next(iter(data["test"]))[0]
     compiled = hetcomp.compile(model, "pcm+digital", (x,), strategy=strategy)
-    evaluation = compiled.evaluate(data["test"], repeats=3, seed=7)
-    matrix = correctness(compiled.module, compiled.lowering, data["test"], repeats=3, seed=7, chunk_repeats=2)
+    evaluation = compiled.evaluate(data["test"], repeats=3, seed=7, exact_tiles=exact_tiles)
+    # fold_bytes=1: after the first group of two repeats, one repeat per group
+    matrix = correctness(compiled.module, compiled.lowering, data["test"], repeats=3, seed=7, fold_bytes=1,
+                         exact_tiles=exact_tiles)
+    assert evaluation.method == ("tiles (exact_tiles=True)" if exact_tiles else
+                                 "vectorized" if strategy != "all-digital" else "exact (no analog layer)")
     assert matrix.shape == (3, len(data["test"].dataset)) and matrix.dtype == torch.bool
     assert matrix.double().mean(1).tolist() == pytest.approx(evaluation.accuracies, abs=1e-12)
     if strategy != "all-digital":  # the repeats differ sample by sample (programming noise is on)
         assert not all(torch.equal(matrix[0], row) for row in matrix[1:])
+    else:  # no analog layer: every repeat is the digital model's answer
+        with torch.no_grad():
+            truth = torch.cat([model(images).argmax(-1) == labels for images, labels in data["test"]])
+        assert all(torch.equal(row, truth) for row in matrix)

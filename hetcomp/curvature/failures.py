@@ -18,6 +18,9 @@ comparable across deciles whose digital accuracy differs), averaged over indepen
 repeats. Each decile's rate has a 95% bootstrap interval over repeats and the decile's samples
 (hetcomp.stats.bootstrap_accuracy on the failure indicators): a decile holds N/10 samples, so at 36 per decile
 (the 359 test digits) one failure moves the rate by 3 points.
+
+The repeats are ``hetcomp.evaluate``'s (``RepeatRunner``): repeat-vectorized for every profile whose layers and
+graph allow it, one repeat at a time through aihwkit's tiles otherwise (``FailureAnalysis.methods``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch.nn as nn
 
 from hetcomp import checks
 from hetcomp.errors import ConfigError
-from hetcomp.evaluate import batched_logits, hardware_repeat, staged
+from hetcomp.evaluate import RepeatRunner, batched_logits, staged
 from hetcomp.graph import trace
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.lower import lower_graph
@@ -131,6 +134,10 @@ class FailureAnalysis:
     full_logits: torch.Tensor | None = field(default=None, repr=False)
     digital_logits: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)
+    # profile -> how its repeats ran (hetcomp.evaluate.RepeatRunner.method: "vectorized" or "tiles (why)")
+    methods: dict[str, str] = field(default_factory=dict)
+    # profile -> [R, N] bool: whether the analog model classified each sample correctly in each repeat
+    analog_correct: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def d10_above_d1(self, name: str) -> bool:
         """Whether D10's failure-rate interval lies entirely above D1's."""
@@ -164,11 +171,17 @@ class FailureAnalysis:
 
 def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repeats: int = 3,
                       t_inference: float = 86400.0, seed: int = 0,
-                      profiles: list[tuple[str, ...]] | None = None, bins: int = 10) -> FailureAnalysis:
-    """Analog-only failure rate per curvature decile for each non-ideality profile."""
+                      profiles: list[tuple[str, ...]] | None = None, bins: int = 10,
+                      exact_tiles: bool = False) -> FailureAnalysis:
+    """Analog-only failure rate per curvature decile for each non-ideality profile.
+
+    Each profile's repeats are ``hetcomp.evaluate``'s (``RepeatRunner``: repeat r seeded by (seed, r)): vectorized
+    where its layers and graph allow it, else (or with ``exact_tiles``) one repeat at a time through aihwkit's
+    tiles; ``FailureAnalysis.methods`` says which ran for each profile."""
     repeats = checks.integer("repeats", repeats)
     t_inference = checks.real("t_inference (seconds)", t_inference, 0.0)
     seed = checks.seed(seed)
+    exact_tiles = checks.boolean("exact_tiles", exact_tiles)
     device = next(model.parameters()).device
     inputs, labels = staged(data, device)
     if len(curvature) != len(labels):
@@ -185,14 +198,11 @@ def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repe
     for enabled in profiles:
         name = profile_name(enabled)
         lowered, report = lower_all_analog(model, inputs[:2], profile_target(enabled))
-        lowered.eval()
-        logits = []
-        with torch.no_grad():
-            for repeat in range(repeats):
-                with hardware_repeat(lowered, report, t_inference, seed, repeat):
-                    logits.append(batched_logits(lowered, inputs).cpu())
-        stacked = torch.stack(logits)
+        runner = RepeatRunner.on_inputs(lowered, report, inputs, repeats, t_inference, seed, exact_tiles=exact_tiles)
+        stacked = runner.stacked()  # [R, N, C] logits
+        analysis.methods[name] = runner.method
         analog_correct = stacked.argmax(-1) == labels.cpu()[None]
+        analysis.analog_correct[name] = analog_correct
         analysis.intervals[name] = []
         analysis.rates[name] = decile_failure_rates(curvature, digital_correct, analog_correct, bins,
                                                     intervals=analysis.intervals[name])
@@ -202,4 +212,3 @@ def failure_by_decile(model: nn.Module, data: Any, curvature: torch.Tensor, repe
         if len(enabled) == len(NON_IDEALITIES):
             analysis.full_logits = stacked
     return analysis
-

@@ -65,6 +65,18 @@ class RowSplitSimulator(Simulator):
             if module.simulators[tier]:
                 simulator_named(module.simulators[tier]).program_and_drift(part, t_inference)
 
+    def repeats_unsupported(self, module: nn.Module) -> str | None:
+        from hetcomp.lower.tier_repeats import row_split_unsupported
+
+        return row_split_unsupported(module)
+
+    def repeated(self, module: nn.Module, t_inference: float, program_seeds: list[int],
+                 noise_seeds: list[int]) -> Any:
+        """The parts' repeated forms put together (hetcomp.lower.tier_repeats.RepeatedRowSplit)."""
+        from hetcomp.lower.tier_repeats import RepeatedRowSplit
+
+        return RepeatedRowSplit(module, t_inference, program_seeds, noise_seeds)
+
 
 ROW_SPLIT = RowSplitSimulator()
 

@@ -92,12 +92,16 @@ def learned_input_steps() -> Iterator[None]:
         _LEARNED_INPUTS[0] = False
 
 
-def quantize(x: torch.Tensor, bits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-tensor quantization: (integer-valued tensor, scale); bits None -> (x, 1)."""
+def quantize(x: torch.Tensor, bits: int | None, per_repeat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-tensor quantization: (integer-valued tensor, scale); bits None -> (x, 1). ``per_repeat``: dim 0
+    indexes hardware repeats and each repeat is its own tensor (scale [R, 1, ...], the max over that repeat only),
+    so repeat r gets exactly what quantizing its slice alone gives."""
     if bits is None:
         return x, torch.ones((), device=x.device, dtype=x.dtype)
     levels = 2 ** (bits - 1) - 1
-    scale = x.detach().abs().max().clamp_min(1e-12) / levels
+    magnitude = x.detach().abs()
+    peak = magnitude.amax(dim=tuple(range(1, x.dim())), keepdim=True) if per_repeat else magnitude.max()
+    scale = peak.clamp_min(1e-12) / levels
     return torch.round(x / scale).clamp(-levels, levels), scale
 
 
@@ -192,12 +196,18 @@ class _OutputQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, bits: int | None) -> torch.Tensor:
-        q, scale = quantize(y, bits)
-        return q * scale
+        return output_quantize(y, bits)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
+
+
+def output_quantize(y: torch.Tensor, bits: int | None, per_repeat: bool = False) -> torch.Tensor:
+    """A photonic core's output quantizer (per call, max-abs: nothing clips), rescaled; ``per_repeat`` as in
+    ``quantize``."""
+    q, scale = quantize(y, bits, per_repeat)
+    return q * scale
 
 
 def _levels(bits: int) -> int:
@@ -265,14 +275,16 @@ class _LearnedSteps(nn.Module):
         step = _GradScale.apply(step, 1.0 / math.sqrt(v.numel() * levels))
         return _LSQRound.apply(v, step, levels), step
 
-    def _quantize(self, name: str, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Operand ``name``: learned step in training (and for weights once learned), else ``quantize``."""
+    def _quantize(self, name: str, v: torch.Tensor, per_repeat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Operand ``name``: learned step in training (and for weights once learned), else ``quantize``.
+        ``per_repeat``: dim 0 of ``v`` indexes hardware repeats, each quantized by its own max-abs (a learned step
+        is one number: the same for every repeat)."""
         bits = self.settings[self.OPERANDS[name]]
         if bits is None or not self.learned:
-            return quantize(v, bits)
+            return quantize(v, bits, per_repeat)
         if name == "weight" or self.training or _LEARNED_INPUTS[0]:
             return self._lsq(name, v, self._step(name))
-        return quantize(v, bits)  # eval: inputs by each call's max-abs, as a freshly lowered core
+        return quantize(v, bits, per_repeat)  # eval: inputs by each call's max-abs, as a freshly lowered core
 
     def float_weight(self) -> torch.Tensor:
         """The digital weight this core computes: the weight clipped at its learned range (+-Qp x step), so that
@@ -327,31 +339,9 @@ class PimCrossbarCore(_LearnedSteps):
         xq_graph, x_scale = self._quantize("input", x2)  # xq_graph / wq carry LSQ's gradients in training
         wq, w_scale, digits = self._cells()
         xq = xq_graph.detach()
-        cell_bits, rows = s["cell_bits"], s["xbar_rows"]
-        levels = 2**cell_bits - 1
         noise = s.get("conductance_noise")
-        cells = _conductance_noise(digits, levels, noise) if noise else digits
-        k = shape[-1]
-        chunks = math.ceil(k / rows)
-        pad = chunks * rows - k
-        slices = digits.shape[1]
-        out_rows = self.weight.shape[0]
-        saturation = float(2 ** s["adc_bits"] - 1)
-        top = float(2 ** s["dac_bits"] - 1)  # the largest input plane value
-        blocked = F.pad(digits, (0, pad)).view(2, slices, out_rows, chunks, rows)
-        safe = top * blocked.sum(-1) <= saturation  # [2, S, R, C]: no input can saturate the column sum
-        if noise:
-            spread = F.pad((cells - digits).abs(), (0, pad)).view(2, slices, out_rows, chunks, rows).sum(-1)
-            safe &= top * spread < 0.5  # the noise can never move the sum to another ADC level
-        significance = (torch.tensor([1.0, -1.0], dtype=x.dtype).view(2, 1)
-                        * 2.0 ** (cell_bits * torch.arange(slices, dtype=x.dtype))).to(x.device)  # [2, S]
-        effective = (blocked * (safe.to(x.dtype) * significance[:, :, None, None])[..., None]).sum((0, 1))
-        out = xq @ effective.reshape(out_rows, -1)[:, :k].t()
-        unsafe = (~safe).any(dim=3).any(dim=1).any(dim=0).nonzero().flatten()  # output columns that need the ADC
-        if len(unsafe):
-            masked = F.pad(cells, (0, pad)).view(2, slices, out_rows, chunks, rows)[:, :, unsafe]
-            masked = masked * (~safe[:, :, unsafe]).to(x.dtype)[..., None]  # a zeroed block reads 0: adds nothing
-            out[:, unsafe] += _bit_serial(xq, masked.reshape(2, slices, len(unsafe), -1)[..., :k], s)
+        cells = _conductance_noise(digits, 2 ** s["cell_bits"] - 1, noise) if noise else digits
+        out = crossbar_integers(xq, digits, cells, s, noisy=bool(noise))
         scale = x_scale * w_scale
         if torch.is_grad_enabled() and (xq_graph.requires_grad or wq.requires_grad or scale.requires_grad):
             y = _CrossbarProduct.apply(out, xq_graph, wq, scale)  # the same value; a straight-through backward
@@ -375,6 +365,62 @@ class PimCrossbarCore(_LearnedSteps):
         if getattr(self, "_cell_cache", (None,))[0] != key:
             self._cell_cache = (key, *_weight_cells(self.weight.detach(), self.settings))
         return self._cell_cache[3], self._cell_cache[1], self._cell_cache[2]
+
+
+def crossbar_integers(xq: torch.Tensor, digits: torch.Tensor, cells: torch.Tensor, s: dict[str, Any],
+                      noisy: bool) -> torch.Tensor:
+    """The crossbar's integer result (before the digital rescale) for integer-valued inputs: ``xq`` [N, K] read
+    through ``cells`` [2 arrays, slices, R, K] (this read's conductances in digit units: ``digits`` themselves
+    when noise-free), or, for R hardware repeats at once, ``xq`` [R, N, K] with repeat r's read ``cells``
+    [R, 2, slices, R_out, K]. [N, R_out] or [R, N, R_out].
+
+    A crossbar column's ADC read of one input bit-plane is the identity when its sum can neither saturate nor be
+    moved by noise: its cells sum to at most ``saturation`` for any input plane (``(2^dac - 1) x the sum of the
+    column's cells``) and the noise summed over its rows is under half a level. Such (array, slice, chunk,
+    column) blocks add ``xq @ (their cells)`` exactly, so they are folded into one effective integer weight and
+    computed by one matmul of the layer's own size; only output columns with a block that could clip or round
+    go through the bit-serial path (``_bit_serial``), with their other blocks zeroed. With repeats, a block
+    safe in every repeat keeps one shared effective weight (the usual case: the noise is rounded away);
+    otherwise each repeat gets its own, and the bit-serial columns are those any repeat needs (a column safe in
+    repeat r reads only zeroed blocks there: it adds exactly 0)."""
+    repeated = cells.dim() == 5
+    if xq.dim() == 3 and not repeated:  # repeats over shared cells: they are just more rows
+        return crossbar_integers(xq.reshape(-1, xq.shape[-1]), digits, cells, s, noisy).view(*xq.shape[:2], -1)
+    cell_bits, rows = s["cell_bits"], s["xbar_rows"]
+    k = xq.shape[-1]
+    chunks = math.ceil(k / rows)
+    pad = chunks * rows - k
+    slices, out_rows = digits.shape[1], digits.shape[2]
+    lead = cells.shape[:-4]  # (R,) or ()
+    saturation = float(2 ** s["adc_bits"] - 1)
+    top = float(2 ** s["dac_bits"] - 1)  # the largest input plane value
+    blocked = F.pad(digits, (0, pad)).view(2, slices, out_rows, chunks, rows)
+    safe = top * blocked.sum(-1) <= saturation  # [2, S, R, C]: no input can saturate the column sum
+    if noisy:
+        spread = F.pad((cells - digits).abs(), (0, pad)).view(*lead, 2, slices, out_rows, chunks, rows).sum(-1)
+        safe = safe & (top * spread < 0.5)  # [(R,) 2, S, R, C]: the noise can never move the sum to another level
+    if repeated and xq.dim() == 2:  # a shared input read through each repeat's cells
+        xq = xq.expand(lead[0], *xq.shape)
+    shared_safe = safe[0] if safe.dim() == 5 and bool((safe == safe[:1]).all()) else safe
+    significance = (torch.tensor([1.0, -1.0], dtype=xq.dtype).view(2, 1)
+                    * 2.0 ** (cell_bits * torch.arange(slices, dtype=xq.dtype))).to(xq.device)  # [2, S]
+    effective = (blocked * (shared_safe.to(xq.dtype) * significance[:, :, None, None])[..., None]).sum((-5, -4))
+    effective = effective.reshape(*effective.shape[:-2], -1)[..., :k]  # [(R,) R_out, K]
+    if effective.dim() == 2 and repeated:  # one effective weight for every repeat: one matmul over all rows
+        out = (xq.reshape(-1, k) @ effective.t()).view(*xq.shape[:-1], out_rows)
+    else:
+        out = xq @ effective.transpose(-1, -2)
+    unsafe = (~safe).any(-1).flatten(0, -2).any(0).nonzero().flatten()  # output columns that need the ADC
+    if len(unsafe):
+        masked = F.pad(cells, (0, pad)).view(*lead, 2, slices, out_rows, chunks, rows)[..., unsafe, :, :]
+        masked = masked * (~safe[..., unsafe, :]).to(xq.dtype)[..., None]  # a zeroed block reads 0: adds nothing
+        masked = masked.reshape(*lead, 2, slices, len(unsafe), -1)[..., :k]
+        if repeated:  # each repeat through its own read of the cells
+            for r in range(lead[0]):
+                out[r][:, unsafe] += _bit_serial(xq[r], masked[r], s)
+        else:
+            out[:, unsafe] += _bit_serial(xq, masked, s)
+    return out
 
 
 def _weight_cells(weight: torch.Tensor, s: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -438,16 +484,20 @@ def conductance_sigma(conductance: torch.Tensor | float, p: dict[str, float]) ->
     return root / p["voltage_v"]
 
 
-def _conductance_noise(cells: torch.Tensor, levels: int, p: dict[str, float]) -> torch.Tensor:
-    """Cell digits -> conductances -> + Eq. 1 noise -> digits (same units as the ADC sees)."""
+def _conductance_noise(cells: torch.Tensor, levels: int, p: dict[str, float],
+                       randn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like) -> torch.Tensor:
+    """Cell digits -> conductances -> + Eq. 1 noise -> digits (same units as the ADC sees). ``randn(t)``: standard
+    normal noise for ``t`` (torch's RNG; the repeat-vectorized forward gives [R, *t.shape], one draw per repeat)."""
     g_min, g_max = p["g_min_s"], p["g_max_s"]
     conductance = g_min + cells / levels * (g_max - g_min)
-    noisy = conductance + conductance_sigma(conductance, p) * torch.randn_like(conductance)
+    noisy = conductance + conductance_sigma(conductance, p) * randn(conductance)
     return (noisy - g_min) / (g_max - g_min) * levels
 
 
-def _relative_noise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    return x + sigma * x.abs() * torch.randn_like(x) if sigma else x
+def _relative_noise(x: torch.Tensor, sigma: float,
+                    randn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like) -> torch.Tensor:
+    """``x + N(0, (sigma |x|)^2)``; ``randn`` as in ``_conductance_noise``."""
+    return x + sigma * x.abs() * randn(x) if sigma else x
 
 
 class PhotonicCore(_LearnedSteps):
@@ -463,16 +513,24 @@ class PhotonicCore(_LearnedSteps):
         # A dynamic product's second operand is an activation ("other"): it gets an input step of its own.
         self._init_steps(self.weight, ("input", "weight" if weight is not None else "other"))
 
-    def _operand(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        q, scale = self._quantize(name, x)
-        return _relative_noise(q, self.settings["input_noise_rel"]) * scale
+    def _operand(self, name: str, x: torch.Tensor, randn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+                 per_repeat: bool = False, noise: bool = True) -> torch.Tensor:
+        """Operand ``name`` as the core reads it: quantized, perturbed, rescaled. ``per_repeat``/``randn``: the
+        repeat-vectorized forward's (``quantize``, ``_conductance_noise``); ``noise=False`` leaves it unperturbed."""
+        q, scale = self._quantize(name, x, per_repeat)
+        return _relative_noise(q, self.settings["input_noise_rel"] if noise else 0.0, randn) * scale
+
+    @property
+    def other_operand(self) -> str:
+        """The second operand's name: the stored weight, or a dynamic product's second activation."""
+        return "weight" if self.weight is not None else "other"
 
     def product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if _IDEAL[0]:
             return torch.matmul(a, b)
         if self.training and not self.learned:
-            self._start_training({"input": a, "weight" if self.weight is not None else "other": b})
-        y = torch.matmul(self._operand("input", a), self._operand("weight" if self.weight is not None else "other", b))
+            self._start_training({"input": a, self.other_operand: b})
+        y = torch.matmul(self._operand("input", a), self._operand(self.other_operand, b))
         return _OutputQuantize.apply(y, self.settings["output_bits"])
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
@@ -509,15 +567,24 @@ class UnfoldConv(nn.Module):
         self.pad_mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches, out_h = self.patches(x)
+        width = patches.shape[-1] // len(self.cores)
+        y = torch.cat([core(patches[..., g * width : (g + 1) * width]) for g, core in enumerate(self.cores)], -1)
+        return self.assemble(y, out_h)
+
+    def patches(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(patches [N, L, C*k] of the padded input, output height); group g's columns are block g of C*k."""
         if any(self.pad):
             x = F.pad(x, self.pad, mode=self.pad_mode)
         if self.one_d:
             x = x.unsqueeze(-2)
         patches = F.unfold(x, self.kernel_size, self.dilation, 0, self.stride).transpose(1, 2)  # [N, L, C*k]
-        width = patches.shape[-1] // len(self.cores)
-        y = torch.cat([core(patches[..., g * width : (g + 1) * width]) for g, core in enumerate(self.cores)], -1)
         out_h = (x.shape[-2] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        y = y.transpose(1, 2).reshape(x.shape[0], y.shape[-1], out_h, -1)
+        return patches, out_h
+
+    def assemble(self, y: torch.Tensor, out_h: int) -> torch.Tensor:
+        """The cores' outputs [N, L, out] as the convolution's [N, out, H', W'] (Conv1d: [N, out, L])."""
+        y = y.transpose(1, 2).reshape(y.shape[0], y.shape[-1], out_h, -1)
         return y.squeeze(-2) if self.one_d else y
 
 
@@ -574,6 +641,19 @@ class _TorchTierSimulator(Simulator):
             bias = None if module.cores[0].bias is None else torch.cat([core.bias for core in module.cores])
             return weight, bias
         return module.float_weight(), module.bias
+
+    def repeats_unsupported(self, module: nn.Module) -> str | None:
+        from hetcomp.lower.tier_repeats import tier_unsupported
+
+        return tier_unsupported(module)
+
+    def repeated(self, module: nn.Module, t_inference: float, program_seeds: list[int],
+                 noise_seeds: list[int]) -> Any:
+        """R independent reads at once (hetcomp.lower.tier_repeats): nothing is programmed (``program_seeds`` and
+        ``t_inference`` are unused); repeat r draws its read noise from ``noise_seeds[r]``."""
+        from hetcomp.lower.tier_repeats import NoiseDraws, RepeatedTierLayer
+
+        return RepeatedTierLayer(module, NoiseDraws(noise_seeds))
 
 
 class PimCrossbarSimulator(_TorchTierSimulator):

@@ -1,0 +1,110 @@
+"""hetcomp.evaluate.RepeatRunner, the one loop over hardware repeats, as the analyses use it: ``repeat_outputs``
+(every sample's outputs per repeat) and the curvature study's ``failure_by_decile`` run evaluate's repeats,
+vectorized where the graph folds them, and fall back to one repeat at a time where it does not."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import hetcomp
+from hetcomp.curvature.failures import failure_by_decile, lower_all_analog, profile_target
+from hetcomp.evaluate import RepeatRunner, repeat_outputs
+from hetcomp.lower import digital_state_dict
+
+
+def test_failure_by_decile_runs_vectorized_and_equals_the_tile_path_on_deterministic_profiles(digits_model):
+    """The ideal and ADC-only profiles draw no noise, so each repeat's correctness is determined: the vectorized
+    path must give the tile path's, sample by sample. The ideal profile is the digital model (independent truth);
+    the ADC's 9-bit outputs move the logits by up to about 2, so correctness differs from digital there and the
+    comparison is not one of two copies of the digital model."""
+    model, data = digits_model
+    images, labels = next(iter(data["test"]))
+    curvature = torch.rand(len(labels), generator=torch.Generator().manual_seed(0))
+    profiles = [(), ("ADC",)]
+    vectorized = failure_by_decile(model, (images, labels), curvature, repeats=3, profiles=profiles)
+    tiles = failure_by_decile(model, (images, labels), curvature, repeats=3, profiles=profiles, exact_tiles=True)
+    assert vectorized.methods == {"ideal": "vectorized", "ADC": "vectorized"}
+    assert tiles.methods == {"ideal": "tiles (exact_tiles=True)", "ADC": "tiles (exact_tiles=True)"}
+    for name in ("ideal", "ADC"):
+        assert vectorized.analog_correct[name].shape == (3, len(labels))
+        assert torch.equal(vectorized.analog_correct[name], tiles.analog_correct[name]), name
+        assert vectorized.rates[name] == tiles.rates[name]
+    with torch.no_grad():
+        digital = model(images).argmax(-1) == labels
+    assert all(torch.equal(row, digital) for row in vectorized.analog_correct["ideal"])
+    assert not torch.equal(vectorized.analog_correct["ADC"][0], digital)
+
+
+def test_repeat_outputs_of_a_quantizing_profile_equal_the_tiles_and_differ_from_digital(digits_model):
+    model, data = digits_model
+    images, _ = next(iter(data["test"]))
+    lowered, report = lower_all_analog(model, images[:2], profile_target(("ADC",)))
+    vectorized = repeat_outputs(lowered, report, images, repeats=2)
+    tiles = repeat_outputs(lowered, report, images, repeats=2, exact_tiles=True)
+    with torch.no_grad():
+        digital = model(images)
+    assert vectorized.shape == (2, len(images), 10) and vectorized.device.type == "cpu"
+    torch.testing.assert_close(vectorized, tiles, rtol=1e-4, atol=1e-4)  # measured 1.3e-5
+    assert float((vectorized - digital).abs().max()) > 0.5  # ADC rounding moved the logits (measured 2.2)
+    assert RepeatRunner.on_inputs(lowered, report, images, 2).method == "vectorized"
+
+
+def test_repeat_outputs_are_evaluates_repeats_and_do_not_depend_on_grouping(digits_model):
+    """With programming noise on, repeat r depends on (seed, r) alone: one repeat per group (fold_bytes=1) or
+    fewer repeats give the same rows, each row's accuracy is evaluate's for that repeat on either path, and the
+    module is left as it was."""
+    model, data = digits_model
+    images, labels = next(iter(data["test"]))
+    compiled = hetcomp.compile(model, "pcm+digital", (images[:4],), strategy="all-analog")
+    module, report = compiled.module, compiled.lowering
+    before = digital_state_dict(module, report)
+    tile_weights = [m.tile.weight.detach().clone() for m in module.modules() if hasattr(m, "programmed_weights")]
+    outputs = repeat_outputs(module, report, images, repeats=4, seed=3)
+    assert torch.equal(repeat_outputs(module, report, images, repeats=4, seed=3, fold_bytes=1), outputs)
+    assert torch.equal(repeat_outputs(module, report, images, repeats=2, seed=3), outputs[:2])
+    assert not torch.equal(outputs[0], outputs[1])  # the repeats differ
+    evaluation = compiled.evaluate((images, labels), repeats=4, seed=3)
+    assert evaluation.method == "vectorized"
+    assert (outputs.argmax(-1) == labels).double().mean(1).tolist() == evaluation.accuracies
+    tiles = repeat_outputs(module, report, images, repeats=2, seed=3, exact_tiles=True)
+    expected = compiled.evaluate((images, labels), repeats=2, seed=3, exact_tiles=True).accuracies
+    assert (tiles.argmax(-1) == labels).double().mean(1).tolist() == expected
+    after = digital_state_dict(module, report)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    after_tiles = [m.tile.weight for m in module.modules() if hasattr(m, "programmed_weights")]
+    assert all(torch.equal(a, b) for a, b in zip(tile_weights, after_tiles, strict=True))
+
+
+class _BakedBatch(nn.Module):
+    """Reads the batch size before the first layer and reshapes with it after: repeats cannot fold into the batch,
+    whatever the profile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6)
+        self.fc2 = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.size(0)
+        return self.fc2(self.fc1(x).reshape(batch, -1))
+
+
+def test_failure_by_decile_falls_back_to_the_tiles_per_profile_where_repeats_do_not_fold():
+    """A profile whose graph cannot fold repeats runs one repeat at a time by itself: the same repeats (seeds) as
+    exact_tiles=True, so even the noisy profile's correctness equals it sample by sample."""
+    torch.manual_seed(0)
+    model = _BakedBatch().eval()
+    x = torch.randn(64, 4, 5)
+    with torch.no_grad():
+        labels = model(x).argmax(-1)
+    curvature = torch.rand(64, generator=torch.Generator().manual_seed(1))
+    profiles = [(), ("PCM",)]
+    automatic = failure_by_decile(model, (x, labels), curvature, repeats=3, profiles=profiles)
+    tiles = failure_by_decile(model, (x, labels), curvature, repeats=3, profiles=profiles, exact_tiles=True)
+    assert set(automatic.methods) == {"ideal", "PCM"}
+    assert all(method.startswith("tiles (") and "exact_tiles" not in method for method in automatic.methods.values())
+    for name in ("ideal", "PCM"):
+        assert torch.equal(automatic.analog_correct[name], tiles.analog_correct[name]), name
+    assert automatic.analog_correct["ideal"].all()  # ideal analog is the digital model that made the labels
+    assert not automatic.analog_correct["PCM"].all()  # PCM noise flips some samples
