@@ -21,6 +21,11 @@ exact ``batch_size`` chunks; general batches are scored as the data gives them.
 at a time): ``evaluate``, ``repeat_outputs`` (every sample's outputs per repeat), ``hetcomp.stats.correctness``
 and the curvature study (hetcomp.curvature.failures) all run their repeats through it.
 
+``HETCOMP_EXACT_TILES=1`` in the environment sends every evaluation of the process (LAFT validation, mac-greedy
+trials, row remap, the curvature study, ``evaluate``) through aihwkit's tiles, as ``exact_tiles=True`` does for one
+call: for checking a whole pipeline against the reference when the vectorized periphery is suspected, and for
+timing the pipelines both ways (bench/pipeline_timing.py).
+
 ``plain_loop_accuracy`` is the straightforward loop (program, drift, iterate the loader) kept as the
 reference for tests and ``bench/evaluate.py``.
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -53,6 +59,8 @@ __all__ = ["EvaluationData", "Evaluation", "RepeatChunk", "RepeatRunner", "accur
            "evaluate", "hardware_repeat", "plain_loop_accuracy", "repeat_outputs", "staged"]
 
 T = TypeVar("T")
+# Set to 1 to run every evaluation of the process on the tiles (the module docstring).
+EXACT_TILES_VARIABLE = "HETCOMP_EXACT_TILES"
 
 
 @dataclass
@@ -530,8 +538,8 @@ class RepeatRunner:
         with _evaluation_mode(module):
             if any(n.op not in ("placeholder", "get_attr") for n in _before(module, self.frontier)):
                 self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, chunk_indices)
-            if exact_tiles:
-                self.method = "tiles (exact_tiles=True)"
+            if exact_tiles or os.environ.get(EXACT_TILES_VARIABLE, "0") == "1":
+                self.method = "tiles (exact_tiles=True)" if exact_tiles else f"tiles ({EXACT_TILES_VARIABLE}=1)"
                 return
             why = why_not_vectorized(module, self.lowered)
             probe = len(self.repeats) >= 2 if probe_folding is None else probe_folding

@@ -108,3 +108,19 @@ def test_failure_by_decile_falls_back_to_the_tiles_per_profile_where_repeats_do_
         assert torch.equal(automatic.analog_correct[name], tiles.analog_correct[name]), name
     assert automatic.analog_correct["ideal"].all()  # ideal analog is the digital model that made the labels
     assert not automatic.analog_correct["PCM"].all()  # PCM noise flips some samples
+
+
+def test_the_environment_switch_sends_every_evaluation_to_the_tiles(digits_model, monkeypatch):
+    """HETCOMP_EXACT_TILES=1 makes a plain ``evaluate`` (and so LAFT validation, mac-greedy, row remap and the
+    curvature study, which all run RepeatRunner) take the reference path: the same values as ``exact_tiles=True``
+    with programming noise on, where the vectorized path draws other realizations."""
+    model, data = digits_model
+    images, labels = next(iter(data["test"]))
+    compiled = hetcomp.compile(model, "pcm+digital", (images[:4],), strategy="all-analog")
+    reference = compiled.evaluate((images, labels), repeats=3, exact_tiles=True)
+    vectorized = compiled.evaluate((images, labels), repeats=3)
+    monkeypatch.setenv("HETCOMP_EXACT_TILES", "1")
+    switched = compiled.evaluate((images, labels), repeats=3)
+    assert vectorized.method == "vectorized" and switched.method == "tiles (HETCOMP_EXACT_TILES=1)"
+    assert switched.values == reference.values
+    assert vectorized.values != reference.values  # other draws of the same distribution: the switch changed paths
