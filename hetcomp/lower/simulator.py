@@ -73,9 +73,12 @@ class Simulator:
                  noise_seeds: list[int]) -> Any:
         """A module computing ``module`` for len(program_seeds) independent hardware repeats at once: called as
         ``(x, folded=...)`` with ``x`` shared ([B, ...]) or repeat-major folded ([R*B, ...]), it returns the folded
-        output; ``.select(indices)`` keeps some repeats, ``.noise = False`` turns forward noise off. Repeat r is
-        programmed and drifted from ``program_seeds[r]`` and draws its forward noise from ``noise_seeds[r]``;
-        ``module`` itself is not changed."""
+        output; ``.select(indices)`` keeps some repeats, ``.noise = False`` turns forward noise off; ``.peak_bytes``
+        (optional) is its working set, for sizing groups of repeats. Repeat r is programmed and drifted from
+        ``program_seeds[r]`` (a device without programming state, whose noise is drawn per read, ignores them) and
+        draws its forward noise from ``noise_seeds[r]``, with any per-call statistic (a max-abs scale) taken over
+        its own samples only, so its result does not depend on the other repeats; ``module`` itself is not
+        changed."""
         raise NotImplementedError(f"simulator {self.name!r} has no repeat-vectorized forward")
 
     def optimizer(self, groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:

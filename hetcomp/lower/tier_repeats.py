@@ -3,7 +3,7 @@
 These devices have no programming state: a hardware repeat is one independent forward of the lowered module, whose
 noise (conductance read noise, the photonic operands' relative noise) is drawn on that read. ``RepeatedTierLayer``
 computes R such forwards at once, with the repeats folded into the batch ([R*B, ...], repeat-major), using
-``tier_sim``'s own arithmetic (``quantize``, ``crossbar_integers``, ``_conductance_noise``, ``PhotonicCore._operand``,
+``tier_sim``'s own arithmetic (``quantize``, ``crossbar_integers``, ``read_sigma``, ``PhotonicCore._operand``,
 ``output_quantize``) with a leading repeat dimension:
 
 - **Per-call reductions stay per repeat.** Every max-abs scale (inputs, a dynamic product's operands, the photonic
@@ -41,9 +41,9 @@ from hetcomp.lower.tier_sim import (
     PhotonicCore,
     PimCrossbarCore,
     UnfoldConv,
-    _conductance_noise,
     crossbar_integers,
     output_quantize,
+    read_sigma,
 )
 
 Randn = Callable[[torch.Tensor], torch.Tensor]
@@ -78,13 +78,16 @@ class NoiseDraws:
     def randn(self, per_repeat: bool) -> Randn:
         """``randn(t)`` for ``tier_sim``'s noise functions: [R, ...] standard normal noise, repeat r's slice from its
         generator. ``per_repeat``: ``t`` already has the repeat dimension (repeat r draws for ``t[r]``); otherwise
-        ``t`` is shared and every repeat draws for ``t``. Each draw is ``torch.randn_like``'s, with the tensor's own
-        memory layout (a transposed operand is filled in its memory order), so it is the module's draw."""
+        ``t`` is shared and every repeat draws for ``t``. Each repeat's draw is ``tier_sim.standard_normal``'s (row-
+        major, whatever ``t``'s layout), so it is the module's draw."""
 
         def draw(t: torch.Tensor) -> torch.Tensor:
             generators = self.generators(t.device)
-            return torch.stack([torch.empty_like(t[r] if per_repeat else t).normal_(generator=g)
-                                for r, g in enumerate(generators)])
+            out = torch.empty((len(generators), *(t.shape[1:] if per_repeat else t.shape)), dtype=t.dtype,
+                              device=t.device)
+            for r, g in enumerate(generators):  # filled in place, repeat by repeat
+                out[r].normal_(generator=g)
+            return out
 
         return draw
 
@@ -128,8 +131,9 @@ class RepeatedTierLayer:
     hardware repeats at once (see the module docstring). Called as ``(x, folded=...)`` or, for a dynamic product,
     ``(a, b, folded=...)``: inputs shared [B, ...] or folded [R*B, ...] (with two inputs one may be shared while the
     other is folded); the output is folded. ``noise = False`` turns the forward noise off; ``select(indices)`` keeps
-    some repeats (fresh generators from their seeds); ``peak_bytes`` is the working set of the largest call so far.
-    The module is not changed."""
+    some repeats (fresh generators from their seeds); ``peak_bytes`` is the working set of the largest call so far;
+    ``block_bytes`` (None: 1 GiB on CPU, 4 GiB on CUDA) bounds the repeats run at once. The module is not
+    changed."""
 
     def __init__(self, module: nn.Module, draws: NoiseDraws, block_bytes: int | None = None) -> None:
         self.module = module
@@ -139,6 +143,7 @@ class RepeatedTierLayer:
         self.noise = True
         self.peak_bytes = 0
         self.block_bytes = block_bytes
+        self._sigma: dict[int, tuple[Any, torch.Tensor]] = {}  # each ReRAM core's read_sigma, by id
 
     def select(self, indices: Sequence[int]) -> RepeatedTierLayer:
         return self.with_draws(self.draws.select(indices))
@@ -166,22 +171,30 @@ class RepeatedTierLayer:
                 x, other = (x, _tile(other, repeats)) if x_rep else (_tile(x, repeats), other)
             y = self.module(x) if other is None else self.module(x, other)
             return y if x_rep or o_rep else _tile(y, repeats)
+        per_repeat = self._per_repeat_bytes(x, other, x_rep, o_rep)
+        held = (x.numel() // (repeats if x_rep else 1)
+                + (0 if other is None else other.numel() // (repeats if o_rep else 1)))  # one repeat's inputs
         if not (x_rep or o_rep or self.random):  # the same read for every repeat: once, then tiled
+            self.peak_bytes = max(self.peak_bytes, 2 * repeats * held * x.element_size() + per_repeat)
             return _tile(self._block(x, other, False, False, self.draws.block(0, 1), 1), repeats)
         batch = (x.shape[0] // repeats) if x_rep else x.shape[0]
-        per_repeat = self._per_repeat_bytes(x, other, x_rep, o_rep)
-        budget = self.block_bytes or ((2 << 30) if x.device.type == "cuda" else (256 << 20))
+        budget = self.block_bytes or ((4 << 30) if x.device.type == "cuda" else (1 << 30))
         size = max(1, min(repeats, budget // max(per_repeat, 1)))
-        outputs = []
+        out = None
         for start in range(0, repeats, size):
             stop = min(start + size, repeats)
             xb = x[start * batch : stop * batch] if x_rep else x
             ob = None if other is None else (other[start * batch : stop * batch] if o_rep else other)
-            outputs.append(self._block(xb, ob, x_rep, o_rep, self.draws.block(start, stop), stop - start))
-        held = (x.numel() // (repeats if x_rep else 1) + (0 if other is None else other.numel()
-                                                          // (repeats if o_rep else 1)))
+            y = self._block(xb, ob, x_rep, o_rep, self.draws.block(start, stop), stop - start)
+            if size >= repeats:
+                out = y
+                break
+            if out is None:  # blocks write into one output: no concatenated copy
+                out = y.new_empty((repeats * batch, *y.shape[1:]))
+            out[start * batch : stop * batch] = y
+        # the folded inputs and outputs of every repeat, and one block's working set
         self.peak_bytes = max(self.peak_bytes, 2 * repeats * held * x.element_size() + size * per_repeat)
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return out
 
     def _per_repeat_bytes(self, x: torch.Tensor, other: torch.Tensor | None, x_rep: bool, o_rep: bool) -> int:
         """Working set of one repeat: its input rows (patches for a conv), output, and the noisy copy of the
@@ -240,16 +253,19 @@ class RepeatedTierLayer:
             b = core._operand("weight", core.weight.t(), draws.randn(False), False, self.noise)
             k, lead = x.shape[-1], x.shape[1:-1] if per_repeat else x.shape[:-1]
             a_rep, b_rep = per_repeat or a.dim() > x.dim(), b.dim() == 3  # folded, or noise drawn per repeat
-            if a_rep or b_rep:  # one [M, K] @ [K, out] per repeat, as the module's matmul: the same float sums
-                a = a.reshape(n, -1, k) if a_rep else a.reshape(-1, k).expand(n, -1, -1)
-                y = torch.bmm(a, b if b_rep else b.expand(n, -1, -1)).view(n, *lead, -1)
+            if a_rep or b_rep:  # one [M, K] @ [K, out] per repeat, the module's matmul: the same float sums
+                a = a.reshape(n, -1, k) if a_rep else a.reshape(-1, k)
+                y = a.new_empty((n, a.shape[-2], b.shape[-1]))
+                for r in range(n):
+                    torch.mm(a[r] if a_rep else a, b[r] if b_rep else b, out=y[r])
+                y = y.view(n, *lead, -1)
             else:
                 y = (a.reshape(-1, k) @ b).view(*lead, -1)
-            y = output_quantize(y, core.settings["output_bits"], per_repeat=a_rep or b_rep)
+            y = output_quantize(y, core.settings["output_bits"], per_repeat=a_rep or b_rep, inplace=True)
         if core.bias is not None:
-            y = y + core.bias
-        lead = x.dim() - 1 if not per_repeat else x.dim() - 2  # the shared input's dims before K
-        return y if y.dim() == lead + 2 else y.expand(n, *y.shape)
+            y = y.add_(core.bias)  # y is this call's own tensor
+        sample_dims = x.dim() - 2 if per_repeat else x.dim() - 1  # one repeat's input dims before K
+        return y if y.dim() == sample_dims + 2 else y.expand(n, *y.shape)
 
     def _crossbar(self, core: PimCrossbarCore, rows: torch.Tensor, per_repeat: bool, draws: NoiseDraws
                   ) -> torch.Tensor:
@@ -259,8 +275,13 @@ class RepeatedTierLayer:
         xq, x_scale = core._quantize("input", rows, per_repeat)
         _, w_scale, digits = core._cells()
         noise = s.get("conductance_noise") if self.noise else None
-        cells = _conductance_noise(digits, 2 ** s["cell_bits"] - 1, noise, draws.randn(False)) if noise else digits
-        out = crossbar_integers(xq, digits, cells, s, noisy=bool(noise))
+        read = None
+        if noise:  # read_sigma x N(0, 1) as the module draws it (the product commutes: bit for bit)
+            key = (digits.data_ptr(), digits._version, tuple(sorted(noise.items())))
+            if self._sigma.get(id(core), (None,))[0] != key:  # the same cells for every block and data chunk
+                self._sigma[id(core)] = (key, read_sigma(digits, 2 ** s["cell_bits"] - 1, noise))
+            read = draws.randn(False)(digits).mul_(self._sigma[id(core)][1])
+        out = crossbar_integers(xq, digits, read, s)
         return out * (x_scale * w_scale)
 
     def _dynamic(self, core: PhotonicCore, a: torch.Tensor, b: torch.Tensor, a_rep: bool, b_rep: bool,
@@ -276,7 +297,7 @@ class RepeatedTierLayer:
         # per repeat: a folded operand, or a shared one that drew its noise per repeat (a leading dimension more)
         per_repeat = a_rep or b_rep or a_op.dim() > a.dim() or b_op.dim() > b.dim()
         y = torch.matmul(a_op, b_op)
-        y = output_quantize(y, core.settings["output_bits"], per_repeat=per_repeat)
+        y = output_quantize(y, core.settings["output_bits"], per_repeat=per_repeat, inplace=True)
         if not per_repeat:
             y = y.expand(n, *y.shape)
         return y.reshape(-1, *y.shape[2:])

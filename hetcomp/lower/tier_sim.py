@@ -21,6 +21,12 @@ relative Gaussian noise ``N(0, (sigma |x|)^2)`` (H3PIMAP §III-C), the product q
 Both lower Linear, Conv1d and Conv2d; a grouped or depthwise convolution gets one core (array) per group.
 ``IDEAL`` switches every simulator here to the exact float layer (for equivalence checks).
 
+Noise is drawn in each tensor's logical (row-major) order (``standard_normal``), and a read's ReRAM noise is
+``read_sigma x N(0, 1)`` in digit units. **Hardware repeats** run vectorized (``Simulator.repeated``,
+hetcomp.lower.tier_repeats): the functions here take an optional leading repeat dimension (``quantize`` and
+``output_quantize`` with ``per_repeat``, ``crossbar_integers`` with per-repeat noise, ``PhotonicCore._operand``
+with a per-repeat ``randn``), so repeat r computes exactly this module's forward for its own noise draw.
+
 **Quantization-aware training (LSQ, Esser et al. 2020).** Both cores train (``trainable``): in training mode each
 quantized operand has a learned step size ``s`` (an ``nn.Parameter``: ``input_step``, ``weight_step``, and
 ``other_step`` for the second activation of a dynamic product), quantized as LSQ does,
@@ -99,10 +105,17 @@ def quantize(x: torch.Tensor, bits: int | None, per_repeat: bool = False) -> tup
     if bits is None:
         return x, torch.ones((), device=x.device, dtype=x.dtype)
     levels = 2 ** (bits - 1) - 1
-    magnitude = x.detach().abs()
-    peak = magnitude.amax(dim=tuple(range(1, x.dim())), keepdim=True) if per_repeat else magnitude.max()
-    scale = peak.clamp_min(1e-12) / levels
-    return torch.round(x / scale).clamp(-levels, levels), scale
+    scale = _abs_max(x.detach(), per_repeat).clamp_min(1e-12) / levels
+    return (x / scale).round_().clamp_(-levels, levels), scale
+
+
+def _abs_max(x: torch.Tensor, per_repeat: bool) -> torch.Tensor:
+    """max|x| (per repeat: [R, 1, ...]) as max(max x, -min x): exactly max|x|, without an |x| temporary (and
+    torch's reductions over trailing dims are several times faster as amax/amin than on |x| or as aminmax)."""
+    if per_repeat:
+        dims = tuple(range(1, x.dim()))
+        return torch.maximum(x.amax(dim=dims, keepdim=True), -x.amin(dim=dims, keepdim=True))
+    return torch.maximum(x.max(), -x.min())
 
 
 def _bit_planes(magnitude: torch.Tensor, bits: int, width: int) -> torch.Tensor:
@@ -203,11 +216,18 @@ class _OutputQuantize(torch.autograd.Function):
         return grad, None
 
 
-def output_quantize(y: torch.Tensor, bits: int | None, per_repeat: bool = False) -> torch.Tensor:
+def output_quantize(y: torch.Tensor, bits: int | None, per_repeat: bool = False, inplace: bool = False
+                    ) -> torch.Tensor:
     """A photonic core's output quantizer (per call, max-abs: nothing clips), rescaled; ``per_repeat`` as in
-    ``quantize``."""
+    ``quantize``. ``inplace``: overwrite ``y`` (a tensor of the caller's own) with the same values."""
+    if bits is None:
+        return y
+    if inplace:
+        levels = 2 ** (bits - 1) - 1
+        scale = _abs_max(y, per_repeat).clamp_min(1e-12) / levels
+        return y.div_(scale).round_().clamp_(-levels, levels).mul_(scale)
     q, scale = quantize(y, bits, per_repeat)
-    return q * scale
+    return q.mul_(scale)  # q is a fresh tensor: rescaled in place
 
 
 def _levels(bits: int) -> int:
@@ -340,8 +360,8 @@ class PimCrossbarCore(_LearnedSteps):
         wq, w_scale, digits = self._cells()
         xq = xq_graph.detach()
         noise = s.get("conductance_noise")
-        cells = _conductance_noise(digits, 2 ** s["cell_bits"] - 1, noise) if noise else digits
-        out = crossbar_integers(xq, digits, cells, s, noisy=bool(noise))
+        read = read_sigma(digits, 2 ** s["cell_bits"] - 1, noise) * standard_normal(digits) if noise else None
+        out = crossbar_integers(xq, digits, read, s)
         scale = x_scale * w_scale
         if torch.is_grad_enabled() and (xq_graph.requires_grad or wq.requires_grad or scale.requires_grad):
             y = _CrossbarProduct.apply(out, xq_graph, wq, scale)  # the same value; a straight-through backward
@@ -367,38 +387,42 @@ class PimCrossbarCore(_LearnedSteps):
         return self._cell_cache[3], self._cell_cache[1], self._cell_cache[2]
 
 
-def crossbar_integers(xq: torch.Tensor, digits: torch.Tensor, cells: torch.Tensor, s: dict[str, Any],
-                      noisy: bool) -> torch.Tensor:
+def crossbar_integers(xq: torch.Tensor, digits: torch.Tensor, noise: torch.Tensor | None, s: dict[str, Any]
+                      ) -> torch.Tensor:
     """The crossbar's integer result (before the digital rescale) for integer-valued inputs: ``xq`` [N, K] read
-    through ``cells`` [2 arrays, slices, R, K] (this read's conductances in digit units: ``digits`` themselves
-    when noise-free), or, for R hardware repeats at once, ``xq`` [R, N, K] with repeat r's read ``cells``
-    [R, 2, slices, R_out, K]. [N, R_out] or [R, N, R_out].
+    through cells ``digits`` [2 arrays, slices, R, K] plus this read's noise in digit units (``noise``, same shape;
+    None: noise-free), or, for R hardware repeats at once, ``xq`` [R, N, K] (or [N, K] shared) with repeat r's
+    ``noise`` [R, 2, slices, R_out, K]. [N, R_out] or [R, N, R_out].
 
     A crossbar column's ADC read of one input bit-plane is the identity when its sum can neither saturate nor be
     moved by noise: its cells sum to at most ``saturation`` for any input plane (``(2^dac - 1) x the sum of the
     column's cells``) and the noise summed over its rows is under half a level. Such (array, slice, chunk,
     column) blocks add ``xq @ (their cells)`` exactly, so they are folded into one effective integer weight and
     computed by one matmul of the layer's own size; only output columns with a block that could clip or round
-    go through the bit-serial path (``_bit_serial``), with their other blocks zeroed. With repeats, a block
-    safe in every repeat keeps one shared effective weight (the usual case: the noise is rounded away);
-    otherwise each repeat gets its own, and the bit-serial columns are those any repeat needs (a column safe in
-    repeat r reads only zeroed blocks there: it adds exactly 0)."""
-    repeated = cells.dim() == 5
-    if xq.dim() == 3 and not repeated:  # repeats over shared cells: they are just more rows
-        return crossbar_integers(xq.reshape(-1, xq.shape[-1]), digits, cells, s, noisy).view(*xq.shape[:2], -1)
+    go through the bit-serial path (``_bit_serial``) on their noisy cells, with their other blocks zeroed. With
+    repeats, a block safe in every repeat keeps one shared effective weight (the usual case: the noise is
+    rounded away); otherwise each repeat gets its own, and the bit-serial columns are those any repeat needs (a
+    column safe in repeat r reads only zeroed blocks there: it adds exactly 0)."""
+    repeated = noise is not None and noise.dim() == 5
+    if xq.dim() == 3 and not repeated:  # repeats over the same cells: they are just more rows
+        return crossbar_integers(xq.reshape(-1, xq.shape[-1]), digits, noise, s).view(*xq.shape[:2], -1)
     cell_bits, rows = s["cell_bits"], s["xbar_rows"]
     k = xq.shape[-1]
     chunks = math.ceil(k / rows)
     pad = chunks * rows - k
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., chunks, rows] (zero rows padded)
+        return (F.pad(t, (0, pad)) if pad else t).view(*t.shape[:-1], chunks, rows)
+
     slices, out_rows = digits.shape[1], digits.shape[2]
-    lead = cells.shape[:-4]  # (R,) or ()
+    lead = noise.shape[:-4] if repeated else ()  # (R,) or ()
     saturation = float(2 ** s["adc_bits"] - 1)
     top = float(2 ** s["dac_bits"] - 1)  # the largest input plane value
-    blocked = F.pad(digits, (0, pad)).view(2, slices, out_rows, chunks, rows)
+    blocked = blocks(digits)
     safe = top * blocked.sum(-1) <= saturation  # [2, S, R, C]: no input can saturate the column sum
-    if noisy:
-        spread = F.pad((cells - digits).abs(), (0, pad)).view(*lead, 2, slices, out_rows, chunks, rows).sum(-1)
-        safe = safe & (top * spread < 0.5)  # [(R,) 2, S, R, C]: the noise can never move the sum to another level
+    if noise is not None:
+        # [(R,) 2, S, R, C]: the noise can never move the sum to another ADC level
+        safe = safe & (top * blocks(noise.abs()).sum(-1) < 0.5)
     if repeated and xq.dim() == 2:  # a shared input read through each repeat's cells
         xq = xq.expand(lead[0], *xq.shape)
     shared_safe = safe[0] if safe.dim() == 5 and bool((safe == safe[:1]).all()) else safe
@@ -412,9 +436,11 @@ def crossbar_integers(xq: torch.Tensor, digits: torch.Tensor, cells: torch.Tenso
         out = xq @ effective.transpose(-1, -2)
     unsafe = (~safe).any(-1).flatten(0, -2).any(0).nonzero().flatten()  # output columns that need the ADC
     if len(unsafe):
-        masked = F.pad(cells, (0, pad)).view(*lead, 2, slices, out_rows, chunks, rows)[..., unsafe, :, :]
-        masked = masked * (~safe[..., unsafe, :]).to(xq.dtype)[..., None]  # a zeroed block reads 0: adds nothing
-        masked = masked.reshape(*lead, 2, slices, len(unsafe), -1)[..., :k]
+        cells = blocked[:, :, unsafe]  # this read's cells of those columns: digits + noise
+        if noise is not None:
+            cells = cells + blocks(noise[..., unsafe, :])
+        masked = cells * (~safe[..., unsafe, :]).to(xq.dtype)[..., None]  # a zeroed block reads 0: adds nothing
+        masked = masked.reshape(*masked.shape[:-2], -1)[..., :k]
         if repeated:  # each repeat through its own read of the cells
             for r in range(lead[0]):
                 out[r][:, unsafe] += _bit_serial(xq[r], masked[r], s)
@@ -484,20 +510,39 @@ def conductance_sigma(conductance: torch.Tensor | float, p: dict[str, float]) ->
     return root / p["voltage_v"]
 
 
-def _conductance_noise(cells: torch.Tensor, levels: int, p: dict[str, float],
-                       randn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like) -> torch.Tensor:
-    """Cell digits -> conductances -> + Eq. 1 noise -> digits (same units as the ADC sees). ``randn(t)``: standard
-    normal noise for ``t`` (torch's RNG; the repeat-vectorized forward gives [R, *t.shape], one draw per repeat)."""
+def standard_normal(t: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) noise shaped like ``t`` from torch's RNG, drawn in ``t``'s logical (row-major) order whatever its
+    memory layout: a transposed operand (a weight read as W^T, attention's k^T) would otherwise take torch's
+    element-by-element path, 8x slower, and the repeat-vectorized forward draws the same numbers per repeat
+    (hetcomp.lower.tier_repeats)."""
+    return torch.randn_like(t, memory_format=torch.contiguous_format)
+
+
+def read_sigma(cells: torch.Tensor, levels: int, p: dict[str, float]) -> torch.Tensor:
+    """The Eq. 1 read-noise std of every cell in digit units (the ADC's): sigma(G) / (G_max - G_min) x levels at
+    the cell's conductance G = G_min + digit / levels x (G_max - G_min). Deterministic: a read adds
+    ``read_sigma x N(0, 1)`` to the digits (``_conductance_noise``)."""
     g_min, g_max = p["g_min_s"], p["g_max_s"]
     conductance = g_min + cells / levels * (g_max - g_min)
-    noisy = conductance + conductance_sigma(conductance, p) * randn(conductance)
-    return (noisy - g_min) / (g_max - g_min) * levels
+    return conductance_sigma(conductance, p) / (g_max - g_min) * levels
+
+
+def _conductance_noise(cells: torch.Tensor, levels: int, p: dict[str, float],
+                       randn: Callable[[torch.Tensor], torch.Tensor] = standard_normal) -> torch.Tensor:
+    """Cell digits -> + Eq. 1 noise -> digits (same units as the ADC sees): the conductance noise scaled to digits,
+    ``digit + read_sigma x N(0, 1)``. ``randn(t)``: standard normal noise for ``t`` (``standard_normal``)."""
+    return cells + read_sigma(cells, levels, p) * randn(cells)
 
 
 def _relative_noise(x: torch.Tensor, sigma: float,
-                    randn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like) -> torch.Tensor:
+                    randn: Callable[[torch.Tensor], torch.Tensor] = standard_normal) -> torch.Tensor:
     """``x + N(0, (sigma |x|)^2)``; ``randn`` as in ``_conductance_noise``."""
-    return x + sigma * x.abs() * randn(x) if sigma else x
+    if not sigma:
+        return x
+    noise = randn(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x + sigma * x.abs() * noise
+    return noise.mul_(sigma * x.abs()).add_(x)  # the same products and sum (they commute), without temporaries
 
 
 class PhotonicCore(_LearnedSteps):
@@ -513,7 +558,7 @@ class PhotonicCore(_LearnedSteps):
         # A dynamic product's second operand is an activation ("other"): it gets an input step of its own.
         self._init_steps(self.weight, ("input", "weight" if weight is not None else "other"))
 
-    def _operand(self, name: str, x: torch.Tensor, randn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    def _operand(self, name: str, x: torch.Tensor, randn: Callable[[torch.Tensor], torch.Tensor] = standard_normal,
                  per_repeat: bool = False, noise: bool = True) -> torch.Tensor:
         """Operand ``name`` as the core reads it: quantized, perturbed, rescaled. ``per_repeat``/``randn``: the
         repeat-vectorized forward's (``quantize``, ``_conductance_noise``); ``noise=False`` leaves it unperturbed."""
