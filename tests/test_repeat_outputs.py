@@ -5,7 +5,7 @@ vectorized where the graph folds them, and fall back to one repeat at a time whe
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from test_repeats import _BakedBatch  # reads the batch size before the first layer: never folds
 
 import hetcomp
 from hetcomp.curvature.failures import failure_by_decile, lower_all_analog, profile_target
@@ -76,18 +76,6 @@ def test_repeat_outputs_are_evaluates_repeats_and_do_not_depend_on_grouping(digi
     assert all(torch.equal(a, b) for a, b in zip(tile_weights, after_tiles, strict=True))
 
 
-class _BakedBatch(nn.Module):
-    """Reads the batch size before the first layer and reshapes with it after: repeats cannot fold into the batch,
-    whatever the profile."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(5, 6)
-        self.fc2 = nn.Linear(24, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.size(0)
-        return self.fc2(self.fc1(x).reshape(batch, -1))
 
 
 def test_failure_by_decile_falls_back_to_the_tiles_per_profile_where_repeats_do_not_fold():

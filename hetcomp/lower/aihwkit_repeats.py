@@ -389,6 +389,11 @@ class RepeatedAnalogLayer:
         conv = self.lay.conv
         kernel, stride, padding, dilation = conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"]
         padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+        # Channels last, so each window's kernel position holds its channels side by side: the scaled rows are then
+        # written from runs of C_i contiguous values, in (kernel row, kernel column, channel) order, and the
+        # weights' columns are put in that order too (``_window_weights``): the same products, summed in another
+        # order.
+        padded = padded.contiguous(memory_format=torch.channels_last)
         n, channels, height, width = padded.shape
         blocks = self.geometry.plan[1]
         per_block = channels // blocks
@@ -398,16 +403,26 @@ class RepeatedAnalogLayer:
         windows = padded.unfold(2, span_h, stride[0]).unfold(3, span_w, stride[1])[..., :: dilation[0], :: dilation[1]]
         out_h, out_w = windows.shape[2:4]
         windows = windows.view(n, blocks, per_block, out_h, out_w, *kernel)  # [N, I, C_i, H', W', kh, kw]
-        if folded:
-            windows = windows.view(self.repeats, n // self.repeats, *windows.shape[1:]).permute(0, 2, 1, 4, 5, 3, 6, 7)
+        if folded:  # -> [R, I, B, H', W', kh, kw, C_i]
+            windows = windows.view(self.repeats, n // self.repeats, *windows.shape[1:]).permute(0, 2, 1, 4, 5, 6, 7, 3)
             nm = nm.view(self.repeats, n // self.repeats, blocks, out_h, out_w).permute(0, 2, 1, 3, 4)
-        else:
-            windows = windows.permute(1, 0, 3, 4, 2, 5, 6)
+        else:  # -> [I, N, H', W', kh, kw, C_i]
+            windows = windows.permute(1, 0, 3, 4, 5, 6, 2)
             nm = nm.permute(1, 0, 2, 3)
         nm = nm.reshape(*nm.shape[:-3], -1, 1)  # [(R,) I, M, 1]
         source = _Windows(windows, nm, folded)
-        y = self.mvm(source, self.realizations.weights, folded)
+        y = self.mvm(source, self._window_weights(per_block, kernel), folded)
         return self._assemble(y, math.prod(source.rows), folded), (out_h, out_w)
+
+    def _window_weights(self, channels: int, kernel: tuple[int, int]) -> torch.Tensor:
+        """The realizations' weights [R, S, out, C_i*kh*kw] with their columns in the (kernel row, kernel column,
+        channel) order ``_pooled_conv`` writes rows in (kept until the realizations change)."""
+        weights = self.realizations.weights
+        cached = getattr(self, "_window_cache", None)
+        if cached is None or cached[0] is not weights:
+            reordered = weights.view(*weights.shape[:3], channels, *kernel).permute(0, 1, 2, 4, 5, 3)
+            self._window_cache = (weights, reordered.reshape(weights.shape))
+        return self._window_cache[1]
 
     def _rows(self, rows: torch.Tensor, folded: bool) -> torch.Tensor:
         """The layer on input rows: [M, in] shared, or [R, M, in] folded -> [R, M, out]."""
@@ -656,8 +671,8 @@ class _Rows:
 
 
 class _Windows:
-    """A convolution's input rows as a strided view of its (padded) input, never materialized as patches:
-    ``windows`` [(R,) I, B, H', W', C_i, kh, kw] for I tiles that each read whole channels. Abs-max noise
+    """A convolution's input rows as a strided view of its (padded, channels-last) input, never materialized as
+    patches: ``windows`` [(R,) I, B, H', W', kh, kw, C_i] for I tiles that each read whole channels. Abs-max noise
     management is a max-pool of the per-pixel channel maximum; scaled rows are written straight into the
     contiguous [(R,) I, M, C_i*kh*kw] layout the matmul reads."""
 
@@ -676,7 +691,7 @@ class _Windows:
 
     def subset(self, index: tuple[torch.Tensor, torch.Tensor], repeats: int) -> _Rows:
         full = self.windows if self.folded else self.windows.expand(repeats, *self.windows.shape)
-        picked = full[index]  # [K, B, H', W', C_i, kh, kw]
+        picked = full[index]  # [K, B, H', W', kh, kw, C_i]
         return _Rows(picked.reshape(1, picked.shape[0], *self.rows[-2:]), True)
 
 

@@ -44,12 +44,19 @@ class RowSplit(nn.Module):
                 y = part(x, other.index_select(-1, index))
             else:
                 y = part(x.index_select(1, getattr(self, f"inputs_{tier}")) if self.selects_inputs else x)
-            if out is None:
-                shape = list(y.shape)
-                shape[self.dim] = self.out_rows
-                out = y.new_empty(shape)
-            out.index_copy_(self.dim % y.dim(), index, y)
+            out = place_rows(out, y, index, self.dim, self.out_rows)
         return out
+
+
+def place_rows(out: torch.Tensor | None, part: torch.Tensor, index: torch.Tensor, dim: int,
+               out_rows: int) -> torch.Tensor:
+    """``part``'s rows written at ``index`` along ``dim`` of the layer's output (allocated, ``out_rows`` along
+    ``dim``, from the first part when ``out`` is None)."""
+    if out is None:
+        shape = list(part.shape)
+        shape[dim] = out_rows
+        out = part.new_empty(shape)
+    return out.index_copy_(dim % part.dim(), index, part)
 
 
 def whole_groups(module: nn.Module, index: list[int]) -> list[int]:

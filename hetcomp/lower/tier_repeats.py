@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from hetcomp.lower import tier_sim
-from hetcomp.lower.row_split import RowSplit
+from hetcomp.lower.row_split import RowSplit, place_rows
 from hetcomp.lower.tier_sim import (
     PhotonicCore,
     PimCrossbarCore,
@@ -372,11 +372,7 @@ class RepeatedRowSplit:
                 y = part(*args)
             else:  # digital on a shared input: once, tiled
                 y = _tile(part(*args), repeats)
-            if out is None:
-                shape = list(y.shape)
-                shape[module.dim] = module.out_rows
-                out = y.new_empty(shape)
-            out.index_copy_(module.dim % y.dim(), index, y)
+            out = place_rows(out, y, index, module.dim, module.out_rows)
         return out
 
 
