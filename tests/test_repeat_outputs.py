@@ -16,8 +16,8 @@ from hetcomp.lower import digital_state_dict
 def test_failure_by_decile_runs_vectorized_and_equals_the_tile_path_on_deterministic_profiles(digits_model):
     """The ideal and ADC-only profiles draw no noise, so each repeat's correctness is determined: the vectorized
     path must give the tile path's, sample by sample. The ideal profile is the digital model (independent truth);
-    the ADC's 9-bit outputs move the logits by up to about 2, so correctness differs from digital there and the
-    comparison is not one of two copies of the digital model."""
+    the ADC's 9-bit outputs move the logits by up to about 2 (the next test checks that on the outputs; whether
+    that flips a prediction depends on the trained weights, so correctness is not asserted to differ here)."""
     model, data = digits_model
     images, labels = next(iter(data["test"]))
     curvature = torch.rand(len(labels), generator=torch.Generator().manual_seed(0))
@@ -33,7 +33,6 @@ def test_failure_by_decile_runs_vectorized_and_equals_the_tile_path_on_determini
     with torch.no_grad():
         digital = model(images).argmax(-1) == labels
     assert all(torch.equal(row, digital) for row in vectorized.analog_correct["ideal"])
-    assert not torch.equal(vectorized.analog_correct["ADC"][0], digital)
 
 
 def test_repeat_outputs_of_a_quantizing_profile_equal_the_tiles_and_differ_from_digital(digits_model):

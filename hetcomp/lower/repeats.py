@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from hetcomp.errors import TraceError
 from hetcomp.lower.simulator import Simulator
 
 
@@ -157,7 +158,7 @@ class FoldedRunner(fx.Interpreter):
             value = self.inputs.get(node, env.get(node))
             if isinstance(value, torch.Tensor) and value.dim() >= 1:
                 return value.shape[0]
-        raise ValueError("no input tensor carries a batch dimension: repeats cannot be folded into it")
+        raise TraceError("no input tensor carries a batch dimension: repeats cannot be folded into it")
 
     def run_node(self, node: fx.Node) -> Any:
         folded = node.op == "output" or any(i in self.folded for i in node.all_input_nodes)
@@ -195,7 +196,7 @@ class FoldedRunner(fx.Interpreter):
         elif node not in self.sized and value is not None:
             folded = self._tile(node, value) if node in self.batch_nodes else value
         elif node.op == "placeholder":
-            raise ValueError(f"input {node.name!r} has no value to fold (pass the inputs with the prefix env)")
+            raise TraceError(f"input {node.name!r} has no value to fold (pass the inputs with the prefix env)")
         else:
             # Computed from the batch size (arange(B), expand(mask, [B, ...]), B * S), or no longer held: computed
             # again for R*B samples, from folded inputs. Tiling a value of arange(B) would index repeat 0 R times.

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hetcomp.errors import TraceError
 from hetcomp.lower import tier_sim
 from hetcomp.lower.row_split import RowSplit, place_rows
 from hetcomp.lower.tier_sim import (
@@ -117,7 +118,7 @@ def _which_folded(x: torch.Tensor, other: torch.Tensor, repeats: int, folded: bo
         return True, False
     if other.shape[0] == repeats * x.shape[0]:
         return False, True
-    raise ValueError(f"folded inputs of {repeats} repeats: leading dimensions {x.shape[0]} and {other.shape[0]} "
+    raise TraceError(f"folded inputs of {repeats} repeats: leading dimensions {x.shape[0]} and {other.shape[0]} "
                      "are neither equal nor one R times the other")
 
 
