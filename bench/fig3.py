@@ -140,24 +140,20 @@ def _plot(rows: list[dict], summary: dict, base: float, title: str, path: Path) 
     twin.axhline(0, color="grey", lw=0.5)
     twin.set_ylabel("1-day accuracy drop, points (95% CI)", color="tab:red")
     left.set_title(f"(a) per layer; digital accuracy {base * 100:.2f}%")
-    right.errorbar(hni, drop, yerr=[low, high], fmt="o", color="tab:red", capsize=2)
-    for name, xv, yv in zip(names, hni, drop):
-        right.annotate(name, (xv, yv), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    right.set_xscale("log")
-    right.axhline(0, color="grey", lw=0.5)
-    right.set_xlabel("HNI (log)")
-    right.set_ylabel("accuracy drop, points")
-    rho, p, lo, hi = summary["HNI"]
-    right.set_title(f"(b) vs HNI: Spearman rho = {rho:+.2f} [{lo:+.2f}, {hi:+.2f}], p = {p:.2g}", fontsize=9)
     total = np.array([r["total"] for r in rows])
-    third.errorbar(total, drop, yerr=[low, high], fmt="o", color="tab:purple", capsize=2)
-    for name, xv, yv in zip(names, total, drop):
-        third.annotate(name, (xv, yv), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    third.set_xscale("log")
-    third.axhline(0, color="grey", lw=0.5)
-    third.set_xlabel("d x HNI = sigma^2/2 Tr(H) (log)")
-    rho, p, lo, hi = summary["d x HNI = sigma^2/2 Tr(H)"]
-    third.set_title(f"(c) vs d x HNI: Spearman rho = {rho:+.2f} [{lo:+.2f}, {hi:+.2f}], p = {p:.2g}", fontsize=9)
+    panels = ((right, hni, "tab:red", "HNI (log)", "(b) vs HNI", "HNI"),
+              (third, total, "tab:purple", "d x HNI = sigma^2/2 Tr(H) (log)", "(c) vs d x HNI",
+               "d x HNI = sigma^2/2 Tr(H)"))
+    for axis, x, color, xlabel, label, key in panels:  # the drop against each sensitivity, with its Spearman rho
+        axis.errorbar(x, drop, yerr=[low, high], fmt="o", color=color, capsize=2)
+        for name, xv, yv in zip(names, x, drop):
+            axis.annotate(name, (xv, yv), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        axis.set_xscale("log")
+        axis.axhline(0, color="grey", lw=0.5)
+        axis.set_xlabel(xlabel)
+        rho, p, lo, hi = summary[key]
+        axis.set_title(f"{label}: Spearman rho = {rho:+.2f} [{lo:+.2f}, {hi:+.2f}], p = {p:.2g}", fontsize=9)
+    right.set_ylabel("accuracy drop, points")
     fig.suptitle(f"HNI vs one-layer-on-PCM damage: {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import write_results  # noqa: E402
 
 import hetcomp  # noqa: E402
 from hetcomp.finetune import LAFT  # noqa: E402
@@ -89,10 +92,7 @@ def main() -> None:
             print(f"{line}   ({time.perf_counter() - start:.1f} s)", flush=True)
     lines += ["", "vs HILAL: accuracy minus that of HILAL's configuration (same partition), paired over test images "
               "and repeats (repeat r seeded alike); * = the interval excludes 0"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "hilal_config.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "hilal_config.txt", lines)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import write_results  # noqa: E402
 
 import hetcomp  # noqa: E402
 from hetcomp import targets  # noqa: E402
@@ -67,10 +70,7 @@ def main() -> None:
         lines.append(f"  latency {cost['latency_s'] * 1e9:.2f} µs, energy {cost['energy_j'] * 1e9:.2f} µJ "
                      f"(1000 images); test accuracy {accuracy} %  ({time.perf_counter() - start:.0f} s)")
         print("\n".join(lines[-5:]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "row_remap_order.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "row_remap_order.txt", lines)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,14 @@ def fixed_split(name: str, epochs: int, device: torch.device, seed: int = 0):
         model = train_model(name, *parts["train"], epochs=epochs, device=device, seed=seed, tag="split")
     loaders = {split: loader(*parts[split], shuffle=False) for split in parts}
     return model, loaders
+
+
+def write_results(folder: str | Path, name: str, lines: list[str]) -> Path:
+    """Write a bench's result lines to ``folder/name`` (atomically) and print them; the path written."""
+    from hetcomp.storage.files import write_atomic
+
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return path
