@@ -7,10 +7,12 @@
 Models (``--models``): ResNet-20 on digits-as-CIFAR and a digits transformer (``hetcomp.zoo.DigitsTransformer``,
 widened; each 8x8 image row a token), seeded initialisation, no download. Per model: hilal on pcm+digital with
 the Hessian passes over ``--batches`` calibration batches of ``--calib-batch``; ``--repeats`` hardware repeats
-on the test split; one LAFT stage (``train_stage``: every PCM layer lowered, ``--laft-epochs`` epoch(s) over
-``--laft-samples`` training samples, the training split tiled, global batch ``--laft-batch``, validation with
-4 repeats) on PCM without aihwkit's per-sample output noise (``out_noise=0``; the training weight noise stays
-on), the setting in which a data-parallel stage computes one process's weights (README, Scaling).
+on the test split; one LAFT stage per global batch in ``--laft-batch`` (``train_stage``: every PCM layer lowered,
+``--laft-epochs`` epoch(s) of ``--laft-steps`` steps, so ``steps x batch`` training samples, the training split
+tiled; validation with 4 repeats) on PCM without aihwkit's per-sample output noise (``out_noise=0``; the
+training weight noise stays on), the setting in which a data-parallel stage computes one process's weights
+(README, Scaling). A LAFT step costs host time that does not shrink with the batch (aihwkit's periphery is some
+forty small operations per tile call), so the speedup of a stage grows with the per-rank batch: sweep it.
 On CUDA each rank uses GPU LOCAL_RANK (NCCL); on the CPU, gloo.
 
 Each world size prints, per model, one JSON line: seconds per phase, peak CUDA memory per rank (max over
@@ -57,8 +59,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="test (and LAFT validation) samples used (default: the whole splits)")
     parser.add_argument("--eval-images", type=int, default=None,
                         help="tile the test split to this many images for the evaluation (default: as it is)")
-    parser.add_argument("--laft-samples", type=int, default=8192, help="training samples of the LAFT stage")
-    parser.add_argument("--laft-batch", type=int, default=256, help="global batch of the LAFT stage")
+    parser.add_argument("--laft-steps", type=int, default=32, help="optimizer steps per epoch of a LAFT stage")
+    parser.add_argument("--laft-batch", default="256",
+                        help="global batch(es) of the LAFT stage, comma-separated: one stage per batch")
     parser.add_argument("--laft-epochs", type=int, default=1)
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max |weight difference| that matches")
     parser.add_argument("--tiny", action="store_true",
@@ -68,8 +71,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.batches, args.calib_batch, args.repeats = 2, 16, 4
-        args.laft_samples, args.laft_batch, args.eval_samples = 128, 32, 48
+        args.laft_steps, args.laft_batch, args.eval_samples = 4, "32", 48
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.laft_batches = [int(b) for b in args.laft_batch.split(",") if b.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
@@ -107,21 +111,26 @@ def peak_and_reset(cuda: bool) -> list[float]:
     return [round(p, 3) for p in distributed.all_agree(peak)]
 
 
-def laft_stage(compiled: hetcomp.CompiledModel, splits: dict, device: torch.device, args: argparse.Namespace
-               ) -> tuple[float, dict]:
-    """One LAFT stage with every PCM layer lowered, on PCM without per-sample output noise; (seconds, results).
-    The stage's starting validation score is taken as -1, so that it returns its trained weights (a seeded
-    random model need not gain on validation in one epoch) and the comparison is of trained weights."""
+def laft_stage(compiled: hetcomp.CompiledModel, splits: dict, device: torch.device, args: argparse.Namespace,
+               batch: int) -> tuple[float, dict]:
+    """One LAFT stage at global batch ``batch`` with every PCM layer lowered, on PCM without per-sample output
+    noise; (seconds, results: the seconds its two validations took among them). The stage's starting validation
+    score is taken as -1, so that it returns its trained weights (a seeded random model need not gain on
+    validation in one epoch) and the comparison is of trained weights."""
     from hetcomp.finetune import stage
     from hetcomp.finetune.data import training_split
     from hetcomp.finetune.stage import StageSettings, train_stage
     from hetcomp.targets.base import TargetSet
 
-    real_validate, calls = stage._validate, []
+    real_validate, calls, validating = stage._validate, [], [0.0]
 
     def keep_trained(*arguments: object) -> float:
         calls.append(None)
+        synchronize(device.type == "cuda")
+        started = time.perf_counter()
         score = real_validate(*arguments)
+        synchronize(device.type == "cuda")
+        validating[0] += time.perf_counter() - started
         return -1.0 if len(calls) == 1 else score
 
     stage._validate = keep_trained
@@ -130,11 +139,10 @@ def laft_stage(compiled: hetcomp.CompiledModel, splits: dict, device: torch.devi
     quiet = TargetSet.of([dataclasses.replace(t, device={**t.device, "out_noise": 0.0}) if t.name == "pcm" else t
                           for t in compiled.targets])
     inputs, labels = splits["train"].tensors
-    tiles = -(-args.laft_samples // len(labels))
-    train = TensorDataset(inputs.repeat(tiles, *[1] * (inputs.dim() - 1))[: args.laft_samples],
-                          labels.repeat(tiles)[: args.laft_samples])
-    data = training_split((train.tensors[0], train.tensors[1]), val_data=splits["val"].tensors,
-                          batch_size=args.laft_batch)
+    samples = args.laft_steps * batch
+    tiles = -(-samples // len(labels))
+    train = TensorDataset(inputs.repeat(tiles, *[1] * (inputs.dim() - 1))[:samples], labels.repeat(tiles)[:samples])
+    data = training_split((train.tensors[0], train.tensors[1]), val_data=splits["val"].tensors, batch_size=batch)
     settings = StageSettings(epochs=args.laft_epochs, patience=args.laft_epochs, lr_analog=0.05, lr_digital=0.05,
                              momentum=0.85, lr_decay=True, val_repeats=4, val_t_inference=86400.0)
     gm = compiled.graph.to(device)
@@ -148,7 +156,7 @@ def laft_stage(compiled: hetcomp.CompiledModel, splits: dict, device: torch.devi
     flat = torch.cat([value.detach().float().flatten().cpu() for _, value in sorted(result.state.items())])
     sample = flat[torch.linspace(0, len(flat) - 1, 32).long()]
     return seconds, {"layers": len(layers), "history": [round(v, 4) for v in result.history],
-                     "weights_sample": sample.tolist()}
+                     "validate_s": round(validating[0], 3), "weights_sample": sample.tolist()}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -186,14 +194,16 @@ def worker(args: argparse.Namespace) -> None:
         synchronize(cuda)
         evaluate_s = time.perf_counter() - start
         peak_and_reset(cuda)
-        laft_s, laft = laft_stage(compiled, splits, device, args)
-        laft_peak = peak_and_reset(cuda)
+        laft = {}
+        for batch in args.laft_batches:
+            seconds, laft[str(batch)] = laft_stage(compiled, splits, device, args, batch)
+            laft[str(batch)] |= {"seconds": round(seconds, 3), "peak_gib_per_rank": peak_and_reset(cuda)}
         if distributed.is_main():
             print(json.dumps({
                 "model": name, "world": distributed.world_size(),
                 "device": torch.cuda.get_device_name() if cuda else "cpu",
-                "hessian_s": round(hessian_s, 3), "evaluate_s": round(evaluate_s, 3), "laft_s": round(laft_s, 3),
-                "hessian_peak_gib_per_rank": hessian_peak, "laft_peak_gib_per_rank": laft_peak,
+                "hessian_s": round(hessian_s, 3), "evaluate_s": round(evaluate_s, 3),
+                "hessian_peak_gib_per_rank": hessian_peak,
                 "pcm_layers": sum(layer["assignment"] == "pcm" for layer in compiled.manifest.layers),
                 "assignments": [layer["assignment"] for layer in compiled.manifest.layers],
                 "accuracies": result.accuracies,
@@ -216,30 +226,31 @@ def run_world(world: int, argv: list[str]) -> dict[str, dict]:
 
 
 def compare(one: dict, many: dict, tolerance: float) -> list[str]:
-    """Per phase: seconds on 1 and N ranks, the speedup and whether the results match."""
+    """Per phase (a LAFT stage per global batch): seconds on 1 and N ranks, the speedup and whether the results
+    match."""
     def close(a: list, b: list, rel: float = 1e-5) -> bool:
         return len(a) == len(b) and all(x == y or (x is not None and y is not None and
                                                    abs(x - y) <= rel * max(abs(x), abs(y), 1e-12))
                                         for x, y in zip(a, b))
 
-    weights = max(abs(a - b) for a, b in zip(one["laft"]["weights_sample"], many["laft"]["weights_sample"]))
-    matches = {
-        "hessian": close(one["traces"], many["traces"]) and one["assignments"] == many["assignments"],
-        "evaluate": one["accuracies"] == many["accuracies"],
-        "laft": weights <= tolerance,
-    }
-    rows = []
-    for phase in ("hessian", "evaluate", "laft"):
-        a, b = one[f"{phase}_s"], many[f"{phase}_s"]
-        note = f" (max |weight diff| {weights:.2e}, history {one['laft']['history']} vs {many['laft']['history']})" \
-            if phase == "laft" else ""
-        if phase == "laft" and not matches[phase] and one["device"] == "cpu":
+    def row(phase: str, a: float, b: float, matched: bool, note: str = "") -> str:
+        return (f"{one['model']:<12} {phase:<15} {a:>9.3f} s {b:>9.3f} s {a / b:>7.2f}x   "
+                f"{'match' if matched else 'DIFFER'}{note}")
+
+    rows = [row("hessian", one["hessian_s"], many["hessian_s"],
+                close(one["traces"], many["traces"]) and one["assignments"] == many["assignments"]),
+            row("evaluate", one["evaluate_s"], many["evaluate_s"], one["accuracies"] == many["accuracies"]),
+            f"{one['model']:<12} {'hessian':<15} peak GiB per rank: {one['hessian_peak_gib_per_rank']} -> "
+            f"{many['hessian_peak_gib_per_rank']}"]
+    for batch, single in one["laft"].items():
+        multi = many["laft"][batch]
+        weights = max(abs(a - b) for a, b in zip(single["weights_sample"], multi["weights_sample"]))
+        note = (f" (max |weight diff| {weights:.2e}, history {single['history']} vs {multi['history']}; "
+                f"validation {single['validate_s']:.2f} s vs {multi['validate_s']:.2f} s; "
+                f"peak GiB per rank {single['peak_gib_per_rank']} -> {multi['peak_gib_per_rank']})")
+        if weights > tolerance and one["device"] == "cpu":
             note += "; on the CPU a BatchNorm model differs: no SyncBatchNorm there"
-        rows.append(f"{one['model']:<12} {phase:<9} {a:>9.3f} s {b:>9.3f} s {a / b:>7.2f}x   "
-                    f"{'match' if matches[phase] else 'DIFFER'}{note}")
-    for phase in ("hessian", "laft"):
-        rows.append(f"{one['model']:<12} {phase:<9} peak GiB per rank: {one[f'{phase}_peak_gib_per_rank']} -> "
-                    f"{many[f'{phase}_peak_gib_per_rank']}")
+        rows.append(row(f"laft b={batch}", single["seconds"], multi["seconds"], weights <= tolerance, note))
     return rows
 
 
@@ -254,7 +265,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> None:
     results = {world: run_world(world, passed) for world in (1, args.ranks)}
     one, many = results[1], results[args.ranks]
     report = [f"# python bench/scale.py {' '.join(argv)}  ({one[args.models[0]]['device']})",
-              f"{'model':<12} {'phase':<9} {'1 rank':>11} {f'{args.ranks} ranks':>11} {'speedup':>8}   results"]
+              f"{'model':<12} {'phase':<15} {'1 rank':>11} {f'{args.ranks} ranks':>11} {'speedup':>8}   results"]
     for name in args.models:
         report += compare(one[name], many[name], args.tolerance)
     report += [json.dumps(results[world][name]) for world in (1, args.ranks) for name in args.models]

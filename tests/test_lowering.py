@@ -16,7 +16,8 @@ import hetcomp
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate, plain_loop_accuracy
 from hetcomp.lower import digital_state_dict, lower_graph
-from hetcomp.lower.aihwkit_sim import GroupedAnalogConv, lower_module
+from hetcomp.lower.aihwkit_sim import GroupedAnalogConv, lower_module, rpu_config
+from hetcomp.lower.patches import conv_patches
 from hetcomp.targets import Precision
 
 PCM = hetcomp.targets.get("pcm")
@@ -38,8 +39,8 @@ def test_exactly_the_assigned_layers_become_analog(digits_model):
     lowered = compiled.module
     expected = {"conv1": nn.Conv2d, "conv2": AnalogConv2d, "conv3": GroupedAnalogConv, "conv4": AnalogConv2d,
                 "fc1": AnalogLinear, "fc2": nn.Linear}
-    for name, cls in expected.items():
-        assert type(lowered.get_submodule(name)) is cls, name
+    for name, cls in expected.items():  # isinstance: hetcomp's AnalogConv2d forms its patches in one copy (below)
+        assert isinstance(lowered.get_submodule(name), cls), name
     assert {k: v["simulator"] for k, v in compiled.lowering.items()} == {
         "conv1": None, "conv2": "aihwkit", "conv3": "aihwkit", "conv4": "aihwkit", "fc1": "aihwkit", "fc2": None}
     # digital layers compute exactly what the model's layers compute
@@ -69,6 +70,51 @@ def test_grouped_and_depthwise_convs_lower_per_group(groups, in_channels, out_ch
     weight, bias = lowered.get_weights()
     torch.testing.assert_close(weight.reshape(conv.weight.shape), conv.weight.detach())
     torch.testing.assert_close(bias, conv.bias.detach())
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, size",
+                         [((3, 3), (1, 1), (1, 1), (1, 1), (7, 7)), ((1, 1), (2, 2), (0, 0), (1, 1), (8, 8)),
+                          ((2, 3), (1, 2), (2, 1), (2, 1), (9, 6)), ((3, 3), (2, 1), (0, 2), (2, 2), (10, 11))])
+def test_conv_patches_are_unfolds_columns_with_the_same_gradient(kernel, stride, padding, dilation, size):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, *size, dtype=torch.float64, requires_grad=True)
+    reference = nn.functional.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)  # [N, L, C*k]
+    patches = conv_patches(x, kernel, stride, padding, dilation)
+    out_h = (size[0] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    assert patches.shape == (3, out_h, reference.shape[1] // out_h, reference.shape[2])
+    assert torch.equal(patches.flatten(1, 2), reference)
+    weights = torch.randn_like(reference)
+    (expected,) = torch.autograd.grad((reference * weights).sum(), x)
+    (got,) = torch.autograd.grad((patches.flatten(1, 2) * weights).sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_hetcomps_analog_conv2d_trains_exactly_as_aihwkits():
+    """hetcomp's AnalogConv2d differs from aihwkit's only in how it forms the patches: in train mode (weight noise,
+    8-bit periphery, output noise, a tile array of 288 inputs) the same seed gives the same outputs bit for bit and
+    the same gradients."""
+    from aihwkit.nn import AnalogConv2d as AihwkitConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 16, 3, padding=1, stride=2)
+    ours = lower_module(conv, PCM).train()
+    theirs = AihwkitConv2d.from_digital(conv, rpu_config(PCM)).train()
+    assert type(ours) is not AihwkitConv2d and isinstance(ours, AihwkitConv2d)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 32, 9, 9)
+    outputs, gradients = [], []
+    for layer in (ours, theirs):
+        inputs = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        out = layer(inputs)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        outputs.append(out)
+        gradients.append([inputs.grad] + [p.grad for p in layer.parameters() if p.grad is not None])
+    assert outputs[0].shape == (4, 16, 5, 5) and outputs[0].stride() == outputs[1].stride()
+    assert torch.equal(outputs[0], outputs[1])
+    assert len(gradients[0]) == len(gradients[1]) > 1
+    for ours_grad, theirs_grad in zip(*gradients):
+        torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_digital_state_round_trips_through_lowering(digits_model):

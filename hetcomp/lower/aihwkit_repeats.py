@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hetcomp.errors import ConfigError
+from hetcomp.lower.patches import conv_patches
 
 
 @dataclass
@@ -374,7 +375,7 @@ class RepeatedAnalogLayer:
             total = self.repeats * (batch // self.repeats if folded else batch)
             out = out.reshape(total, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()
             return out.squeeze(-2) if conv["one_d"] else out
-        patches = _patches(x, conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"])
+        patches = conv_patches(x, conv["kernel_size"], conv["stride"], conv["padding"], conv["dilation"])
         out_h, out_w = patches.shape[1:3]
         columns = patches.shape[-1]
         rows = patches.reshape(self.repeats, -1, columns) if folded else patches.reshape(-1, columns)
@@ -635,18 +636,6 @@ class RepeatedAnalogLayer:
             for k, r in enumerate(repeat_index.tolist()):
                 noise[0, k].normal_(generator=self.generators[r])
         return noise
-
-
-def _patches(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-             dilation: tuple[int, int]) -> torch.Tensor:
-    """Convolution patches [N, H', W', C*kh*kw], columns ordered as ``F.unfold``'s (channel, kernel row, kernel
-    column) — as strided views copied once (several times faster than ``F.unfold`` on CPU)."""
-    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
-    span_h, span_w = dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1
-    windows = padded.unfold(2, span_h, stride[0]).unfold(3, span_w, stride[1])  # [N, C, H', W', span_h, span_w]
-    windows = windows[..., :: dilation[0], :: dilation[1]]
-    n, c, h, w = windows.shape[:4]
-    return windows.permute(0, 2, 3, 1, 4, 5).reshape(n, h, w, c * kernel[0] * kernel[1])
 
 
 class _Rows:

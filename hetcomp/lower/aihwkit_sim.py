@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from hetcomp.errors import ConfigError
+from hetcomp.lower.patches import conv_patches
 from hetcomp.lower.simulator import Simulator
 from hetcomp.targets.base import Target
 
@@ -140,12 +141,32 @@ def _enum(enum: Any, name: str, target: Target) -> Any:
                           f"known: {[m.lower() for m in enum.__members__]}") from None
 
 
+@functools.cache
+def _conv2d_class() -> type:
+    """aihwkit's ``AnalogConv2d`` with its patches from ``conv_patches`` (one strided copy) instead of ``F.unfold``,
+    which on CUDA launches one im2col kernel per sample: the same values in the same layout, so the same outputs,
+    gradients and noise draws. aihwkit's indexed path (its C++ CUDA tiles) and unbatched inputs stay aihwkit's.
+    Built on first use, so that importing hetcomp does not import aihwkit."""
+    from aihwkit.nn import AnalogConv2d
+
+    class PatchedAnalogConv2d(AnalogConv2d):
+        def forward(self, x_input: torch.Tensor) -> torch.Tensor:
+            indexed = self.analog_module.is_cuda if self.use_indexed is None else self.use_indexed
+            if indexed or x_input.dim() != 4:
+                return super().forward(x_input)
+            patches = conv_patches(x_input, self.kernel_size, self.stride, self.padding, self.dilation)
+            out = self.analog_module(patches.flatten(1, 2)).transpose(-1, -2)  # [N, out, H'W'], as aihwkit's
+            return out.reshape(x_input.shape[0], self.out_channels, patches.shape[1], patches.shape[2])
+
+    return PatchedAnalogConv2d
+
+
 class GroupedAnalogConv(nn.Module):
     """A grouped/depthwise convolution as one aihwkit analog tile per group (aihwkit runs groups=1 only).
 
     aihwkit's AnalogConv forward is ``unfold`` + the tile's MVM on the patches; this does the same with
-    one ``unfold`` for all groups and an ``AnalogLinear`` tile per group on that group's patch columns
-    (``unfold`` orders columns channel-major, so a group's columns are contiguous). One unfold instead
+    one ``conv_patches`` for all groups and an ``AnalogLinear`` tile per group on that group's patch columns
+    (columns are ordered channel-major, so a group's columns are contiguous). One patch copy instead
     of one per group keeps depthwise layers from dominating evaluation time.
     """
 
@@ -168,12 +189,12 @@ class GroupedAnalogConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.one_d:
             x = x.unsqueeze(-2)
-        height, width = x.shape[-2:]
-        patches = nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride).transpose(1, 2)
+        patches = conv_patches(x, self.kernel_size, self.stride, self.padding, self.dilation)
+        out_h = patches.shape[1]
+        patches = patches.flatten(1, 2)  # [N, L, C*k], as unfold(x).transpose(1, 2)
         columns = patches.shape[-1] // self.groups
         outputs = [tile(patches[..., g * columns : (g + 1) * columns]) for g, tile in enumerate(self.tiles)]
         out = torch.cat(outputs, dim=-1).transpose(1, 2)
-        out_h = (height + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         out = out.reshape(x.shape[0], self.out_channels, out_h, -1)
         return out.squeeze(-2) if self.one_d else out
 
@@ -197,7 +218,7 @@ def lower_module(module: nn.Module, target: Target) -> nn.Module:
         raise ConfigError(f"aihwkit lowering handles {[c.__name__ for c in _ANALOG_CLASSES]}, "
                           f"not {type(module).__name__}; assign this layer to a digital target")
     config = rpu_config(target)
-    analog_class = getattr(analog_nn, name)
+    analog_class = _conv2d_class() if name == "AnalogConv2d" else getattr(analog_nn, name)
     device = module.weight.device
     groups = getattr(module, "groups", 1)
     if groups == 1:

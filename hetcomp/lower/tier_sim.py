@@ -67,6 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hetcomp.errors import ConfigError
+from hetcomp.lower.patches import conv_patches
 from hetcomp.lower.simulator import Simulator
 from hetcomp.targets.base import Target
 
@@ -587,9 +588,9 @@ class PhotonicCore(_LearnedSteps):
 
 
 class UnfoldConv(nn.Module):
-    """A Conv1d/Conv2d of any ``groups`` as pad + unfold + one simulated linear core per group.
+    """A Conv1d/Conv2d of any ``groups`` as pad + patches (``conv_patches``) + one simulated linear core per group.
 
-    ``unfold`` orders patch columns channel-major, so group g's columns are one contiguous block: one unfold
+    Patch columns are ordered channel-major, so group g's columns are one contiguous block: one patch copy
     serves every group (as aihwkit_sim.GroupedAnalogConv), and each group is its own array with its own
     quantization scales. Padding is applied explicitly with ``F.pad`` so that 'same'/'valid' and every
     ``padding_mode`` behave as in torch.
@@ -623,9 +624,8 @@ class UnfoldConv(nn.Module):
             x = F.pad(x, self.pad, mode=self.pad_mode)
         if self.one_d:
             x = x.unsqueeze(-2)
-        patches = F.unfold(x, self.kernel_size, self.dilation, 0, self.stride).transpose(1, 2)  # [N, L, C*k]
-        out_h = (x.shape[-2] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        return patches, out_h
+        patches = conv_patches(x, self.kernel_size, self.stride, (0, 0), self.dilation)  # [N, H', W', C*k]
+        return patches.flatten(1, 2), patches.shape[1]
 
     def assemble(self, y: torch.Tensor, out_h: int) -> torch.Tensor:
         """The cores' outputs [N, L, out] as the convolution's [N, out, H', W'] (Conv1d: [N, out, L])."""
