@@ -202,7 +202,8 @@ def test_shards_deal_every_global_batch_of_one_process_over_the_ranks():
                         (torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)), batch_size=8)
     single = [x[:, 0].tolist() for x, _ in data.batches(seed=5)]  # 5 batches of 8 and a last one of 1
     assert [len(b) for b in single] == [8, 8, 8, 8, 8, 1]
-    assert [[int(i) for i in b] for b in single] == data.epoch_indices(5)  # the loader's own batches
+    assert single == [x[:, 0].tolist() for x, _ in data.epoch_loader(5)]  # the seeded DataLoader's own batches
+    assert [[int(i) for i in b] for b in single] == data.epoch_indices(5)
     for world in (2, 3):
         shards = [list(data.shards(5, rank, world)) for rank in range(world)]
         for index, batch in enumerate(single):
@@ -213,6 +214,28 @@ def test_shards_deal_every_global_batch_of_one_process_over_the_ranks():
             assert [v for p in parts for v in p.inputs[:, 0].tolist()] == batch
             assert max(len(p.labels) for p in parts) - min(len(p.labels) for p in parts) <= 1
             assert all(not p.whole and p.weight == world * len(p.labels) / len(batch) for p in parts)
+
+
+def test_tensor_shards_are_the_batches_the_dataloader_collates():
+    """Tensor data is indexed, not collated sample by sample (and staged on the training device): the same
+    values, dtypes and order as the DataLoader path, for a TensorDataset and a Subset of one, on 1 to 3 ranks."""
+    from torch.utils.data import Subset, TensorDataset, default_collate
+
+    base = TensorDataset(torch.randn(53, 3, 2, generator=torch.Generator().manual_seed(0)), torch.arange(53) % 4)
+    val = (torch.zeros(1, 3, 2), torch.zeros(1, dtype=torch.long))
+    for train in (base, Subset(base, list(range(50, 3, -2)))):
+        fast = TrainingData(train, val, batch_size=7)
+        collated = TrainingData(train, val, batch_size=7, collate_fn=default_collate)  # the per-sample loader path
+        assert fast._staged_tensors(None) is not None and collated._staged_tensors(None) is None
+        for world in (1, 2, 3):
+            for rank in range(world):
+                got = list(fast.shards(11, rank, world, torch.device("cpu")))
+                want = list(collated.shards(11, rank, world))
+                assert len(got) == len(want) == -(-len(train) // 7)
+                for a, b in zip(got, want):
+                    assert torch.equal(a.inputs, b.inputs) and a.inputs.dtype == b.inputs.dtype
+                    assert torch.equal(a.labels, b.labels) and a.labels.dtype == b.labels.dtype == torch.long
+                    assert (a.weight, a.whole) == (b.weight, b.whole)
 
 
 def _step_log_rank(rank, world, store, root):

@@ -31,9 +31,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from hetcomp import checks
-from hetcomp.data import DataFormat, needs_loss, take_batches, tensor_pair, whole_tensors
+from hetcomp.data import DataFormat, nbytes, needs_loss, take_batches, tensor_pair, whole_tensors
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import staged
+
+STAGE_BYTES = 1 << 30  # training tensors up to this size are kept on the training device
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TrainingData:
     collate_fn: Callable[[list[Any]], Any] | None = None
     fmt: DataFormat = field(default_factory=DataFormat)
     metric: Any = None
+    _staged: dict = field(default_factory=dict, repr=False, compare=False)  # the training tensors on a device
 
     def epoch_loader(self, seed: int) -> DataLoader:
         generator = torch.Generator().manual_seed(seed)
@@ -73,27 +76,61 @@ class TrainingData:
         for shard in self.shards(seed):
             yield shard.batch
 
-    def shards(self, seed: int, rank: int = 0, world: int = 1) -> Iterator[Shard]:
+    def shards(self, seed: int, rank: int = 0, world: int = 1, device: torch.device | None = None
+               ) -> Iterator[Shard]:
         """This rank's part of each of the epoch's global batches (all of it in one process), checked as
         ``batches`` checks. Global batch b of n samples is cut into ``world`` contiguous slices (sizes differ by
         at most one); rank r gets slice r with ``weight = world * len(slice) / n``, the factor that makes the
         mean of the ranks' weighted mean losses (DistributedDataParallel averages gradients) the mean over the
         global batch. A batch of fewer samples than ranks (only a short last batch, as ``batch_size >= world``)
         goes whole to every rank (``whole``: train it without gradient averaging; every rank computes the
-        same step)."""
-        if world == 1:
-            for index, batch in enumerate(self.epoch_loader(seed)):  # one process: the loader itself
-                yield self._shard(batch, index, 1.0, True)
-            return
+        same step).
+
+        Tensor data (a TensorDataset, or a Subset of one, collated by torch's default) is not read sample by sample:
+        a batch is the tensors indexed by its samples (the values the DataLoader would collate), on ``device`` when
+        given and the tensors fit ``STAGE_BYTES`` there (staged once, kept for the next epochs and stages), so a
+        step neither collates nor copies its batch from host memory."""
         global_batches = self.epoch_indices(seed)
-        parts = [_slice(batch, rank, world) for batch in global_batches]
-        # Fetches and collates this rank's samples only. Its own generator: a DataLoader without one draws its
-        # worker seed from torch's global RNG, which is the training-noise stream every rank keeps in step.
-        loader = DataLoader(self.train, batch_sampler=parts, generator=torch.Generator(), collate_fn=self.collate_fn)
-        for index, (batch, part) in enumerate(zip(loader, parts, strict=True)):
+        parts = global_batches if world == 1 else [_slice(batch, rank, world) for batch in global_batches]
+        tensors = self._staged_tensors(device)
+        if tensors is not None:
+            inputs, labels, index_map = tensors
+            order = torch.tensor([i for part in parts for i in part], dtype=torch.long)
+            order = (order if index_map is None else index_map[order]).to(inputs.device)
+            start = 0
+            batches = []
+            for part in parts:
+                batches.append((inputs[order[start : start + len(part)]], labels[order[start : start + len(part)]]))
+                start += len(part)
+        elif world == 1:  # one process: the loader itself
+            batches = self.epoch_loader(seed)
+        else:
+            # Fetches and collates this rank's samples only. Its own generator: a DataLoader without one draws its
+            # worker seed from torch's global RNG, which is the training-noise stream every rank keeps in step.
+            batches = DataLoader(self.train, batch_sampler=parts, generator=torch.Generator(),
+                                 collate_fn=self.collate_fn)
+        for index, (batch, part) in enumerate(zip(batches, parts, strict=True)):
             total = len(global_batches[index])
             whole = total < world
             yield self._shard(batch, index, 1.0 if whole else world * len(part) / total, whole)
+
+    def _staged_tensors(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """(inputs, labels, index map into them or None) of tensor data read with torch's default collation, on
+        ``device`` when they fit ``STAGE_BYTES`` (else where they are); None for other data."""
+        dataset, index_map = self.train, None
+        if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
+            dataset, index_map = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
+        if self.collate_fn is not None or not isinstance(dataset, TensorDataset) or len(dataset.tensors) != 2:
+            return None
+        inputs, labels = dataset.tensors
+        if device is None or inputs.device == device or nbytes((inputs, labels)) > STAGE_BYTES:
+            return inputs, labels, index_map
+        key = (id(dataset), str(device))
+        if key not in self._staged:
+            self._staged.clear()  # one staged copy at a time
+            self._staged[key] = (inputs.to(device), labels.to(device),
+                                 None if index_map is None else index_map.to(device))
+        return self._staged[key]
 
     def _shard(self, batch: Any, index: int, weight: float, whole: bool) -> Shard:
         """The batch as a Shard, checked unless the data was checked whole."""

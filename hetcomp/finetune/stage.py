@@ -164,7 +164,7 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
         torch.manual_seed(derive_seed(seed, "noise"))
         for epoch in range(1, settings.epochs + 1):
             set_training(lowered, True)
-            for shard in data.shards(derive_seed(seed, "epoch", epoch), rank, world):
+            for shard in data.shards(derive_seed(seed, "epoch", epoch), rank, world, device):
                 optimizer.zero_grad()
                 # A batch every rank holds whole: the same step on every rank, no gradient averaging needed.
                 with model.no_sync() if world > 1 and shard.whole else contextlib.nullcontext():
@@ -224,4 +224,7 @@ def _data_parallel(lowered: fx.GraphModule, device: torch.device) -> torch.nn.Mo
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(lowered, ignored)
     if device.type == "cuda":
         lowered = torch.nn.SyncBatchNorm.convert_sync_batchnorm(lowered)
-    return DistributedDataParallel(lowered, device_ids=[device.index] if device.type == "cuda" else None)
+    # No buffer broadcast before every forward: train-mode forwards read no buffer a rank changes (BatchNorm uses
+    # the batch's statistics), and _validate broadcasts rank 0's buffers before every validation.
+    return DistributedDataParallel(lowered, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
