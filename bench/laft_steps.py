@@ -1,0 +1,102 @@
+"""Where a LAFT stage's time goes, per world size: lowering, validation and the training steps (ms per step).
+
+    torchrun --nproc-per-node 1 bench/laft_steps.py --configs 32x128,32x256          # steps x global batch
+    torchrun --nproc-per-node 2 bench/laft_steps.py --configs 32x256
+    torchrun --nproc-per-node 2 bench/laft_steps.py --configs 32x256 --diagnose no-ddp
+
+The stage is bench/scale.py's (ResNet-20 or the digits transformer, every PCM layer of the hilal partition
+lowered, ``out_noise=0``, validation with 4 repeats programmed and drifted). Rank 0 prints one JSON line per
+config. Comparing one GPU at batch B/2 with two GPUs at batch B tells whether a step is bound by the host (its
+time hardly depends on the batch: a second GPU cannot help) and what the data-parallel collectives cost.
+
+``--diagnose`` takes a part of data parallelism away to measure what it costs (not a way to train: the ranks
+then train apart): ``no-ddp`` leaves the model unwrapped (no gradient all-reduce, each rank steps on its own
+slice), ``no-syncbn`` keeps BatchNorm per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import scale  # noqa: E402
+
+import hetcomp  # noqa: E402
+from hetcomp import distributed  # noqa: E402
+from hetcomp.finetune import stage  # noqa: E402
+from hetcomp.progress import set_quiet  # noqa: E402
+
+PARTS = ("lower_graph", "_validate", "_data_parallel", "digital_state_dict")
+
+
+def timing(seconds: dict[str, float], cuda: bool) -> None:
+    """Time the stage's parts (``PARTS``, functions of hetcomp.finetune.stage) into ``seconds``."""
+    def timed(real: Callable, name: str) -> Callable:
+        @functools.wraps(real)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = real(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+            return result
+        return wrapper
+
+    for name in PARTS:
+        setattr(stage, name, timed(getattr(stage, name), name))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", default="resnet20", choices=scale.MODELS)
+    parser.add_argument("--configs", default="32x128,32x256", help="comma-separated STEPSxBATCH (global batch)")
+    parser.add_argument("--diagnose", choices=("no-ddp", "no-syncbn"), default=None)
+    args = parser.parse_args()
+    configs = [tuple(map(int, config.split("x"))) for config in args.configs.split(",")]
+    set_quiet(True)
+    if args.diagnose == "no-ddp":
+        stage._data_parallel = lambda lowered, device: lowered
+    if args.diagnose == "no-syncbn":
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm = staticmethod(lambda module, *_, **__: module)
+    cuda = torch.cuda.is_available()
+    seconds: dict[str, float] = {}
+    timing(seconds, cuda)
+    distributed.init()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    model, splits = scale.model_and_data(args.model, False)
+    inputs, labels = splits["train"].tensors
+    calibration = [(inputs[i : i + 128].to(device), labels[i : i + 128].to(device)) for i in range(0, 1024, 128)]
+    compiled = hetcomp.compile(model.to(device), "pcm+digital", data=calibration, hessian={"batches": 8})
+    scale.laft_stage(compiled, splits, device, scale.parse(["--laft-steps", "4"]), 256)  # warm-up
+    for steps, batch in configs:
+        seconds.clear()
+        total, _ = scale.laft_stage(compiled, splits, device, scale.parse(["--laft-steps", str(steps)]), batch)
+        parts = {name: round(value, 3) for name, value in seconds.items()}
+        training = total - sum(seconds.values())
+        if distributed.is_main():
+            print(json.dumps({"model": args.model, "world": distributed.world_size(), "diagnose": args.diagnose,
+                              "steps": steps, "batch": batch, "stage_s": round(total, 3),
+                              "per_step_ms": round(1000 * training / steps, 1), **parts}), flush=True)
+    if distributed.active():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
