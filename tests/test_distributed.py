@@ -544,13 +544,36 @@ def _bn_training_rank(rank, world, store, out):
     try:
         from hetcomp.finetune import stage
 
-        real_data_parallel = stage._data_parallel
-        # What _data_parallel does on CUDA (SyncBatchNorm), with the CPU stand-in (in this spawned process only).
-        stage._data_parallel = lambda lowered, device: real_data_parallel(global_batch_norm(lowered), device)
+        # What _batchnorm does on CUDA (SyncBatchNorm), with the CPU stand-in (in this spawned process only).
+        stage._batchnorm = lambda lowered, device, sync: global_batch_norm(lowered)
         with open(f"{out}.{rank}", "w") as handle:
             json.dump(bn_laft_run(), handle)
     finally:
         dist.destroy_process_group()
+
+
+def test_sync_batchnorm_setting_picks_global_or_per_rank_statistics():
+    """LAFT(sync_batchnorm=...) reaches the data-parallel stage: on CUDA BatchNorm becomes SyncBatchNorm unless it is
+    False; on the CPU (no SyncBatchNorm in torch) it stays; the setting enters the run's key only when off."""
+    from hetcomp.finetune import stage
+    from hetcomp.finetune.laft import LAFT
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Sequential(nn.BatchNorm1d(4)))
+
+    def kinds(module: nn.Module) -> list[str]:
+        return [type(m).__name__ for m in module.modules() if "BatchNorm" in type(m).__name__]
+
+    cuda = torch.device("cuda", 0)  # the conversion only swaps modules: no GPU needed to see it
+    assert kinds(stage._batchnorm(model(), cuda, True)) == ["SyncBatchNorm", "SyncBatchNorm"]
+    assert kinds(stage._batchnorm(model(), cuda, False)) == ["BatchNorm2d", "BatchNorm1d"]
+    assert kinds(stage._batchnorm(model(), torch.device("cpu"), True)) == ["BatchNorm2d", "BatchNorm1d"]
+    assert LAFT().stage_settings().sync_batchnorm is True
+    off = LAFT(sync_batchnorm=False)
+    assert off.stage_settings().sync_batchnorm is False
+    assert "sync_batchnorm" not in LAFT().settings() and off.settings()["sync_batchnorm"] is False
+    with pytest.raises(ConfigError, match="sync_batchnorm"):
+        LAFT(sync_batchnorm="no")
 
 
 def test_laft_of_a_batchnorm_model_under_two_ranks_with_global_batch_statistics_equals_one_process(tmp_path):

@@ -52,7 +52,10 @@ class LAFT(Pass):
     if given, else a seeded ``val_fraction`` split of the compile ``data``; ``val_repeats`` noisy passes
     per validation. checkpoint_dir: where stage checkpoints go (``build/laft`` by default; None keeps
     them in memory only). ``stop_after``: stop after that many stages in this call (for time-boxed
-    runs: call again with ``resume=True`` to continue).
+    runs: call again with ``resume=True`` to continue). ``sync_batchnorm``: under torch.distributed on CUDA,
+    BatchNorm normalizes by the global batch's statistics (SyncBatchNorm: one process's training); False keeps
+    each rank's slice's statistics (torch DDP's default), which saves SyncBatchNorm's two collectives per
+    BatchNorm layer and step but trains differently from one process (README, Scaling).
     """
 
     epochs: int = 10
@@ -69,6 +72,7 @@ class LAFT(Pass):
     checkpoint_dir: str | Path | None = "build/laft"
     resume: bool = True
     stop_after: int | None = None
+    sync_batchnorm: bool = True
 
     name = "laft"
     requires = ("assignment", "hni")
@@ -94,10 +98,11 @@ class LAFT(Pass):
         checks.path_or_none("LAFT checkpoint_dir", self.checkpoint_dir)
         checks.boolean("LAFT resume", self.resume)
         checks.integer("LAFT stop_after (None: run every stage)", self.stop_after, optional=True)
+        checks.boolean("LAFT sync_batchnorm", self.sync_batchnorm)
 
     def stage_settings(self) -> StageSettings:
         return StageSettings(self.epochs, self.patience, self.lr_analog, self.lr_digital, self.momentum,
-                             self.lr_decay, self.val_repeats, self.val_t_inference)
+                             self.lr_decay, self.val_repeats, self.val_t_inference, self.sync_batchnorm)
 
     def settings(self) -> dict:
         return {"epochs": self.epochs, "patience": self.patience, "lr_analog": self.lr_analog,
@@ -105,7 +110,9 @@ class LAFT(Pass):
                 "val_fraction": None if self.val_data is not None else self.val_fraction,
                 "val_data": self.val_data is not None, "val_repeats": self.val_repeats,
                 "val_t_inference": self.val_t_inference,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size,
+                # only when off, so that runs (and checkpoints) made before the setting existed keep their keys
+                **({} if self.sync_batchnorm else {"sync_batchnorm": False})}
 
     def order(self, gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
         """Analog-assigned layers by increasing HNI (most robust first; undefined HNI last)."""
