@@ -70,7 +70,7 @@ def main() -> None:
     configs = [tuple(map(int, config.split("x"))) for config in args.configs.split(",")]
     set_quiet(True)
     if args.diagnose == "no-ddp":
-        stage._data_parallel = lambda lowered, device: lowered
+        stage._data_parallel = lambda lowered, *_: lowered
     if args.diagnose == "no-syncbn":
         torch.nn.SyncBatchNorm.convert_sync_batchnorm = staticmethod(lambda module, *_, **__: module)
     cuda = torch.cuda.is_available()

@@ -218,24 +218,36 @@ def test_shards_deal_every_global_batch_of_one_process_over_the_ranks():
 
 def test_tensor_shards_are_the_batches_the_dataloader_collates():
     """Tensor data is indexed, not collated sample by sample (and staged on the training device): the same
-    values, dtypes and order as the DataLoader path, for a TensorDataset and a Subset of one, on 1 to 3 ranks."""
+    values, dtypes and order as the DataLoader path, for a TensorDataset and a Subset of one, on 1 to 5 ranks (5:
+    a last batch smaller than the world); a TensorDataset subclass keeps its own __getitem__ (the loader path)."""
     from torch.utils.data import Subset, TensorDataset, default_collate
 
-    base = TensorDataset(torch.randn(53, 3, 2, generator=torch.Generator().manual_seed(0)), torch.arange(53) % 4)
+    class Doubled(TensorDataset):  # an augmentation the fast path must not skip
+        def __getitem__(self, index):
+            inputs, labels = super().__getitem__(index)
+            return 2 * inputs, labels
+
+    values = torch.randn(53, 3, 2, generator=torch.Generator().manual_seed(0))
+    base = TensorDataset(values, torch.arange(53) % 4)
     val = (torch.zeros(1, 3, 2), torch.zeros(1, dtype=torch.long))
+    assert TrainingData(Doubled(values, torch.arange(53) % 4), val, batch_size=7)._tensors(None) is None
+    assert TrainingData(Subset(Doubled(values, torch.arange(53) % 4), [1, 2]), val, batch_size=7)._tensors(None) is None
+    staging = torch.device("cpu", 0)  # not equal to the tensors' torch.device("cpu"): the staging branch runs
     for train in (base, Subset(base, list(range(50, 3, -2)))):
         fast = TrainingData(train, val, batch_size=7)
         collated = TrainingData(train, val, batch_size=7, collate_fn=default_collate)  # the per-sample loader path
-        assert fast._staged_tensors(None) is not None and collated._staged_tensors(None) is None
-        for world in (1, 2, 3):
+        assert fast._tensors(None) is not None and collated._tensors(None) is None
+        for world in (1, 2, 3, 5):
             for rank in range(world):
-                got = list(fast.shards(11, rank, world, torch.device("cpu")))
+                got = list(fast.shards(11, rank, world, staging))
                 want = list(collated.shards(11, rank, world))
                 assert len(got) == len(want) == -(-len(train) // 7)
+                assert want[-1].whole == (world == 5)  # 53 % 7 = 4 and 24 % 7 = 3 samples: whole on 5 ranks
                 for a, b in zip(got, want):
                     assert torch.equal(a.inputs, b.inputs) and a.inputs.dtype == b.inputs.dtype
                     assert torch.equal(a.labels, b.labels) and a.labels.dtype == b.labels.dtype == torch.long
                     assert (a.weight, a.whole) == (b.weight, b.whole)
+        assert len(fast._staged) == 1  # staged once, kept for the next epochs
 
 
 def _step_log_rank(rank, world, store, root):

@@ -16,6 +16,7 @@ import hetcomp
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate, plain_loop_accuracy
 from hetcomp.lower import digital_state_dict, lower_graph
+from hetcomp.lower.aihwkit_conv import PatchedAnalogConv2d
 from hetcomp.lower.aihwkit_sim import GroupedAnalogConv, lower_module, rpu_config
 from hetcomp.lower.patches import conv_patches
 from hetcomp.targets import Precision
@@ -37,10 +38,10 @@ def test_exactly_the_assigned_layers_become_analog(digits_model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     compiled, x = compiled_digits(digits_model, "first-last-digital")
     lowered = compiled.module
-    expected = {"conv1": nn.Conv2d, "conv2": AnalogConv2d, "conv3": GroupedAnalogConv, "conv4": AnalogConv2d,
-                "fc1": AnalogLinear, "fc2": nn.Linear}
-    for name, cls in expected.items():  # isinstance: hetcomp's AnalogConv2d forms its patches in one copy (below)
-        assert isinstance(lowered.get_submodule(name), cls), name
+    expected = {"conv1": nn.Conv2d, "conv2": PatchedAnalogConv2d, "conv3": GroupedAnalogConv,
+                "conv4": PatchedAnalogConv2d, "fc1": AnalogLinear, "fc2": nn.Linear}  # the patches: see below
+    for name, cls in expected.items():
+        assert type(lowered.get_submodule(name)) is cls, name
     assert {k: v["simulator"] for k, v in compiled.lowering.items()} == {
         "conv1": None, "conv2": "aihwkit", "conv3": "aihwkit", "conv4": "aihwkit", "fc1": "aihwkit", "fc2": None}
     # digital layers compute exactly what the model's layers compute
@@ -89,7 +90,7 @@ def test_conv_patches_are_unfolds_columns_with_the_same_gradient(kernel, stride,
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_hetcomps_analog_conv2d_trains_exactly_as_aihwkits():
+def test_hetcomps_analog_conv2d_trains_exactly_as_aihwkits(monkeypatch):
     """hetcomp's AnalogConv2d differs from aihwkit's only in how it forms the patches: in train mode (weight noise,
     8-bit periphery, output noise, a tile array of 288 inputs) the same seed gives the same outputs bit for bit and
     the same gradients."""
@@ -103,10 +104,16 @@ def test_hetcomps_analog_conv2d_trains_exactly_as_aihwkits():
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(4, 32, 9, 9)
     outputs, gradients = [], []
+    import aihwkit.nn.modules.conv as aihwkit_conv
+
+    real_unfold = aihwkit_conv.unfold
     for layer in (ours, theirs):
         inputs = x.clone().requires_grad_()
         torch.manual_seed(7)
+        if layer is ours:  # ours must not reach aihwkit's unfold path
+            monkeypatch.setattr(aihwkit_conv, "unfold", lambda *_, **__: pytest.fail("F.unfold was called"))
         out = layer(inputs)
+        monkeypatch.setattr(aihwkit_conv, "unfold", real_unfold)
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
         outputs.append(out)
         gradients.append([inputs.grad] + [p.grad for p in layer.parameters() if p.grad is not None])

@@ -56,7 +56,7 @@ class TrainingData:
     collate_fn: Callable[[list[Any]], Any] | None = None
     fmt: DataFormat = field(default_factory=DataFormat)
     metric: Any = None
-    _staged: dict = field(default_factory=dict, repr=False, compare=False)  # the training tensors on a device
+    _staged: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # training tensors on a device
 
     def epoch_loader(self, seed: int) -> DataLoader:
         generator = torch.Generator().manual_seed(seed)
@@ -86,22 +86,21 @@ class TrainingData:
         goes whole to every rank (``whole``: train it without gradient averaging; every rank computes the
         same step).
 
-        Tensor data (a TensorDataset, or a Subset of one, collated by torch's default) is not read sample by sample:
-        a batch is the tensors indexed by its samples (the values the DataLoader would collate), on ``device`` when
-        given and the tensors fit ``STAGE_BYTES`` there (staged once, kept for the next epochs and stages), so a
-        step neither collates nor copies its batch from host memory."""
+        Tensor data (a TensorDataset, or a Subset of one, exactly those classes: a subclass may override
+        ``__getitem__``; collated by torch's default) is not read sample by sample: a batch is the list of its
+        tensors indexed by the batch's samples (what the DataLoader would collate), taken one batch at a time, on
+        ``device`` when given and the tensors fit ``STAGE_BYTES`` there (staged once, kept for the next epochs and
+        stages), so a step neither collates nor copies its batch from host memory."""
         global_batches = self.epoch_indices(seed)
         parts = global_batches if world == 1 else [_slice(batch, rank, world) for batch in global_batches]
-        tensors = self._staged_tensors(device)
+        tensors = self._tensors(device)
         if tensors is not None:
-            inputs, labels, index_map = tensors
             order = torch.tensor([i for part in parts for i in part], dtype=torch.long)
-            order = (order if index_map is None else index_map[order]).to(inputs.device)
-            start = 0
-            batches = []
-            for part in parts:
-                batches.append((inputs[order[start : start + len(part)]], labels[order[start : start + len(part)]]))
-                start += len(part)
+            if type(self.train) is Subset:
+                order = torch.as_tensor(self.train.indices, dtype=torch.long)[order]
+            orders = {t.device: order.to(t.device) for t in tensors}  # each tensor indexed on its own device
+            ends = torch.tensor([len(part) for part in parts]).cumsum(0).tolist()
+            batches = ([t[orders[t.device][end - len(part) : end]] for t in tensors] for part, end in zip(parts, ends))
         elif world == 1:  # one process: the loader itself
             batches = self.epoch_loader(seed)
         else:
@@ -114,22 +113,19 @@ class TrainingData:
             whole = total < world
             yield self._shard(batch, index, 1.0 if whole else world * len(part) / total, whole)
 
-    def _staged_tensors(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
-        """(inputs, labels, index map into them or None) of tensor data read with torch's default collation, on
-        ``device`` when they fit ``STAGE_BYTES`` (else where they are); None for other data."""
-        dataset, index_map = self.train, None
-        if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
-            dataset, index_map = dataset.dataset, torch.as_tensor(dataset.indices, dtype=torch.long)
-        if self.collate_fn is not None or not isinstance(dataset, TensorDataset) or len(dataset.tensors) != 2:
+    def _tensors(self, device: torch.device | None) -> tuple[torch.Tensor, ...] | None:
+        """The tensors of tensor data read with torch's default collation (see ``shards``), on ``device`` when they
+        fit ``STAGE_BYTES`` (else where they are); None for other data."""
+        dataset = self.train.dataset if type(self.train) is Subset else self.train
+        if self.collate_fn is not None or type(dataset) is not TensorDataset:
             return None
-        inputs, labels = dataset.tensors
-        if device is None or inputs.device == device or nbytes((inputs, labels)) > STAGE_BYTES:
-            return inputs, labels, index_map
+        tensors = dataset.tensors
+        if device is None or all(t.device == device for t in tensors) or nbytes(tensors) > STAGE_BYTES:
+            return tensors
         key = (id(dataset), str(device))
         if key not in self._staged:
             self._staged.clear()  # one staged copy at a time
-            self._staged[key] = (inputs.to(device), labels.to(device),
-                                 None if index_map is None else index_map.to(device))
+            self._staged[key] = tuple(t.to(device) for t in tensors)
         return self._staged[key]
 
     def _shard(self, batch: Any, index: int, weight: float, whole: bool) -> Shard:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -227,9 +228,12 @@ def _data_parallel(lowered: fx.GraphModule, device: torch.device, sync_batchnorm
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(lowered, ignored)
     lowered = _batchnorm(lowered, device, sync_batchnorm)
     # No buffer broadcast before every forward: train-mode forwards read no buffer a rank changes (BatchNorm uses
-    # the batch's statistics), and _validate broadcasts rank 0's buffers before every validation.
+    # the batch's statistics; hetcomp's aihwkit settings learn no input range), and _validate broadcasts rank 0's
+    # buffers before every validation, the first step included. Newer torch calls it forward_sync_buffers.
+    no_forward_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel).parameters else {"broadcast_buffers": False}
     return DistributedDataParallel(lowered, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   **no_forward_sync)
 
 
 def _batchnorm(lowered: fx.GraphModule, device: torch.device, sync: bool) -> torch.nn.Module:

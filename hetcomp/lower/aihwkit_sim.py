@@ -141,26 +141,6 @@ def _enum(enum: Any, name: str, target: Target) -> Any:
                           f"known: {[m.lower() for m in enum.__members__]}") from None
 
 
-@functools.cache
-def _conv2d_class() -> type:
-    """aihwkit's ``AnalogConv2d`` with its patches from ``conv_patches`` (one strided copy) instead of ``F.unfold``,
-    which on CUDA launches one im2col kernel per sample: the same values in the same layout, so the same outputs,
-    gradients and noise draws. aihwkit's indexed path (its C++ CUDA tiles) and unbatched inputs stay aihwkit's.
-    Built on first use, so that importing hetcomp does not import aihwkit."""
-    from aihwkit.nn import AnalogConv2d
-
-    class PatchedAnalogConv2d(AnalogConv2d):
-        def forward(self, x_input: torch.Tensor) -> torch.Tensor:
-            indexed = self.analog_module.is_cuda if self.use_indexed is None else self.use_indexed
-            if indexed or x_input.dim() != 4:
-                return super().forward(x_input)
-            patches = conv_patches(x_input, self.kernel_size, self.stride, self.padding, self.dilation)
-            out = self.analog_module(patches.flatten(1, 2)).transpose(-1, -2)  # [N, out, H'W'], as aihwkit's
-            return out.reshape(x_input.shape[0], self.out_channels, patches.shape[1], patches.shape[2])
-
-    return PatchedAnalogConv2d
-
-
 class GroupedAnalogConv(nn.Module):
     """A grouped/depthwise convolution as one aihwkit analog tile per group (aihwkit runs groups=1 only).
 
@@ -218,7 +198,10 @@ def lower_module(module: nn.Module, target: Target) -> nn.Module:
         raise ConfigError(f"aihwkit lowering handles {[c.__name__ for c in _ANALOG_CLASSES]}, "
                           f"not {type(module).__name__}; assign this layer to a digital target")
     config = rpu_config(target)
-    analog_class = _conv2d_class() if name == "AnalogConv2d" else getattr(analog_nn, name)
+    if name == "AnalogConv2d":  # aihwkit's, with its patches in one copy (hetcomp.lower.aihwkit_conv)
+        from hetcomp.lower.aihwkit_conv import PatchedAnalogConv2d as analog_class
+    else:
+        analog_class = getattr(analog_nn, name)
     device = module.weight.device
     groups = getattr(module, "groups", 1)
     if groups == 1:

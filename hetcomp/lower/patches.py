@@ -13,10 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hetcomp.errors import DataError
+
 
 def conv_patches(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                  dilation: tuple[int, int]) -> torch.Tensor:
     """Patches [N, H', W', C*kh*kw] of a zero-padded [N, C, H, W] input (see the module docstring)."""
+    if x.dim() != 4:
+        raise DataError(f"a convolution's patches need a batched [N, C, H, W] input, got shape {tuple(x.shape)}")
     padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
     span_h, span_w = dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1
     windows = padded.unfold(2, span_h, stride[0]).unfold(3, span_w, stride[1])  # [N, C, H', W', span_h, span_w]
