@@ -57,7 +57,8 @@ def test_exactly_the_assigned_layers_become_analog(digits_model):
 
 
 @pytest.mark.parametrize("groups, in_channels, out_channels, conv_class, stride",
-                         [(4, 4, 8, nn.Conv2d, 1), (6, 6, 6, nn.Conv2d, 2), (2, 4, 6, nn.Conv1d, 1)])
+                         [(4, 4, 8, nn.Conv2d, 1), (6, 6, 6, nn.Conv2d, 2), (2, 4, 6, nn.Conv1d, 1),
+                          (1, 4, 6, nn.Conv1d, 2)])  # any Conv1d: aihwkit's AnalogConv1d needs indexed tiles
 def test_grouped_and_depthwise_convs_lower_per_group(groups, in_channels, out_channels, conv_class, stride):
     torch.manual_seed(1)
     conv = conv_class(in_channels, out_channels, 3, padding=1, groups=groups, stride=stride)

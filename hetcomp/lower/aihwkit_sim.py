@@ -142,7 +142,8 @@ def _enum(enum: Any, name: str, target: Target) -> Any:
 
 
 class GroupedAnalogConv(nn.Module):
-    """A grouped/depthwise convolution as one aihwkit analog tile per group (aihwkit runs groups=1 only).
+    """A grouped/depthwise convolution (or any Conv1d) as one aihwkit analog tile per group (aihwkit runs groups=1
+    only, and its AnalogConv1d only through the indexed path its torch tiles do not have).
 
     aihwkit's AnalogConv forward is ``unfold`` + the tile's MVM on the patches; this does the same with
     one ``conv_patches`` for all groups and an ``AnalogLinear`` tile per group on that group's patch columns
@@ -204,7 +205,8 @@ def lower_module(module: nn.Module, target: Target) -> nn.Module:
         analog_class = getattr(analog_nn, name)
     device = module.weight.device
     groups = getattr(module, "groups", 1)
-    if groups == 1:
+    # aihwkit's AnalogConv1d needs the indexed path, which its torch tiles lack: a Conv1d is lowered as one group
+    if groups == 1 and not isinstance(module, nn.Conv1d):
         # aihwkit builds tiles on the CPU; a copy, so that the graph's own layer is not moved off its device
         return analog_class.from_digital(copy.deepcopy(module).cpu(), config).to(device)
     if getattr(module, "padding_mode", "zeros") != "zeros" or isinstance(module.padding, str):
