@@ -23,6 +23,7 @@ contrastive loss, whose negatives are the batch's other samples) then sees only 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -99,8 +100,9 @@ class TrainingData:
             if type(self.train) is Subset:
                 order = torch.as_tensor(self.train.indices, dtype=torch.long)[order]
             orders = {t.device: order.to(t.device) for t in tensors}  # each tensor indexed on its own device
-            ends = torch.tensor([len(part) for part in parts]).cumsum(0).tolist()
-            batches = ([t[orders[t.device][end - len(part) : end]] for t in tensors] for part, end in zip(parts, ends))
+            starts = itertools.accumulate((len(part) for part in parts), initial=0)
+            batches = ([t[orders[t.device][start : start + len(part)]] for t in tensors]
+                       for start, part in zip(starts, parts))
         elif world == 1:  # one process: the loader itself
             batches = self.epoch_loader(seed)
         else:

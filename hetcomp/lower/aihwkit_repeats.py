@@ -78,7 +78,7 @@ def _tiles_of(analog_module: nn.Module, in_offset: int, out_offset: int) -> tupl
 
 
 def layout(layer: nn.Module) -> Layout:
-    """The tile sites of a lowered aihwkit layer (AnalogLinear, AnalogConv1d/2d, hetcomp's GroupedAnalogConv)."""
+    """The tile sites of a lowered aihwkit layer (AnalogLinear, AnalogConv2d, hetcomp's GroupedAnalogConv)."""
     import aihwkit.nn as analog_nn
 
     from hetcomp.lower.aihwkit_sim import GroupedAnalogConv
@@ -100,18 +100,12 @@ def layout(layer: nn.Module) -> Layout:
     if isinstance(layer, analog_nn.AnalogLinear):
         sites, bias = _tiles_of(layer.analog_module, 0, 0)
         return Layout(sites, layer.in_features, layer.out_features, bias)
-    if isinstance(layer, analog_nn.AnalogConv1d | analog_nn.AnalogConv2d):
+    if isinstance(layer, analog_nn.AnalogConv2d):  # a Conv1d is lowered as a GroupedAnalogConv (aihwkit_sim)
         if getattr(layer, "padding_mode", "zeros") != "zeros":
             raise ConfigError(f"padding_mode {layer.padding_mode!r}")
         sites, bias = _tiles_of(layer.analog_module, 0, 0)
-        one_d = isinstance(layer, analog_nn.AnalogConv1d)
-
-        def two_d(value: tuple[int, ...], fill: int) -> tuple[int, int]:
-            return (fill, value[0]) if one_d else (value[0], value[1])
-
-        conv = {"kernel_size": two_d(layer.kernel_size, 1), "stride": two_d(layer.stride, 1),
-                "padding": two_d(layer.padding, 0), "dilation": two_d(layer.dilation, 1),
-                "out_channels": layer.out_channels, "one_d": one_d}
+        conv = {"kernel_size": tuple(layer.kernel_size), "stride": tuple(layer.stride), "padding": tuple(layer.padding),
+                "dilation": tuple(layer.dilation), "out_channels": layer.out_channels, "one_d": False}
         return Layout(sites, layer.analog_module.in_size, layer.analog_module.out_size, bias, conv)
     raise ConfigError(f"{type(layer).__name__} is not an aihwkit layer hetcomp lowers")
 

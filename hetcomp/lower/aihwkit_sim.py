@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 from typing import Any
 
 import torch
@@ -187,26 +188,25 @@ class GroupedAnalogConv(nn.Module):
         return weight, bias
 
 
-_ANALOG_CLASSES = {nn.Linear: "AnalogLinear", nn.Conv1d: "AnalogConv1d", nn.Conv2d: "AnalogConv2d"}
+# The single-tile-module aihwkit class of each digital layer (exact class match, as aihwkit); a Conv1d is lowered
+# as one group of GroupedAnalogConv: aihwkit's AnalogConv1d needs the indexed path, which its torch tiles lack.
+_ANALOG_CLASSES = {nn.Linear: ("aihwkit.nn", "AnalogLinear"), nn.Conv1d: None,
+                   nn.Conv2d: ("hetcomp.lower.aihwkit_conv", "PatchedAnalogConv2d")}
 
 
 def lower_module(module: nn.Module, target: Target) -> nn.Module:
     """The aihwkit analog counterpart of a digital Linear/Conv1d/Conv2d (exact class match, as aihwkit)."""
     import aihwkit.nn as analog_nn
 
-    name = _ANALOG_CLASSES.get(type(module))
-    if name is None:
+    if type(module) not in _ANALOG_CLASSES:
         raise ConfigError(f"aihwkit lowering handles {[c.__name__ for c in _ANALOG_CLASSES]}, "
                           f"not {type(module).__name__}; assign this layer to a digital target")
     config = rpu_config(target)
-    if name == "AnalogConv2d":  # aihwkit's, with its patches in one copy (hetcomp.lower.aihwkit_conv)
-        from hetcomp.lower.aihwkit_conv import PatchedAnalogConv2d as analog_class
-    else:
-        analog_class = getattr(analog_nn, name)
     device = module.weight.device
     groups = getattr(module, "groups", 1)
-    # aihwkit's AnalogConv1d needs the indexed path, which its torch tiles lack: a Conv1d is lowered as one group
-    if groups == 1 and not isinstance(module, nn.Conv1d):
+    where = _ANALOG_CLASSES[type(module)]
+    if groups == 1 and where is not None:
+        analog_class = getattr(importlib.import_module(where[0]), where[1])
         # aihwkit builds tiles on the CPU; a copy, so that the graph's own layer is not moved off its device
         return analog_class.from_digital(copy.deepcopy(module).cpu(), config).to(device)
     if getattr(module, "padding_mode", "zeros") != "zeros" or isinstance(module.padding, str):
