@@ -16,7 +16,7 @@ import hetcomp
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import evaluate, plain_loop_accuracy
 from hetcomp.lower import digital_state_dict, lower_graph
-from hetcomp.lower.aihwkit_conv import PatchedAnalogConv2d
+from hetcomp.lower.aihwkit_layers import BatchedAnalogConv2d, BatchedAnalogLinear
 from hetcomp.lower.aihwkit_sim import GroupedAnalogConv, lower_module, rpu_config
 from hetcomp.lower.patches import conv_patches
 from hetcomp.targets import Precision
@@ -38,8 +38,8 @@ def test_exactly_the_assigned_layers_become_analog(digits_model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     compiled, x = compiled_digits(digits_model, "first-last-digital")
     lowered = compiled.module
-    expected = {"conv1": nn.Conv2d, "conv2": PatchedAnalogConv2d, "conv3": GroupedAnalogConv,
-                "conv4": PatchedAnalogConv2d, "fc1": AnalogLinear, "fc2": nn.Linear}  # the patches: see below
+    expected = {"conv1": nn.Conv2d, "conv2": BatchedAnalogConv2d, "conv3": GroupedAnalogConv,
+                "conv4": BatchedAnalogConv2d, "fc1": BatchedAnalogLinear, "fc2": nn.Linear}  # the patches: see below
     for name, cls in expected.items():
         assert type(lowered.get_submodule(name)) is cls, name
     assert {k: v["simulator"] for k, v in compiled.lowering.items()} == {
@@ -91,16 +91,16 @@ def test_conv_patches_are_unfolds_columns_with_the_same_gradient(kernel, stride,
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_hetcomps_analog_conv2d_trains_exactly_as_aihwkits(monkeypatch):
-    """hetcomp's AnalogConv2d differs from aihwkit's only in how it forms the patches: in train mode (weight noise,
-    8-bit periphery, output noise, a tile array of 288 inputs) the same seed gives the same outputs bit for bit and
-    the same gradients."""
+def test_hetcomps_analog_conv2d_evaluates_exactly_as_aihwkits(monkeypatch):
+    """In eval mode hetcomp's AnalogConv2d differs from aihwkit's only in how it forms the patches: with the 8-bit
+    periphery, output noise and a tile array of 288 inputs the same seed gives the same outputs bit for bit and the
+    same gradients. (Its train mode runs the tiles batched: tests/test_aihwkit_train.py.)"""
     from aihwkit.nn import AnalogConv2d as AihwkitConv2d
 
     torch.manual_seed(0)
     conv = nn.Conv2d(32, 16, 3, padding=1, stride=2)
-    ours = lower_module(conv, PCM).train()
-    theirs = AihwkitConv2d.from_digital(conv, rpu_config(PCM)).train()
+    ours = lower_module(conv, PCM).eval()
+    theirs = AihwkitConv2d.from_digital(conv, rpu_config(PCM)).eval()
     assert type(ours) is not AihwkitConv2d and isinstance(ours, AihwkitConv2d)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(4, 32, 9, 9)

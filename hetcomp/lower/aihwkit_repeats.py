@@ -93,7 +93,7 @@ def layout(layer: nn.Module) -> Layout:
             sites += part_sites
             biases.append(bias)
             out_start += part.analog_module.out_size
-        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        bias = None if biases[0] is None else torch.cat(biases)  # differentiable: the training forward's
         conv = {"kernel_size": layer.kernel_size, "stride": layer.stride, "padding": layer.padding,
                 "dilation": layer.dilation, "out_channels": layer.out_channels, "one_d": layer.one_d}
         return Layout(sites, columns * layer.groups, out_start, bias, conv)
@@ -184,6 +184,32 @@ class _Geometry:
         for index, weight in enumerate(weights):
             out[index, : weight.shape[0], : weight.shape[1]] = weight
         return out
+
+    def site_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each site's input rows: [..., M, in] -> [..., S, M, in_max] (a view when the sites read consecutive equal
+        blocks, else a gather with a zero column for padding)."""
+        if self.plan is not None:
+            kind, blocks, per_block = self.plan
+            x = rows.view(*rows.shape[:-1], blocks, self.in_max).movedim(-2, -3)  # [..., I, M, in]
+            if kind == "grid" and per_block > 1:
+                x = x.unsqueeze(-3).expand(*x.shape[:-2], per_block, *x.shape[-2:]).flatten(-4, -3)
+            return x
+        padded = F.pad(rows, (0, 1))  # the zero column padded sites read
+        return padded[..., self.gather].movedim(-2, -3)
+
+    def combine(self, y: torch.Tensor, out_features: int) -> torch.Tensor:
+        """Per-site outputs [R, S, M, out_max] -> the layer's [R, M, out]: tiles reading other inputs summed, tiles
+        writing other outputs side by side (differentiable)."""
+        repeats, sites, m, width = y.shape
+        if self.plan is not None:
+            kind, blocks, per_block = self.plan
+            if kind == "grid":  # [R, I, J, M, out] summed over the input blocks, J output blocks side by side
+                y = y.view(repeats, blocks, per_block, m, width)
+                y = y[:, 0] if blocks == 1 else y.sum(1)
+            return y[:, 0] if y.shape[1] == 1 else y.permute(0, 2, 1, 3).reshape(repeats, m, -1)
+        out = y.new_zeros((repeats, m, out_features + 1))
+        out = out.index_add(-1, self.scatter, y.permute(0, 2, 1, 3).reshape(repeats, m, sites * width))
+        return out[..., :-1]
 
 
 def _block_plan(lay: Layout) -> tuple[str, int, int] | None:
@@ -421,40 +447,20 @@ class RepeatedAnalogLayer:
 
     def _rows(self, rows: torch.Tensor, folded: bool) -> torch.Tensor:
         """The layer on input rows: [M, in] shared, or [R, M, in] folded -> [R, M, out]."""
-        geometry = self.geometry
-        plan = geometry.plan
-        if plan is not None:  # sites read consecutive equal blocks: a view, no gather
-            kind, blocks, per_block = plan
-            x = rows.view(*rows.shape[:-1], blocks, geometry.in_max).movedim(-2, -3)  # [..., I, M, in]
-            if kind == "grid" and per_block > 1:
-                x = x.unsqueeze(-3).expand(*x.shape[:-2], per_block, *x.shape[-2:]).flatten(-4, -3)
-        else:
-            padded = F.pad(rows, (0, 1))  # the zero column padded sites read
-            x = padded[..., geometry.gather].movedim(-2, -3)  # [..., S, M, in_max]
+        x = self.geometry.site_rows(rows)  # [(R,) S, M, in_max]
         return self._assemble(self.mvm(x, self.realizations.weights, folded), x.numel(), folded)
 
     def _assemble(self, y: torch.Tensor, input_numel: int, folded: bool) -> torch.Tensor:
         """Per-tile outputs [R, S, M, out_max] -> the layer's [R, M, out]: scales, tile sums, bias."""
-        geometry = self.geometry
-        plan = geometry.plan
         # Mapping scales, drift compensation alpha and learned output scales, in aihwkit's order, as one multiply.
         y = y.mul_(self.mapping[None, :, None, :] * self.realizations.alpha[:, :, None, None]
                    * self.out_scales[None, :, None, :])
-        repeats, sites, m, width = y.shape
+        repeats = y.shape[0]
         # Working set per call (input rows, their gathered and prepared copies, outputs and noise): sizes the
         # number of repeats the evaluator folds into one pass.
         self.peak_bytes = max(getattr(self, "peak_bytes", 0),
                               3 * (input_numel * (repeats if not folded else 1) + y.numel()) * y.element_size())
-        if plan is not None:
-            kind, blocks, per_block = plan
-            if kind == "grid":  # [R, I, J, M, out] summed over the input blocks, J output blocks side by side
-                y = y.view(repeats, blocks, per_block, m, width)
-                y = y[:, 0] if blocks == 1 else y.sum(1)
-            out = y[:, 0] if y.shape[1] == 1 else y.permute(0, 2, 1, 3).reshape(repeats, m, -1)
-        else:
-            out = y.new_zeros((repeats, m, self.lay.out_features + 1))
-            out.index_add_(-1, geometry.scatter, y.permute(0, 2, 1, 3).reshape(repeats, m, sites * width))
-            out = out[..., :-1]
+        out = self.geometry.combine(y, self.lay.out_features)
         if self.lay.bias is not None:
             out = out + self.lay.bias.detach()
         return out

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from hetcomp.errors import ConfigError
+from hetcomp.lower.aihwkit_train import batched_training, train_forward
 from hetcomp.lower.patches import conv_patches
 from hetcomp.lower.simulator import Simulator
 from hetcomp.targets.base import Target
@@ -174,9 +175,12 @@ class GroupedAnalogConv(nn.Module):
         patches = conv_patches(x, self.kernel_size, self.stride, self.padding, self.dilation)
         out_h = patches.shape[1]
         patches = patches.flatten(1, 2)  # [N, L, C*k], as unfold(x).transpose(1, 2)
-        columns = patches.shape[-1] // self.groups
-        outputs = [tile(patches[..., g * columns : (g + 1) * columns]) for g, tile in enumerate(self.tiles)]
-        out = torch.cat(outputs, dim=-1).transpose(1, 2)
+        if batched_training(self):  # all groups' tiles in one call
+            out = train_forward(self, patches).transpose(1, 2)
+        else:
+            columns = patches.shape[-1] // self.groups
+            outputs = [tile(patches[..., g * columns : (g + 1) * columns]) for g, tile in enumerate(self.tiles)]
+            out = torch.cat(outputs, dim=-1).transpose(1, 2)
         out = out.reshape(x.shape[0], self.out_channels, out_h, -1)
         return out.squeeze(-2) if self.one_d else out
 
@@ -190,8 +194,8 @@ class GroupedAnalogConv(nn.Module):
 
 # The single-tile-module aihwkit class of each digital layer (exact class match, as aihwkit); a Conv1d is lowered
 # as one group of GroupedAnalogConv: aihwkit's AnalogConv1d needs the indexed path, which its torch tiles lack.
-_ANALOG_CLASSES = {nn.Linear: ("aihwkit.nn", "AnalogLinear"), nn.Conv1d: None,
-                   nn.Conv2d: ("hetcomp.lower.aihwkit_conv", "PatchedAnalogConv2d")}
+_ANALOG_CLASSES = {nn.Linear: ("hetcomp.lower.aihwkit_layers", "BatchedAnalogLinear"), nn.Conv1d: None,
+                   nn.Conv2d: ("hetcomp.lower.aihwkit_layers", "BatchedAnalogConv2d")}
 
 
 def lower_module(module: nn.Module, target: Target) -> nn.Module:
@@ -242,10 +246,11 @@ class AihwkitSimulator(Simulator):
                                   f"got {bits}")
 
     def optimizer(self, groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
-        """aihwkit's AnalogSGD: analog tiles apply their own update (and LAFT's noise injection, clip, remap)."""
-        from aihwkit.optim import AnalogSGD
+        """aihwkit's AnalogSGD (analog tiles apply their own update and LAFT's clip and remap), with the torch tiles'
+        clip and remap run for all tiles at once (hetcomp.lower.aihwkit_optim)."""
+        from hetcomp.lower.aihwkit_optim import BatchedAnalogSGD
 
-        return AnalogSGD(groups, lr=lr, momentum=momentum)
+        return BatchedAnalogSGD(groups, lr=lr, momentum=momentum)
 
     def weight_noise_rel(self, target: Target) -> float:
         """HILAL's gamma: the training weight noise relative to max|W| (``training_noise_rel``)."""

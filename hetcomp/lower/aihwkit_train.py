@@ -1,0 +1,274 @@
+"""The train-mode forward of a lowered PCM layer: all of its aihwkit torch tiles in one batched call.
+
+aihwkit runs a layer that spans several tiles (a ``TileModuleArray``, a grouped convolution's groups) one tile call
+at a time, and each torch-tile call is about 40 small operations with 3-4 host synchronizations (the all-zero-input
+shortcut, the ``nm <= 0`` masked write, the bound-management test). On a GPU that launching, not arithmetic, bounded
+ResNet-20's LAFT step (bench/laft_steps.py), so a second GPU could not shorten it. In train mode hetcomp's lowered
+layers run ``train_forward`` instead: the torch tile's training forward (``TorchInferenceTile.forward`` ->
+``TorchSimulatorTile.forward`` -> ``AnalogMVM.matmul``) kept step for step, over all the layer's tiles ("sites") at
+once:
+
+- training weight noise (``rpu_config.modifier``: ADD_NORMAL relative to each tile's own max|W|, or MULT_NORMAL),
+  drawn for all tiles in one call, without gradient, as aihwkit;
+- noise management per input row and tile, differentiated through as aihwkit does (its abs-max is in the graph);
+- input quantization with aihwkit's own straight-through ``UniformQuantize``, the input bound (no gradient beyond it),
+  input noise and asymmetry;
+- one batched matmul; output asymmetry, noise, quantization (straight-through) and bound;
+- iterative bound management *per tile*, as aihwkit tests it per tile call: a tile whose output clips anywhere is
+  run again with its input scaled down by 2 (the same noisy weights, fresh output noise) until it passes or
+  aihwkit's limits (``max_bm_factor``, ``max_bm_res``) are reached; one host synchronization per layer and round
+  instead of several per tile;
+- a tile whose input is all zero gives zeros, without gradient (aihwkit's shortcut);
+- mapping scales, learned output scales (with their gradient), tile sums and the digital bias.
+
+The weights stay the tiles' own Parameters (stacked inside the graph), so AnalogSGD, aihwkit's weight-gradient
+hooks (``set_scales``) and its post-update clip and remap act on them unchanged. The one difference from aihwkit
+is the order of the random draws: with the training and forward noise off, outputs and gradients equal aihwkit's
+to float rounding; with them on, every draw has aihwkit's distribution (tests/test_aihwkit_train.py). Eval mode stays
+aihwkit's tile forward, the reference the repeat-vectorized evaluator (hetcomp.lower.aihwkit_repeats) is tested
+against. A layer whose tiles use a setting this forward does not reproduce (``unsupported`` says which) runs
+aihwkit's own forward in train mode too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hetcomp.errors import ConfigError
+from hetcomp.lower.aihwkit_repeats import _block_plan, _Geometry, _step, layout
+
+
+def batched_training(layer: nn.Module) -> bool:
+    """Whether ``layer`` runs ``train_forward``: in train mode, with tiles it supports (checked on the first call and
+    kept: hetcomp does not change a lowered tile's rpu_config)."""
+    if not layer.training:
+        return False
+    reason = layer.__dict__.get("_batched_unsupported", False)
+    if reason is False:
+        reason = layer.__dict__["_batched_unsupported"] = unsupported(layer)
+    return reason is None
+
+
+def unsupported(layer: nn.Module) -> str | None:
+    """Why ``layer``'s tiles cannot train through ``train_forward`` (None: they can)."""
+    from aihwkit.simulator.parameters.enums import (
+        AnalogMVType,
+        BoundManagementType,
+        NoiseManagementType,
+        WeightModifierType,
+    )
+    from aihwkit.simulator.tiles.inference_torch import TorchInferenceTile
+
+    try:
+        lay = layout(layer)
+    except ConfigError as error:
+        return str(error)
+    first = lay.sites[0].tile.rpu_config
+    for site in lay.sites:
+        tile = site.tile
+        if type(tile) is not TorchInferenceTile:
+            return f"tile class {type(tile).__name__} (the torch tile only)"
+        config = tile.rpu_config
+        if config.forward != first.forward or config.modifier != first.modifier:
+            return "tiles with different forward or modifier settings"
+        if tile.analog_bias or tile.in_trans or tile.out_trans or tile.input_range is not None:
+            return "analog bias, transposed tiles or a learned input range"
+    io, modifier = first.forward, first.modifier
+    if io.mv_type != AnalogMVType.ONE_PASS or io.out_noise_std > 0:
+        return "forward settings beyond the torch tile's one-pass MVM with one output noise"
+    if io.bound_management not in (BoundManagementType.NONE, BoundManagementType.ITERATIVE):
+        return f"bound management {io.bound_management}"
+    if io.noise_management not in (NoiseManagementType.NONE, NoiseManagementType.ABS_MAX,
+                                   NoiseManagementType.CONSTANT, NoiseManagementType.MAX):
+        return f"noise management {io.noise_management}"
+    if io.noise_management == NoiseManagementType.MAX and _block_plan(lay) is None:
+        return "signed-max noise management on tiles of unequal sizes (the zero padding would change the max)"
+    if modifier.type not in (WeightModifierType.NONE, WeightModifierType.COPY, WeightModifierType.ADD_NORMAL,
+                             WeightModifierType.MULT_NORMAL) or modifier.per_batch_sample:
+        return f"training weight noise {modifier.type} (per_batch_sample={modifier.per_batch_sample})"
+    return None
+
+
+def _geometry(layer: nn.Module, device: torch.device, lay: Any) -> _Geometry:
+    """The layer's site geometry on ``device``, built once (index tensors) and kept on the layer."""
+    cached = getattr(layer, "_site_geometry", None)
+    if cached is None or cached[0] != device:
+        cached = (device, _Geometry(lay, device))
+        layer._site_geometry = cached
+    return cached[1]
+
+
+def train_forward(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """The layer's train-mode output for input rows [..., in_features] -> [..., out_features] (module docstring)."""
+    lay = layout(layer)
+    geometry = _geometry(layer, rows.device, lay)
+    tiles = [site.tile for site in lay.sites]
+    config = tiles[0].rpu_config
+    weights = _stacked(geometry, [tile.tile.weight for tile in tiles])  # [S, out_max, in_max]
+    weights = _with_training_noise(weights, config.modifier, geometry)
+    flat = rows.reshape(-1, rows.shape[-1])
+    y = _analog_mvm(geometry.site_rows(flat), weights, config.forward, geometry)  # [S, M, out_max]
+    mapping = [tile.get_mapping_scales() for tile in tiles]
+    learned = [tile.out_scaling_alpha for tile in tiles]
+    scales = None  # mapping scales times learned output scales (aihwkit applies one after the other)
+    if mapping[0] is not None:
+        scales = _stacked(geometry, [_per_output(m, tile) for m, tile in zip(mapping, tiles)])
+    if learned[0] is not None:
+        alpha = _stacked(geometry, [_per_output(a, tile) for a, tile in zip(learned, tiles)])
+        scales = alpha if scales is None else scales * alpha
+    if scales is not None:
+        y = y * scales[:, None]
+    out = geometry.combine(y[None], lay.out_features)[0]
+    if lay.bias is not None:
+        out = out + lay.bias
+    return out.reshape(*rows.shape[:-1], lay.out_features)
+
+
+def _per_output(values: torch.Tensor, tile: Any) -> torch.Tensor:
+    """A per-output-column vector of a tile (a scalar scale broadcast to its columns)."""
+    if values.dim() == 1 and values.shape[0] == tile.out_size:
+        return values
+    values = values.reshape(-1)
+    return values.expand(tile.out_size) if values.numel() == 1 else values
+
+
+def _stacked(geometry: _Geometry, values: list[torch.Tensor]) -> torch.Tensor:
+    """Per-site tensors (weights [out, in] or vectors [out]) stacked and zero-padded to the largest site, in the graph
+    (their gradients reach each tile's own Parameter)."""
+    if geometry.plan is None:
+        def pad(value: torch.Tensor) -> torch.Tensor:
+            widths = (0, geometry.in_max - value.shape[-1], 0, geometry.out_max - value.shape[0])
+            return F.pad(value, widths if value.dim() == 2 else (0, geometry.out_max - value.shape[0]))
+
+        values = [pad(value) for value in values]
+    return torch.stack(values)
+
+
+def _with_training_noise(weights: torch.Tensor, modifier: Any, geometry: _Geometry) -> torch.Tensor:
+    """aihwkit's ``TorchSimulatorTile.modify_weight`` per tile: ADD_NORMAL (std x each tile's max|W| when
+    ``rel_to_actual_wmax``, else x ``assumed_wmax``) or MULT_NORMAL noise, drawn without gradient."""
+    from aihwkit.simulator.parameters.enums import WeightModifierType
+
+    if modifier.type in (WeightModifierType.NONE, WeightModifierType.COPY):
+        return weights
+    with torch.no_grad():
+        gauss = torch.randn_like(weights)
+        if modifier.type == WeightModifierType.MULT_NORMAL:
+            noise = gauss.mul_(weights).mul_(modifier.std_dev)
+        elif modifier.rel_to_actual_wmax:
+            noise = gauss.mul_(weights.abs().amax(dim=(-2, -1), keepdim=True).mul_(modifier.std_dev))
+        else:
+            noise = gauss.mul_(modifier.std_dev * modifier.assumed_wmax)
+        if geometry.plan is None:  # padding stays zero
+            noise = noise.mul_(geometry.valid_out[:, :, None] & geometry.valid_in[:, None, :])
+    return weights + noise
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() with the straight-through gradient of aihwkit's ``UniformQuantize``."""
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor) -> torch.Tensor:
+        return torch.round(values)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def _analog_mvm(x: torch.Tensor, weights: torch.Tensor, io: Any, geometry: _Geometry) -> torch.Tensor:
+    """``AnalogMVM.matmul`` per site: x [S, M, in], weights [S, out, in] -> [S, M, out].
+
+    As in the repeat-vectorized evaluator, input and output are kept in DAC/ADC level units (the input scaled straight
+    to levels and rounded, the matmul against weights times the DAC step, the output rounded to ADC levels and
+    clipped) and one multiply per row scales back: aihwkit's arithmetic with fewer passes over the data."""
+    from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType
+    from aihwkit.simulator.tiles.analog_mvm import AnalogMVM
+
+    if io.is_perfect:
+        return torch.bmm(x, weights.transpose(1, 2))
+    nm = AnalogMVM._compute_noise_management(x, io.noise_management, io)  # [S, M, 1] or a number
+    zero = None
+    if isinstance(nm, torch.Tensor):
+        if io.inp_noise <= 0.0:
+            zero = (nm == 0.0).flatten(1).all(dim=1)  # [S]: aihwkit returns zeros for an all-zero tile call
+        nm = torch.where(nm <= 0.0, 1.0, nm)
+    # The input is scaled by 1 / nm (aihwkit's ``scale``), the output back by nm.
+    if io.noise_management == NoiseManagementType.NONE:
+        nm = 1.0
+    valid_out = None if geometry.plan is not None else geometry.valid_out
+    passed, out, unit = _computed(x, weights, nm, io, valid_out, rerun=False)
+    out = out * (nm * (unit * io.out_scale))
+    if io.bound_management != BoundManagementType.NONE:
+        out = _bound_managed(x, weights, nm, io, valid_out, out, passed if zero is None else passed | zero)
+    if zero is not None:
+        out = out.masked_fill(zero[:, None, None], 0.0)
+    return out
+
+
+def _bound_managed(x: torch.Tensor, weights: torch.Tensor, nm: Any, io: Any, valid_out: torch.Tensor | None,
+                   out: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
+    """aihwkit's iterative bound management per site: sites whose output clipped are run again at half the input
+    scale until they pass or the reduction passes ``max_bm_factor`` or ``max_bm_res / inp_res``."""
+    inp_res = io.inp_res
+    if inp_res > 0:
+        inp_res = 1 / inp_res if inp_res > 1.0 else inp_res
+        inp_res *= 2.0 * io.inp_bound
+    reduction = 1.0
+    pending = ~passed
+    while not (reduction > io.max_bm_factor or (inp_res > 0.0 and reduction > io.max_bm_res / inp_res)):
+        index = pending.nonzero().squeeze(1)  # the one host synchronization per round
+        if index.numel() == 0:
+            break
+        reduction *= 2.0
+        sub_nm = (nm[index] if isinstance(nm, torch.Tensor) else nm) * reduction
+        ok, result, unit = _computed(x[index], weights[index], sub_nm, io,
+                                     None if valid_out is None else valid_out[index], rerun=True)
+        out = out.index_put((index,), result * (sub_nm * (unit * io.out_scale)))
+        pending = torch.zeros_like(pending).index_put((index,), ~ok)
+    return out
+
+
+def _computed(x: torch.Tensor, weights: torch.Tensor, nm: Any, io: Any, valid_out: torch.Tensor | None,
+              rerun: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """aihwkit's ``_compute_analog_mv`` per site (prepare input, matmul, finalize output) for an input scaled by
+    ``1 / nm``: (bound test passed [S], output [S, M, out] in units of ``unit``, unit). ``valid_out``: the real
+    outputs of padded sites (None: no padding)."""
+    from aihwkit.simulator.parameters.enums import NoiseManagementType
+
+    in_step = _step(io.inp_res, io.inp_bound)
+    if in_step and not rerun and isinstance(nm, torch.Tensor):
+        levels = _RoundSTE.apply(x / (nm * in_step))  # the row maximum lands on the top level exactly either way
+    else:  # aihwkit's order, (x * scale) / step: a rerun's halved row maximum lands exactly on a rounding boundary
+        scale = 1.0 / nm
+        levels = x * scale if isinstance(scale, torch.Tensor) or scale != 1.0 else x
+        if in_step:
+            levels = _RoundSTE.apply(levels / in_step)
+    # Abs-max noise management maps every row into [-1, 1]: the input bound only acts when it is tighter.
+    abs_max_scaled = io.noise_management == NoiseManagementType.ABS_MAX and io.nm_thres <= 0.0
+    if io.inp_bound > 0 and not (abs_max_scaled and io.inp_bound >= 1.0 and isinstance(nm, torch.Tensor)):
+        bound = io.inp_bound / in_step if in_step else io.inp_bound
+        levels = torch.where(levels.abs() <= bound, levels, levels.clamp(-bound, bound).detach())
+    if io.inp_noise > 0.0:
+        levels = levels + torch.randn_like(levels) * (io.inp_noise / (in_step or 1.0))
+    if io.inp_asymmetry != 0.0:
+        levels = torch.where(levels < 0, levels * (1.0 - io.inp_asymmetry), levels)
+    out = torch.bmm(levels, (weights * in_step if in_step else weights).transpose(1, 2))
+    if io.out_asymmetry != 0.0:
+        out = torch.where(out < 0, out * (1.0 - io.out_asymmetry), out)
+    if io.out_noise > 0.0:
+        out = out + torch.randn_like(out) * io.out_noise
+    out_step = _step(io.out_res, io.out_bound)
+    unit = 1.0
+    if out_step:
+        out = _RoundSTE.apply(out / out_step)
+        unit = out_step
+    if io.out_bound <= 0:
+        return torch.ones(out.shape[0], dtype=torch.bool, device=out.device), out, unit
+    tested = out if valid_out is None else out.masked_fill(~valid_out[:, None, :], 0.0)  # padding takes no test
+    passed = tested.abs().amax(dim=(1, 2)) * unit <= io.out_bound  # in output units, as aihwkit tests
+    return passed, out.clamp(-io.out_bound / unit, io.out_bound / unit), unit
