@@ -242,7 +242,7 @@ def _computed(x: torch.Tensor, weights: torch.Tensor, nm: Any, io: Any, valid_ou
 
     in_step = _step(io.inp_res, io.inp_bound)
     if in_step and not rerun and isinstance(nm, torch.Tensor):
-        levels = _RoundSTE.apply(x / (nm * in_step))  # the row maximum lands on the top level exactly either way
+        levels = _RoundSTE.apply(x * (1.0 / (nm * in_step)))  # the row maximum lands on the top level either way
     else:  # aihwkit's order, (x * scale) / step: a rerun's halved row maximum lands exactly on a rounding boundary
         scale = 1.0 / nm
         levels = x * scale if isinstance(scale, torch.Tensor) or scale != 1.0 else x
@@ -265,7 +265,7 @@ def _computed(x: torch.Tensor, weights: torch.Tensor, nm: Any, io: Any, valid_ou
     out_step = _step(io.out_res, io.out_bound)
     unit = 1.0
     if out_step:
-        out = _RoundSTE.apply(out / out_step)
+        out = _RoundSTE.apply(out * (1.0 / out_step))
         unit = out_step
     if io.out_bound <= 0:
         return torch.ones(out.shape[0], dtype=torch.bool, device=out.device), out, unit
