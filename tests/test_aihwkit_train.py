@@ -193,9 +193,10 @@ def test_batched_sgd_equals_analog_sgd():
 
     def state(model: nn.Module) -> dict[str, torch.Tensor]:
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        tiles = {f"{n}.mapping_scales": m.mapping_scales for n, m in model.named_modules() if hasattr(m, "mapping_scales")}
-        return {name: value.detach().clone() for name, value in {**tensors, **tiles}.items() if value is not None
-                and "analog_ctx" not in name}
+        tiles = {f"{name}.mapping_scales": module.mapping_scales for name, module in model.named_modules()
+                 if hasattr(module, "mapping_scales")}
+        return {name: value.detach().clone() for name, value in {**tensors, **tiles}.items()
+                if value is not None and "analog_ctx" not in name}
 
     ours, theirs, start = state(models["ours"]), state(models["aihwkit"]), state(lowered())
     assert set(ours) == set(theirs) and len(ours) > 10
