@@ -209,3 +209,18 @@ def test_batched_sgd_equals_analog_sgd():
     assert all(torch.equal(a, torch.ones_like(a)) for a in learned)  # reset by every remap
     weights = [t.tile.weight for t in models["ours"].modules() if type(t).__name__ == "TorchInferenceTile"]
     assert all(w.abs().max().item() == pytest.approx(1.0) for w in weights)  # remapped to max|W| = 1
+
+
+def test_settings_the_batched_forward_does_not_reproduce_keep_aihwkits(monkeypatch):
+    """A C++ tile, or stochastic input rounding, is named by ``unsupported`` and trains through aihwkit's forward."""
+    torch.manual_seed(5)
+    cpp = lower_module(nn.Linear(12, 5), dataclasses.replace(QUIET, device={**QUIET.device, "tile": "cpp"})).train()
+    assert "tile class" in unsupported(cpp)
+    assert batched_call_count(cpp, torch.randn(3, 12), monkeypatch) == 0
+    stochastic = lower_module(nn.Linear(12, 5), QUIET).train()
+    for module in stochastic.modules():
+        if hasattr(module, "rpu_config"):
+            module.rpu_config.forward.inp_sto_round = True
+    assert "rounding" in unsupported(stochastic)
+    assert batched_call_count(stochastic, torch.randn(3, 12), monkeypatch) == 0
+    assert stochastic(torch.randn(3, 12)).shape == (3, 5)

@@ -78,8 +78,8 @@ def unsupported(layer: nn.Module) -> str | None:
         if tile.analog_bias or tile.in_trans or tile.out_trans or tile.input_range is not None:
             return "analog bias, transposed tiles or a learned input range"
     io, modifier = first.forward, first.modifier
-    if io.mv_type != AnalogMVType.ONE_PASS or io.out_noise_std > 0:
-        return "forward settings beyond the torch tile's one-pass MVM with one output noise"
+    if io.mv_type != AnalogMVType.ONE_PASS or io.out_noise_std > 0 or io.inp_sto_round or io.out_sto_round:
+        return "forward settings beyond the torch tile's one-pass MVM with one output noise and rounding to nearest"
     if io.bound_management not in (BoundManagementType.NONE, BoundManagementType.ITERATIVE):
         return f"bound management {io.bound_management}"
     if io.noise_management not in (NoiseManagementType.NONE, NoiseManagementType.ABS_MAX,
