@@ -34,8 +34,9 @@ def aihwkit_path(layer: nn.Module, digital: nn.Module, target=QUIET) -> nn.Modul
     lowered afresh rather than copied: a deep copy loses the weight-gradient hooks aihwkit registers)."""
     reference = lower_module(digital, target).train()
     reference.load_state_dict(layer.state_dict())
-    for module in reference.modules():
-        module.__dict__["_batched_unsupported"] = "reference: aihwkit's forward"
+    for module in reference.modules():  # batched_training's cache, holding a reason to keep aihwkit's forward
+        configs = [tile.rpu_config for tile in module.modules() if hasattr(tile, "analog_ctx")]
+        module.__dict__["_batched_unsupported"] = (configs, "reference: aihwkit's forward")
     return reference
 
 
@@ -224,3 +225,72 @@ def test_settings_the_batched_forward_does_not_reproduce_keep_aihwkits(monkeypat
     assert "rounding" in unsupported(stochastic)
     assert batched_call_count(stochastic, torch.randn(3, 12), monkeypatch) == 0
     assert stochastic(torch.randn(3, 12)).shape == (3, 5)
+
+
+FORWARD_VARIANTS = {
+    # name: IOParameters changes (aihwkit's own forward must give the same function)
+    "255 DAC levels (the row maximum rounds above the input bound)": {"inp_res": 1 / 255},
+    "signed-max noise management": {"noise_management": "MAX"},
+    "constant noise management, no bound management": {"noise_management": "CONSTANT", "nm_thres": 2.0,
+                                                       "bound_management": "NONE"},
+    "abs-max with a threshold": {"nm_thres": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", list(FORWARD_VARIANTS))
+def test_forward_settings_as_aihwkit(name):
+    from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType
+
+    torch.manual_seed(6)
+    digital = nn.Linear(300, 20)
+    layer = lower_module(digital, QUIET).train()
+    for module in layer.modules():
+        if hasattr(module, "rpu_config"):
+            for key, value in FORWARD_VARIANTS[name].items():
+                enum = {"noise_management": NoiseManagementType, "bound_management": BoundManagementType}.get(key)
+                setattr(module.rpu_config.forward, key, enum[value] if enum else value)
+    assert unsupported(layer) is None
+    x = torch.randn(7, 300) * 3
+    ours, ours_grads = forward_backward(layer, x)
+    theirs, theirs_grads = forward_backward(aihwkit_path(layer, digital), x)  # shares layer's rpu_configs
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert_same_gradients(ours_grads, theirs_grads)
+
+
+def test_the_support_check_follows_a_loaded_rpu_config():
+    """aihwkit's load_state_dict replaces the tiles' rpu_config: the batched forward's check is made again."""
+    from hetcomp.lower.aihwkit_train import batched_training
+
+    layer = lower_module(nn.Linear(12, 5), QUIET).train()
+    assert batched_training(layer)
+    other = lower_module(nn.Linear(12, 5), QUIET)
+    for module in other.modules():
+        if hasattr(module, "rpu_config"):
+            module.rpu_config.forward.out_sto_round = True
+    layer.load_state_dict(other.state_dict())
+    assert not batched_training(layer) and "rounding" in unsupported(layer)
+
+
+def test_batched_sgd_stays_batched_after_a_copy_and_a_load(monkeypatch):
+    """aihwkit rebuilds a tile's analog context on copy and load (its use_torch_update flag reset): the torch tiles
+    still take the stacked post-update."""
+    import hetcomp.lower.aihwkit_optim as optim
+
+    calls = []
+    real = optim.post_update
+    monkeypatch.setattr(optim, "post_update", lambda tiles: calls.append(len(tiles)) or real(tiles))
+    model = copy.deepcopy(lower_module(nn.Linear(300, 8), QUIET))
+    model.load_state_dict(lower_module(nn.Linear(300, 8), QUIET).state_dict())
+    optimizer = BatchedAnalogSGD(model.parameters(), lr=0.1)
+    model.train()(torch.randn(4, 300)).sum().backward()
+    optimizer.step()
+    assert calls == [2]
+
+
+def test_an_unbounded_adc_with_output_bits_is_refused_before_lowering():
+    bad = dataclasses.replace(PCM, device={**PCM.device, "out_bound": 0.0})
+    from hetcomp.errors import ConfigError
+    from hetcomp.lower.aihwkit_sim import SIMULATOR
+
+    with pytest.raises(ConfigError, match="unbounded ADC"):
+        SIMULATOR.check(bad)

@@ -12,7 +12,9 @@ the last remap. Here one hook per tile reads that scale from the tile's mapping 
 (they change only at a remap), registered at the first step as aihwkit registers its own; it is kept in the tile's
 ``_backward_hook_handle``, so a later aihwkit ``set_scales`` replaces it rather than adding a second.
 
-Other tiles (aihwkit's C++ tiles, settings not listed in ``_batched``) take AnalogSGD's own step.
+A torch tile whose clip or remap is not one of those (``_post_update_batchable``) gets its own
+``post_update_step``; a model with other tiles (aihwkit's C++ tiles, which update themselves) takes AnalogSGD's
+whole step.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from aihwkit.optim.context import AnalogContext
 from aihwkit.simulator.parameters.enums import WeightClipType, WeightRemapType
 from aihwkit.simulator.tiles.inference_torch import TorchInferenceTile
 
+from hetcomp.lower.aihwkit_periphery import per_output
 
-def _batched(tile: Any) -> bool:
+
+def _post_update_batchable(tile: Any) -> bool:
     """Whether ``tile``'s post-update step is one ``post_update`` reproduces."""
     config = tile.rpu_config
-    return (type(tile) is TorchInferenceTile and tile.analog_ctx.use_torch_update
+    return (type(tile) is TorchInferenceTile
             and config.clip.type in (WeightClipType.NONE, WeightClipType.FIXED_VALUE, WeightClipType.LAYER_GAUSSIAN)
             and config.remap.type in (WeightRemapType.NONE, WeightRemapType.LAYERWISE_SYMMETRIC,
                                       WeightRemapType.CHANNELWISE_SYMMETRIC)
@@ -44,14 +48,21 @@ class BatchedAnalogSGD(AnalogSGD):
     def step(self, closure: Callable | None = None, **kwargs: Any) -> Any:
         tiles = [param.analog_tile for group in self.param_groups for param in group["params"]
                  if isinstance(param, AnalogContext)]
-        if not all(_batched(tile) for tile in tiles):
-            return super().step(closure, **kwargs)
-        # Every tile updates through torch (AnalogSGD skips them too). SGD's own step, unwrapped from the optimizer
-        # hooks torch puts around a class's step, which already run around this one.
-        sgd_step = torch.optim.SGD.step
-        loss = (sgd_step.__wrapped__ if getattr(sgd_step, "hooked", False) else sgd_step)(self, closure)
-        post_update(tiles)
+        if not all(isinstance(tile, TorchInferenceTile) for tile in tiles):
+            return _unhooked(AnalogSGD.step)(self, closure, **kwargs)
+        loss = _unhooked(torch.optim.SGD.step)(self, closure)  # torch tiles update through torch, as in AnalogSGD
+        batchable = [tile for tile in tiles if _post_update_batchable(tile)]
+        post_update(batchable)
+        for tile in tiles:
+            if not _post_update_batchable(tile):
+                tile.post_update_step()
         return loss
+
+
+def _unhooked(step: Callable) -> Callable:
+    """A class's ``step`` without the optimizer-hook wrapper torch puts around it (the hooks already run around
+    ``BatchedAnalogSGD.step``)."""
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
 @torch.no_grad()
@@ -61,7 +72,8 @@ def post_update(tiles: list[Any]) -> None:
     for tile in tiles:
         weight = tile.tile.weight
         config = tile.rpu_config
-        groups[(tuple(weight.shape), weight.dtype, weight.device, config.clip.type, config.clip.sigma,
+        learned = None if tile.out_scaling_alpha is None else tuple(tile.out_scaling_alpha.shape)
+        groups[(tuple(weight.shape), weight.dtype, weight.device, learned, config.clip.type, config.clip.sigma,
                 config.clip.fixed_value, config.remap.type)].append(tile)
     for (*_, clip_type, sigma, fixed_value, remap_type), members in groups.items():
         weights = torch.stack([tile.tile.weight for tile in members])  # [G, out, in]
@@ -105,10 +117,7 @@ def _remapped(tiles: list[Any], weights: torch.Tensor, remap_type: Any) -> torch
 def _scales(tile: Any, out_size: int, like: torch.Tensor) -> torch.Tensor:
     """aihwkit's ``get_scales`` as a per-output vector: mapping scales times learned output scales (ones if neither)."""
     scales = tile.get_scales()
-    if scales is None:
-        return like.new_ones(out_size)
-    scales = scales.reshape(-1)
-    return scales.expand(out_size) if scales.numel() == 1 else scales
+    return like.new_ones(out_size) if scales is None else per_output(scales, out_size)
 
 
 def _hook_gradient(tile: Any) -> None:

@@ -34,6 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hetcomp.errors import ConfigError
+from hetcomp.lower.aihwkit_periphery import (
+    input_clip_needed,
+    max_reduction,
+    quantization_step,
+    row_maximum_level_is_whole,
+)
 from hetcomp.lower.patches import conv_patches
 
 
@@ -161,7 +167,7 @@ class Realizations:
         return Realizations(self.weights[indices], self.alpha[indices], [self.seeds[i] for i in indices])
 
 
-class _Geometry:
+class SiteGeometry:
     """Gather/scatter indices that pad every site to one [out_max, in_max] block."""
 
     def __init__(self, lay: Layout, device: torch.device) -> None:
@@ -177,7 +183,7 @@ class _Geometry:
         self.valid_in = torch.tensor([[k < len(s.inputs) for k in range(self.in_max)] for s in lay.sites],
                                      device=device)
         self.padded = any(len(s.inputs) < self.in_max or len(s.outputs) < self.out_max for s in lay.sites)
-        self.plan = _block_plan(lay)
+        self.plan = block_plan(lay)
 
 
     def pad_weights(self, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -213,7 +219,7 @@ class _Geometry:
         return out[..., :-1]
 
 
-def _block_plan(lay: Layout) -> tuple[str, int, int] | None:
+def block_plan(lay: Layout) -> tuple[str, int, int] | None:
     """How the sites tile the layer when no gather/scatter is needed: ("grid", I, J) — I equal consecutive input
     blocks times J equal output blocks, site i*J+j reads block i and writes block j (a TileModuleArray; sums over
     i) — or ("diagonal", G, 1) — site g reads input block g and writes output block g (a grouped convolution).
@@ -254,7 +260,7 @@ def capture_realization(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's current programmed-and-drifted tiles (after aihwkit's program_weights/drift_weights) as
     (weights [S, out, in] padded, α [S])."""
     lay = layout(layer)
-    geometry = _Geometry(lay, torch.device("cpu"))
+    geometry = SiteGeometry(lay, torch.device("cpu"))
     weights = geometry.pad_weights([s.tile.tile.weight.detach() for s in lay.sites])
     alpha = torch.stack([_alpha(s.tile).to(weights) for s in lay.sites])
     return weights, alpha
@@ -290,7 +296,7 @@ def reference_weights(layer: nn.Module) -> torch.Tensor:
     """The weights aihwkit programs from (its ``reference_combined_weights``, else the tile's current weights),
     padded: [S, out, in]."""
     lay = layout(layer)
-    geometry = _Geometry(lay, torch.device("cpu"))
+    geometry = SiteGeometry(lay, torch.device("cpu"))
     blocks = []
     for site in lay.sites:
         reference = site.tile.reference_combined_weights
@@ -304,7 +310,7 @@ def draw_realizations(layer: nn.Module, t_inference: float, program_seeds: list[
     lay = layout(layer)
     tile0 = lay.sites[0].tile
     device = tile0.tile.weight.device
-    geometry = _Geometry(lay, device)
+    geometry = SiteGeometry(lay, device)
     reference = reference_weights(layer).to(device)
     mask = (geometry.valid_out[:, :, None] & geometry.valid_in[:, None, :]).to(reference.dtype)
     config = tile0.rpu_config
@@ -350,7 +356,7 @@ class RepeatedAnalogLayer:
         self.realizations = realizations
         self.repeats = realizations.weights.shape[0]
         weights = realizations.weights
-        self.geometry = _Geometry(self.lay, weights.device)
+        self.geometry = SiteGeometry(self.lay, weights.device)
         tiles = [s.tile for s in self.lay.sites]
         self.mapping = _site_tensor([t.get_mapping_scales() for t in tiles], self.geometry.out_max, 1.0, weights)
         self.out_scales = _site_tensor([t.out_scaling_alpha for t in tiles], self.geometry.out_max, 1.0, weights)
@@ -523,17 +529,14 @@ class RepeatedAnalogLayer:
         ``max_bm_res`` are reached)."""
         io = self.io
         repeats, sites = weights.shape[:2]
-        inp_res = io.inp_res
-        if inp_res > 0:
-            inp_res = 1 / inp_res if inp_res > 1.0 else inp_res
-            inp_res *= 2.0 * io.inp_bound
+        limit = max_reduction(io)
         full_scale = _expand(scale, repeats, folded)
         passed, out, unit = self._analog_mv(x, weights, scale, folded)  # every call at reduction 1, shared x once
         out = out.mul_(unit * io.out_scale / full_scale)
         reduction = 1.0
         pending = ~passed
         while bool(pending.any()):
-            if reduction > io.max_bm_factor or (inp_res > 0.0 and reduction > io.max_bm_res / inp_res):
+            if reduction > limit:
                 break
             reduction *= 2.0
             index = pending.nonzero(as_tuple=True)
@@ -570,8 +573,8 @@ class RepeatedAnalogLayer:
         # Input: scaled, rounded to DAC levels of the bound, clipped (aihwkit's _prepare_input), kept in level units
         # with the same float steps as aihwkit ((x * scale) / step, round: the row maximum lands exactly on a
         # rounding boundary under bound management, so the order matters).
-        in_step = _step(io.inp_res, io.inp_bound)
-        if repeat_index is None and in_step and isinstance(scale, torch.Tensor):
+        in_step = quantization_step(io.inp_res, io.inp_bound)
+        if repeat_index is None and in_step and isinstance(scale, torch.Tensor) and row_maximum_level_is_whole(io):
             # The first pass: one multiply by scale / step (the row maximum lands on the top level exactly
             # either way); a bound-management rerun keeps aihwkit's order (x * scale) / step, under which the
             # halved row maximum lands exactly on a rounding boundary.
@@ -581,9 +584,7 @@ class RepeatedAnalogLayer:
             if in_step:
                 levels = levels.div_(in_step).round_()
         in_bound = io.inp_bound / in_step if in_step else io.inp_bound
-        # Abs-max noise management maps every row into [-1, 1]: the clip only acts when the bound is tighter (or a
-        # noise-management threshold leaves rows above 1).
-        if io.inp_bound > 0 and not (self.abs_max_scaled and io.inp_bound >= 1.0 and isinstance(scale, torch.Tensor)):
+        if input_clip_needed(io, isinstance(scale, torch.Tensor)):
             levels = levels.clamp_(-in_bound, in_bound)
         if io.inp_noise > 0.0 and self.noise:
             levels = levels.add_(self._normal_like(levels, repeat_index), alpha=io.inp_noise / (in_step or 1.0))
@@ -598,7 +599,7 @@ class RepeatedAnalogLayer:
             out = torch.where(out < 0, out * (1.0 - io.out_asymmetry), out)
         if io.out_noise > 0.0 and self.noise:
             out = out.add_(self._normal_like(out, repeat_index), alpha=io.out_noise)
-        out_step = _step(io.out_res, io.out_bound)
+        out_step = quantization_step(io.out_res, io.out_bound)
         unit = 1.0
         if out_step:
             out = out.div_(out_step).round_()
@@ -683,15 +684,6 @@ class _Windows:
         full = self.windows if self.folded else self.windows.expand(repeats, *self.windows.shape)
         picked = full[index]  # [K, B, H', W', kh, kw, C_i]
         return _Rows(picked.reshape(1, picked.shape[0], *self.rows[-2:]), True)
-
-
-def _step(resolution: float, bound: float) -> float:
-    """aihwkit's quantization step (UniformQuantize: ``res`` states or a step, scaled by the range 2 x bound);
-    0: no quantization."""
-    if resolution <= 0:
-        return 0.0
-    resolution = 1 / resolution if resolution > 1.0 else resolution
-    return resolution * 2 * bound
 
 
 def _expand(scale: Any, repeats: int, folded: bool) -> Any:

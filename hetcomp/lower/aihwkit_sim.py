@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "clip_sigma": 2.0,
     "remap": "layerwise_symmetric",  # aihwkit WeightRemapType name
     "out_noise": 0.06,
-    "out_bound": 12.0,  # ADC range in units of the normalised output; <= 0: unbounded
+    "out_bound": 12.0,  # ADC range in units of the normalised output; <= 0: unbounded (needs output_bits None)
     # PCM device model knobs (aihwkit PCMLikeNoiseModel scales; 0 switches that effect off) and an extra
     # static Gaussian weight noise at programming, std relative to g_max (the input-curvature
     # paper's "WNoise" non-ideality).
@@ -244,6 +244,10 @@ class AihwkitSimulator(Simulator):
             if bits is not None and bits < 2:
                 raise ConfigError(f"target {target.name!r}: aihwkit needs precision.{field_name} >= 2 bits or None, "
                                   f"got {bits}")
+        if target.precision.output_bits is not None and float(self.settings(target)["out_bound"]) <= 0:
+            # aihwkit's quantizer steps are fractions of the bound: an unbounded ADC gives NaN outputs
+            raise ConfigError(f"target {target.name!r}: an unbounded ADC (out_bound <= 0) cannot quantize; set "
+                              "device out_bound > 0 or precision.output_bits None")
 
     def optimizer(self, groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
         """aihwkit's AnalogSGD (analog tiles apply their own update and LAFT's clip and remap), with the torch tiles'

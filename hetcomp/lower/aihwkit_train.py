@@ -39,18 +39,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hetcomp.errors import ConfigError
-from hetcomp.lower.aihwkit_repeats import _block_plan, _Geometry, _step, layout
+from hetcomp.lower.aihwkit_periphery import (
+    input_clip_needed,
+    max_reduction,
+    per_output,
+    quantization_step,
+    row_maximum_level_is_whole,
+)
+from hetcomp.lower.aihwkit_repeats import SiteGeometry, block_plan, layout
 
 
 def batched_training(layer: nn.Module) -> bool:
-    """Whether ``layer`` runs ``train_forward``: in train mode, with tiles it supports (checked on the first call and
-    kept: hetcomp does not change a lowered tile's rpu_config)."""
+    """Whether ``layer`` runs ``train_forward``: in train mode, with tiles it supports. The check is kept with the
+    tiles' rpu_config objects it read and made again when any is replaced (aihwkit's ``load_state_dict`` does)."""
     if not layer.training:
         return False
-    reason = layer.__dict__.get("_batched_unsupported", False)
-    if reason is False:
-        reason = layer.__dict__["_batched_unsupported"] = unsupported(layer)
-    return reason is None
+    configs = [module.rpu_config for module in layer.modules() if hasattr(module, "analog_ctx")]
+    cached = layer.__dict__.get("_batched_unsupported")
+    if cached is None or len(cached[0]) != len(configs) or any(a is not b for a, b in zip(cached[0], configs)):
+        cached = layer.__dict__["_batched_unsupported"] = (configs, unsupported(layer))
+    return cached[1] is None
 
 
 def unsupported(layer: nn.Module) -> str | None:
@@ -62,21 +70,26 @@ def unsupported(layer: nn.Module) -> str | None:
         WeightModifierType,
     )
     from aihwkit.simulator.tiles.inference_torch import TorchInferenceTile
+    from aihwkit.simulator.tiles.torch_tile import TorchSimulatorTile
 
     try:
         lay = layout(layer)
     except ConfigError as error:
         return str(error)
-    first = lay.sites[0].tile.rpu_config
+    first_tile = lay.sites[0].tile
+    first = first_tile.rpu_config
     for site in lay.sites:
         tile = site.tile
-        if type(tile) is not TorchInferenceTile:
-            return f"tile class {type(tile).__name__} (the torch tile only)"
+        if type(tile) is not TorchInferenceTile or type(tile.tile) is not TorchSimulatorTile:
+            return f"tile class {type(tile).__name__}/{type(tile.tile).__name__} (the torch tile only)"
         config = tile.rpu_config
         if config.forward != first.forward or config.modifier != first.modifier:
             return "tiles with different forward or modifier settings"
         if tile.analog_bias or tile.in_trans or tile.out_trans or tile.input_range is not None:
             return "analog bias, transposed tiles or a learned input range"
+        if (tile.get_mapping_scales() is None) != (first_tile.get_mapping_scales() is None) or \
+                (tile.out_scaling_alpha is None) != (first_tile.out_scaling_alpha is None):
+            return "tiles with and without mapping or learned output scales"
     io, modifier = first.forward, first.modifier
     if io.mv_type != AnalogMVType.ONE_PASS or io.out_noise_std > 0 or io.inp_sto_round or io.out_sto_round:
         return "forward settings beyond the torch tile's one-pass MVM with one output noise and rounding to nearest"
@@ -85,7 +98,7 @@ def unsupported(layer: nn.Module) -> str | None:
     if io.noise_management not in (NoiseManagementType.NONE, NoiseManagementType.ABS_MAX,
                                    NoiseManagementType.CONSTANT, NoiseManagementType.MAX):
         return f"noise management {io.noise_management}"
-    if io.noise_management == NoiseManagementType.MAX and _block_plan(lay) is None:
+    if io.noise_management == NoiseManagementType.MAX and block_plan(lay) is None:
         return "signed-max noise management on tiles of unequal sizes (the zero padding would change the max)"
     if modifier.type not in (WeightModifierType.NONE, WeightModifierType.COPY, WeightModifierType.ADD_NORMAL,
                              WeightModifierType.MULT_NORMAL) or modifier.per_batch_sample:
@@ -93,11 +106,11 @@ def unsupported(layer: nn.Module) -> str | None:
     return None
 
 
-def _geometry(layer: nn.Module, device: torch.device, lay: Any) -> _Geometry:
+def _geometry(layer: nn.Module, device: torch.device, lay: Any) -> SiteGeometry:
     """The layer's site geometry on ``device``, built once (index tensors) and kept on the layer."""
     cached = getattr(layer, "_site_geometry", None)
     if cached is None or cached[0] != device:
-        cached = (device, _Geometry(lay, device))
+        cached = (device, SiteGeometry(lay, device))
         layer._site_geometry = cached
     return cached[1]
 
@@ -116,9 +129,9 @@ def train_forward(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     learned = [tile.out_scaling_alpha for tile in tiles]
     scales = None  # mapping scales times learned output scales (aihwkit applies one after the other)
     if mapping[0] is not None:
-        scales = _stacked(geometry, [_per_output(m, tile) for m, tile in zip(mapping, tiles)])
+        scales = _stacked(geometry, [per_output(m, tile.out_size) for m, tile in zip(mapping, tiles)])
     if learned[0] is not None:
-        alpha = _stacked(geometry, [_per_output(a, tile) for a, tile in zip(learned, tiles)])
+        alpha = _stacked(geometry, [per_output(a, tile.out_size) for a, tile in zip(learned, tiles)])
         scales = alpha if scales is None else scales * alpha
     if scales is not None:
         y = y * scales[:, None]
@@ -128,15 +141,7 @@ def train_forward(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     return out.reshape(*rows.shape[:-1], lay.out_features)
 
 
-def _per_output(values: torch.Tensor, tile: Any) -> torch.Tensor:
-    """A per-output-column vector of a tile (a scalar scale broadcast to its columns)."""
-    if values.dim() == 1 and values.shape[0] == tile.out_size:
-        return values
-    values = values.reshape(-1)
-    return values.expand(tile.out_size) if values.numel() == 1 else values
-
-
-def _stacked(geometry: _Geometry, values: list[torch.Tensor]) -> torch.Tensor:
+def _stacked(geometry: SiteGeometry, values: list[torch.Tensor]) -> torch.Tensor:
     """Per-site tensors (weights [out, in] or vectors [out]) stacked and zero-padded to the largest site, in the graph
     (their gradients reach each tile's own Parameter)."""
     if geometry.plan is None:
@@ -148,7 +153,7 @@ def _stacked(geometry: _Geometry, values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(values)
 
 
-def _with_training_noise(weights: torch.Tensor, modifier: Any, geometry: _Geometry) -> torch.Tensor:
+def _with_training_noise(weights: torch.Tensor, modifier: Any, geometry: SiteGeometry) -> torch.Tensor:
     """aihwkit's ``TorchSimulatorTile.modify_weight`` per tile: ADD_NORMAL (std x each tile's max|W| when
     ``rel_to_actual_wmax``, else x ``assumed_wmax``) or MULT_NORMAL noise, drawn without gradient."""
     from aihwkit.simulator.parameters.enums import WeightModifierType
@@ -180,13 +185,13 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
-def _analog_mvm(x: torch.Tensor, weights: torch.Tensor, io: Any, geometry: _Geometry) -> torch.Tensor:
+def _analog_mvm(x: torch.Tensor, weights: torch.Tensor, io: Any, geometry: SiteGeometry) -> torch.Tensor:
     """``AnalogMVM.matmul`` per site: x [S, M, in], weights [S, out, in] -> [S, M, out].
 
     As in the repeat-vectorized evaluator, input and output are kept in DAC/ADC level units (the input scaled straight
     to levels and rounded, the matmul against weights times the DAC step, the output rounded to ADC levels and
     clipped) and one multiply per row scales back: aihwkit's arithmetic with fewer passes over the data."""
-    from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType
+    from aihwkit.simulator.parameters.enums import BoundManagementType
     from aihwkit.simulator.tiles.analog_mvm import AnalogMVM
 
     if io.is_perfect:
@@ -198,8 +203,6 @@ def _analog_mvm(x: torch.Tensor, weights: torch.Tensor, io: Any, geometry: _Geom
             zero = (nm == 0.0).flatten(1).all(dim=1)  # [S]: aihwkit returns zeros for an all-zero tile call
         nm = torch.where(nm <= 0.0, 1.0, nm)
     # The input is scaled by 1 / nm (aihwkit's ``scale``), the output back by nm.
-    if io.noise_management == NoiseManagementType.NONE:
-        nm = 1.0
     valid_out = None if geometry.plan is not None else geometry.valid_out
     passed, out, unit = _computed(x, weights, nm, io, valid_out, rerun=False)
     out = out * (nm * (unit * io.out_scale))
@@ -214,13 +217,10 @@ def _bound_managed(x: torch.Tensor, weights: torch.Tensor, nm: Any, io: Any, val
                    out: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
     """aihwkit's iterative bound management per site: sites whose output clipped are run again at half the input
     scale until they pass or the reduction passes ``max_bm_factor`` or ``max_bm_res / inp_res``."""
-    inp_res = io.inp_res
-    if inp_res > 0:
-        inp_res = 1 / inp_res if inp_res > 1.0 else inp_res
-        inp_res *= 2.0 * io.inp_bound
+    limit = max_reduction(io)
     reduction = 1.0
     pending = ~passed
-    while not (reduction > io.max_bm_factor or (inp_res > 0.0 and reduction > io.max_bm_res / inp_res)):
+    while reduction <= limit:
         index = pending.nonzero().squeeze(1)  # the one host synchronization per round
         if index.numel() == 0:
             break
@@ -238,19 +238,17 @@ def _computed(x: torch.Tensor, weights: torch.Tensor, nm: Any, io: Any, valid_ou
     """aihwkit's ``_compute_analog_mv`` per site (prepare input, matmul, finalize output) for an input scaled by
     ``1 / nm``: (bound test passed [S], output [S, M, out] in units of ``unit``, unit). ``valid_out``: the real
     outputs of padded sites (None: no padding)."""
-    from aihwkit.simulator.parameters.enums import NoiseManagementType
+    from aihwkit.simulator.parameters.enums import BoundManagementType
 
-    in_step = _step(io.inp_res, io.inp_bound)
-    if in_step and not rerun and isinstance(nm, torch.Tensor):
-        levels = _RoundSTE.apply(x * (1.0 / (nm * in_step)))  # the row maximum lands on the top level either way
+    in_step = quantization_step(io.inp_res, io.inp_bound)
+    if in_step and not rerun and isinstance(nm, torch.Tensor) and row_maximum_level_is_whole(io):
+        levels = _RoundSTE.apply(x * (1.0 / (nm * in_step)))  # one pass instead of two
     else:  # aihwkit's order, (x * scale) / step: a rerun's halved row maximum lands exactly on a rounding boundary
         scale = 1.0 / nm
         levels = x * scale if isinstance(scale, torch.Tensor) or scale != 1.0 else x
         if in_step:
             levels = _RoundSTE.apply(levels / in_step)
-    # Abs-max noise management maps every row into [-1, 1]: the input bound only acts when it is tighter.
-    abs_max_scaled = io.noise_management == NoiseManagementType.ABS_MAX and io.nm_thres <= 0.0
-    if io.inp_bound > 0 and not (abs_max_scaled and io.inp_bound >= 1.0 and isinstance(nm, torch.Tensor)):
+    if input_clip_needed(io, isinstance(nm, torch.Tensor)):
         bound = io.inp_bound / in_step if in_step else io.inp_bound
         levels = torch.where(levels.abs() <= bound, levels, levels.clamp(-bound, bound).detach())
     if io.inp_noise > 0.0:
@@ -262,13 +260,16 @@ def _computed(x: torch.Tensor, weights: torch.Tensor, nm: Any, io: Any, valid_ou
         out = torch.where(out < 0, out * (1.0 - io.out_asymmetry), out)
     if io.out_noise > 0.0:
         out = out + torch.randn_like(out) * io.out_noise
-    out_step = _step(io.out_res, io.out_bound)
+    out_step = quantization_step(io.out_res, io.out_bound)
     unit = 1.0
     if out_step:
         out = _RoundSTE.apply(out * (1.0 / out_step))
         unit = out_step
     if io.out_bound <= 0:
         return torch.ones(out.shape[0], dtype=torch.bool, device=out.device), out, unit
+    if io.bound_management == BoundManagementType.NONE:  # clipped, not tested
+        return torch.ones(out.shape[0], dtype=torch.bool, device=out.device), \
+            out.clamp(-io.out_bound / unit, io.out_bound / unit), unit
     tested = out if valid_out is None else out.masked_fill(~valid_out[:, None, :], 0.0)  # padding takes no test
     passed = tested.abs().amax(dim=(1, 2)) * unit <= io.out_bound  # in output units, as aihwkit tests
     return passed, out.clamp(-io.out_bound / unit, io.out_bound / unit), unit
