@@ -11,9 +11,11 @@ on the test split; one LAFT stage per global batch in ``--laft-batch`` (``train_
 ``--laft-epochs`` epoch(s) of ``--laft-steps`` steps, so ``steps x batch`` training samples, the training split
 tiled; validation with 4 repeats) on PCM without aihwkit's per-sample output noise (``out_noise=0``; the
 training weight noise stays on), the setting in which a data-parallel stage computes one process's weights
-(README, Scaling). A LAFT step costs host time that does not shrink with the batch (aihwkit's periphery is some
-forty small operations per tile call), so the speedup of a stage grows with the per-rank batch: sweep it.
-On CUDA each rank uses GPU LOCAL_RANK (NCCL); on the CPU, gloo.
+(README, Scaling). A LAFT step costs host time that does not shrink with the batch (some thirty small operations
+per PCM layer and autograd's per operation), so the speedup of a stage grows with the per-rank batch: sweep it.
+Each phase is timed after an untimed warm-up of the same work at a smaller size: CUDA's lazy initialization,
+kernel selection and the caching allocator's first growth happen once per process and do not shrink with the
+ranks. On CUDA each rank uses GPU LOCAL_RANK (NCCL); on the CPU, gloo.
 
 Each world size prints, per model, one JSON line: seconds per phase, peak CUDA memory per rank (max over
 ranks, per phase), and what must match across world sizes (traces, partition, repeat accuracies, a sample of
@@ -189,12 +191,18 @@ def worker(args: argparse.Namespace) -> None:
         synchronize(cuda)
         hessian_s = time.perf_counter() - start
         hessian_peak = peak_and_reset(cuda)
+        compiled.evaluate(test, repeats=2 * distributed.world_size(), seed=1)  # warm-up: 2 repeats per rank
+        synchronize(cuda)
         start = time.perf_counter()
         result = compiled.evaluate(test, repeats=args.repeats, seed=1)
         synchronize(cuda)
         evaluate_s = time.perf_counter() - start
         peak_and_reset(cuda)
         laft = {}
+        if args.laft_batches:  # warm-up: a stage of two steps
+            laft_stage(compiled, splits, device, argparse.Namespace(**{**vars(args), "laft_steps": 2}),
+                       args.laft_batches[0])
+            peak_and_reset(cuda)
         for batch in args.laft_batches:
             seconds, laft[str(batch)] = laft_stage(compiled, splits, device, args, batch)
             laft[str(batch)] |= {"seconds": round(seconds, 3), "peak_gib_per_rank": peak_and_reset(cuda)}
