@@ -82,6 +82,21 @@ def test_layer_equals_aihwkit_tiles_for_the_same_realizations(name):
     torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_255_dac_levels_round_and_clip_the_row_maximum_as_aihwkit():
+    """With 1/255 input resolution a row's maximum lands on a rounding boundary (127.5 levels) and rounds above the
+    input bound: the vectorized forward must round it in aihwkit's order and clip it as aihwkit does."""
+    layer = lower_module(nn.Linear(300, 70), QUIET).eval()
+    for module in layer.modules():
+        if hasattr(module, "rpu_config"):
+            module.rpu_config.forward.inp_res = 1 / 255
+    x = torch.randn(16, 300)
+    weights, alpha = _programmed(layer, [21, 22])
+    reference = torch.stack([_tile_forward(layer, w, a, x) for w, a in zip(weights, alpha, strict=True)])
+    with torch.no_grad():
+        out = RepeatedAnalogLayer(layer, Realizations(weights, alpha, [1, 2]))(x).view(reference.shape)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_uneven_tiles_are_padded_without_changing_results():
     # 301 inputs and 257 outputs split into tiles of unequal sizes (151/150, 129/128): padded and gathered.
     layer = lower_module(nn.Linear(301, 257), QUIET).eval()
