@@ -466,47 +466,6 @@ def test_laft_killed_under_torchrun_resumes_to_the_uninterrupted_result(tmp_path
         torch.testing.assert_close(torch.tensor(result["weights"][name]), value, rtol=1e-5, atol=1e-6)
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """A CPU stand-in for ``torch.nn.SyncBatchNorm`` (CUDA only): in training mode under torch.distributed it
-    normalizes by the global batch's statistics (every rank's slice, through autograd-aware all_reduces, whose
-    backward sums the ranks' gradients as SyncBatchNorm's does) and updates the running statistics as BatchNorm
-    would on the global batch (the unbiased variance over the global count)."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        channels, wide = x.shape[1], x.double()
-        sums = all_reduce(torch.cat([wide.sum((0, 2, 3)), wide.new_tensor([x.numel() / channels])]))
-        count = sums[-1].detach()
-        mean = sums[:channels] / count
-        centered = wide - mean[None, :, None, None]
-        var = all_reduce((centered * centered).sum((0, 2, 3))) / count
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
-            self.running_var.lerp_((var * count / (count - 1)).to(x.dtype), self.momentum)
-        normalized = (centered * torch.rsqrt(var + self.eps)[None, :, None, None]).to(x.dtype)
-        return normalized * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-
-
-def global_batch_norm(module):
-    """``module`` with every BatchNorm2d replaced by a GlobalBatchNorm2d sharing its parameters and buffers (the
-    same Parameter objects, as ``convert_sync_batchnorm`` keeps them: the stage's optimizer already holds them)."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            synced = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum)
-            synced.weight, synced.bias = child.weight, child.bias
-            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
-                setattr(synced, buffer, getattr(child, buffer))
-            synced.training = child.training
-            module.add_module(name, synced)
-        else:
-            global_batch_norm(child)
-    return module
-
-
 def bn_task():
     """A tiny conv net with BatchNorm after each convolution, on a learnable task (noisy stripes of three
     orientations): 75 training samples (the last
@@ -554,10 +513,6 @@ def _bn_training_rank(rank, world, store, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        from hetcomp.finetune import stage
-
-        # What _batchnorm does on CUDA (SyncBatchNorm), with the CPU stand-in (in this spawned process only).
-        stage._batchnorm = lambda lowered, device, sync: global_batch_norm(lowered)
         with open(f"{out}.{rank}", "w") as handle:
             json.dump(bn_laft_run(), handle)
     finally:
@@ -565,8 +520,9 @@ def _bn_training_rank(rank, world, store, out):
 
 
 def test_sync_batchnorm_setting_picks_global_or_per_rank_statistics():
-    """LAFT(sync_batchnorm=...) reaches the data-parallel stage: on CUDA BatchNorm becomes SyncBatchNorm unless it is
-    False; on the CPU (no SyncBatchNorm in torch) it stays; the setting enters the run's key only when off."""
+    """LAFT(sync_batchnorm=...) reaches the data-parallel stage: BatchNorm becomes SyncBatchNorm on CUDA and
+    GlobalBatchNorm on the CPU (no SyncBatchNorm in torch) unless it is False; the setting enters the run's key only
+    when off."""
     from hetcomp.finetune import stage
     from hetcomp.finetune.laft import LAFT
 
@@ -579,7 +535,8 @@ def test_sync_batchnorm_setting_picks_global_or_per_rank_statistics():
     cuda = torch.device("cuda", 0)  # the conversion only swaps modules: no GPU needed to see it
     assert kinds(stage._batchnorm(model(), cuda, True)) == ["SyncBatchNorm", "SyncBatchNorm"]
     assert kinds(stage._batchnorm(model(), cuda, False)) == ["BatchNorm2d", "BatchNorm1d"]
-    assert kinds(stage._batchnorm(model(), torch.device("cpu"), True)) == ["BatchNorm2d", "BatchNorm1d"]
+    assert kinds(stage._batchnorm(model(), torch.device("cpu"), True)) == ["GlobalBatchNorm", "GlobalBatchNorm"]
+    assert kinds(stage._batchnorm(model(), torch.device("cpu"), False)) == ["BatchNorm2d", "BatchNorm1d"]
     assert LAFT().stage_settings().sync_batchnorm is True
     off = LAFT(sync_batchnorm=False)
     assert off.stage_settings().sync_batchnorm is False
@@ -589,7 +546,8 @@ def test_sync_batchnorm_setting_picks_global_or_per_rank_statistics():
 
 
 def test_laft_of_a_batchnorm_model_under_two_ranks_with_global_batch_statistics_equals_one_process(tmp_path):
-    """With BatchNorm normalizing by the global batch (SyncBatchNorm on CUDA; here a CPU stand-in) and a continuous
+    """With BatchNorm normalizing by the global batch (SyncBatchNorm on CUDA; on the CPU GlobalBatchNorm, which the
+    stage itself puts in) and a continuous
     analog forward, the data-parallel stages (shards, loss weights of an uneven last batch, DDP's averaging, the
     BatchNorm gradient summed over the ranks, running statistics, rank 0's buffers) give one process's weights."""
     single = bn_laft_run()
@@ -601,3 +559,61 @@ def test_laft_of_a_batchnorm_model_under_two_ranks_with_global_batch_statistics_
     assert ranks[0]["stages"] == single["stages"]
     for name, value in single["weights"].items():
         torch.testing.assert_close(torch.tensor(ranks[0]["weights"][name]), torch.tensor(value), rtol=1e-5, atol=1e-6)
+
+
+def _global_bn_case(bn_class, shape):
+    """A BatchNorm layer, a global batch and the output gradient of a test case (seeded: every rank builds the same)."""
+    torch.manual_seed(0)
+    bn = bn_class(shape[1], momentum=None if bn_class is nn.BatchNorm1d else 0.3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return bn, torch.randn(*shape) * 3 + 1, torch.randn(*shape)
+
+
+def _global_bn_rank(rank, world, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from hetcomp.finetune.global_batchnorm import GlobalBatchNorm
+
+        results = {}
+        for bn_class, shape in ((nn.BatchNorm1d, (8, 4)), (nn.BatchNorm2d, (8, 3, 4, 4))):
+            bn, x, grad = _global_bn_case(bn_class, shape)
+            bn = GlobalBatchNorm.convert(bn).train()
+            rows = slice(0, 3) if rank == 0 else slice(3, 8)  # uneven slices of the global batch
+            inputs = x[rows].clone().requires_grad_()
+            outputs = bn(inputs)
+            (outputs * grad[rows]).sum().backward()
+            for tensor in (bn.weight.grad, bn.bias.grad):
+                dist.all_reduce(tensor)  # the ranks' parameter gradients summed: the global loss's
+            results[bn_class.__name__] = {
+                "out": outputs.tolist(), "input_grad": inputs.grad.tolist(), "weight_grad": bn.weight.grad.tolist(),
+                "bias_grad": bn.bias.grad.tolist(), "running_mean": bn.running_mean.tolist(),
+                "running_var": bn.running_var.tolist()}
+        with open(f"{out}.{rank}", "w") as handle:
+            json.dump(results, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batchnorm_on_two_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
+    """GlobalBatchNorm on uneven slices (3 + 5 samples) of a batch gives one BatchNorm's outputs, input and parameter
+    gradients and running statistics on the whole batch (1-d with a cumulative average, 2-d with momentum)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_global_bn_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "bn")), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"bn.{rank}").read_text()) for rank in range(2)]
+    for bn_class, shape in ((nn.BatchNorm1d, (8, 4)), (nn.BatchNorm2d, (8, 3, 4, 4))):
+        bn, x, grad = _global_bn_case(bn_class, shape)
+        inputs = x.clone().requires_grad_()
+        outputs = bn.train()(inputs)
+        (outputs * grad).sum().backward()
+        got = [rank[bn_class.__name__] for rank in ranks]
+        torch.testing.assert_close(torch.cat([torch.tensor(r["out"]) for r in got]), outputs.detach(),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([torch.tensor(r["input_grad"]) for r in got]), inputs.grad,
+                                   rtol=1e-4, atol=1e-5)
+        for rank in got:
+            for name, expected in (("weight_grad", bn.weight.grad), ("bias_grad", bn.bias.grad),
+                                   ("running_mean", bn.running_mean), ("running_var", bn.running_var)):
+                torch.testing.assert_close(torch.tensor(rank[name]), expected, rtol=1e-5, atol=1e-5, msg=name)

@@ -52,10 +52,10 @@ class LAFT(Pass):
     if given, else a seeded ``val_fraction`` split of the compile ``data``; ``val_repeats`` noisy passes
     per validation. checkpoint_dir: where stage checkpoints go (``build/laft`` by default; None keeps
     them in memory only). ``stop_after``: stop after that many stages in this call (for time-boxed
-    runs: call again with ``resume=True`` to continue). ``sync_batchnorm``: under torch.distributed on CUDA,
-    BatchNorm normalizes by the global batch's statistics (SyncBatchNorm: one process's training); False keeps
-    each rank's slice's statistics (torch DDP's default), which saves SyncBatchNorm's two collectives per
-    BatchNorm layer and step but trains differently from one process (README, Scaling).
+    runs: call again with ``resume=True`` to continue). ``sync_batchnorm``: under torch.distributed,
+    BatchNorm normalizes by the global batch's statistics (hetcomp.finetune.global_batchnorm: one process's
+    training, on any device); False keeps each rank's slice's statistics (torch DDP's default), which saves two
+    all-reduces per BatchNorm layer and step but trains differently from one process (README, Scaling).
     """
 
     epochs: int = 10

@@ -18,9 +18,9 @@ views of the tile's own weight parameter (the torch tile's ``tile.weight``, the 
 does, so a weight-noise draw (one per batch, the same for all its samples) is the same on every rank and
 the same as one process's; noise drawn per sample (aihwkit's output noise ``out_noise``, dropout) is drawn
 per rank, so with it the run differs from one process (see the README's Scaling section). BatchNorm
-statistics are synchronized over the ranks on CUDA (``SyncBatchNorm``: the global batch's statistics;
-``sync_batchnorm=False`` keeps them per rank, which is faster); on the CPU torch has no SyncBatchNorm, so each
-rank normalizes by its own slice's statistics and the running statistics are rank 0's. Validation is
+normalizes by the global batch's statistics (one process's training: torch's ``SyncBatchNorm`` on CUDA,
+``GlobalBatchNorm`` on the CPU); ``sync_batchnorm=False`` keeps each rank's slice's statistics (faster; the
+running statistics are then rank 0's). Validation is
 ``validation_accuracy`` (the sharded evaluation when it programs and drifts; whole on every rank with
 ``val_t_inference=None``), rank 0's score decides, and the stage returns rank 0's weights on every rank (identical
 anyway: every rank applied the same averaged update).
@@ -45,6 +45,7 @@ from hetcomp.data import DataFormat, move, tensor_pair
 from hetcomp.errors import ConfigError
 from hetcomp.evaluate import accuracy_labels, batched_logits, evaluate
 from hetcomp.finetune.data import TrainingData
+from hetcomp.finetune.global_batchnorm import GlobalBatchNorm
 from hetcomp.graph.calls import set_training
 from hetcomp.lower import Simulator, digital_state_dict, lower_graph, lowered_modules
 from hetcomp.progress import bar
@@ -67,7 +68,7 @@ class StageSettings:
     lr_decay: bool
     val_repeats: int
     val_t_inference: float | None  # None: read/ADC noise only; else programmed and drifted to this time
-    sync_batchnorm: bool = True  # under torch.distributed on CUDA: BatchNorm over the global batch (SyncBatchNorm)
+    sync_batchnorm: bool = True  # under torch.distributed: BatchNorm over the global batch (stage._batchnorm)
 
 
 @dataclass
@@ -209,7 +210,7 @@ def _validate(lowered: fx.GraphModule, data: TrainingData, settings: StageSettin
 
 
 def _data_parallel(lowered: fx.GraphModule, device: torch.device, sync_batchnorm: bool = True) -> torch.nn.Module:
-    """``lowered`` wrapped in DistributedDataParallel for this rank's device (BatchNorm synchronized on CUDA unless
+    """``lowered`` wrapped in DistributedDataParallel for this rank's device (BatchNorm over the global batch unless
     ``sync_batchnorm`` is False); aihwkit's AnalogContext placeholders are left out (the tile's own weight
     parameter carries the gradient)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -237,7 +238,11 @@ def _data_parallel(lowered: fx.GraphModule, device: torch.device, sync_batchnorm
 
 
 def _batchnorm(lowered: fx.GraphModule, device: torch.device, sync: bool) -> torch.nn.Module:
-    """``lowered`` with its BatchNorm layers as SyncBatchNorm (statistics of the global batch: one process's
-    training) when ``sync`` and on CUDA (torch has no SyncBatchNorm on the CPU); else as they are (each rank's
-    slice's statistics, torch DDP's default: about 15% faster a step on ResNet-20, bench/laft_steps.py)."""
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(lowered) if sync and device.type == "cuda" else lowered
+    """``lowered`` with its BatchNorm layers normalizing by the global batch (one process's training) when ``sync``:
+    torch's SyncBatchNorm on CUDA, hetcomp's GlobalBatchNorm on the CPU (torch has no SyncBatchNorm there); else as
+    they are (each rank's slice's statistics, torch DDP's default: faster a step, bench/laft_steps.py)."""
+    if not sync:
+        return lowered
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(lowered)
+    return GlobalBatchNorm.convert(lowered)
