@@ -3,7 +3,7 @@
 Under torch.distributed each rank holds a slice of the global batch; BatchNorm normalizing by its slice trains a
 different model than one process does. torch's ``SyncBatchNorm`` normalizes by the global batch, but only on CUDA
 (its statistics kernels are CUDA-only). ``GlobalBatchNorm`` computes the same statistics from sums all-reduced
-through ``torch.distributed.nn``'s autograd-aware ``all_reduce`` (its backward sums the ranks' gradients, as
+through an autograd-aware all-reduce (``_AllReduceSum``: its backward sums the ranks' gradients, as
 SyncBatchNorm's backward does), in two passes (mean, then the centered variance) accumulated in float64, so a rank
 with no samples simply adds nothing. The running statistics are updated as BatchNorm would on the global batch
 (unbiased variance over the global count). Outside training, or in one process, it is the BatchNorm it replaces.
@@ -21,6 +21,25 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from hetcomp.errors import DataError
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over the ranks, differentiable: the gradient of every rank's share is the sum of the ranks' gradients
+    of the total (synchronous collectives; torch.distributed.nn's ``all_reduce`` is deprecated)."""
+
+    @staticmethod
+    def forward(ctx: object, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
 
 class GlobalBatchNorm(_BatchNorm):
     """A BatchNorm layer (any of 1d/2d/3d) normalizing by the global batch under torch.distributed (module
@@ -28,23 +47,21 @@ class GlobalBatchNorm(_BatchNorm):
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
-            raise ValueError(f"expected an input of at least 2 dimensions (batch, channels, ...), got {x.dim()}")
+            raise DataError(f"BatchNorm needs an input of at least 2 dimensions (batch, channels, ...), got {x.dim()}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         self._check_input_dim(x)
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         shape = [1, channels] + [1] * (x.dim() - 2)
         local_count = x.new_full((1,), x.numel() // max(channels, 1), dtype=torch.float64)
-        sums = all_reduce(torch.cat([x.sum(dims, dtype=torch.float64), local_count]))
+        sums = _AllReduceSum.apply(torch.cat([x.sum(dims, dtype=torch.float64), local_count]))
         count = sums[-1].detach()
         mean = sums[:channels] / count
         centered = x - mean.to(x.dtype).view(shape)
-        var = all_reduce((centered * centered).sum(dims, dtype=torch.float64)) / count
+        var = _AllReduceSum.apply((centered * centered).sum(dims, dtype=torch.float64)) / count
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
