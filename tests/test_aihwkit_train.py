@@ -34,9 +34,9 @@ def aihwkit_path(layer: nn.Module, digital: nn.Module, target=QUIET) -> nn.Modul
     lowered afresh rather than copied: a deep copy loses the weight-gradient hooks aihwkit registers)."""
     reference = lower_module(digital, target).train()
     reference.load_state_dict(layer.state_dict())
-    for module in reference.modules():  # batched_training's cache, holding a reason to keep aihwkit's forward
-        configs = [tile.rpu_config for tile in module.modules() if hasattr(tile, "analog_ctx")]
-        module.__dict__["_batched_unsupported"] = (configs, "reference: aihwkit's forward")
+    from hetcomp.lower.aihwkit_train import _plan
+
+    _plan(reference).reason = "reference: aihwkit's forward"  # the layer's kept check: keep aihwkit's forward
     return reference
 
 

@@ -59,8 +59,15 @@ class Layout:
     sites: list[Site]
     in_features: int
     out_features: int
-    bias: torch.Tensor | None
+    biases: list[torch.Tensor]  # the digital bias Parameters of the layer's parts (a grouped convolution: per group)
     conv: dict[str, Any] | None = None  # kernel_size, stride, padding, dilation, out_channels, one_d
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The layer's digital bias, from its parts' current parameters (differentiable); None without one."""
+        if not self.biases:
+            return None
+        return self.biases[0] if len(self.biases) == 1 else torch.cat(self.biases)
 
 
 def _tiles_of(analog_module: nn.Module, in_offset: int, out_offset: int) -> tuple[list[Site], torch.Tensor | None]:
@@ -99,20 +106,20 @@ def layout(layer: nn.Module) -> Layout:
             sites += part_sites
             biases.append(bias)
             out_start += part.analog_module.out_size
-        bias = None if biases[0] is None else torch.cat(biases)  # differentiable: the training forward's
         conv = {"kernel_size": layer.kernel_size, "stride": layer.stride, "padding": layer.padding,
                 "dilation": layer.dilation, "out_channels": layer.out_channels, "one_d": layer.one_d}
-        return Layout(sites, columns * layer.groups, out_start, bias, conv)
+        return Layout(sites, columns * layer.groups, out_start, [] if biases[0] is None else biases, conv)
     if isinstance(layer, analog_nn.AnalogLinear):
         sites, bias = _tiles_of(layer.analog_module, 0, 0)
-        return Layout(sites, layer.in_features, layer.out_features, bias)
+        return Layout(sites, layer.in_features, layer.out_features, [] if bias is None else [bias])
     if isinstance(layer, analog_nn.AnalogConv2d):  # a Conv1d is lowered as a GroupedAnalogConv (aihwkit_sim)
         if getattr(layer, "padding_mode", "zeros") != "zeros":
             raise ConfigError(f"padding_mode {layer.padding_mode!r}")
         sites, bias = _tiles_of(layer.analog_module, 0, 0)
         conv = {"kernel_size": tuple(layer.kernel_size), "stride": tuple(layer.stride), "padding": tuple(layer.padding),
                 "dilation": tuple(layer.dilation), "out_channels": layer.out_channels, "one_d": False}
-        return Layout(sites, layer.analog_module.in_size, layer.analog_module.out_size, bias, conv)
+        return Layout(sites, layer.analog_module.in_size, layer.analog_module.out_size, [] if bias is None else [bias],
+                      conv)
     raise ConfigError(f"{type(layer).__name__} is not an aihwkit layer hetcomp lowers")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 from typing import Any
 
 import torch
@@ -192,25 +191,25 @@ class GroupedAnalogConv(nn.Module):
         return weight, bias
 
 
-# The single-tile-module aihwkit class of each digital layer (exact class match, as aihwkit); a Conv1d is lowered
-# as one group of GroupedAnalogConv: aihwkit's AnalogConv1d needs the indexed path, which its torch tiles lack.
-_ANALOG_CLASSES = {nn.Linear: ("hetcomp.lower.aihwkit_layers", "BatchedAnalogLinear"), nn.Conv1d: None,
-                   nn.Conv2d: ("hetcomp.lower.aihwkit_layers", "BatchedAnalogConv2d")}
+_LOWERED = (nn.Linear, nn.Conv1d, nn.Conv2d)  # exact class match, as aihwkit
 
 
 def lower_module(module: nn.Module, target: Target) -> nn.Module:
     """The aihwkit analog counterpart of a digital Linear/Conv1d/Conv2d (exact class match, as aihwkit)."""
     import aihwkit.nn as analog_nn
 
-    if type(module) not in _ANALOG_CLASSES:
-        raise ConfigError(f"aihwkit lowering handles {[c.__name__ for c in _ANALOG_CLASSES]}, "
+    if type(module) not in _LOWERED:
+        raise ConfigError(f"aihwkit lowering handles {[c.__name__ for c in _LOWERED]}, "
                           f"not {type(module).__name__}; assign this layer to a digital target")
     config = rpu_config(target)
     device = module.weight.device
     groups = getattr(module, "groups", 1)
-    where = _ANALOG_CLASSES[type(module)]
-    if groups == 1 and where is not None:
-        analog_class = getattr(importlib.import_module(where[0]), where[1])
+    # A Conv1d is lowered as one group of GroupedAnalogConv: aihwkit's AnalogConv1d needs the indexed path, which
+    # its torch tiles lack.
+    if groups == 1 and type(module) is not nn.Conv1d:
+        from hetcomp.lower.aihwkit_layers import BatchedAnalogConv2d, BatchedAnalogLinear
+
+        analog_class = BatchedAnalogLinear if type(module) is nn.Linear else BatchedAnalogConv2d
         # aihwkit builds tiles on the CPU; a copy, so that the graph's own layer is not moved off its device
         return analog_class.from_digital(copy.deepcopy(module).cpu(), config).to(device)
     if getattr(module, "padding_mode", "zeros") != "zeros" or isinstance(module.padding, str):

@@ -32,6 +32,7 @@ aihwkit's own forward in train mode too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,19 +47,42 @@ from hetcomp.lower.aihwkit_periphery import (
     quantization_step,
     row_maximum_level_is_whole,
 )
-from hetcomp.lower.aihwkit_repeats import SiteGeometry, block_plan, layout
+from hetcomp.lower.aihwkit_repeats import Layout, SiteGeometry, block_plan, layout
+
+
+@dataclass
+class _TrainPlan:
+    """What a layer's train-mode forward reads that does not change between calls: its tile layout, whether its
+    tiles are supported (checked against the rpu_config objects it read), and its site geometry per device."""
+
+    lay: Layout
+    configs: list[Any]
+    reason: str | None
+    geometries: dict[torch.device, SiteGeometry] = field(default_factory=dict)
+
+    def current(self) -> bool:
+        """Whether every tile still has the rpu_config it was checked with (aihwkit's load_state_dict replaces it)."""
+        return all(site.tile.rpu_config is config for site, config in zip(self.lay.sites, self.configs))
+
+    def geometry(self, device: torch.device) -> SiteGeometry:
+        if device not in self.geometries:
+            self.geometries[device] = SiteGeometry(self.lay, device)
+        return self.geometries[device]
+
+
+def _plan(layer: nn.Module) -> _TrainPlan:
+    """The layer's plan, built on the first call and again when a tile's rpu_config was replaced."""
+    plan = layer.__dict__.get("_train_plan")
+    if plan is None or not plan.current():
+        lay = layout(layer)
+        plan = layer.__dict__["_train_plan"] = _TrainPlan(lay, [site.tile.rpu_config for site in lay.sites],
+                                                           unsupported(layer))
+    return plan
 
 
 def batched_training(layer: nn.Module) -> bool:
-    """Whether ``layer`` runs ``train_forward``: in train mode, with tiles it supports. The check is kept with the
-    tiles' rpu_config objects it read and made again when any is replaced (aihwkit's ``load_state_dict`` does)."""
-    if not layer.training:
-        return False
-    configs = [module.rpu_config for module in layer.modules() if hasattr(module, "analog_ctx")]
-    cached = layer.__dict__.get("_batched_unsupported")
-    if cached is None or len(cached[0]) != len(configs) or any(a is not b for a, b in zip(cached[0], configs)):
-        cached = layer.__dict__["_batched_unsupported"] = (configs, unsupported(layer))
-    return cached[1] is None
+    """Whether ``layer`` runs ``train_forward``: in train mode, with tiles it supports (``unsupported``)."""
+    return layer.training and _plan(layer).reason is None
 
 
 def unsupported(layer: nn.Module) -> str | None:
@@ -106,19 +130,11 @@ def unsupported(layer: nn.Module) -> str | None:
     return None
 
 
-def _geometry(layer: nn.Module, device: torch.device, lay: Any) -> SiteGeometry:
-    """The layer's site geometry on ``device``, built once (index tensors) and kept on the layer."""
-    cached = getattr(layer, "_site_geometry", None)
-    if cached is None or cached[0] != device:
-        cached = (device, SiteGeometry(lay, device))
-        layer._site_geometry = cached
-    return cached[1]
-
-
 def train_forward(layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     """The layer's train-mode output for input rows [..., in_features] -> [..., out_features] (module docstring)."""
-    lay = layout(layer)
-    geometry = _geometry(layer, rows.device, lay)
+    plan = _plan(layer)
+    lay = plan.lay
+    geometry = plan.geometry(rows.device)
     tiles = [site.tile for site in lay.sites]
     config = tiles[0].rpu_config
     weights = _stacked(geometry, [tile.tile.weight for tile in tiles])  # [S, out_max, in_max]
