@@ -18,12 +18,13 @@ instead of torch's SyncBatchNorm.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,32 @@ def timing(seconds: dict[str, float], cuda: bool) -> None:
         setattr(stage, name, timed(getattr(stage, name), name))
 
 
+@contextlib.contextmanager
+def profiled(folder: Path | None, name: str, cuda: bool) -> Iterator[None]:
+    """Profile the block into ``folder / name`` (operators by self CPU time; the time in cudaStreamSynchronize and
+    aten::nonzero is the host waiting for the GPU), or do nothing without a folder."""
+    if folder is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        yield
+    folder.mkdir(parents=True, exist_ok=True)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+    (folder / name).write_text(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", default="resnet20", choices=scale.MODELS)
     parser.add_argument("--configs", default="32x128,32x256", help="comma-separated STEPSxBATCH (global batch)")
     parser.add_argument("--diagnose", choices=("no-ddp", "no-syncbn", "global-bn"), default=None)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="profile each config's stage (torch.profiler, CPU and CUDA): every rank writes its "
+                             "operator table, by self CPU time, to PROFILE/rank<r>_<steps>x<batch>.txt")
     args = parser.parse_args()
     configs = [tuple(map(int, config.split("x"))) for config in args.configs.split(",")]
     set_quiet(True)
@@ -91,7 +112,8 @@ def main() -> None:
     scale.laft_stage(compiled, splits, device, scale.parse(["--laft-steps", "4"]), 256)  # warm-up
     for steps, batch in configs:
         seconds.clear()
-        total, _ = scale.laft_stage(compiled, splits, device, scale.parse(["--laft-steps", str(steps)]), batch)
+        with profiled(args.profile, f"rank{distributed.rank()}_{steps}x{batch}.txt", cuda):
+            total, _ = scale.laft_stage(compiled, splits, device, scale.parse(["--laft-steps", str(steps)]), batch)
         parts = {name: round(value, 3) for name, value in seconds.items()}
         training = total - sum(seconds.values())
         if distributed.is_main():

@@ -213,6 +213,7 @@ def worker(args: argparse.Namespace) -> None:
                 "device": torch.cuda.get_device_name() if cuda else "cpu",
                 "hessian_s": round(hessian_s, 3), "evaluate_s": round(evaluate_s, 3),
                 "hessian_peak_gib_per_rank": hessian_peak,
+                "pass_s": {record["name"]: round(record["seconds"], 3) for record in compiled.manifest.passes},
                 "pcm_layers": sum(layer["assignment"] == "pcm" for layer in compiled.manifest.layers),
                 "assignments": [layer["assignment"] for layer in compiled.manifest.layers],
                 "accuracies": result.accuracies,

@@ -143,10 +143,8 @@ class HessianOperator:
                                     "the inputs or check loss_fn")
                 self.loss += weight * value
         if self.group is not None:
-            for accumulated in self.gradient:
-                dist.all_reduce(accumulated, group=self.group)
-            loss = torch.tensor(self.loss, dtype=torch.float64, device=self.params[0].device)
-            dist.all_reduce(loss, group=self.group)
+            loss = torch.tensor([self.loss], dtype=torch.float64, device=self.params[0].device)
+            *self.gradient, loss = self._summed_over_ranks([*self.gradient, loss])
             self.loss = float(loss)
         set_training(model, was_training)
 
@@ -162,9 +160,25 @@ class HessianOperator:
             yield
         caller.wait_stream(self._stream)
 
+    def _summed_over_ranks(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``parts`` summed over the ranks in one all-reduce per dtype (flattened into one buffer): a round of
+        block HVPs over 22 layers is one collective, not 22 (each collective costs its launch and a rendezvous of
+        the ranks, whatever its size). Outside any captured region: the replays before it are complete."""
+        if self.group is None:
+            return parts
+        summed = list(parts)
+        for dtype in dict.fromkeys(part.dtype for part in parts):
+            indices = [i for i, part in enumerate(parts) if part.dtype == dtype]
+            flat = torch.cat([parts[i].reshape(-1) for i in indices])
+            dist.all_reduce(flat, group=self.group)
+            for i, chunk in zip(indices, flat.split([parts[i].numel() for i in indices])):
+                summed[i] = chunk.view(parts[i].shape)
+        return summed
+
     def _products(self, layer: int | None, tangents: list[torch.Tensor], batched: bool = False) -> list[torch.Tensor]:
-        """Sum over batches of weight_b * d(g_b . t)/dw: ``layer=None`` is the full-model H t (one tangent
-        per parameter); ``layer=l`` is H_ll t (one tangent, layer l's). ``batched``: leading probe dim."""
+        """This rank's sum over its batches of weight_b * d(g_b . t)/dw (``_summed_over_ranks`` completes it):
+        ``layer=None`` is the full-model H t (one tangent per parameter); ``layer=l`` is H_ll t (one tangent, layer
+        l's). ``batched``: leading probe dim."""
         result: list[torch.Tensor] | None = None
         with self._on_stream():
             for index, (grads, weight) in enumerate(self._graphs):
@@ -180,9 +194,6 @@ class HessianOperator:
                         acc.add_(part, alpha=weight)
         if result is None:  # a rank without batches (more ranks than batches) contributes zeros
             result = [torch.zeros_like(t) for t in tangents]
-        if self.group is not None:  # outside any captured region: the replay above is complete
-            for part in result:
-                dist.all_reduce(part, group=self.group)
         return result
 
     def _differentiate(self, key: tuple, outputs, inputs, tangents, batched: bool) -> list[torch.Tensor]:
@@ -216,26 +227,26 @@ class HessianOperator:
     def hvp(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Full-model H v for one vector given per parameter."""
         self.hvp_calls += 1
-        return self._products(None, list(vectors))
+        return self._summed_over_ranks(self._products(None, list(vectors)))
 
     def hvp_many(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Full-model H v for a batch of vectors: each tensor has a leading probe dimension."""
         count = vectors[0].shape[0]
         if self.batched and count > 1:
             self.hvp_calls += count
-            return self._products(None, list(vectors), batched=True)
+            return self._summed_over_ranks(self._products(None, list(vectors), batched=True))
         columns = [self.hvp([v[i] for v in vectors]) for i in progress(range(count), "Hessian probes", count)]
         return [torch.stack([col[j] for col in columns]) for j in range(len(self.params))]
 
     def block_hvp(self, vectors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """H_ll v_l for each layer index l given (the diagonal blocks only). A vector with one more
         dimension than its layer's weight is a batch of probes (one vmapped backward)."""
-        result = {}
+        local = []
         for layer, vector in vectors.items():
             batched = vector.dim() > self.params[layer].dim()
             self.hvp_calls += vector.shape[0] if batched else 1
-            (result[layer],) = self._products(layer, [vector], batched)
-        return result
+            local += self._products(layer, [vector], batched)
+        return dict(zip(vectors, self._summed_over_ranks(local)))
 
     # -- estimators ---------------------------------------------------------------------------------
     def hutchinson(
