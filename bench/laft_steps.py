@@ -11,8 +11,8 @@ time hardly depends on the batch: a second GPU cannot help) and what the data-pa
 
 ``--diagnose`` takes a part of data parallelism away to measure what it costs (not a way to train: the ranks
 then train apart): ``no-ddp`` leaves the model unwrapped (no gradient all-reduce, each rank steps on its own
-slice), ``no-syncbn`` keeps BatchNorm per rank, ``global-bn`` uses hetcomp's GlobalBatchNorm (what the CPU uses)
-instead of torch's SyncBatchNorm.
+slice), ``no-syncbn`` keeps BatchNorm per rank, ``torch-syncbn`` uses torch's SyncBatchNorm (whose forward synchronizes
+the host once per layer) instead of hetcomp's GlobalBatchNorm.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import scale  # noqa: E402
 import hetcomp  # noqa: E402
 from hetcomp import distributed  # noqa: E402
 from hetcomp.finetune import stage  # noqa: E402
-from hetcomp.finetune.global_batchnorm import GlobalBatchNorm  # noqa: E402
 from hetcomp.progress import set_quiet  # noqa: E402
 
 PARTS = ("lower_graph", "_validate", "_data_parallel", "digital_state_dict")
@@ -85,7 +84,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", default="resnet20", choices=scale.MODELS)
     parser.add_argument("--configs", default="32x128,32x256", help="comma-separated STEPSxBATCH (global batch)")
-    parser.add_argument("--diagnose", choices=("no-ddp", "no-syncbn", "global-bn"), default=None)
+    parser.add_argument("--diagnose", choices=("no-ddp", "no-syncbn", "torch-syncbn"), default=None)
     parser.add_argument("--profile", type=Path, default=None,
                         help="profile each config's stage (torch.profiler, CPU and CUDA): every rank writes its "
                              "operator table, by self CPU time, to PROFILE/rank<r>_<steps>x<batch>.txt")
@@ -96,8 +95,8 @@ def main() -> None:
         stage._data_parallel = lambda lowered, *_: lowered
     if args.diagnose == "no-syncbn":
         stage._batchnorm = lambda lowered, *_: lowered
-    if args.diagnose == "global-bn":  # hetcomp's GlobalBatchNorm (the CPU's) in place of torch's SyncBatchNorm
-        stage._batchnorm = lambda lowered, *_: GlobalBatchNorm.convert(lowered)
+    if args.diagnose == "torch-syncbn":  # torch's SyncBatchNorm in place of hetcomp's GlobalBatchNorm
+        stage._batchnorm = lambda lowered, *_: torch.nn.SyncBatchNorm.convert_sync_batchnorm(lowered)
     cuda = torch.cuda.is_available()
     seconds: dict[str, float] = {}
     timing(seconds, cuda)

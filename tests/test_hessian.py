@@ -507,3 +507,24 @@ def test_proposition_1_at_the_default_gamma_on_a_quadratic_loss_rejects_a_missca
     assert consistent(weight.numel() * hni)
     for wrong in (2.0, 0.5, 1.25):
         assert not consistent(wrong * weight.numel() * hni), wrong
+
+
+def test_rademacher_probes_are_the_generators_bytes_unpacked():
+    """Eight signs per random byte, bit k of byte j is sign 8j + k (+1 for a set bit), in the requested dtype; the
+    next draw continues the generator's stream; a shape not a multiple of 8 uses the leading bits of its last byte."""
+    from hetcomp.analysis.hessian import rademacher
+
+    shape = (3, 7)  # 21 signs: 3 bytes, 3 bits of the last unused
+    generator = torch.Generator().manual_seed(5)
+    first = rademacher(shape, torch.zeros(1, dtype=torch.float64), generator)
+    second = rademacher(shape, torch.zeros(1, dtype=torch.float64), generator)
+    replay = torch.Generator().manual_seed(5)
+    expected = []
+    for _ in range(2):
+        packed = torch.randint(0, 256, (3,), generator=replay, dtype=torch.uint8).tolist()
+        bits = [(byte >> k) & 1 for byte in packed for k in range(8)][:21]
+        expected.append(torch.tensor([2.0 * bit - 1.0 for bit in bits], dtype=torch.float64).reshape(shape))
+    assert first.dtype == torch.float64 and first.shape == shape
+    assert torch.equal(first, expected[0]) and torch.equal(second, expected[1])
+    many = rademacher((400, 500), torch.zeros(1), torch.Generator().manual_seed(0))
+    assert set(many.unique().tolist()) == {-1.0, 1.0} and abs(float(many.mean())) < 0.01  # 5 sigma at n = 2e5

@@ -504,11 +504,17 @@ def rademacher(shape, like: torch.Tensor, generator: torch.Generator) -> torch.T
     """Random ±1 signs of ``shape``, in ``like``'s dtype and on its device (the probes of Hutchinson's
     estimator, shared by the weight-Hessian estimators here and the input-curvature study).
 
-    Drawn on the CPU ``generator`` (int8, one draw of ``shape``) so results are identical on every device
-    for the same seed.
+    Drawn on the CPU ``generator`` so results are identical on every device for the same seed: random bytes, eight
+    signs each (bit k of byte j is sign 8 j + k), unpacked on ``like``'s device. A byte per eight signs keeps the
+    draw off the critical path: every rank draws every probe, so the draw does not shrink with the ranks, and one
+    draw per sign on the CPU took 0.2 s of a 3.1M-weight transformer's 10-probe trace (a third of what stayed
+    serial on two GPUs).
     """
-    signs = torch.randint(0, 2, tuple(shape), generator=generator, dtype=torch.int8)
-    return (signs.to(like.dtype) * 2 - 1).to(like.device)
+    shape = tuple(shape)
+    count = math.prod(shape)
+    packed = torch.randint(0, 256, (-(-count // 8),), generator=generator, dtype=torch.uint8).to(like.device)
+    bits = packed[:, None].bitwise_right_shift(torch.arange(8, dtype=torch.uint8, device=like.device)) & 1
+    return (bits.flatten()[:count].to(like.dtype) * 2 - 1).reshape(shape)
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,29 @@
-"""BatchNorm over the global batch of a data-parallel fine-tuning stage on the CPU, where torch has no SyncBatchNorm.
+"""BatchNorm over the global batch of a data-parallel fine-tuning stage, on CUDA and on the CPU.
 
 Under torch.distributed each rank holds a slice of the global batch; BatchNorm normalizing by its slice trains a
-different model than one process does. torch's ``SyncBatchNorm`` normalizes by the global batch, but only on CUDA
-(its statistics kernels are CUDA-only). ``GlobalBatchNorm`` computes the same statistics from sums all-reduced
-through an autograd-aware all-reduce (``_AllReduceSum``: its backward sums the ranks' gradients, as
-SyncBatchNorm's backward does), in two passes (mean, then the centered variance) accumulated in float64, so a rank
-with no samples simply adds nothing. The running statistics are updated as BatchNorm would on the global batch
-(unbiased variance over the global count). Outside training, or in one process, it is the BatchNorm it replaces.
+different model than one process does. ``GlobalBatchNorm`` normalizes by the global batch, as torch's
+``SyncBatchNorm`` does and with the same algorithm and collectives -- each rank's per-channel mean and inverse
+standard deviation and its count are all-gathered and merged (Chan's parallel update, as one BatchNorm over the
+whole batch), the running statistics updated with the unbiased global variance; in backward the per-channel sums of
+dy and dy * (x - mean) are all-reduced -- with two differences:
 
-It runs on CUDA too, but there the stage uses torch's SyncBatchNorm: its fused kernels and two collectives per
-layer made a ResNet-20 step on two H200s faster (96-100 ms at global batch 256, 137 ms at 1,024) than this
-layer's composite operations and four all-reduces (116 and 150 ms; bench/results/laft_steps_h200x2.txt, call H),
-although SyncBatchNorm's forward synchronizes the host once per layer.
+- **No host synchronization.** torch's forward drops the statistics of ranks with an empty slice by a boolean mask
+  (``count_all[mask]``), which waits for the all-gather on the host once per layer. In a host-bound LAFT step that
+  rendezvous of the ranks cost more than the layer's work (bench/results/laft_steps_h200x2.txt: a ResNet-20 step on
+  two H200s took 112 ms with SyncBatchNorm, 82 ms with per-rank BatchNorm). Here every rank's slice must hold a
+  sample, checked on the host from the shape: the fine-tuning stage guarantees it (``batch_size >= world``; a last
+  batch smaller than the ranks is held whole by every rank).
+- **The CPU too.** torch's statistics kernels (``torch.batch_norm_stats`` and the four others) exist only on CUDA;
+  on any other device the same five kernels run as composite operations (``_CompositeKernels``, accumulated in
+  float64), so the collectives and the merge are one code path, tested under gloo in CI;
+  bench/check_batchnorm_kernels.py checks the composite kernels against torch's CUDA ones.
+
+Outside training, or in one process, it is the BatchNorm it replaces.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,21 +33,130 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from hetcomp.errors import DataError
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """The sum over the ranks, differentiable: the gradient of every rank's share is the sum of the ranks' gradients
-    of the total (synchronous collectives; torch.distributed.nn's ``all_reduce`` is deprecated)."""
+class _CompositeKernels:
+    """torch's CUDA-only BatchNorm statistics kernels (same signatures and results) from composite operations, for
+    devices without them. Reductions run in float64; results come back in the input's dtype (counts in theirs)."""
 
     @staticmethod
-    def forward(ctx: object, tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()
-        dist.all_reduce(total)
-        return total
+    def _shape(x: torch.Tensor) -> list[int]:
+        return [1, x.shape[1]] + [1] * (x.dim() - 2)
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.clone()
-        dist.all_reduce(total)
-        return total
+    def _dims(x: torch.Tensor) -> list[int]:
+        return [0, *range(2, x.dim())]
+
+    @classmethod
+    def batch_norm_stats(cls, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        wide = x.double()
+        var, mean = torch.var_mean(wide, dim=cls._dims(x), correction=0)
+        return mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
+
+    @staticmethod
+    def batch_norm_gather_stats_with_counts(x: torch.Tensor, mean_all: torch.Tensor, invstd_all: torch.Tensor,
+                                            running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                                            momentum: float, eps: float, counts: torch.Tensor
+                                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = counts.double()[:, None]  # [ranks, 1]
+        total = counts.sum()
+        means, variances = mean_all.double(), invstd_all.double().pow(-2) - eps
+        mean = (counts * means).sum(0) / total
+        var = (counts * (variances + (means - mean).pow(2))).sum(0) / total
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        if running_var is not None:
+            running_var.lerp_((var * total / (total - 1).clamp(min=1.0)).to(running_var.dtype), momentum)
+        return mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
+
+    @classmethod
+    def batch_norm_elemt(cls, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         mean: torch.Tensor, invstd: torch.Tensor, eps: float) -> torch.Tensor:
+        shape = cls._shape(x)
+        out = (x - mean.view(shape)) * invstd.view(shape)
+        if weight is not None:
+            out = out * weight.view(shape)
+        return out + bias.view(shape) if bias is not None else out
+
+    @classmethod
+    def batch_norm_backward_reduce(cls, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                                   weight: torch.Tensor | None, input_g: bool, weight_g: bool, bias_g: bool
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        dims, shape = cls._dims(x), cls._shape(x)
+        sum_dy = dy.double().sum(dims)
+        sum_dy_xmu = (dy.double() * (x.double() - mean.double().view(shape))).sum(dims)
+        grad_weight = (sum_dy_xmu * invstd.double()).to(x.dtype) if weight_g else None
+        grad_bias = sum_dy.to(x.dtype) if bias_g else None
+        return sum_dy.to(x.dtype), sum_dy_xmu.to(x.dtype), grad_weight, grad_bias
+
+    @classmethod
+    def batch_norm_backward_elemt(cls, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                                  weight: torch.Tensor | None, sum_dy: torch.Tensor, sum_dy_xmu: torch.Tensor,
+                                  counts: torch.Tensor) -> torch.Tensor:
+        shape = cls._shape(x)
+        total = counts.sum().double()
+        invstd = invstd.double().view(shape)
+        scale = invstd * (weight.double().view(shape) if weight is not None else 1.0)
+        centered = x.double() - mean.double().view(shape)
+        grad = (dy.double() - (sum_dy.double().view(shape) / total)
+                - centered * invstd.pow(2) * (sum_dy_xmu.double().view(shape) / total)) * scale
+        return grad.to(x.dtype)
+
+
+def _kernels(x: torch.Tensor) -> Any:
+    return torch if x.is_cuda else _CompositeKernels
+
+
+class _GlobalBatchNormFunction(torch.autograd.Function):
+    """torch's SyncBatchNorm function without the empty-rank mask (module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                running_mean: torch.Tensor | None, running_var: torch.Tensor | None, eps: float, momentum: float,
+                group: Any) -> torch.Tensor:
+        kernels = _kernels(x)
+        x = x.contiguous()
+        weight = weight.contiguous() if weight is not None else None
+        channels, world = x.shape[1], dist.get_world_size(group)
+        mean, invstd = kernels.batch_norm_stats(x, eps)
+        count = torch.full((1,), x.numel() // channels, dtype=mean.dtype, device=x.device)
+        combined = torch.cat([mean, invstd, count])  # [2C + 1]
+        if not x.is_cuda or dist.get_backend(group) == "gloo":  # gloo has no all_gather_into_tensor
+            parts = [torch.empty_like(combined) for _ in range(world)]
+            dist.all_gather(parts, combined, group=group)
+            gathered = torch.stack(parts)
+        else:
+            gathered = combined.new_empty(world, combined.numel())
+            dist.all_gather_into_tensor(gathered, combined, group=group)
+        mean_all, invstd_all, count_all = torch.split(gathered, channels, dim=1)
+        counts = count_all.reshape(-1)
+        if running_mean is not None and counts.dtype != running_mean.dtype:
+            counts = counts.to(running_mean.dtype)
+        mean, invstd = kernels.batch_norm_gather_stats_with_counts(x, mean_all, invstd_all, running_mean, running_var,
+                                                                   momentum, eps, counts)
+        ctx.save_for_backward(x, weight, mean, invstd, count_all.reshape(-1).to(torch.int32))
+        ctx.group = group
+        return kernels.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, invstd, counts = ctx.saved_tensors
+        kernels = _kernels(x)
+        grad_output = grad_output.contiguous()
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = kernels.batch_norm_backward_reduce(
+            grad_output, x, mean, invstd, weight, needs_input, needs_weight, needs_bias)
+        grad_input = None
+        if needs_input:
+            channels = sum_dy.shape[0]
+            combined = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(combined, group=ctx.group)
+            sum_dy, sum_dy_xmu = torch.split(combined, channels)
+            if weight is not None and weight.dtype != mean.dtype:
+                weight = weight.to(mean.dtype)
+            grad_input = kernels.batch_norm_backward_elemt(grad_output, x, mean, invstd, weight, sum_dy, sum_dy_xmu,
+                                                           counts)
+        # The parameters' gradients stay this rank's: DistributedDataParallel averages them with the others.
+        return (grad_input, grad_weight if weight is not None and needs_weight else None,
+                grad_bias if weight is not None and needs_bias else None, None, None, None, None, None)
 
 
 class GlobalBatchNorm(_BatchNorm):
@@ -53,25 +171,18 @@ class GlobalBatchNorm(_BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         self._check_input_dim(x)
-        channels = x.shape[1]
-        dims = [0, *range(2, x.dim())]
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        local_count = x.new_full((1,), x.numel() // max(channels, 1), dtype=torch.float64)
-        sums = _AllReduceSum.apply(torch.cat([x.sum(dims, dtype=torch.float64), local_count]))
-        count = sums[-1].detach()
-        mean = sums[:channels] / count
-        centered = x - mean.to(x.dtype).view(shape)
-        var = _AllReduceSum.apply((centered * centered).sum(dims, dtype=torch.float64)) / count
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.to(x.dtype), factor)
-                self.running_var.lerp_((var * count / (count - 1).clamp(min=1.0)).to(x.dtype), factor)
-        out = centered * torch.rsqrt(var + self.eps).to(x.dtype).view(shape)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        if x.numel() == 0:
+            raise DataError("GlobalBatchNorm got an empty slice on this rank: every rank must hold at least one sample "
+                            "of each global batch (use a global batch of at least the number of ranks)")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative moving average, as BatchNorm's
+                factor = 1.0 / float(self.num_batches_tracked)
+        tracked = self.track_running_stats
+        return _GlobalBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean if tracked else None,
+                                              self.running_var if tracked else None, self.eps, factor,
+                                              dist.group.WORLD)
 
     @classmethod
     def convert(cls, module: nn.Module) -> nn.Module:

@@ -53,8 +53,8 @@ class LAFT(Pass):
     per validation. checkpoint_dir: where stage checkpoints go (``build/laft`` by default; None keeps
     them in memory only). ``stop_after``: stop after that many stages in this call (for time-boxed
     runs: call again with ``resume=True`` to continue). ``sync_batchnorm``: under torch.distributed,
-    BatchNorm normalizes by the global batch's statistics (one process's training: torch's SyncBatchNorm on CUDA,
-    hetcomp.finetune.global_batchnorm on the CPU); False keeps each rank's slice's statistics (torch DDP's
+    BatchNorm normalizes by the global batch's statistics (one process's training: hetcomp.finetune.global_batchnorm,
+    on CUDA and the CPU); False keeps each rank's slice's statistics (torch DDP's
     default), which saves two collectives per BatchNorm layer and step but trains differently from one process
     (README, Scaling).
     """

@@ -18,12 +18,12 @@ views of the tile's own weight parameter (the torch tile's ``tile.weight``, the 
 does, so a weight-noise draw (one per batch, the same for all its samples) is the same on every rank and
 the same as one process's; noise drawn per sample (aihwkit's output noise ``out_noise``, dropout) is drawn
 per rank, so with it the run differs from one process (see the README's Scaling section). BatchNorm
-normalizes by the global batch's statistics (one process's training: torch's ``SyncBatchNorm`` on CUDA,
-``GlobalBatchNorm`` on the CPU); ``sync_batchnorm=False`` keeps each rank's slice's statistics (faster; the
-running statistics are then rank 0's). Validation is
-``validation_accuracy`` (the sharded evaluation when it programs and drifts; whole on every rank with
-``val_t_inference=None``), rank 0's score decides, and the stage returns rank 0's weights on every rank (identical
-anyway: every rank applied the same averaged update).
+normalizes by the global batch's statistics (one process's training: ``GlobalBatchNorm``, torch's SyncBatchNorm
+without its per-layer host synchronization, on CUDA and the CPU); ``sync_batchnorm=False`` keeps each rank's
+slice's statistics (faster; the running statistics are then rank 0's). Validation is ``validation_accuracy`` (the
+sharded evaluation when it programs and drifts; whole on every rank with ``val_t_inference=None``), rank 0's score
+decides, and the stage returns rank 0's weights on every rank (identical anyway: every rank applied the same
+averaged update).
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def _data_parallel(lowered: fx.GraphModule, device: torch.device, sync_batchnorm
         if type(parameter).__name__ == "AnalogContext":
             ignored.append(name)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(lowered, ignored)
-    lowered = _batchnorm(lowered, device, sync_batchnorm)
+    lowered = _batchnorm(lowered, sync_batchnorm)
     # No buffer broadcast before every forward: train-mode forwards read no buffer a rank changes (BatchNorm uses
     # the batch's statistics; hetcomp's aihwkit settings learn no input range), and _validate broadcasts rank 0's
     # buffers before every validation, the first step included. Newer torch calls it forward_sync_buffers.
@@ -237,12 +237,10 @@ def _data_parallel(lowered: fx.GraphModule, device: torch.device, sync_batchnorm
                                    **no_forward_sync)
 
 
-def _batchnorm(lowered: fx.GraphModule, device: torch.device, sync: bool) -> torch.nn.Module:
+def _batchnorm(lowered: fx.GraphModule, sync: bool) -> torch.nn.Module:
     """``lowered`` with its BatchNorm layers normalizing by the global batch (one process's training) when ``sync``:
-    torch's SyncBatchNorm on CUDA, hetcomp's GlobalBatchNorm on the CPU (torch has no SyncBatchNorm there); else as
-    they are (each rank's slice's statistics, torch DDP's default: faster a step, bench/laft_steps.py)."""
+    hetcomp's GlobalBatchNorm (torch's SyncBatchNorm without its host synchronization per layer, and on the CPU too);
+    else as they are (each rank's slice's statistics, torch DDP's default: faster a step, bench/laft_steps.py)."""
     if not sync:
         return lowered
-    if device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(lowered)
     return GlobalBatchNorm.convert(lowered)
