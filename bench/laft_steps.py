@@ -9,10 +9,11 @@ lowered, ``out_noise=0``, validation with 4 repeats programmed and drifted). Ran
 config. Comparing one GPU at batch B/2 with two GPUs at batch B tells whether a step is bound by the host (its
 time hardly depends on the batch: a second GPU cannot help) and what the data-parallel collectives cost.
 
-``--diagnose`` takes a part of data parallelism away to measure what it costs (not a way to train: the ranks
-then train apart): ``no-ddp`` leaves the model unwrapped (no gradient all-reduce, each rank steps on its own
-slice), ``no-syncbn`` keeps BatchNorm per rank, ``torch-syncbn`` uses torch's SyncBatchNorm (whose forward synchronizes
-the host once per layer) instead of hetcomp's GlobalBatchNorm.
+``--diagnose`` (comma-separated: the variants alternate in one process, ``--rounds`` times, so that they see the
+same machine state) takes a part of data parallelism away to measure what it costs (not a way to train: the ranks
+then train apart): ``no-ddp`` leaves the model unwrapped (no gradient all-reduce, each rank steps on its own slice),
+``no-syncbn`` keeps BatchNorm per rank, ``torch-syncbn`` uses torch's SyncBatchNorm (whose forward synchronizes the
+host once per layer) instead of hetcomp's GlobalBatchNorm; ``default`` is the stage as it is.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import os
 import sys
@@ -84,19 +86,20 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", default="resnet20", choices=scale.MODELS)
     parser.add_argument("--configs", default="32x128,32x256", help="comma-separated STEPSxBATCH (global batch)")
-    parser.add_argument("--diagnose", choices=("no-ddp", "no-syncbn", "torch-syncbn"), default=None)
+    parser.add_argument("--diagnose", default="default",
+                        help="comma-separated, of default, no-ddp, no-syncbn, torch-syncbn: each config runs under "
+                             "each, one after the other in this process")
+    parser.add_argument("--rounds", type=int, default=1, help="run all configs and variants this many times")
     parser.add_argument("--profile", type=Path, default=None,
                         help="profile each config's stage (torch.profiler, CPU and CUDA): every rank writes its "
                              "operator table, by self CPU time, to PROFILE/rank<r>_<steps>x<batch>.txt")
     args = parser.parse_args()
     configs = [tuple(map(int, config.split("x"))) for config in args.configs.split(",")]
+    variants = [variant.strip() for variant in args.diagnose.split(",")]
+    unknown = set(variants) - {"default", "no-ddp", "no-syncbn", "torch-syncbn"}
+    if unknown:
+        parser.error(f"unknown --diagnose {sorted(unknown)}")
     set_quiet(True)
-    if args.diagnose == "no-ddp":
-        stage._data_parallel = lambda lowered, *_: lowered
-    if args.diagnose == "no-syncbn":
-        stage._batchnorm = lambda lowered, *_: lowered
-    if args.diagnose == "torch-syncbn":  # torch's SyncBatchNorm in place of hetcomp's GlobalBatchNorm
-        stage._batchnorm = lambda lowered, *_: torch.nn.SyncBatchNorm.convert_sync_batchnorm(lowered)
     cuda = torch.cuda.is_available()
     seconds: dict[str, float] = {}
     timing(seconds, cuda)
@@ -109,14 +112,22 @@ def main() -> None:
     calibration = [(inputs[i : i + 128].to(device), labels[i : i + 128].to(device)) for i in range(0, 1024, 128)]
     compiled = hetcomp.compile(model.to(device), "pcm+digital", data=calibration, hessian={"batches": 8})
     scale.laft_stage(compiled, splits, device, scale.parse(["--laft-steps", "4"]), 256)  # warm-up
-    for steps, batch in configs:
+    data_parallel, batchnorm = stage._data_parallel, stage._batchnorm
+    for _, (steps, batch), variant in itertools.product(range(args.rounds), configs, variants):
+        stage._data_parallel, stage._batchnorm = data_parallel, batchnorm
+        if variant == "no-ddp":
+            stage._data_parallel = lambda lowered, *_: lowered
+        if variant == "no-syncbn":
+            stage._batchnorm = lambda lowered, *_: lowered
+        if variant == "torch-syncbn":  # torch's SyncBatchNorm in place of hetcomp's GlobalBatchNorm
+            stage._batchnorm = lambda lowered, *_: torch.nn.SyncBatchNorm.convert_sync_batchnorm(lowered)
         seconds.clear()
-        with profiled(args.profile, f"rank{distributed.rank()}_{steps}x{batch}.txt", cuda):
+        with profiled(args.profile, f"rank{distributed.rank()}_{variant}_{steps}x{batch}.txt", cuda):
             total, _ = scale.laft_stage(compiled, splits, device, scale.parse(["--laft-steps", str(steps)]), batch)
         parts = {name: round(value, 3) for name, value in seconds.items()}
         training = total - sum(seconds.values())
         if distributed.is_main():
-            print(json.dumps({"model": args.model, "world": distributed.world_size(), "diagnose": args.diagnose,
+            print(json.dumps({"model": args.model, "world": distributed.world_size(), "diagnose": variant,
                               "steps": steps, "batch": batch, "stage_s": round(total, 3),
                               "per_step_ms": round(1000 * training / steps, 1), **parts}), flush=True)
     if distributed.active():
