@@ -13,7 +13,9 @@ time hardly depends on the batch: a second GPU cannot help) and what the data-pa
 same machine state) takes a part of data parallelism away to measure what it costs (not a way to train: the ranks
 then train apart): ``no-ddp`` leaves the model unwrapped (no gradient all-reduce, each rank steps on its own slice),
 ``no-syncbn`` keeps BatchNorm per rank, ``torch-syncbn`` uses torch's SyncBatchNorm (whose forward synchronizes the
-host once per layer) instead of hetcomp's GlobalBatchNorm; ``default`` is the stage as it is.
+host once per layer) instead of hetcomp's GlobalBatchNorm, ``no-bm`` trains without aihwkit's bound management (no
+reruns of clipping tiles, no host synchronization per layer: not aihwkit's forward, a measure of what that costs);
+``default`` is the stage as it is; ``+`` combines (``no-bm+no-syncbn``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import scale  # noqa: E402
 import hetcomp  # noqa: E402
 from hetcomp import distributed  # noqa: E402
 from hetcomp.finetune import stage  # noqa: E402
+from hetcomp.lower import aihwkit_train  # noqa: E402
 from hetcomp.progress import set_quiet  # noqa: E402
 
 PARTS = ("lower_graph", "_validate", "_data_parallel", "digital_state_dict")
@@ -96,7 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     configs = [tuple(map(int, config.split("x"))) for config in args.configs.split(",")]
     variants = [variant.strip() for variant in args.diagnose.split(",")]
-    unknown = set(variants) - {"default", "no-ddp", "no-syncbn", "torch-syncbn"}
+    unknown = {part for variant in variants for part in variant.split("+")} - {
+        "default", "no-ddp", "no-syncbn", "torch-syncbn", "no-bm"}
     if unknown:
         parser.error(f"unknown --diagnose {sorted(unknown)}")
     set_quiet(True)
@@ -112,15 +116,19 @@ def main() -> None:
     calibration = [(inputs[i : i + 128].to(device), labels[i : i + 128].to(device)) for i in range(0, 1024, 128)]
     compiled = hetcomp.compile(model.to(device), "pcm+digital", data=calibration, hessian={"batches": 8})
     scale.laft_stage(compiled, splits, device, scale.parse(["--laft-steps", "4"]), 256)  # warm-up
-    data_parallel, batchnorm = stage._data_parallel, stage._batchnorm
+    data_parallel, batchnorm, bound_managed = stage._data_parallel, stage._batchnorm, aihwkit_train._bound_managed
     for _, (steps, batch), variant in itertools.product(range(args.rounds), configs, variants):
+        parts = set(variant.split("+"))
         stage._data_parallel, stage._batchnorm = data_parallel, batchnorm
-        if variant == "no-ddp":
+        aihwkit_train._bound_managed = bound_managed
+        if "no-ddp" in parts:
             stage._data_parallel = lambda lowered, *_: lowered
-        if variant == "no-syncbn":
+        if "no-syncbn" in parts:
             stage._batchnorm = lambda lowered, *_: lowered
-        if variant == "torch-syncbn":  # torch's SyncBatchNorm in place of hetcomp's GlobalBatchNorm
+        if "torch-syncbn" in parts:  # torch's SyncBatchNorm in place of hetcomp's GlobalBatchNorm
             stage._batchnorm = lambda lowered, *_: torch.nn.SyncBatchNorm.convert_sync_batchnorm(lowered)
+        if "no-bm" in parts:  # the training forward without bound management's reruns and host synchronization
+            aihwkit_train._bound_managed = lambda x, weights, nm, io, valid_out, out, passed: out
         seconds.clear()
         with profiled(args.profile, f"rank{distributed.rank()}_{variant}_{steps}x{batch}.txt", cuda):
             total, _ = scale.laft_stage(compiled, splits, device, scale.parse(["--laft-steps", str(steps)]), batch)
