@@ -8,11 +8,11 @@ whole batch), the running statistics updated with the unbiased global variance; 
 dy and dy * (x - mean) are all-reduced -- with two differences:
 
 - **No host synchronization.** torch's forward drops the statistics of ranks with an empty slice by a boolean mask
-  (``count_all[mask]``), which waits for the all-gather on the host once per layer. In a host-bound LAFT step that
-  rendezvous of the ranks cost more than the layer's work (bench/results/laft_steps_h200x2.txt: a ResNet-20 step on
-  two H200s took 112 ms with SyncBatchNorm, 82 ms with per-rank BatchNorm). Here every rank's slice must hold a
-  sample, checked on the host from the shape: the fine-tuning stage guarantees it (``batch_size >= world``; a last
-  batch smaller than the ranks is held whole by every rank).
+  (``count_all[mask]``), which waits for the all-gather on the host once per layer. Here every rank's slice must hold
+  a sample, checked on the host from the shape: the fine-tuning stage guarantees it (``batch_size >= world``; a last
+  batch smaller than the ranks is held whole by every rank). Measured alternating with torch's in one process on two
+  H200s, a ResNet-20 LAFT step at global batch 256 took 118-127 ms against 130-156 ms, at 1,024 144-150 against
+  151-158 ms (bench/results/laft_steps_h200x2.txt, call K).
 - **The CPU too.** torch's statistics kernels (``torch.batch_norm_stats`` and the four others) exist only on CUDA;
   on any other device the same five kernels run as composite operations (``_CompositeKernels``, accumulated in
   float64), so the collectives and the merge are one code path, tested under gloo in CI;
