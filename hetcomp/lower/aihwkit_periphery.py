@@ -1,6 +1,7 @@
 """aihwkit's periphery arithmetic that hetcomp's two re-implementations of the torch tile's forward share: the
 repeat-vectorized evaluator (hetcomp.lower.aihwkit_repeats) and the batched training forward
-(hetcomp.lower.aihwkit_train). Each function names the aihwkit code it follows."""
+(hetcomp.lower.aihwkit_train), and what of the tile both reproduce (``unsupported_tile``). Each function names the
+aihwkit code it follows."""
 
 from __future__ import annotations
 
@@ -60,3 +61,25 @@ def per_output(values: torch.Tensor, out_size: int) -> torch.Tensor:
         return values
     values = values.reshape(-1)
     return values.expand(out_size) if values.numel() == 1 else values
+
+
+def unsupported_tile(tile: Any) -> str | None:
+    """Why a tile's forward is not the torch tile's one-pass MVM that both re-implementations reproduce (None: it is):
+    the tile class, multi-pass or stochastically rounded MVMs, per-output noise std, a learned input range, noise
+    management beyond none / abs-max / constant / signed max, analog bias and transposed tiles. Each caller adds the
+    checks of what it alone reproduces (the evaluator's noise model and drift, the trainer's weight noise)."""
+    from aihwkit.simulator.parameters.enums import AnalogMVType, NoiseManagementType
+    from aihwkit.simulator.tiles.inference_torch import TorchInferenceTile
+    from aihwkit.simulator.tiles.torch_tile import TorchSimulatorTile
+
+    if type(tile) is not TorchInferenceTile or type(tile.tile) is not TorchSimulatorTile:
+        return f"tile class {type(tile).__name__}/{type(tile.tile).__name__} (the torch tile only)"
+    io = tile.rpu_config.forward
+    if io.mv_type != AnalogMVType.ONE_PASS or io.out_noise_std > 0 or io.inp_sto_round or io.out_sto_round:
+        return "forward settings beyond the torch tile's one-pass MVM with one output noise and rounding to nearest"
+    if io.noise_management not in (NoiseManagementType.NONE, NoiseManagementType.ABS_MAX,
+                                   NoiseManagementType.CONSTANT, NoiseManagementType.MAX):
+        return f"noise management {io.noise_management}"
+    if tile.analog_bias or tile.in_trans or tile.out_trans or tile.input_range is not None:
+        return "analog bias, transposed tiles or a learned input range"
+    return None

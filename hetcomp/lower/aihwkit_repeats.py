@@ -37,8 +37,10 @@ from hetcomp.errors import ConfigError
 from hetcomp.lower.aihwkit_periphery import (
     input_clip_needed,
     max_reduction,
+    per_output,
     quantization_step,
     row_maximum_level_is_whole,
+    unsupported_tile,
 )
 from hetcomp.lower.patches import conv_patches
 
@@ -125,12 +127,11 @@ def layout(layer: nn.Module) -> Layout:
 
 def unsupported(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot run repeat-vectorized (None: it can): features of the tile the forward here does not
-    reproduce fall back to the tile path."""
+    reproduce fall back to the tile path (``aihwkit_periphery.unsupported_tile``, then the noise model, conductance
+    converter and drift compensation the realizations are drawn with)."""
     from aihwkit.inference import GlobalDriftCompensation
     from aihwkit.inference.converter.conductance import SinglePairConductanceConverter
     from aihwkit.inference.noise.base import BaseNoiseModel
-    from aihwkit.simulator.parameters.enums import AnalogMVType, NoiseManagementType
-    from aihwkit.simulator.tiles.inference_torch import TorchInferenceTile
 
     try:
         sites = layout(layer).sites
@@ -138,18 +139,10 @@ def unsupported(layer: nn.Module) -> str | None:
         return str(error)
     for site in sites:
         tile = site.tile
-        if type(tile) is not TorchInferenceTile:
-            return f"tile class {type(tile).__name__} (the torch tile only)"
+        reason = unsupported_tile(tile)
+        if reason is not None:
+            return reason
         config = tile.rpu_config
-        io = config.forward
-        if (io.mv_type != AnalogMVType.ONE_PASS or io.out_noise_std > 0 or tile.input_range is not None
-                or io.inp_sto_round or io.out_sto_round):
-            return "forward settings beyond the torch tile's one-pass MVM"
-        if io.noise_management not in (NoiseManagementType.NONE, NoiseManagementType.ABS_MAX,
-                                       NoiseManagementType.CONSTANT, NoiseManagementType.MAX):
-            return f"noise management {io.noise_management}"
-        if tile.analog_bias or tile.in_trans or tile.out_trans:
-            return "analog bias or transposed tiles"
         model = config.noise_model
         if (type(model).apply_programming_noise is not BaseNoiseModel.apply_programming_noise
                 or type(model).apply_drift_noise is not BaseNoiseModel.apply_drift_noise
@@ -258,8 +251,8 @@ def _site_tensor(values: list[torch.Tensor | None], width: int, fill: float, lik
     for index, value in enumerate(values):
         if value is None:
             continue
-        value = value.detach().reshape(-1).to(like)
-        out[index, : value.numel()] = value if value.numel() > 1 else value.expand(out.shape[1])[: out.shape[1]]
+        value = per_output(value.detach().to(like), width)  # a scalar spans the padded width too (sliced off later)
+        out[index, : value.numel()] = value
     return out
 
 
