@@ -616,3 +616,30 @@ def test_global_batchnorm_on_two_ranks_equals_batchnorm_on_the_whole_batch(tmp_p
             for name, expected in (("weight_grad", bn.weight.grad), ("bias_grad", bn.bias.grad),
                                    ("running_mean", bn.running_mean), ("running_var", bn.running_var)):
                 torch.testing.assert_close(torch.tensor(rank[name]), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_composite_batchnorm_kernels_keep_a_low_precision_inputs_statistics_in_float32():
+    """For a bfloat16 input the CPU's composite kernels return the statistics and the backward's sums in float32 (as
+    torch's CUDA kernels accumulate a half input's), the count survives the merge exactly (257 is not a bfloat16),
+    and the output and input gradient keep the input's dtype and channels-last layout."""
+    from hetcomp.finetune.global_batchnorm import _CompositeKernels, _dense
+
+    torch.manual_seed(0)
+    x = (torch.randn(257, 3, 1, 1) * 2 + 5).to(torch.bfloat16)
+    mean, invstd = _CompositeKernels.batch_norm_stats(x, 1e-5)
+    wide = x.double().flatten(1)
+    assert mean.dtype == invstd.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), wide.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(invstd.double(), (wide.var(0, unbiased=False) + 1e-5).rsqrt(), rtol=1e-6, atol=1e-6)
+    counts = torch.tensor([257.0, 257.0])
+    merged_mean, merged_invstd = _CompositeKernels.batch_norm_gather_stats_with_counts(
+        x, torch.stack([mean, mean]), torch.stack([invstd, invstd]), None, None, 0.1, 1e-5, counts)
+    torch.testing.assert_close(merged_mean, mean)
+    torch.testing.assert_close(merged_invstd, invstd)
+    dy = torch.randn(257, 3, 1, 1).to(torch.bfloat16)
+    sum_dy, sum_dy_xmu, _, _ = _CompositeKernels.batch_norm_backward_reduce(dy, x, mean, invstd, None, True, False,
+                                                                            False)
+    assert sum_dy.dtype == sum_dy_xmu.dtype == torch.float32
+    assert _CompositeKernels.batch_norm_elemt(x, None, None, mean, invstd, 1e-5).dtype == torch.bfloat16
+    last = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    assert _dense(last) is last and _dense(last.transpose(2, 3)).is_contiguous()

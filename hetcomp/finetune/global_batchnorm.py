@@ -35,7 +35,12 @@ from hetcomp.errors import DataError
 
 class _CompositeKernels:
     """torch's CUDA-only BatchNorm statistics kernels (same signatures and results) from composite operations, for
-    devices without them. Reductions run in float64; results come back in the input's dtype (counts in theirs)."""
+    devices without them. Reductions run in float64; statistics and sums come back in the input's dtype promoted to
+    at least float32 (as torch's accumulate a half input's in float32), outputs and gradients in the input's."""
+
+    @staticmethod
+    def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(x.dtype, torch.float32)
 
     @staticmethod
     def _shape(x: torch.Tensor) -> list[int]:
@@ -49,10 +54,10 @@ class _CompositeKernels:
     def batch_norm_stats(cls, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         wide = x.double()
         var, mean = torch.var_mean(wide, dim=cls._dims(x), correction=0)
-        return mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
+        return mean.to(cls._stat_dtype(x)), torch.rsqrt(var + eps).to(cls._stat_dtype(x))
 
-    @staticmethod
-    def batch_norm_gather_stats_with_counts(x: torch.Tensor, mean_all: torch.Tensor, invstd_all: torch.Tensor,
+    @classmethod
+    def batch_norm_gather_stats_with_counts(cls, x: torch.Tensor, mean_all: torch.Tensor, invstd_all: torch.Tensor,
                                             running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                                             momentum: float, eps: float, counts: torch.Tensor
                                             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +70,7 @@ class _CompositeKernels:
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         if running_var is not None:
             running_var.lerp_((var * total / (total - 1).clamp(min=1.0)).to(running_var.dtype), momentum)
-        return mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
+        return mean.to(cls._stat_dtype(x)), torch.rsqrt(var + eps).to(cls._stat_dtype(x))
 
     @classmethod
     def batch_norm_elemt(cls, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -74,7 +79,8 @@ class _CompositeKernels:
         out = (x - mean.view(shape)) * invstd.view(shape)
         if weight is not None:
             out = out * weight.view(shape)
-        return out + bias.view(shape) if bias is not None else out
+        out = out + bias.view(shape) if bias is not None else out
+        return out.to(x.dtype)
 
     @classmethod
     def batch_norm_backward_reduce(cls, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
@@ -83,9 +89,11 @@ class _CompositeKernels:
         dims, shape = cls._dims(x), cls._shape(x)
         sum_dy = dy.double().sum(dims)
         sum_dy_xmu = (dy.double() * (x.double() - mean.double().view(shape))).sum(dims)
-        grad_weight = (sum_dy_xmu * invstd.double()).to(x.dtype) if weight_g else None
-        grad_bias = sum_dy.to(x.dtype) if bias_g else None
-        return sum_dy.to(x.dtype), sum_dy_xmu.to(x.dtype), grad_weight, grad_bias
+        parameter_dtype = weight.dtype if weight is not None else x.dtype
+        grad_weight = (sum_dy_xmu * invstd.double()).to(parameter_dtype) if weight_g else None
+        grad_bias = sum_dy.to(parameter_dtype) if bias_g else None
+        stat_dtype = cls._stat_dtype(x)
+        return sum_dy.to(stat_dtype), sum_dy_xmu.to(stat_dtype), grad_weight, grad_bias
 
     @classmethod
     def batch_norm_backward_elemt(cls, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
@@ -105,6 +113,14 @@ def _kernels(x: torch.Tensor) -> Any:
     return torch if x.is_cuda else _CompositeKernels
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in a layout the kernels read: as it is when contiguous or channels-last (as torch's SyncBatchNorm keeps
+    it), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
 class _GlobalBatchNormFunction(torch.autograd.Function):
     """torch's SyncBatchNorm function without the empty-rank mask (module docstring)."""
 
@@ -113,7 +129,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, eps: float, momentum: float,
                 group: Any) -> torch.Tensor:
         kernels = _kernels(x)
-        x = x.contiguous()
+        x = _dense(x)
         weight = weight.contiguous() if weight is not None else None
         channels, world = x.shape[1], dist.get_world_size(group)
         mean, invstd = kernels.batch_norm_stats(x, eps)
@@ -140,7 +156,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean, invstd, counts = ctx.saved_tensors
         kernels = _kernels(x)
-        grad_output = grad_output.contiguous()
+        grad_output = _dense(grad_output)
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         sum_dy, sum_dy_xmu, grad_weight, grad_bias = kernels.batch_norm_backward_reduce(
             grad_output, x, mean, invstd, weight, needs_input, needs_weight, needs_bias)
@@ -171,7 +187,7 @@ class GlobalBatchNorm(_BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         self._check_input_dim(x)
-        if x.numel() == 0:
+        if x.numel() == 0:  # the other ranks then wait in the all-gather until the process group's timeout
             raise DataError("GlobalBatchNorm got an empty slice on this rank: every rank must hold at least one sample "
                             "of each global batch (use a global batch of at least the number of ranks)")
         factor = 0.0 if self.momentum is None else self.momentum

@@ -72,8 +72,9 @@ def unsupported_tile(tile: Any) -> str | None:
     from aihwkit.simulator.tiles.inference_torch import TorchInferenceTile
     from aihwkit.simulator.tiles.torch_tile import TorchSimulatorTile
 
-    if type(tile) is not TorchInferenceTile or type(tile.tile) is not TorchSimulatorTile:
-        return f"tile class {type(tile).__name__}/{type(tile.tile).__name__} (the torch tile only)"
+    inner = getattr(tile, "tile", None)
+    if type(tile) is not TorchInferenceTile or type(inner) is not TorchSimulatorTile:
+        return f"tile class {type(tile).__name__}/{type(inner).__name__} (the torch tile only)"
     io = tile.rpu_config.forward
     if io.mv_type != AnalogMVType.ONE_PASS or io.out_noise_std > 0 or io.inp_sto_round or io.out_sto_round:
         return "forward settings beyond the torch tile's one-pass MVM with one output noise and rounding to nearest"
