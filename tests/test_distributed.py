@@ -643,3 +643,60 @@ def test_composite_batchnorm_kernels_keep_a_low_precision_inputs_statistics_in_f
     assert _CompositeKernels.batch_norm_elemt(x, None, None, mean, invstd, 1e-5).dtype == torch.bfloat16
     last = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
     assert _dense(last) is last and _dense(last.transpose(2, 3)).is_contiguous()
+
+
+def _batched_fallback_rank(rank, world, store, out):
+    import datetime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a collective mismatch fails, not hangs
+    try:
+        from hetcomp.analysis.hessian import HessianOperator
+
+        real_grad = torch.autograd.grad
+
+        def no_batching_rule(*args, **kwargs):  # an op without a vmap rule, met only where a gradient graph exists
+            if kwargs.get("is_grads_batched"):
+                raise RuntimeError("Batching rule not implemented")
+            return real_grad(*args, **kwargs)
+
+        torch.autograd.grad = no_batching_rule
+        model, batches = model_and_data()
+        params = [model[0].weight, model[2].weight]
+        operator = HessianOperator(model, params, batches[:1], nn.functional.cross_entropy, batched=True,
+                                   process_group=dist.group.WORLD)  # one batch: rank 1 holds no gradient graph
+        vectors = [torch.ones(3, *p.shape) * torch.arange(1.0, 4.0).view(3, *[1] * p.dim()) for p in params]
+        first = operator.hvp_many(vectors)
+        batched_after_first = operator.batched
+        second = operator.hvp_many(vectors)  # both ranks must take the looped path now: the same collectives
+        block = operator.block_hvp({1: vectors[1]})[1]
+        with open(f"{out}.{rank}", "w") as handle:
+            json.dump({"first": [t.tolist() for t in first], "second": [t.tolist() for t in second],
+                       "block": block.tolist(), "batched": [batched_after_first, operator.batched]}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_to_stop_batching_probes_when_one_meets_an_op_without_a_batching_rule(tmp_path):
+    """With more ranks than calibration batches, only the ranks holding a gradient graph meet an op without a vmap
+    rule; they vote with the others in the next all-reduce, so every rank leaves the batched path together and
+    later products issue the same collectives everywhere (and equal one process's looped products)."""
+    from hetcomp.analysis.hessian import HessianOperator
+
+    model, batches = model_and_data()
+    params = [model[0].weight, model[2].weight]
+    operator = HessianOperator(model, params, batches[:1], nn.functional.cross_entropy, batched=False)
+    vectors = [torch.ones(3, *p.shape) * torch.arange(1.0, 4.0).view(3, *[1] * p.dim()) for p in params]
+    expected = operator.hvp_many(vectors)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_batched_fallback_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "fallback")), nprocs=2,
+             join=True)
+    ranks = [json.loads((tmp_path / f"fallback.{rank}").read_text()) for rank in range(2)]
+    for result in ranks:
+        assert result["batched"] == [False, False]  # rank 1 (no graph) learned it from rank 0's vote
+        for key in ("first", "second"):
+            for got, want in zip(result[key], expected):
+                torch.testing.assert_close(torch.tensor(got), want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.tensor(result["block"]), operator.block_hvp({1: vectors[1]})[1],
+                                   rtol=1e-5, atol=1e-7)

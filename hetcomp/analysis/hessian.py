@@ -160,12 +160,19 @@ class HessianOperator:
             yield
         caller.wait_stream(self._stream)
 
-    def _summed_over_ranks(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _summed_over_ranks(self, parts: list[torch.Tensor], batched: bool = False) -> list[torch.Tensor]:
         """``parts`` summed over the ranks in one all-reduce per dtype (flattened into one buffer): a round of
         block HVPs over 22 layers is one collective, not 22 (each collective costs its launch and a rendezvous of
-        the ranks, whatever its size). Outside any captured region: the replays before it are complete."""
+        the ranks, whatever its size). Outside any captured region: the replays before it are complete.
+
+        ``batched``: the parts came from vmapped products, which a rank switches off when an op has no batching rule
+        (``_differentiate``). A rank without calibration batches never meets that op, so the ranks vote here, in the
+        same all-reduce: if any rank switched off, all do, and every rank takes the same path (the same collectives)
+        from the next product on."""
         if self.group is None:
             return parts
+        if batched:
+            parts = [*parts, torch.ones(1, dtype=parts[0].dtype, device=parts[0].device) * float(self.batched)]
         summed = list(parts)
         for dtype in dict.fromkeys(part.dtype for part in parts):
             indices = [i for i, part in enumerate(parts) if part.dtype == dtype]
@@ -173,6 +180,9 @@ class HessianOperator:
             dist.all_reduce(flat, group=self.group)
             for i, chunk in zip(indices, flat.split([parts[i].numel() for i in indices])):
                 summed[i] = chunk.view(parts[i].shape)
+        if batched:
+            *summed, votes = summed
+            self.batched = bool(votes.item() == dist.get_world_size(self.group))
         return summed
 
     def _products(self, layer: int | None, tangents: list[torch.Tensor], batched: bool = False) -> list[torch.Tensor]:
@@ -234,19 +244,20 @@ class HessianOperator:
         count = vectors[0].shape[0]
         if self.batched and count > 1:
             self.hvp_calls += count
-            return self._summed_over_ranks(self._products(None, list(vectors), batched=True))
+            return self._summed_over_ranks(self._products(None, list(vectors), batched=True), batched=True)
         columns = [self.hvp([v[i] for v in vectors]) for i in progress(range(count), "Hessian probes", count)]
         return [torch.stack([col[j] for col in columns]) for j in range(len(self.params))]
 
     def block_hvp(self, vectors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """H_ll v_l for each layer index l given (the diagonal blocks only). A vector with one more
         dimension than its layer's weight is a batch of probes (one vmapped backward)."""
-        local = []
+        local, any_batched = [], False
         for layer, vector in vectors.items():
             batched = vector.dim() > self.params[layer].dim()
+            any_batched |= batched
             self.hvp_calls += vector.shape[0] if batched else 1
             local += self._products(layer, [vector], batched)
-        return dict(zip(vectors, self._summed_over_ranks(local)))
+        return dict(zip(vectors, self._summed_over_ranks(local, batched=any_batched)))
 
     # -- estimators ---------------------------------------------------------------------------------
     def hutchinson(
