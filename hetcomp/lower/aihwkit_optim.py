@@ -51,10 +51,10 @@ class BatchedAnalogSGD(AnalogSGD):
         if not all(isinstance(tile, TorchInferenceTile) for tile in tiles):
             return _unhooked(AnalogSGD.step)(self, closure, **kwargs)
         loss = _unhooked(torch.optim.SGD.step)(self, closure)  # torch tiles update through torch, as in AnalogSGD
-        batchable = [tile for tile in tiles if _post_update_batchable(tile)]
-        post_update(batchable)
-        for tile in tiles:
-            if not _post_update_batchable(tile):
+        batchable = [_post_update_batchable(tile) for tile in tiles]
+        post_update([tile for tile, stacked in zip(tiles, batchable) if stacked])
+        for tile, stacked in zip(tiles, batchable):
+            if not stacked:
                 tile.post_update_step()
         return loss
 
