@@ -4,12 +4,14 @@ trains data-parallel (DistributedDataParallel, each rank a slice of every global
 gives one process's weights, rank 0 alone writes the checkpoints, and a LAFT run killed under torchrun
 resumes to the uninterrupted result."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,20 @@ from hetcomp.targets.registry import get
 SETTINGS = {"probes": 4, "max_iter": 6, "batches": 4}
 
 
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, store: str, **kwargs) -> Iterator[None]:
+    """A gloo process group for one spawned test rank (one thread). The ranks meet at a barrier before they tear it
+    down, so no rank closes its connections while another still uses them (a rank once aborted at exit without
+    it, "terminate called without an active exception", in a fresh-clone run); on an error it is torn down at once."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, **kwargs)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def model_and_data():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -42,9 +58,7 @@ def metrics(compiled):
 
 
 def _rank(rank, world, store, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store):
         model, batches = model_and_data()
         compiled = hetcomp.compile(model, "pcm+digital", data=batches, strategy="hni-only", hessian=SETTINGS)
         from hetcomp.analysis.hessian import HessianOperator
@@ -59,8 +73,6 @@ def _rank(rank, world, store, out):
         with open(f"{out}.{rank}", "w") as handle:
             json.dump({"metrics": metrics(compiled), "graphs": len(operator._graphs), "accuracies": accuracies},
                       handle)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3])  # 3 ranks: 4 batches do not divide evenly
@@ -118,9 +130,7 @@ def split_data_values(compiled, data, repeats):
 
 
 def _split_data_rank(rank, world, store, out, repeats):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store):
         import hetcomp.evaluate as evaluation
 
         shares = []
@@ -141,8 +151,6 @@ def _split_data_rank(rank, world, store, out, repeats):
             compiled.evaluate((x, bad), repeats=repeats, seed=3, batch_size=16)
         with open(f"{out}.{rank}", "w") as handle:
             json.dump({**values, "shares": shares[:2]}, handle)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(("world", "repeats"), [(2, 1), (3, 2)])
@@ -251,9 +259,7 @@ def test_tensor_shards_are_the_batches_the_dataloader_collates():
 
 
 def _step_log_rank(rank, world, store, root):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store):
         from hetcomp.errors import CheckpointError
         from hetcomp.storage import StepLog
 
@@ -278,8 +284,6 @@ def _step_log_rank(rank, world, store, root):
             StepLog(root / "shared", "k", "LAFT").resume()
         with pytest.raises(ConfigError, match="ranks describe different LAFT runs"):
             StepLog(None, f"key-{rank}", "LAFT")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_step_log_under_two_ranks_rank_0_writes_every_rank_reads_and_all_raise_alike(tmp_path):
@@ -357,9 +361,7 @@ def summary(laft, noisy, greedy, remap):
 
 
 def _training_rank(rank, world, store, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store):
         from hetcomp.storage import checkpoints
 
         written = []
@@ -376,8 +378,6 @@ def _training_rank(rank, world, store, out):
             laft_run(None, batch_size=1)
         with open(f"{out}.{rank}", "w") as handle:
             json.dump({**result, "written": written}, handle)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_laft_mac_greedy_and_row_remap_under_two_ranks_equal_one_process_and_rank_0_writes(tmp_path):
@@ -510,13 +510,9 @@ def bn_laft_run():
 
 
 def _bn_training_rank(rank, world, store, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store):
         with open(f"{out}.{rank}", "w") as handle:
             json.dump(bn_laft_run(), handle)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sync_batchnorm_setting_picks_global_or_per_rank_statistics():
@@ -567,9 +563,7 @@ def _global_bn_case(bn_class, shape):
 
 
 def _global_bn_rank(rank, world, store, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, store):
         from hetcomp.finetune.global_batchnorm import GlobalBatchNorm
 
         results = {}
@@ -590,8 +584,6 @@ def _global_bn_rank(rank, world, store, out):
             GlobalBatchNorm.convert(nn.BatchNorm1d(4)).train()(torch.empty(0, 4))
         with open(f"{out}.{rank}", "w") as handle:
             json.dump(results, handle)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_global_batchnorm_on_two_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
@@ -648,10 +640,7 @@ def test_composite_batchnorm_kernels_keep_a_low_precision_inputs_statistics_in_f
 def _batched_fallback_rank(rank, world, store, out):
     import datetime
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # a collective mismatch fails, not hangs
-    try:
+    with gloo_group(rank, world, store, timeout=datetime.timedelta(seconds=120)):  # a mismatch fails, not hangs
         from hetcomp.analysis.hessian import HessianOperator
 
         real_grad = torch.autograd.grad
@@ -674,8 +663,6 @@ def _batched_fallback_rank(rank, world, store, out):
         with open(f"{out}.{rank}", "w") as handle:
             json.dump({"first": [t.tolist() for t in first], "second": [t.tolist() for t in second],
                        "block": block.tolist(), "batched": [batched_after_first, operator.batched]}, handle)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ranks_agree_to_stop_batching_probes_when_one_meets_an_op_without_a_batching_rule(tmp_path):
