@@ -35,18 +35,21 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import hetcomp  # noqa: E402
 from hetcomp import distributed  # noqa: E402
+from hetcomp.data import move  # noqa: E402
 from hetcomp.progress import set_quiet  # noqa: E402
 
-MODELS = ("resnet20", "transformer")
+MODELS = ("resnet20", "transformer", "minilm")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +59,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="launch torchrun with 1 and with this many ranks and compare (not under torchrun)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--batches", type=int, default=8, help="calibration batches of the Hessian passes")
-    parser.add_argument("--calib-batch", type=int, default=128, help="samples per calibration batch")
+    parser.add_argument("--calib-batch", type=int, default=128,
+                        help="samples per calibration batch (MiniLM: pairs, each two sequences)")
+    parser.add_argument("--max-length", type=int, default=128, help="MiniLM: tokens per sequence at most")
     parser.add_argument("--repeats", type=int, default=40, help="hardware repeats of the evaluation")
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="test (and LAFT validation) samples used (default: the whole splits)")
@@ -70,11 +75,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true",
                         help="a CPU smoke run: 2 calibration batches of 16, light Hessian settings, 4 repeats, "
                              "128 LAFT samples in batches of 32, 48 test and validation samples, a narrow transformer")
-    parser.add_argument("--out", type=Path, default=None, help="also write the report (with --ranks) here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the report (with --ranks) here, and each world's JSON lines beside it "
+                             "(OUT.worldN.jsonl) as soon as that world finishes")
     args = parser.parse_args(argv)
     if args.tiny:
         args.batches, args.calib_batch, args.repeats = 2, 16, 4
-        args.laft_steps, args.laft_batch, args.eval_samples = 4, "32", 48
+        args.laft_steps, args.laft_batch, args.eval_samples, args.max_length = 4, "32", 48, 24
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.laft_batches = [int(b) for b in args.laft_batch.split(",") if b.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
@@ -83,21 +90,55 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_and_data(name: str, tiny: bool) -> tuple[torch.nn.Module, dict]:
-    """The seeded model and its train / val / test TensorDatasets."""
+@dataclasses.dataclass
+class Workload:
+    """A model and its data: what the Hessian passes, the evaluation and a LAFT stage read."""
+
+    model: torch.nn.Module
+    train: Dataset  # LAFT's training samples (tiled to steps x batch) and the calibration batches' source
+    val: Any  # LAFT's validation data: a tensor pair, or a DataLoader
+    test: Any  # the evaluation's data: a tensor pair, or a DataLoader
+    collate_fn: Callable | None = None  # None: tensor samples
+    task: dict = dataclasses.field(default_factory=dict)  # compile's loss_fn and metric (none: cross-entropy, top-1)
+
+    def batch(self, indices: range) -> Any:
+        samples = [self.train[i] for i in indices]
+        return self.collate_fn(samples) if self.collate_fn else tuple(torch.stack(t) for t in zip(*samples))
+
+
+def workload(name: str, args: argparse.Namespace, device: torch.device) -> Workload:
+    """The seeded (or pretrained) model on ``device`` and its splits; ``--eval-samples`` limits the test and
+    validation splits."""
+    limit = args.eval_samples
+    if name == "minilm":
+        from hetcomp.zoo import docstrings
+        from hetcomp.zoo.minilm import load_minilm
+
+        model, tokenizer = load_minilm(device)
+        pairs = docstrings.splits(docstrings.docstring_pairs())
+        collate = docstrings.PairCollator(tokenizer, max_length=args.max_length)
+        val, test = (DataLoader(docstrings.PairDataset(pairs[split][:limit]), batch_size=32, collate_fn=collate)
+                     for split in ("val", "test"))
+        return Workload(model, docstrings.PairDataset(pairs["train"]), val, test, collate,
+                        {"loss_fn": docstrings.info_nce, "metric": docstrings.retrieval_metric()})
     if name == "resnet20":
         from resnet20 import ResNet20, digits_as_cifar
 
         splits = digits_as_cifar()
         torch.manual_seed(0)
-        return ResNet20(), {"train": splits.train, "val": splits.val, "test": splits.test}
-    from hetcomp.datasets import digits
-    from hetcomp.zoo import DigitsTransformer
+        model = ResNet20()
+    else:
+        from hetcomp.datasets import digits
+        from hetcomp.zoo import DigitsTransformer
 
-    splits = digits()
-    torch.manual_seed(0)
-    model = DigitsTransformer() if tiny else DigitsTransformer(dim=256, layers=4, heads=8, mlp=1024)
-    return model, {"train": splits.train, "val": splits.val, "test": splits.test}
+        splits = digits()
+        torch.manual_seed(0)
+        model = DigitsTransformer() if args.tiny else DigitsTransformer(dim=256, layers=4, heads=8, mlp=1024)
+    test = tuple(t[:limit].to(device) for t in splits.test.tensors)
+    if args.eval_images:  # a larger evaluation workload: the test split repeated
+        copies = -(-args.eval_images // len(test[1]))
+        test = tuple(t.repeat(copies, *[1] * (t.dim() - 1))[: args.eval_images] for t in test)
+    return Workload(model.to(device), splits.train, tuple(t[:limit] for t in splits.val.tensors), test)
 
 
 def synchronize(cuda: bool) -> None:
@@ -114,7 +155,7 @@ def peak_and_reset(cuda: bool) -> list[float]:
     return [round(p, 3) for p in distributed.all_agree(peak)]
 
 
-def laft_stage(compiled: hetcomp.CompiledModel, splits: dict, device: torch.device, args: argparse.Namespace,
+def laft_stage(compiled: hetcomp.CompiledModel, work: Workload, device: torch.device, args: argparse.Namespace,
                batch: int) -> tuple[float, dict]:
     """One LAFT stage at global batch ``batch`` with every PCM layer lowered, on PCM without per-sample output
     noise; (seconds, results: the seconds its two validations took among them). The stage's starting validation
@@ -141,23 +182,25 @@ def laft_stage(compiled: hetcomp.CompiledModel, splits: dict, device: torch.devi
     layers = [layer["name"] for layer in compiled.manifest.layers if layer["assignment"] == "pcm"]
     quiet = TargetSet.of([dataclasses.replace(t, device={**t.device, "out_noise": 0.0}) if t.name == "pcm" else t
                           for t in compiled.targets])
-    inputs, labels = splits["train"].tensors
-    samples = args.laft_steps * batch
-    tiles = -(-samples // len(labels))
-    train = TensorDataset(inputs.repeat(tiles, *[1] * (inputs.dim() - 1))[:samples], labels.repeat(tiles)[:samples])
-    data = training_split((train.tensors[0], train.tensors[1]), val_data=splits["val"].tensors, batch_size=batch)
+    tiled = torch.arange(args.laft_steps * batch) % len(work.train)  # the training split, repeated
+    if work.collate_fn is None:
+        train: Any = tuple(t[tiled] for t in work.train.tensors)
+    else:
+        train = DataLoader(Subset(work.train, tiled.tolist()), batch_size=batch, collate_fn=work.collate_fn)
+    data = training_split(train, val_data=work.val, batch_size=batch, class_labels=not work.task,
+                          metric=work.task.get("metric"))
     settings = StageSettings(epochs=args.laft_epochs, patience=args.laft_epochs, lr_analog=0.05, lr_digital=0.05,
                              momentum=0.85, lr_decay=True, val_repeats=4, val_t_inference=86400.0)
     gm = compiled.graph.to(device)
     synchronize(device.type == "cuda")
     start = time.perf_counter()
-    result = train_stage(gm, quiet, layers, data, settings, torch.nn.functional.cross_entropy, seed=0,
-                         desc="LAFT stage")
+    result = train_stage(gm, quiet, layers, data, settings, work.task.get("loss_fn", torch.nn.functional.cross_entropy),
+                         seed=0, desc="LAFT stage")
     synchronize(device.type == "cuda")
     seconds = time.perf_counter() - start
     stage._validate = real_validate
     flat = torch.cat([value.detach().float().flatten().cpu() for _, value in sorted(result.state.items())])
-    sample = flat[torch.linspace(0, len(flat) - 1, 32).long()]
+    sample = flat[torch.arange(32) * (len(flat) - 1) // 31]  # 32 evenly spaced weights
     return seconds, {"layers": len(layers), "history": [round(v, 4) for v in result.history],
                      "validate_s": round(validating[0], 3), "weights_sample": sample.tolist()}
 
@@ -173,39 +216,32 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     hessian = {"batches": args.batches} | ({"probes": 2, "max_iter": 4} if args.tiny else {})
     for name in args.models:
-        model, splits = model_and_data(name, args.tiny)
-        model = model.to(device)
-        inputs, labels = splits["train"].tensors
-        train = [(inputs[i : i + args.calib_batch].to(device), labels[i : i + args.calib_batch].to(device))
+        work = workload(name, args, device)
+        train = [move(work.batch(range(i, i + args.calib_batch)), device)
                  for i in range(0, args.batches * args.calib_batch, args.calib_batch)]
-        splits = {key: TensorDataset(*(t[: args.eval_samples] for t in split.tensors)) if key != "train" else split
-                  for key, split in splits.items()}
-        test = tuple(t.to(device) for t in splits["test"].tensors)
-        if args.eval_images:  # a larger evaluation workload: the test split repeated
-            copies = -(-args.eval_images // len(test[1]))
-            test = tuple(t.repeat(copies, *[1] * (t.dim() - 1))[: args.eval_images] for t in test)
-        hetcomp.compile(model, "pcm+digital", data=train[:1], hessian={"batches": 1, "max_iter": 2, "probes": 1})
+        hetcomp.compile(work.model, "pcm+digital", data=train[:1], hessian={"batches": 1, "max_iter": 2, "probes": 1},
+                        **work.task)
         peak_and_reset(cuda)  # warm-up done
         synchronize(cuda)
         start = time.perf_counter()
-        compiled = hetcomp.compile(model, "pcm+digital", data=train, hessian=hessian)
+        compiled = hetcomp.compile(work.model, "pcm+digital", data=train, hessian=hessian, **work.task)
         synchronize(cuda)
         hessian_s = time.perf_counter() - start
         hessian_peak = peak_and_reset(cuda)
-        compiled.evaluate(test, repeats=2 * distributed.world_size(), seed=1)  # warm-up: 2 repeats per rank
+        compiled.evaluate(work.test, repeats=2 * distributed.world_size(), seed=1)  # warm-up: 2 repeats per rank
         synchronize(cuda)
         start = time.perf_counter()
-        result = compiled.evaluate(test, repeats=args.repeats, seed=1)
+        result = compiled.evaluate(work.test, repeats=args.repeats, seed=1)
         synchronize(cuda)
         evaluate_s = time.perf_counter() - start
         peak_and_reset(cuda)
         laft = {}
         if args.laft_batches:  # warm-up: a stage of two steps
-            laft_stage(compiled, splits, device, argparse.Namespace(**{**vars(args), "laft_steps": 2}),
+            laft_stage(compiled, work, device, argparse.Namespace(**{**vars(args), "laft_steps": 2}),
                        args.laft_batches[0])
             peak_and_reset(cuda)
         for batch in args.laft_batches:
-            seconds, laft[str(batch)] = laft_stage(compiled, splits, device, args, batch)
+            seconds, laft[str(batch)] = laft_stage(compiled, work, device, args, batch)
             laft[str(batch)] |= {"seconds": round(seconds, 3), "peak_gib_per_rank": peak_and_reset(cuda)}
         if distributed.is_main():
             print(json.dumps({
@@ -272,7 +308,12 @@ def driver(args: argparse.Namespace, argv: list[str]) -> None:
             skip = not skip and "=" not in arg
             continue
         passed.append(arg)
-    results = {world: run_world(world, passed) for world in (1, args.ranks)}
+    results = {}
+    for world in (1, args.ranks):
+        results[world] = run_world(world, passed)
+        if args.out is not None:  # each world's lines as soon as it finishes: a later world may fail or time out
+            args.out.with_suffix(f".world{world}.jsonl").write_text(
+                "".join(json.dumps(line) + "\n" for line in results[world].values()))
     one, many = results[1], results[args.ranks]
     report = [f"# python bench/scale.py {' '.join(argv)}  ({one[args.models[0]]['device']})",
               f"{'model':<12} {'phase':<15} {'1 rank':>11} {f'{args.ranks} ranks':>11} {'speedup':>8}   results"]

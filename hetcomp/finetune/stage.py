@@ -46,7 +46,7 @@ from hetcomp.errors import ConfigError
 from hetcomp.evaluate import accuracy_labels, batched_logits, evaluate
 from hetcomp.finetune.data import TrainingData
 from hetcomp.finetune.global_batchnorm import GlobalBatchNorm
-from hetcomp.graph.calls import set_training
+from hetcomp.graph.calls import set_training, unread_parameters
 from hetcomp.lower import Simulator, digital_state_dict, lower_graph, lowered_modules
 from hetcomp.progress import bar
 from hetcomp.targets.base import TargetSet
@@ -139,9 +139,11 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
     lowered, report = lower_graph(gm, targets, layers=analog_layers)
     device = next(lowered.parameters()).device
     analog_prefixes = tuple(name + "." for name in lowered_modules(report))
+    unread = unread_parameters(lowered)  # digital weights lowered at their node: no gradient, nothing to train
     analog_params, digital_params = [], []
     for name, parameter in lowered.named_parameters():
-        (analog_params if name.startswith(analog_prefixes) else digital_params).append(parameter)
+        if name not in unread:
+            (analog_params if name.startswith(analog_prefixes) else digital_params).append(parameter)
     groups = [{"params": analog_params, "lr": settings.lr_analog}]
     if digital_params:
         groups.append({"params": digital_params, "lr": settings.lr_digital})
@@ -153,7 +155,8 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
                           "their own; fine-tune one "
                           "device's layers at a time")
     simulator = next(iter(simulators.values()), Simulator())
-    model = _data_parallel(lowered, device, settings.sync_batchnorm) if world > 1 else lowered  # before the optimizer
+    # DDP wraps the model before the optimizer is built
+    model = _data_parallel(lowered, device, settings.sync_batchnorm, unread) if world > 1 else lowered
     optimizer = simulator.optimizer(groups, lr=settings.lr_analog, momentum=settings.momentum)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
                  if settings.lr_decay else None)
@@ -209,16 +212,17 @@ def _validate(lowered: fx.GraphModule, data: TrainingData, settings: StageSettin
     return distributed.on_main(lambda: score)
 
 
-def _data_parallel(lowered: fx.GraphModule, device: torch.device, sync_batchnorm: bool = True) -> torch.nn.Module:
+def _data_parallel(lowered: fx.GraphModule, device: torch.device, sync_batchnorm: bool = True,
+                   unread: Sequence[str] = ()) -> torch.nn.Module:
     """``lowered`` wrapped in DistributedDataParallel for this rank's device (BatchNorm over the global batch unless
-    ``sync_batchnorm`` is False); aihwkit's AnalogContext placeholders are left out (the tile's own weight
-    parameter carries the gradient)."""
+    ``sync_batchnorm`` is False). Left out: aihwkit's AnalogContext placeholders (the tile's own weight parameter
+    carries the gradient) and the ``unread`` parameters (``unread_parameters``: the graph never reads them)."""
     from torch.nn.parallel import DistributedDataParallel
 
     if device.type == "cpu" and dist.get_backend() == "nccl":
         raise ConfigError("fine-tuning under torch.distributed with NCCL needs each rank's model on its GPU "
                           "(model.to(f'cuda:{LOCAL_RANK}') before compile); a CPU model trains with gloo")
-    ignored = []
+    ignored = list(unread)
     for module in lowered.modules():
         if getattr(module, "supports_ddp", True) is False:  # aihwkit's analog training tiles
             raise ConfigError(f"aihwkit tile {type(module).__name__} cannot train under DistributedDataParallel; "

@@ -1,4 +1,5 @@
-"""How hetcomp calls a traced graph: its train/eval mode, and its placeholders' values for an interpreter.
+"""How hetcomp calls a traced graph: its train/eval mode, the parameters it reads, and its placeholders' values for
+an interpreter.
 
 A torch.export graph (``ExportedProgram.module()``) refuses ``.train()`` and ``.eval()`` (NotImplementedError):
 its mode was fixed when it was exported (dropout and BatchNorm are ATen ops with the mode as an argument). Its
@@ -30,6 +31,28 @@ def set_training(module: nn.Module, training: bool) -> None:
         module.training = training
         for child in module.children():
             set_training(child, training)
+
+
+def unread_parameters(gm: fx.GraphModule) -> list[str]:
+    """The names of ``gm``'s parameters that its graph never reads: neither a ``get_attr`` node's target nor inside
+    a module that a ``call_module`` node calls. Lowering a layer at its graph node (the torch.export front end's
+    ``aten.linear``) leaves the digital weight and bias it replaced where they are, unread, for
+    ``digital_state_dict`` to write the fine-tuned weights back to: they get no gradient, so DistributedDataParallel
+    must not wait for one (it raises at the next step) and the optimizer has nothing to apply."""
+    read: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            target = gm.get_submodule(node.target) if node.op == "call_module" else _attribute(gm, node.target)
+            values = target.parameters() if isinstance(target, nn.Module) else [target]
+            read.update(id(value) for value in values)
+    return [name for name, parameter in gm.named_parameters() if id(parameter) not in read]
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> object:
+    value: object = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
