@@ -343,14 +343,19 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     Both paths are ``RepeatRunner``'s.
 
     Under torch.distributed (N ranks, every rank passing the same arguments) the work is split and every rank
-    returns the same Evaluation, one process's. With ``repeats >= N`` rank k runs the repeats k, k + N, ... (repeat
-    r keeps its seed (seed, r)) and the values are gathered in repeat order. With fewer repeats than ranks every
-    rank runs all repeats on its contiguous share of the data chunks (rank k: chunks [k C / N, (k + 1) C / N) of C)
-    and the metric's parts (``Metric.update``'s values, per repeat and chunk) are gathered and finished in chunk
-    order on every rank: per-batch and whole-dataset metrics alike. That equals one process up to float reduction
-    order when the forward draws no noise per read (aihwkit's ``out_noise``/``inp_noise`` 0; programming noise and
-    drift are drawn per repeat, identically); with read noise each rank's share starts the repeat's read-noise
-    stream afresh, so the values are equally distributed, reproducible for a given N, but not one process's draws.
+    returns the same Evaluation, one process's. With ``repeats >= N`` the repeats are dealt in blocks of
+    ``repeat_block_size(repeats)`` consecutive repeats (about ``repeats / 8``, at least 4): rank k runs the blocks
+    k, k + N, ... (repeat r keeps its seed (seed, r)), and the values are gathered in repeat order. A block's
+    repeats are folded together (in groups within ``fold_bytes``) on any number of ranks, so every repeat's value is
+    one process's bit for bit, also on CUDA (where the folded batch's size picks the matrix kernels); the blocks
+    share out evenly over 1, 2, 4 or 8 ranks, and beyond 8 blocks' worth of ranks some ranks idle. With fewer
+    repeats than ranks every rank runs all repeats on its contiguous share of the data chunks (rank k: chunks [k C /
+    N, (k + 1) C / N) of C) and the metric's parts (``Metric.update``'s values, per repeat and chunk) are gathered
+    and finished in chunk order on every rank: per-batch and whole-dataset metrics alike. That equals one process up
+    to float reduction order when the forward draws no noise per read (aihwkit's ``out_noise``/``inp_noise`` 0;
+    programming noise and drift are drawn per repeat, identically); with read noise each rank's share starts the
+    repeat's read-noise stream afresh, so the values are equally distributed, reproducible for a given N, but not
+    one process's draws.
     An error on any rank is raised on every rank.
     """
     repeats = checks.integer("repeats", repeats)
@@ -372,7 +377,7 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     # Without an analog layer one pass gives every repeat's value: every rank runs it whole.
     spread = world > 1 and _frontier(module, set(lowered_modules(report))) is not None
     split_data = spread and repeats < world
-    mine = list(range(rank, repeats, world)) if spread and not split_data else list(range(repeats))
+    mine = rank_repeats(repeats, rank, world) if spread and not split_data else list(range(repeats))
     chunk_indices = None
     if split_data:
         count = source.chunk_count()
@@ -381,7 +386,8 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     def run() -> tuple[str, dict[int, Any]]:
         runner = RepeatRunner(module, report, source, mine, seed, t_inference, exact_tiles=exact_tiles,
                               fold_bytes=fold_bytes, prefix_cache_bytes=prefix_cache_bytes,
-                              chunk_indices=chunk_indices, check=metric.check, probe_folding=repeats >= 2)
+                              chunk_indices=chunk_indices, check=metric.check, probe_folding=repeats >= 2,
+                              block_size=repeat_block_size(repeats))
         scored = _metric_by_repeat(runner, metric, finish=not split_data)
         return runner.method, move(scored, torch.device("cpu")) if split_data else scored
 
@@ -406,6 +412,24 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
             others.setdefault(name, []).append(number)
     return Evaluation(values, float(t_inference), mac_ratio, time.perf_counter() - start, method, metric.name,
                       others)
+
+
+REPEAT_BLOCKS = 8  # blocks of repeats the evaluation deals to ranks: even shares on 1, 2, 4 or 8 ranks
+MIN_BLOCK = 4  # repeats folded together at least (when there are as many)
+
+
+def repeat_block_size(repeats: int) -> int:
+    """How many consecutive repeats form one block of ``evaluate`` (``RepeatRunner``'s ``block_size``): about
+    ``repeats / REPEAT_BLOCKS``, at least ``MIN_BLOCK``. It depends on the repeat count alone, so a repeat is folded
+    with the same others on any number of ranks: on CUDA the folded batch's size picks the matrix kernels and with
+    them the float rounding, and the blocks make every repeat's values one process's, bit for bit."""
+    return max(MIN_BLOCK, -(-repeats // REPEAT_BLOCKS))
+
+
+def rank_repeats(repeats: int, rank: int, world: int) -> list[int]:
+    """The repeats rank ``rank`` of ``world`` evaluates: the blocks (``repeat_block_size``) rank, rank + world, ..."""
+    block_size = repeat_block_size(repeats)
+    return [repeat for repeat in range(repeats) if (repeat // block_size) % world == rank]
 
 
 def _on_every_rank(work: Callable[[], T]) -> list[T]:
@@ -501,10 +525,12 @@ class RepeatRunner:
     grouped. The path is chosen on construction and named by ``method``:
 
     - "vectorized": every lowered layer holds the realizations of a group of repeats and each chunk passes once
-      for the group (hetcomp.lower.repeats); groups of repeats follow one another, each over all chunks. The first
-      group has two repeats and measures the working set per repeat and sample; later groups take as many repeats
-      as fit ``fold_bytes`` (None: 1 GiB on CPU, 8 GiB on CUDA). Every output tensor [R*B, ...] is split into the
-      R per-repeat outputs [B, ...] (``split_repeats``).
+      for the group (hetcomp.lower.repeats); groups of repeats follow one another, each over all chunks. A group
+      takes as many repeats as fit ``fold_bytes`` (None: 1 GiB on CPU, 8 GiB on CUDA), by the working set per
+      repeat and sample that the fold probe measured on the first chunk (without a probe, the first group has two
+      repeats and measures it); with ``block_size`` a group never mixes repeats of two blocks (repeat r is in
+      block r // block_size), so a repeat's group is the same whichever other repeats the runner has. Every output
+      tensor [R*B, ...] is split into the R per-repeat outputs [B, ...] (``split_repeats``).
     - "tiles (why)": ``exact_tiles=True``, a layer without a repeat-vectorized forward, or a graph that does not
       fold repeats (checked on the first chunk against separate runs when ``probe_folding``; None: when there are
       two repeats or more): one repeat at a time through the simulators' modules (program, drift, every chunk) on
@@ -512,7 +538,8 @@ class RepeatRunner:
     - "exact (no analog layer)": one pass; every repeat shares its outputs (``RepeatChunk.shared``).
 
     ``module`` is never changed (its training flag is restored). ``chunk_indices``: only these chunks of
-    ``source`` (None: all; the others are another rank's). ``check(outputs, target)`` runs on every chunk of the
+    ``source`` (None: all; the others are another rank's). ``block_size``: see "vectorized" (None: one block).
+    ``check(outputs, target)`` runs on every chunk of the
     first pass (e.g. ``Metric.check``). The digital prefix (everything before the first analog layer) is computed
     once per chunk and reused by every repeat, for as many chunks as fit ``prefix_cache_bytes``.
     """
@@ -521,13 +548,15 @@ class RepeatRunner:
                  repeats: Iterable[int], seed: int, t_inference: float, *, exact_tiles: bool = False,
                  fold_bytes: int | None = None, prefix_cache_bytes: int = 1 << 30,
                  chunk_indices: range | None = None, check: Callable[[Any, Any], None] | None = None,
-                 probe_folding: bool | None = None) -> None:
+                 probe_folding: bool | None = None, block_size: int | None = None) -> None:
         if not isinstance(module, fx.GraphModule):
             raise ConfigError(f"running hardware repeats needs the lowered fx.GraphModule (compiled.module), got "
                               f"{type(module).__name__}")
         self.module, self.report, self.source = module, report, source
         self.repeats, self.seed, self.t_inference = list(repeats), seed, t_inference
         self.fold_bytes, self.chunk_indices, self.check = fold_bytes, chunk_indices, check
+        self.block_size = block_size
+        self.per_repeat_sample: float | None = None  # working-set bytes per repeat and sample (the probe's)
         self.lowered = lowered_modules(report)
         self.frontier = _frontier(module, set(self.lowered))
         self.envs: dict[int, dict[fx.Node, Any]] = {}
@@ -640,22 +669,27 @@ class RepeatRunner:
         device = next(self.module.parameters()).device
         budget = self.fold_bytes if self.fold_bytes is not None else (8 << 30 if device.type == "cuda" else 1 << 30)
         fmt, batch_size = self.source.fmt, self.source.batch_size
-        position, per_repeat_sample = 0, None
+        per_repeat_sample, checked = self.per_repeat_sample, False
+        pending = self._blocks()
         progress_bar = bar(len(self.repeats), "repeats (vectorized)")
         try:
-            while position < len(self.repeats):
+            while pending:
+                block = pending.pop(0)
                 if per_repeat_sample is None:
-                    count = min(2, len(self.repeats))
+                    count = min(2, len(block))
                 else:
-                    count = int(max(1, min(len(self.repeats) - position,
-                                           budget // max(per_repeat_sample * batch_size, 1))))
-                group = self.repeats[position : position + count]
-                if position == 0 and self._first_layers is not None and count == 2:
-                    layers, self._first_layers = self._first_layers, None
+                    count = int(max(1, min(len(block), budget // max(per_repeat_sample * batch_size, 1))))
+                group = block[:count]
+                if count < len(block):
+                    pending.insert(0, block[count:])
+                if self._first_layers is not None and group == self.repeats[:2]:  # the probe's realizations
+                    layers = self._first_layers
                 else:
                     layers = repeated_layers(self.module, self.lowered,
                                              [_repeat_seed(self.seed, r) for r in group], self.t_inference)
+                self._first_layers = None
                 runner = FoldedRunner(self.module, layers, len(group))
+                first, checked = not checked, True
                 seen = 0
                 for index, batch in self._chunks():
                     env = self.envs.get(index)
@@ -667,18 +701,28 @@ class RepeatRunner:
                         self._checked(outputs, batch)  # names what the outputs are
                         raise DataError(f"evaluation: the model's outputs do not carry the batch ({samples} samples) "
                                         "in their leading dimension, so hardware repeats cannot be told apart")
-                    if position == 0:
+                    if first:
                         self._checked(per_repeat[0], batch)
                     seen += samples
                     yield RepeatChunk(group, index, batch, per_repeat)
                 self._no_sample(seen)
                 if per_repeat_sample is None:
-                    working = max((getattr(layer, "peak_bytes", 0) for layer in layers.values()), default=0)
-                    per_repeat_sample = max(working / (len(group) * batch_size), 1.0)
-                position += len(group)
+                    per_repeat_sample = _working_set(layers) / (len(group) * batch_size)
                 progress_bar.update(len(group))
         finally:
             progress_bar.close()
+
+    def _blocks(self) -> list[list[int]]:
+        """The runner's repeats as runs of one block each (``block_size``; None: all of them)."""
+        if self.block_size is None:
+            return [list(self.repeats)] if self.repeats else []
+        blocks: list[list[int]] = []
+        for repeat in self.repeats:
+            if blocks and blocks[-1][-1] // self.block_size == repeat // self.block_size:
+                blocks[-1].append(repeat)
+            else:
+                blocks.append([repeat])
+        return blocks
 
     def _folds_on_first_chunk(self) -> bool:
         """Whether two folded repeats give what two separate runs give (noise off) on the data's first chunk (the
@@ -690,11 +734,23 @@ class RepeatRunner:
                                  self.t_inference)
         batch = next(iter(self.source.chunks()))
         flat = placeholder_values(self.module, *self.source.fmt.inputs(batch))
-        if not flat or not folds(self.module, layers, flat, self.envs.get(0)):
+        env = self.envs.get(0)
+        if not flat or not folds(self.module, layers, flat, env):
             return False
+        # The working set of two folded repeats on this chunk, measured on copies (``select``: fresh noise
+        # generators, so the layers' own do not advance): the same on every rank, so every rank sizes its groups
+        # alike.
+        measured = {name: layer.select([0, 1]) for name, layer in layers.items()}
+        FoldedRunner(self.module, measured, 2).run(*flat, initial_env=dict(env) if env else None)
+        self.per_repeat_sample = _working_set(measured) / (2 * max(self.source.fmt.samples(batch), 1))
         if len(self.repeats) >= 2:
             self._first_layers = layers
         return True
+
+
+def _working_set(layers: dict[str, Any]) -> float:
+    """The largest working set (bytes) of repeat-vectorized ``layers``' calls so far (at least 1)."""
+    return max(max((getattr(layer, "peak_bytes", 0) for layer in layers.values()), default=0), 1)
 
 
 def repeat_outputs(module: fx.GraphModule, report: dict[str, dict[str, Any]], inputs: torch.Tensor, repeats: int,
