@@ -51,7 +51,7 @@ from hetcomp.data import DataFormat, move, nbytes, take_batches, tensor_pair
 from hetcomp.errors import ConfigError, DataError
 from hetcomp.graph.calls import placeholder_values, set_training
 from hetcomp.lower import lowered_modules, program_and_drift
-from hetcomp.lower.repeats import FoldedRunner, folds, repeated_layers, why_not_vectorized
+from hetcomp.lower.repeats import FoldedRunner, chunk_seed, folds, repeated_layers, why_not_vectorized
 from hetcomp.metrics import Metric, accuracy_labels, as_metric, split_value
 from hetcomp.progress import bar, progress
 
@@ -343,19 +343,13 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     Both paths are ``RepeatRunner``'s.
 
     Under torch.distributed (N ranks, every rank passing the same arguments) the work is split and every rank
-    returns the same Evaluation, one process's. With ``repeats >= N`` the repeats are dealt in blocks of
-    ``repeat_block_size(repeats)`` consecutive repeats (about ``repeats / 8``, at least 4): rank k runs the blocks
-    k, k + N, ... (repeat r keeps its seed (seed, r)), and the values are gathered in repeat order. A block's
-    repeats are folded together (in groups within ``fold_bytes``) on any number of ranks, so every repeat's value is
-    one process's bit for bit, also on CUDA (where the folded batch's size picks the matrix kernels); the blocks
-    share out evenly over 1, 2, 4 or 8 ranks, and beyond 8 blocks' worth of ranks some ranks idle. With fewer
-    repeats than ranks every rank runs all repeats on its contiguous share of the data chunks (rank k: chunks [k C /
-    N, (k + 1) C / N) of C) and the metric's parts (``Metric.update``'s values, per repeat and chunk) are gathered
-    and finished in chunk order on every rank: per-batch and whole-dataset metrics alike. That equals one process up
-    to float reduction order when the forward draws no noise per read (aihwkit's ``out_noise``/``inp_noise`` 0;
-    programming noise and drift are drawn per repeat, identically); with read noise each rank's share starts the
-    repeat's read-noise stream afresh, so the values are equally distributed, reproducible for a given N, but not
-    one process's draws.
+    returns the same Evaluation, one process's, bit for bit. The work is the pairs (group of repeats, data chunk) of
+    ``RepeatRunner``, group-major; rank k runs the k-th of N contiguous shares, and the metric's parts
+    (``Metric.update``'s values, per repeat and chunk) are gathered and finished in chunk order on every rank:
+    per-batch and whole-dataset metrics alike. A pair computes the same on any rank: repeat r is programmed and
+    drifted from the seed (seed, r), its forward noise restarts per chunk from (seed, r, chunk), and the groups of
+    repeats folded together do not depend on N (on CUDA the folded batch's size picks the matrix kernels, and so the
+    rounding). With more ranks than pairs some ranks idle.
     An error on any rank is raised on every rank.
     """
     repeats = checks.integer("repeats", repeats)
@@ -376,34 +370,24 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     rank, world = distributed.rank(), distributed.world_size()
     # Without an analog layer one pass gives every repeat's value: every rank runs it whole.
     spread = world > 1 and _frontier(module, set(lowered_modules(report))) is not None
-    split_data = spread and repeats < world
-    mine = rank_repeats(repeats, rank, world) if spread and not split_data else list(range(repeats))
-    chunk_indices = None
-    if split_data:
-        count = source.chunk_count()
-        chunk_indices = range(rank * count // world, (rank + 1) * count // world)
 
     def run() -> tuple[str, dict[int, Any]]:
-        runner = RepeatRunner(module, report, source, mine, seed, t_inference, exact_tiles=exact_tiles,
+        runner = RepeatRunner(module, report, source, range(repeats), seed, t_inference, exact_tiles=exact_tiles,
                               fold_bytes=fold_bytes, prefix_cache_bytes=prefix_cache_bytes,
-                              chunk_indices=chunk_indices, check=metric.check, probe_folding=repeats >= 2,
-                              block_size=repeat_block_size(repeats))
-        scored = _metric_by_repeat(runner, metric, finish=not split_data)
-        return runner.method, move(scored, torch.device("cpu")) if split_data else scored
+                              share=(rank, world) if spread else None, check=metric.check)
+        scored = _metric_by_repeat(runner, metric, finish=not spread)
+        return runner.method, move(scored, torch.device("cpu")) if spread else scored
 
     if not spread:
         method, local = run()
-    else:
+    else:  # {repeat: {chunk index: part}} from every rank, finished in chunk order
         results = _on_every_rank(run)
         method = results[0][0]
-        if split_data:  # {repeat: {chunk index: part}} from every rank, finished in chunk order
-            merged: dict[int, dict[int, Any]] = {repeat: {} for repeat in range(repeats)}
-            for _, parts in results:
-                for repeat, by_chunk in parts.items():
-                    merged[repeat].update(by_chunk)
-            local = {repeat: _finished(metric, move(merged[repeat], device)) for repeat in range(repeats)}
-        else:
-            local = {repeat: value for _, values in results for repeat, value in values.items()}
+        merged: dict[int, dict[int, Any]] = {repeat: {} for repeat in range(repeats)}
+        for _, parts in results:
+            for repeat, by_chunk in parts.items():
+                merged[repeat].update(by_chunk)
+        local = {repeat: _finished(metric, move(merged[repeat], device)) for repeat in range(repeats)}
     values, others = [], {}
     for repeat in range(repeats):
         value, extra = split_value(metric, local[repeat])
@@ -412,24 +396,6 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
             others.setdefault(name, []).append(number)
     return Evaluation(values, float(t_inference), mac_ratio, time.perf_counter() - start, method, metric.name,
                       others)
-
-
-REPEAT_BLOCKS = 8  # blocks of repeats the evaluation deals to ranks: even shares on 1, 2, 4 or 8 ranks
-MIN_BLOCK = 4  # repeats folded together at least (when there are as many)
-
-
-def repeat_block_size(repeats: int) -> int:
-    """How many consecutive repeats form one block of ``evaluate`` (``RepeatRunner``'s ``block_size``): about
-    ``repeats / REPEAT_BLOCKS``, at least ``MIN_BLOCK``. It depends on the repeat count alone, so a repeat is folded
-    with the same others on any number of ranks: on CUDA the folded batch's size picks the matrix kernels and with
-    them the float rounding, and the blocks make every repeat's values one process's, bit for bit."""
-    return max(MIN_BLOCK, -(-repeats // REPEAT_BLOCKS))
-
-
-def rank_repeats(repeats: int, rank: int, world: int) -> list[int]:
-    """The repeats rank ``rank`` of ``world`` evaluates: the blocks (``repeat_block_size``) rank, rank + world, ..."""
-    block_size = repeat_block_size(repeats)
-    return [repeat for repeat in range(repeats) if (repeat // block_size) % world == rank]
 
 
 def _on_every_rank(work: Callable[[], T]) -> list[T]:
@@ -525,21 +491,23 @@ class RepeatRunner:
     grouped. The path is chosen on construction and named by ``method``:
 
     - "vectorized": every lowered layer holds the realizations of a group of repeats and each chunk passes once
-      for the group (hetcomp.lower.repeats); groups of repeats follow one another, each over all chunks. A group
-      takes as many repeats as fit ``fold_bytes`` (None: 1 GiB on CPU, 8 GiB on CUDA), by the working set per
-      repeat and sample that the fold probe measured on the first chunk (without a probe, the first group has two
-      repeats and measures it); with ``block_size`` a group never mixes repeats of two blocks (repeat r is in
-      block r // block_size), so a repeat's group is the same whichever other repeats the runner has. Every output
-      tensor [R*B, ...] is split into the R per-repeat outputs [B, ...] (``split_repeats``).
+      for the group (hetcomp.lower.repeats); groups of repeats follow one another, each over all chunks. The groups
+      are equal (the last may be smaller), as large as ``fold_bytes`` allows (None: 1 GiB on CPU, 8 GiB on CUDA),
+      by the working set per repeat measured on the data's first chunk with two repeats folded. Every
+      output tensor [R*B, ...] is split into the R per-repeat outputs [B, ...] (``split_repeats``).
     - "tiles (why)": ``exact_tiles=True``, a layer without a repeat-vectorized forward, or a graph that does not
       fold repeats (checked on the first chunk against separate runs when ``probe_folding``; None: when there are
       two repeats or more): one repeat at a time through the simulators' modules (program, drift, every chunk) on
       a copy of ``module``.
     - "exact (no analog layer)": one pass; every repeat shares its outputs (``RepeatChunk.shared``).
 
-    ``module`` is never changed (its training flag is restored). ``chunk_indices``: only these chunks of
-    ``source`` (None: all; the others are another rank's). ``block_size``: see "vectorized" (None: one block).
-    ``check(outputs, target)`` runs on every chunk of the
+    Each chunk's forward noise starts afresh (seeded by the repeat and the chunk: ``at_chunk``, and on the tile path
+    torch's RNG), so a (repeat, chunk) output does not depend on what ran before it. ``share=(rank, world)`` runs only
+    that rank's contiguous share of the (group, chunk) pairs, in group-major order (None: all of them): the groups
+    do not depend on ``share``, so every pair is computed as one process computes it, bit for bit also on CUDA
+    (where the folded batch's size picks the matrix kernels and so the rounding).
+
+    ``module`` is never changed (its training flag is restored). ``check(outputs, target)`` runs on every chunk of the
     first pass (e.g. ``Metric.check``). The digital prefix (everything before the first analog layer) is computed
     once per chunk and reused by every repeat, for as many chunks as fit ``prefix_cache_bytes``.
     """
@@ -547,34 +515,70 @@ class RepeatRunner:
     def __init__(self, module: fx.GraphModule, report: dict[str, dict[str, Any]], source: EvaluationData,
                  repeats: Iterable[int], seed: int, t_inference: float, *, exact_tiles: bool = False,
                  fold_bytes: int | None = None, prefix_cache_bytes: int = 1 << 30,
-                 chunk_indices: range | None = None, check: Callable[[Any, Any], None] | None = None,
-                 probe_folding: bool | None = None, block_size: int | None = None) -> None:
+                 share: tuple[int, int] | None = None, check: Callable[[Any, Any], None] | None = None,
+                 probe_folding: bool | None = None) -> None:
         if not isinstance(module, fx.GraphModule):
             raise ConfigError(f"running hardware repeats needs the lowered fx.GraphModule (compiled.module), got "
                               f"{type(module).__name__}")
         self.module, self.report, self.source = module, report, source
         self.repeats, self.seed, self.t_inference = list(repeats), seed, t_inference
-        self.fold_bytes, self.chunk_indices, self.check = fold_bytes, chunk_indices, check
-        self.block_size = block_size
-        self.per_repeat_sample: float | None = None  # working-set bytes per repeat and sample (the probe's)
+        self.fold_bytes, self.share, self.check = fold_bytes, share, check
+        self.per_repeat_bytes: float | None = None  # working set per repeat on the first chunk (2 folded)
         self.lowered = lowered_modules(report)
         self.frontier = _frontier(module, set(self.lowered))
         self.envs: dict[int, dict[fx.Node, Any]] = {}
-        self._first_layers: dict[str, Any] | None = None  # the fold probe's realizations: the first group's
+        self.work: list[tuple[list[int], range | None]] = []  # (group of repeats, its chunks here; None: all)
         if self.frontier is None:
             self.method = "exact (no analog layer)"
             return
         with _evaluation_mode(module):
-            if any(n.op not in ("placeholder", "get_attr") for n in _before(module, self.frontier)):
-                self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, chunk_indices)
+            prefix = any(n.op not in ("placeholder", "get_attr") for n in _before(module, self.frontier))
+            if prefix:  # the first chunk's, for the fold probe (kept if this rank's work holds that chunk)
+                self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, range(1))
             if exact_tiles or os.environ.get(EXACT_TILES_VARIABLE, "0") == "1":
-                self.method = "tiles (exact_tiles=True)" if exact_tiles else f"tiles ({EXACT_TILES_VARIABLE}=1)"
-                return
-            why = why_not_vectorized(module, self.lowered)
-            probe = len(self.repeats) >= 2 if probe_folding is None else probe_folding
-            if why is None and probe and self.repeats and not self._folds_on_first_chunk():
-                why = "the graph does not fold repeats"
-        self.method = "vectorized" if why is None else f"tiles ({why})"
+                why: str | None = "exact_tiles=True" if exact_tiles else f"{EXACT_TILES_VARIABLE}=1"
+            else:
+                why = why_not_vectorized(module, self.lowered)
+                probe = len(self.repeats) >= 2 if probe_folding is None else probe_folding
+                if why is None and len(self.repeats) >= 2 and not self._fold_probe(check_folding=probe):
+                    why = "the graph does not fold repeats"
+            self.method = "vectorized" if why is None else f"tiles ({why})"
+            self.work = self._dealt(self._groups())
+            chunks = [chunk for _, chunk in self.work]
+            span = None if self.share is None else range(min((c.start for c in chunks), default=0),
+                                                          max((c.stop for c in chunks), default=0))
+            if prefix:
+                self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, span, self.envs)
+
+    def _groups(self) -> list[list[int]]:
+        """The repeats in groups folded together: equal groups within the working-set budget (one repeat each on
+        the tile path). They depend on the repeats, the budget and the data's first chunk alone, never on
+        ``share``."""
+        if self.method != "vectorized" or self.per_repeat_bytes is None:
+            return [[repeat] for repeat in self.repeats] if self.method != "vectorized" else [list(self.repeats)]
+        device = next(self.module.parameters()).device
+        budget = self.fold_bytes if self.fold_bytes is not None else (8 << 30 if device.type == "cuda" else 1 << 30)
+        fit = int(max(1, budget // self.per_repeat_bytes))
+        total = len(self.repeats)
+        count = -(-total // fit)
+        bounds = [-(-index * total // count) for index in range(count + 1)]  # sizes differ by one at most
+        return [self.repeats[bounds[index] : bounds[index + 1]] for index in range(count)]
+
+    def _dealt(self, groups: list[list[int]]) -> list[tuple[list[int], range | None]]:
+        """This rank's (group, chunks) work: all of it without ``share``; else its contiguous share of the
+        (group, chunk) pairs in group-major order (a range of chunks per group)."""
+        if self.share is None:
+            return [(group, None) for group in groups if group]
+        rank, world = self.share
+        chunks = self.source.chunk_count()
+        pairs = len(groups) * chunks
+        first, last = rank * pairs // world, (rank + 1) * pairs // world
+        work = []
+        for position, group in enumerate(groups):
+            low, high = max(first - position * chunks, 0), min(last - position * chunks, chunks)
+            if low < high:
+                work.append((group, range(low, high)))
+        return work
 
     @classmethod
     def on_inputs(cls, module: fx.GraphModule, report: dict[str, dict[str, Any]], inputs: torch.Tensor,
@@ -624,15 +628,15 @@ class RepeatRunner:
         finally:
             set_training(self.module, was_training)
 
-    def _chunks(self) -> Iterator[tuple[int, Any]]:
-        return self.source.indexed_chunks(self.chunk_indices)
+    def _chunks(self, indices: range | None = None) -> Iterator[tuple[int, Any]]:
+        return self.source.indexed_chunks(indices)
 
     def _checked(self, outputs: Any, batch: Any) -> None:
         if self.check is not None:
             self.check(outputs, self.source.fmt.target(batch))
 
     def _no_sample(self, seen: int) -> None:
-        if seen == 0 and self.chunk_indices is None:  # a share of the chunks may be empty: another rank has them
+        if seen == 0 and self.share is None:  # a share may hold no chunk: another rank has them
             raise DataError("evaluation data yielded no sample")
 
     @torch.no_grad()
@@ -648,15 +652,18 @@ class RepeatRunner:
     @torch.no_grad()
     def _tiles(self) -> Iterator[RepeatChunk]:
         """One repeat at a time on a copy (programming and drift overwrite the tiles' weights); the cached prefix
-        values are re-keyed to the copy's nodes."""
+        values are re-keyed to the copy's nodes. Each chunk's forward noise comes from torch's RNG seeded by the
+        repeat and the chunk."""
         copied = copy.deepcopy(self.module)
         nodes = {node.name: node for node in copied.graph.nodes}
         envs = {index: {nodes[node.name]: value for node, value in env.items()} for index, env in self.envs.items()}
         runner = fx.Interpreter(copied)
-        for position, repeat in enumerate(progress(self.repeats, desc="repeats", total=len(self.repeats))):
+        for position, (group, indices) in enumerate(progress(self.work, desc="repeats", total=len(self.work))):
+            (repeat,) = group
             with hardware_repeat(copied, self.report, self.t_inference, self.seed, repeat):
                 seen = 0
-                for index, batch in self._chunks():
+                for index, batch in self._chunks(indices):
+                    torch.manual_seed(chunk_seed(_repeat_seed(self.seed, repeat), index))
                     outputs = _call(copied, self.source.fmt, batch, envs.get(index), runner)
                     if position == 0:
                         self._checked(outputs, batch)
@@ -666,32 +673,18 @@ class RepeatRunner:
 
     @torch.no_grad()
     def _folded(self) -> Iterator[RepeatChunk]:
-        device = next(self.module.parameters()).device
-        budget = self.fold_bytes if self.fold_bytes is not None else (8 << 30 if device.type == "cuda" else 1 << 30)
-        fmt, batch_size = self.source.fmt, self.source.batch_size
-        per_repeat_sample, checked = self.per_repeat_sample, False
-        pending = self._blocks()
-        progress_bar = bar(len(self.repeats), "repeats (vectorized)")
+        fmt = self.source.fmt
+        progress_bar = bar(sum(len(group) for group, _ in self.work), "repeats (vectorized)")
         try:
-            while pending:
-                block = pending.pop(0)
-                if per_repeat_sample is None:
-                    count = min(2, len(block))
-                else:
-                    count = int(max(1, min(len(block), budget // max(per_repeat_sample * batch_size, 1))))
-                group = block[:count]
-                if count < len(block):
-                    pending.insert(0, block[count:])
-                if self._first_layers is not None and group == self.repeats[:2]:  # the probe's realizations
-                    layers = self._first_layers
-                else:
-                    layers = repeated_layers(self.module, self.lowered,
-                                             [_repeat_seed(self.seed, r) for r in group], self.t_inference)
-                self._first_layers = None
+            for position, (group, indices) in enumerate(self.work):
+                layers = repeated_layers(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in group],
+                                         self.t_inference)
+                restarts = [layer.at_chunk for layer in layers.values() if hasattr(layer, "at_chunk")]
                 runner = FoldedRunner(self.module, layers, len(group))
-                first, checked = not checked, True
                 seen = 0
-                for index, batch in self._chunks():
+                for index, batch in self._chunks(indices):
+                    for restart in restarts:
+                        restart(index)
                     env = self.envs.get(index)
                     outputs = runner.run(*placeholder_values(self.module, *fmt.inputs(batch)),
                                          initial_env=dict(env) if env else None)
@@ -701,50 +694,28 @@ class RepeatRunner:
                         self._checked(outputs, batch)  # names what the outputs are
                         raise DataError(f"evaluation: the model's outputs do not carry the batch ({samples} samples) "
                                         "in their leading dimension, so hardware repeats cannot be told apart")
-                    if first:
+                    if position == 0:
                         self._checked(per_repeat[0], batch)
                     seen += samples
                     yield RepeatChunk(group, index, batch, per_repeat)
                 self._no_sample(seen)
-                if per_repeat_sample is None:
-                    per_repeat_sample = _working_set(layers) / (len(group) * batch_size)
                 progress_bar.update(len(group))
         finally:
             progress_bar.close()
 
-    def _blocks(self) -> list[list[int]]:
-        """The runner's repeats as runs of one block each (``block_size``; None: all of them)."""
-        if self.block_size is None:
-            return [list(self.repeats)] if self.repeats else []
-        blocks: list[list[int]] = []
-        for repeat in self.repeats:
-            if blocks and blocks[-1][-1] // self.block_size == repeat // self.block_size:
-                blocks[-1].append(repeat)
-            else:
-                blocks.append([repeat])
-        return blocks
-
-    def _folds_on_first_chunk(self) -> bool:
-        """Whether two folded repeats give what two separate runs give (noise off) on the data's first chunk (the
-        same chunk on every rank, so every rank takes the same path). The probe's realizations are kept for the
-        first group when they are its repeats."""
-        first = self.repeats[0]
-        probe = self.repeats[:2] if len(self.repeats) >= 2 else [first, first + 1]
-        layers = repeated_layers(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in probe],
+    def _fold_probe(self, check_folding: bool) -> bool:
+        """On the data's first chunk (the same on every rank, so every rank takes the same path): whether two
+        folded repeats give what two separate runs give (noise off; when ``check_folding``), then the working set of
+        the two folded with noise on, per repeat (``per_repeat_bytes``, which sizes the groups: the data's chunks are
+        ``batch_size`` samples, the first the largest, or a loader's batches, taken as about the first's size)."""
+        layers = repeated_layers(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in self.repeats[:2]],
                                  self.t_inference)
-        batch = next(iter(self.source.chunks()))
+        batch, env = next(iter(self.source.chunks())), self.envs.get(0)
         flat = placeholder_values(self.module, *self.source.fmt.inputs(batch))
-        env = self.envs.get(0)
-        if not flat or not folds(self.module, layers, flat, env):
+        if not flat or (check_folding and not folds(self.module, layers, flat, env)):
             return False
-        # The working set of two folded repeats on this chunk, measured on copies (``select``: fresh noise
-        # generators, so the layers' own do not advance): the same on every rank, so every rank sizes its groups
-        # alike.
-        measured = {name: layer.select([0, 1]) for name, layer in layers.items()}
-        FoldedRunner(self.module, measured, 2).run(*flat, initial_env=dict(env) if env else None)
-        self.per_repeat_sample = _working_set(measured) / (2 * max(self.source.fmt.samples(batch), 1))
-        if len(self.repeats) >= 2:
-            self._first_layers = layers
+        FoldedRunner(self.module, layers, 2).run(*flat, initial_env=dict(env) if env else None)
+        self.per_repeat_bytes = _working_set(layers) / 2
         return True
 
 
@@ -785,10 +756,12 @@ def split_repeats(outputs: Any, repeats: int, samples: int) -> list[Any] | None:
 
 
 def _prefix_cache(module: fx.GraphModule, frontier: fx.Node, source: EvaluationData, limit: int,
-                  indices: range | None = None) -> dict[int, dict[fx.Node, Any]]:
+                  indices: range | None = None, known: dict[int, dict[fx.Node, Any]] | None = None
+                  ) -> dict[int, dict[fx.Node, Any]]:
     """The digital prefix's values for the leading staged chunks of ``indices`` (None: all), by chunk index, as
     many as fit ``limit`` bytes: a chunk is computed only if the cache, grown by the first chunk's bytes per sample
-    times its size, stays within it."""
+    times its size, stays within it; ``known`` chunks' values are taken as they are."""
+    known = known or {}
     if source.streamed or limit <= 0:
         return {}
     envs: dict[int, dict[fx.Node, Any]] = {}
@@ -797,7 +770,7 @@ def _prefix_cache(module: fx.GraphModule, frontier: fx.Node, source: EvaluationD
         samples = source.fmt.samples(batch)
         if per_sample is not None and used + per_sample * samples > limit:
             break
-        env = _prefix_env(module, frontier, placeholder_values(module, *source.fmt.inputs(batch)))
+        env = known.get(index) or _prefix_env(module, frontier, placeholder_values(module, *source.fmt.inputs(batch)))
         size = _nbytes(env)
         per_sample = per_sample or size / max(samples, 1)
         if used + size > limit:
@@ -808,16 +781,16 @@ def _prefix_cache(module: fx.GraphModule, frontier: fx.Node, source: EvaluationD
 
 
 def _repeat_seed(seed: int, repeat: int) -> int:
-    """The seed of hardware repeat ``repeat`` of an evaluation seeded ``seed``: programming and drift (and, on the
-    tile path, the forward's noise) draw from it, so repeat r depends on (seed, r) alone."""
+    """The seed of hardware repeat ``repeat`` of an evaluation seeded ``seed``: programming and drift draw from it
+    (and the forward's noise from ``chunk_seed`` of it per data chunk), so repeat r depends on (seed, r) alone."""
     return (seed * 1_000_003 + repeat) % (2**63)
 
 
 @contextlib.contextmanager
 def hardware_repeat(module: torch.nn.Module, report: dict[str, dict[str, Any]], t_inference: float, seed: int,
                     repeat: int) -> Iterator[None]:
-    """Repeat ``repeat``: fresh programming and drift seeded by (seed, repeat); the caller's RNG is untouched
-    and the forward noise inside the block continues the same seeded stream."""
+    """Repeat ``repeat``: fresh programming and drift seeded by (seed, repeat); the caller's RNG is untouched (the
+    block may reseed it, as the tile path does per data chunk)."""
     device = next(module.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(_repeat_seed(seed, repeat))
@@ -827,7 +800,8 @@ def hardware_repeat(module: torch.nn.Module, report: dict[str, dict[str, Any]], 
 
 def plain_loop_accuracy(module: torch.nn.Module, report: dict[str, dict[str, Any]], loader: Any, repeats: int,
                         t_inference: float, seed: int = 0) -> list[float]:
-    """The reference loop: each repeat programs, drifts and iterates the loader (same seeds as ``evaluate``)."""
+    """The reference loop: each repeat programs, drifts and iterates the loader, batch i's forward noise seeded as
+    ``evaluate`` seeds chunk i (so it gives ``evaluate``'s tile path's values when its chunks are the batches)."""
     device = next(module.parameters()).device
     set_training(module, False)
     accuracies = []
@@ -835,7 +809,8 @@ def plain_loop_accuracy(module: torch.nn.Module, report: dict[str, dict[str, Any
         for repeat in range(repeats):
             with hardware_repeat(module, report, t_inference, seed, repeat):
                 correct = total = 0
-                for x, y in loader:
+                for index, (x, y) in enumerate(loader):
+                    torch.manual_seed(chunk_seed(_repeat_seed(seed, repeat), index))  # as the tile path seeds a chunk
                     correct += int((module(x.to(device)).argmax(-1) == y.to(device)).sum())
                     total += len(y)
             accuracies.append(correct / total)

@@ -98,16 +98,16 @@ def test_sharded_hessian_metrics_equal_one_process(tmp_path, world):
 
 
 def split_data_task():
-    """An MLP on PCM without per-read output noise (quiet_pcm: what a repeat draws is its programming and drift,
-    identical on every rank), 100 samples in chunks of 16 (7 chunks, the last of 4): 50 queries, then their
-    documents (each query plus noise). Recall@1 pairs query i (chunks 0-3) with document i (chunks 3-6), so
-    parts gathered out of chunk order would pair the wrong documents."""
+    """An MLP on PCM with its per-read output noise (drawn per repeat and chunk, so the same on any rank), 100 samples
+    in chunks of 16 (7 chunks, the last of 4): 50 queries, then their documents (each query plus noise). Recall@1
+    pairs query i (chunks 0-3) with document i (chunks 3-6), so parts gathered out of chunk order would pair the
+    wrong documents."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
     queries = torch.randn(50, 6)
     x = torch.cat([queries, queries + 0.7 * torch.randn(50, 6)])
     y = (x @ torch.randn(6, 8)).argmax(1)
-    compiled = hetcomp.compile(model, quiet_pcm(), (x[:2],), strategy="all-analog")
+    compiled = hetcomp.compile(model, "pcm+digital", (x[:2],), strategy="all-analog")
     return compiled, (x, y)
 
 
@@ -138,7 +138,7 @@ def _split_data_rank(rank, world, store, out, repeats):
         class Recording(evaluation.RepeatRunner):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
-                shares.append((list(self.repeats), list(self.chunk_indices or [])))
+                shares.append([[group, list(chunks)] for group, chunks in self.work])
 
         evaluation.RepeatRunner = Recording  # in this spawned process only
         compiled, (x, y) = split_data_task()
@@ -153,10 +153,11 @@ def _split_data_rank(rank, world, store, out, repeats):
             json.dump({**values, "shares": shares[:2]}, handle)
 
 
-@pytest.mark.parametrize(("world", "repeats"), [(2, 1), (3, 2)])
-def test_fewer_repeats_than_ranks_split_the_data_and_equal_one_process(tmp_path, world, repeats):
-    """Every rank runs every repeat on its contiguous share of the chunks; the metric's parts are gathered and
-    finished in chunk order: per-batch accuracy and whole-dataset Recall@1 / MRR equal one process's."""
+@pytest.mark.parametrize(("world", "repeats"), [(2, 1), (3, 2), (2, 5)])
+def test_ranks_share_the_group_chunk_pairs_and_equal_one_process(tmp_path, world, repeats):
+    """The repeats fold in one group here, so every rank runs every repeat on its contiguous share of the chunks;
+    the metric's parts are gathered and finished in chunk order: per-batch accuracy and whole-dataset Recall@1 /
+    MRR equal one process's, read noise included."""
     single = split_data_values(*split_data_task(), repeats)
     assert all(0.0 < value < 1.0 for value in single["recall@1"])  # a value the pairing decides
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -165,7 +166,7 @@ def test_fewer_repeats_than_ranks_split_the_data_and_equal_one_process(tmp_path,
     results = [json.loads((tmp_path / f"values.{rank}").read_text()) for rank in range(world)]
     chunks = [list(range(rank * 7 // world, (rank + 1) * 7 // world)) for rank in range(world)]
     for rank, result in enumerate(results):  # two evaluations, each: all repeats on this rank's chunks
-        assert result.pop("shares") == [[list(range(repeats)), chunks[rank]]] * 2
+        assert result.pop("shares") == [[[list(range(repeats)), chunks[rank]]]] * 2
         assert result == single
     assert single["methods"] == ["vectorized", "vectorized"]
 

@@ -9,7 +9,7 @@ from test_repeats import _BakedBatch  # reads the batch size before the first la
 
 import hetcomp
 from hetcomp.curvature.failures import failure_by_decile, lower_all_analog, profile_target
-from hetcomp.evaluate import EvaluationData, RepeatRunner, rank_repeats, repeat_block_size, repeat_outputs
+from hetcomp.evaluate import EvaluationData, RepeatRunner, repeat_outputs
 from hetcomp.lower import digital_state_dict
 
 
@@ -121,45 +121,45 @@ def test_the_environment_switch_sends_every_evaluation_to_the_tiles(digits_model
     assert float((folded - tiles).abs().max()) > 1e-3
 
 
-def test_a_repeat_is_folded_with_the_same_repeats_on_any_number_of_ranks(digits_model):
-    """On CUDA the folded batch's size picks the matrix kernels, and with them the rounding: for evaluate's
-    per-repeat values to be one process's on any number of ranks, a repeat must be folded with the same other
-    repeats whichever rank runs it. The groups that each rank's runner folds (its repeats from ``rank_repeats``) are
-    one process's groups: blocks of ``repeat_block_size`` consecutive repeats, also when ``fold_bytes`` splits them,
-    and the outputs are the same."""
+def test_every_repeat_and_chunk_computes_alike_on_any_number_of_ranks(digits_model):
+    """On CUDA the folded batch's size picks the matrix kernels, and with them the rounding; and a chunk's read
+    noise must not depend on the chunks before it. For evaluate's values to be one process's on any number of
+    ranks, each rank's share of the (group, chunk) pairs must hold one process's groups, and every (repeat, chunk)
+    output must be one process's, read noise (PCM's ``out_noise``) included: also when ``fold_bytes`` makes the
+    groups smaller, and whatever share of the pairs a rank holds."""
     model, data = digits_model
     images, labels = next(iter(data["test"]))
     compiled = hetcomp.compile(model, "pcm+digital", (images[:4],), strategy="all-analog")
-    source = EvaluationData((images[:64], labels[:64]), torch.device("cpu"), 32, stage_bytes=1 << 30)
+    source = EvaluationData((images[:96], labels[:96]), torch.device("cpu"), 32, stage_bytes=1 << 30)
 
-    def runner(repeats, rank=0, world=1, fold_bytes=None):
-        made = RepeatRunner(compiled.module, compiled.lowering, source, rank_repeats(repeats, rank, world), seed=2,
-                            t_inference=86400.0, fold_bytes=fold_bytes, block_size=repeat_block_size(repeats))
-        assert made.method == "vectorized"
-        assert not made.repeats or made.per_repeat_sample > 0  # measured by the fold probe (a rank may have none)
+    def runner(repeats, share=None, fold_bytes=None):
+        made = RepeatRunner(compiled.module, compiled.lowering, source, range(repeats), seed=2, t_inference=86400.0,
+                            fold_bytes=fold_bytes, share=share)
+        assert made.method == "vectorized" and made.per_repeat_bytes > 0  # measured by the fold probe
         return made
 
-    def groups(repeats, world=1, fold_bytes=None):
-        folded, outputs = set(), {}
+    def run(repeats, world=1, fold_bytes=None):
+        groups, outputs = set(), {}
         for rank in range(world):
-            for chunk in runner(repeats, rank, world, fold_bytes):
-                folded.add(tuple(chunk.repeats))
+            for chunk in runner(repeats, (rank, world) if world > 1 else None, fold_bytes):
+                groups.add(tuple(chunk.repeats))
                 outputs.update({(repeat, chunk.index): value for repeat, value in chunk.per_repeat()})
-        return sorted(folded), outputs
+        return sorted(groups), outputs
 
-    assert [repeat_block_size(n) for n in (3, 6, 32, 40, 100)] == [4, 4, 4, 5, 13]
-    assert sorted(r for rank in range(3) for r in rank_repeats(40, rank, 3)) == list(range(40))
-    assert rank_repeats(40, 1, 2) == [5, 6, 7, 8, 9, 15, 16, 17, 18, 19, 25, 26, 27, 28, 29, 35, 36, 37, 38, 39]
-    # Three repeats fit the working-set budget: each block of 5 folds as 3 + 2.
-    three = int(3 * runner(40).per_repeat_sample * 32)
-    for repeats, fold_bytes, expected in [(40, None, [tuple(range(i, i + 5)) for i in range(0, 40, 5)]),
-                                          (40, three, [(i, i + 1, i + 2) for i in range(0, 40, 5)] +
-                                           [(i + 3, i + 4) for i in range(0, 40, 5)]),
-                                          (6, None, [(0, 1, 2, 3), (4, 5)])]:
-        one, outputs = groups(repeats, 1, fold_bytes)
-        assert one == sorted(expected)
-        for world in (2, 3):
-            many, outputs_many = groups(repeats, world, fold_bytes)
-            assert many == one, (repeats, world, fold_bytes)
+    # A budget of three repeats: 8 repeats fold as 3 + 3 + 2, 7 as 3 + 2 + 2 (groups differ by one at most).
+    three = int(3 * runner(8).per_repeat_bytes)
+    cases = [(8, None, [tuple(range(8))]), (8, three, [(0, 1, 2), (3, 4, 5), (6, 7)]),
+             (7, three, [(0, 1, 2), (3, 4), (5, 6)])]
+    for repeats, fold_bytes, expected in cases:
+        groups, outputs = run(repeats, 1, fold_bytes)
+        assert groups == expected
+        assert len(outputs) == repeats * 3  # 96 samples in chunks of 32
+        assert not torch.equal(outputs[(0, 0)], outputs[(1, 0)])  # the repeats differ
+        for world in (2, 3, 5):
+            groups_many, outputs_many = run(repeats, world, fold_bytes)
+            assert groups_many == expected, (repeats, world, fold_bytes)
             assert outputs_many.keys() == outputs.keys()
-            assert all(torch.equal(outputs_many[key], outputs[key]) for key in outputs)
+            assert all(torch.equal(outputs_many[key], outputs[key]) for key in outputs), (repeats, world)
+    # A share's work: 8 repeats in one group over 3 chunks on 2 ranks: chunks [0, 1) and [1, 3).
+    assert [(group, list(chunks)) for group, chunks in runner(8, (0, 2)).work] == [(list(range(8)), [0])]
+    assert [(group, list(chunks)) for group, chunks in runner(8, (1, 2)).work] == [(list(range(8)), [1, 2])]

@@ -19,7 +19,8 @@ then mapping scales, drift compensation α, learned output scales and the digita
 realizations in one GEMM.
 
 Randomness: repeat r's programming draws come from torch's RNG seeded by (seed, r, layer), its forward noise from
-its own ``torch.Generator``; so a repeat's result does not depend on how repeats are chunked or split over ranks.
+its own ``torch.Generator``, restarted per data chunk (``at_chunk``); so a repeat's result does not depend on how
+repeats are grouped or how repeats and chunks are split over ranks.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from hetcomp.lower.aihwkit_periphery import (
     unsupported_tile,
 )
 from hetcomp.lower.patches import conv_patches
+from hetcomp.lower.repeats import chunk_seed
 
 
 @dataclass
@@ -377,6 +379,11 @@ class RepeatedAnalogLayer:
         kind, blocks, per_block = plan
         window = conv["kernel_size"][0] * conv["kernel_size"][1]
         return (kind == "diagonal" or per_block == 1) and self.geometry.in_max % window == 0
+
+    def at_chunk(self, index: int) -> None:
+        """Restart every repeat's forward noise for data chunk ``index`` (``chunk_seed``)."""
+        self.generators = _generators([chunk_seed(seed, index) for seed in self.realizations.seeds],
+                                      self.realizations.weights.device)
 
     def select(self, indices: list[int]) -> RepeatedAnalogLayer:
         """The same layer with only the realizations ``indices`` (fresh generators from their seeds)."""

@@ -38,6 +38,12 @@ def layer_seed(seed: int, *keys: Any) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The forward-noise seed of data chunk ``chunk`` of the repeat whose noise seed is ``seed``: every chunk's
+    draws start afresh, so they do not depend on which chunks ran before (evaluation deals chunks to ranks)."""
+    return layer_seed(seed, "chunk", chunk)
+
+
 def why_not_vectorized(module: fx.GraphModule, lowered: dict[str, Simulator]) -> str | None:
     """Why the lowered graph cannot run repeat-vectorized (None: it can)."""
     targets = {node.target for node in module.graph.nodes if node.op == "call_module"}

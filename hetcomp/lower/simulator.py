@@ -74,7 +74,10 @@ class Simulator:
         """A module computing ``module`` for len(program_seeds) independent hardware repeats at once: called as
         ``(x, folded=...)`` with ``x`` shared ([B, ...]) or repeat-major folded ([R*B, ...]), it returns the folded
         output; ``.select(indices)`` keeps some repeats, ``.noise = False`` turns forward noise off; ``.peak_bytes``
-        (optional) is its working set, for sizing groups of repeats. Repeat r is programmed and drifted from
+        (optional) is its working set, for sizing groups of repeats; ``.at_chunk(index)`` (optional) restarts every
+        repeat's forward noise for data chunk ``index`` from ``hetcomp.lower.repeats.chunk_seed(noise seed, index)``,
+        so that a chunk's draws do not depend on the chunks before it (without it, a multi-rank evaluation's noise
+        differs from one process's). Repeat r is programmed and drifted from
         ``program_seeds[r]`` (a device without programming state, whose noise is drawn per read, ignores them) and
         draws its forward noise from ``noise_seeds[r]``, with any per-call statistic (a max-abs scale) taken over
         its own samples only, so its result does not depend on the other repeats; ``module`` itself is not

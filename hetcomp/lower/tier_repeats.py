@@ -59,6 +59,13 @@ class NoiseDraws:
         self.seeds = [int(seed) for seed in seeds]
         self._parent, self._start = parent, start
         self._generators: list[torch.Generator] | None = None
+        self._chunk: int | None = None  # at_chunk's data chunk: the generators start from its seeds
+
+    def at_chunk(self, index: int) -> None:
+        """Restart every repeat's generator for data chunk ``index`` (``chunk_seed``; a view restarts its parent)."""
+        if self._parent is not None:
+            self._parent.at_chunk(index)
+        self._chunk, self._generators = index, None
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -67,7 +74,10 @@ class NoiseDraws:
         if self._parent is not None:
             return self._parent.generators(device)[self._start : self._start + len(self.seeds)]
         if self._generators is None:
-            self._generators = [torch.Generator(device=device).manual_seed(seed) for seed in self.seeds]
+            from hetcomp.lower.repeats import chunk_seed  # hetcomp.lower.repeats imports this module's users
+
+            seeds = self.seeds if self._chunk is None else [chunk_seed(seed, self._chunk) for seed in self.seeds]
+            self._generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         return self._generators
 
     def block(self, start: int, stop: int) -> NoiseDraws:
@@ -148,6 +158,9 @@ class RepeatedTierLayer:
 
     def select(self, indices: Sequence[int]) -> RepeatedTierLayer:
         return self.with_draws(self.draws.select(indices))
+
+    def at_chunk(self, index: int) -> None:
+        self.draws.at_chunk(index)
 
     def with_draws(self, draws: NoiseDraws) -> RepeatedTierLayer:
         """The same layer drawing from ``draws`` (a row split's parts share its generators)."""
@@ -343,6 +356,12 @@ class RepeatedRowSplit:
     @property
     def peak_bytes(self) -> int:
         return sum(getattr(layer, "peak_bytes", 0) for layer in self.parts.values() if layer is not None)
+
+    def at_chunk(self, index: int) -> None:
+        self.draws.at_chunk(index)  # the tier parts' generators
+        for layer in self.parts.values():
+            if layer is not None and not isinstance(layer, RepeatedTierLayer):
+                getattr(layer, "at_chunk", lambda index: None)(index)
 
     def select(self, indices: Sequence[int]) -> RepeatedRowSplit:
         other = copy.copy(self)
