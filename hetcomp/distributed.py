@@ -4,19 +4,24 @@ data-parallel) and only rank 0 writes files (saved folders, checkpoints) and pri
 changes. ``init()`` starts the group from torchrun's environment, so the same script (or ``torchrun
 --nproc-per-node N -m hetcomp compile ...``) runs on one process or many. The helpers below (``on_main``,
 ``all_agree``, ``broadcast_tensors``, ``barrier``) are no-ops or plain calls in a single process.
+``gather_batch`` lets a loss that compares a batch's samples with each other (an in-batch contrastive loss) see
+the global batch while a data-parallel fine-tuning step holds one slice of it per rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+_SLICED: ContextVar[bool] = ContextVar("hetcomp_sliced_batch", default=False)
 
 
 def active() -> bool:
@@ -108,6 +113,56 @@ def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
         staged = data.to(torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
         dist.broadcast(staged, src=0)
         data.copy_(staged)
+
+
+@contextlib.contextmanager
+def sliced_batch(sliced: bool = True) -> Iterator[None]:
+    """Inside the block each rank holds its slice of one global batch (a data-parallel fine-tuning step: the
+    stage enters it around the forward and the loss), so ``gather_batch`` gathers; outside it, it does not."""
+    token = _SLICED.set(sliced and world_size() > 1)
+    try:
+        yield
+    finally:
+        _SLICED.reset(token)
+
+
+def gather_batch(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the global batch's ``rows``, where this rank's rows start in it). In a data-parallel fine-tuning step
+    (``sliced_batch``) every rank's rows [n_r, ...] are gathered in rank order, with autograd: the gradient of the
+    gathered rows flows back to the rank that holds them, summed over the ranks' losses, so a loss that scores
+    its own rows against the gathered ones (each query against every document of the global batch), weighted as
+    the stage weights a slice's mean loss, gives one process's gradient after DDP's average. Slices may differ in
+    size (a last batch that does not divide evenly). Elsewhere (one process, the Hessian passes' whole batches,
+    evaluation) it returns ``(rows, 0)``. Every rank must call it the same number of times per step."""
+    if not _SLICED.get():
+        return rows, 0
+    sizes = torch.tensor([rows.shape[0]], device=rows.device)
+    every = [torch.zeros_like(sizes) for _ in range(world_size())]
+    dist.all_gather(every, sizes)
+    counts = [int(count) for count in every]
+    padded = rows
+    if rows.shape[0] < max(counts):  # all_gather takes equal shapes: pad, then cut each rank's rows back out
+        padded = torch.cat([rows, rows.new_zeros(max(counts) - rows.shape[0], *rows.shape[1:])])
+    parts = _GatherRows.apply(padded)
+    gathered = torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+    return gathered, sum(counts[: rank()])
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's equally shaped rows, stacked [world, ...]; backward: the gradient of this rank's rows summed
+    over every rank's loss (an all-reduce, which gloo has, where a reduce-scatter would do)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(rows) for _ in range(world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[rank()]
 
 
 def _portable(error: Exception) -> Exception:

@@ -691,3 +691,64 @@ def test_ranks_agree_to_stop_batching_probes_when_one_meets_an_op_without_a_batc
                 torch.testing.assert_close(torch.tensor(got), want, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(torch.tensor(result["block"]), operator.block_hvp({1: vectors[1]})[1],
                                    rtol=1e-5, atol=1e-7)
+
+
+def contrastive_task():
+    """11 query-document pairs of 3 'tokens' with 6 features each, embedded by one Linear layer (the tokens'
+    mean, as sentence encoders pool): a global batch that splits 6 + 5 over two ranks."""
+    torch.manual_seed(0)
+    queries = torch.randn(11, 3, 6)
+    return nn.Linear(6, 8), queries, queries + 0.5 * torch.randn(11, 3, 6)
+
+
+def info_nce_gradient(model, queries, documents, sizes=None, rank=0, sliced=True):
+    """The gradient of the weights under MiniLM's InfoNCE on one batch of pairs (the PairCollator's layout:
+    queries, then their documents); with ``sizes``, on this rank's slice, weighted as the stage weights it
+    (``N x slice / batch``), under DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from hetcomp.zoo.docstrings import info_nce
+
+    if sizes is not None:
+        start = sum(sizes[:rank])
+        queries, documents = queries[start : start + sizes[rank]], documents[start : start + sizes[rank]]
+        model = DistributedDataParallel(model)
+    inputs = torch.cat([queries, documents])
+    batch = {"attention_mask": torch.ones(inputs.shape[:2])}
+    with hetcomp.distributed.sliced_batch(sliced):
+        loss = info_nce(model(inputs), batch)
+    weight = 1.0 if sizes is None else len(sizes) * sizes[rank] / sum(sizes)
+    (loss * weight).backward()
+    module = model.module if sizes is not None else model
+    return torch.cat([module.weight.grad.flatten(), module.bias.grad.flatten()])
+
+
+def _contrastive_rank(rank, world, store, out):
+    with gloo_group(rank, world, store):
+        from hetcomp.distributed import gather_batch
+
+        rows = torch.arange(3.0 + rank).unsqueeze(1)  # rank 0 holds 3 rows, rank 1 holds 4
+        with hetcomp.distributed.sliced_batch():
+            gathered, start = gather_batch(rows)
+        assert gathered.squeeze(1).tolist() == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 3.0] and start == [0, 3][rank]
+        assert gather_batch(rows)[0] is rows  # outside a sliced step: the rows as they are
+        with hetcomp.distributed.sliced_batch(False):  # a batch every rank holds whole
+            assert gather_batch(rows) == (rows, 0)
+        model, queries, documents = contrastive_task()
+        gathered = info_nce_gradient(model, queries, documents, [6, 5], rank)
+        model, queries, documents = contrastive_task()
+        local = info_nce_gradient(model, queries, documents, [6, 5], rank, sliced=False)
+        torch.save({"gathered": gathered, "local": local}, f"{out}.{rank}")
+
+
+def test_an_in_batch_loss_sees_the_global_batch_in_a_data_parallel_step(tmp_path):
+    """MiniLM's InfoNCE scores each query against every document of the batch. Under DDP each rank holds a slice
+    (6 + 5 pairs); with the documents gathered over the ranks (``gather_batch``, with autograd) the averaged
+    gradient is one process's on the whole batch; with each slice's own documents as negatives it is not."""
+    single = info_nce_gradient(*contrastive_task())
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_contrastive_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "grad")), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"grad.{rank}", weights_only=True) for rank in range(2)]
+    for result in ranks:  # DDP's averaged gradient, the same on both ranks
+        torch.testing.assert_close(result["gathered"], single, rtol=1e-4, atol=1e-6)  # measured 2e-7
+    assert (ranks[0]["local"] - single).abs().max() > 1e-2  # slice-local negatives: another gradient

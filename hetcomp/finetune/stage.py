@@ -173,8 +173,10 @@ def train_stage(gm: fx.GraphModule, targets: TargetSet, analog_layers: Sequence[
             set_training(lowered, True)
             for shard in data.shards(derive_seed(seed, "epoch", epoch), rank, world, device):
                 optimizer.zero_grad()
-                # A batch every rank holds whole: the same step on every rank, no gradient averaging needed.
-                with model.no_sync() if world > 1 and shard.whole else contextlib.nullcontext():
+                # A batch every rank holds whole: the same step on every rank, no gradient averaging needed. Else a
+                # slice per rank: distributed.gather_batch then gathers the global batch for in-batch losses.
+                with (model.no_sync() if world > 1 and shard.whole else contextlib.nullcontext(),
+                      distributed.sliced_batch(not shard.whole)):
                     batch = move(shard.batch, device)
                     args, kwargs = data.fmt.inputs(batch)
                     loss = data.fmt.loss(loss_fn, model(*args, **kwargs), batch)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from hetcomp import distributed
 from hetcomp.errors import DataError
 from hetcomp.metrics import DatasetMetric
 
@@ -170,10 +171,13 @@ def _halves(outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 def info_nce(outputs: Any, batch: dict[str, torch.Tensor], scale: float = 20.0) -> torch.Tensor:
     """In-batch contrastive loss: cross-entropy of each query's cosine similarities (times ``scale``) to the
-    batch's documents, its own document the target (sentence-transformers' MultipleNegativesRankingLoss)."""
+    batch's documents, its own document the target (sentence-transformers' MultipleNegativesRankingLoss). In a
+    data-parallel fine-tuning step the documents are the global batch's (``hetcomp.distributed.gather_batch``), so
+    every query has one process's negatives."""
     queries, documents = _halves(outputs, batch)
+    documents, start = distributed.gather_batch(documents)
     scores = scale * queries @ documents.t()
-    return F.cross_entropy(scores, torch.arange(len(queries), device=scores.device))
+    return F.cross_entropy(scores, torch.arange(start, start + len(queries), device=scores.device))
 
 
 def _collect(outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
