@@ -17,8 +17,9 @@ datasets batch by batch as training reads them (``TrainingData.batches``); valid
 Batches of any structure (hetcomp.data: a dict of tensors, or anything ``inputs_fn`` reads) train the same way:
 the epoch loaders use the user DataLoader's ``collate_fn``, and validation is a list of the user's batches of the
 validation split (whole batches, for a metric such as Recall@1 over the whole split). Under torch.distributed a
-rank's slice of a global batch is collated on its own: a loss that is not a mean over samples (an in-batch
-contrastive loss, whose negatives are the batch's other samples) then sees only the slice's negatives.
+rank's slice of a global batch is collated on its own: a loss that compares the batch's samples with each other
+(an in-batch contrastive loss, whose negatives are the batch's other samples) gets the global batch's rows from
+``hetcomp.distributed.gather_batch`` (as ``hetcomp.zoo.docstrings.info_nce`` does); else it sees only its slice.
 """
 
 from __future__ import annotations
