@@ -53,7 +53,7 @@ from hetcomp.progress import set_quiet  # noqa: E402
 MODELS = ("resnet20", "transformer", "minilm")
 # Why a data-parallel LAFT stage does not give one process's weights (README, Scaling: "The exact difference").
 DIFFERENCES = {"resnet20": "8-bit periphery and bound management decided per rank's slice",
-               "minilm": "dropout drawn per rank"}
+               "minilm": "8-bit periphery and bound management decided per rank's slice, padded per slice"}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

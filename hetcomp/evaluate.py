@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -59,6 +60,7 @@ __all__ = ["EvaluationData", "Evaluation", "RepeatChunk", "RepeatRunner", "accur
            "evaluate", "hardware_repeat", "plain_loop_accuracy", "repeat_outputs", "staged"]
 
 T = TypeVar("T")
+_NO_BATCH = object()  # an empty loader's first batch
 # Set to 1 to run every evaluation of the process on the tiles (the module docstring).
 EXACT_TILES_VARIABLE = "HETCOMP_EXACT_TILES"
 
@@ -210,7 +212,7 @@ class EvaluationData:
         for _, batch in self.indexed_chunks():
             yield batch
 
-    def indexed_chunks(self, indices: range | None = None) -> Iterator[tuple[int, Any]]:
+    def indexed_chunks(self, indices: Sequence[int] | None = None) -> Iterator[tuple[int, Any]]:
         """(index, chunk on the device) for the chunks ``indices`` (None: all), in order. A streamed loader is read
         up to the last chunk asked for; chunks outside ``indices`` are not moved to the device."""
         if indices is not None and len(indices) == 0:
@@ -248,7 +250,8 @@ class EvaluationData:
         for batch in self._rechunked():
             total += nbytes(batch)
             if total > stage_bytes:
-                if iter(self.data) is self.data:  # a one-shot iterator cannot be read again
+                if isinstance(self.data, Iterator):  # a one-shot iterator cannot be read again (asked without iter():
+                    # a DataLoader's iter() draws from the caller's RNG)
                     raise DataError(f"{self.what} is larger than stage_bytes={stage_bytes:,} and is a one-shot "
                                     "iterator, so it cannot be streamed once per repeat; pass a DataLoader (or "
                                     "raise stage_bytes)")
@@ -265,12 +268,18 @@ class EvaluationData:
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         count = index = 0
         try:
-            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its seeds here: not the repeat's stream
+            # A DataLoader draws its seeds (a shuffling sampler's, at the first batch) from torch's RNG: here from a
+            # fixed seed, so the caller's stream is untouched and the chunks are the same on every rank and pass
+            # (ranks score their shares of one chunk order).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
                 iterator = iter(self.data)
+                first = next(iterator, _NO_BATCH)
         except TypeError:
             raise DataError(f"{self.what} must be an iterable of (inputs, labels) batches or an (inputs, labels) "
                             f"tensor pair, got {type(self.data).__name__}") from None
-        for index, batch in enumerate(iterator):
+        batches = iterator if first is _NO_BATCH else itertools.chain([first], iterator)
+        for index, batch in enumerate(batches):
             if not self.fmt.labelled(batch):
                 if not self._checked:
                     self.fmt.check(f"{self.what} batch {index}", batch, labels=False)
@@ -349,7 +358,10 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
     per-batch and whole-dataset metrics alike. A pair computes the same on any rank: repeat r is programmed and
     drifted from the seed (seed, r), its forward noise restarts per chunk from (seed, r, chunk), and the groups of
     repeats folded together do not depend on N (on CUDA the folded batch's size picks the matrix kernels, and so the
-    rounding). With more ranks than pairs some ranks idle.
+    rounding). With more ranks than pairs some ranks idle. This holds where every forward noise follows torch's
+    seeds: the repeat-vectorized layers restart theirs per chunk (``at_chunk``; a third-party simulator's without it
+    draws on), and on the tile path torch's RNG is reseeded per chunk, which aihwkit's C++ tiles (``tile='cpp'``) do
+    not read. A shuffling DataLoader is read in one fixed order (``EvaluationData``).
     An error on any rank is raised on every rank.
     """
     repeats = checks.integer("repeats", repeats)
@@ -491,7 +503,7 @@ class RepeatRunner:
     grouped. The path is chosen on construction and named by ``method``:
 
     - "vectorized": every lowered layer holds the realizations of a group of repeats and each chunk passes once
-      for the group (hetcomp.lower.repeats); groups of repeats follow one another, each over all chunks. The groups
+      for the group (hetcomp.lower.repeats); groups of repeats follow one another, each over its chunks. The groups
       are equal (the last may be smaller), as large as ``fold_bytes`` allows (None: 1 GiB on CPU, 8 GiB on CUDA),
       by the working set per repeat measured on the data's first chunk with two repeats folded. Every
       output tensor [R*B, ...] is split into the R per-repeat outputs [B, ...] (``split_repeats``).
@@ -528,6 +540,7 @@ class RepeatRunner:
         self.frontier = _frontier(module, set(self.lowered))
         self.envs: dict[int, dict[fx.Node, Any]] = {}
         self.work: list[tuple[list[int], range | None]] = []  # (group of repeats, its chunks here; None: all)
+        self._probe_layers: dict[str, Any] | None = None  # the fold probe's realizations of repeats[:2]
         if self.frontier is None:
             self.method = "exact (no analog layer)"
             return
@@ -544,9 +557,7 @@ class RepeatRunner:
                     why = "the graph does not fold repeats"
             self.method = "vectorized" if why is None else f"tiles ({why})"
             self.work = self._dealt(self._groups())
-            chunks = [chunk for _, chunk in self.work]
-            span = None if self.share is None else range(min((c.start for c in chunks), default=0),
-                                                          max((c.stop for c in chunks), default=0))
+            span = None if self.share is None else sorted({index for _, chunks in self.work for index in chunks})
             if prefix:
                 self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, span, self.envs)
 
@@ -677,8 +688,12 @@ class RepeatRunner:
         progress_bar = bar(sum(len(group) for group, _ in self.work), "repeats (vectorized)")
         try:
             for position, (group, indices) in enumerate(self.work):
-                layers = repeated_layers(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in group],
-                                         self.t_inference)
+                if self._probe_layers is not None and group == self.repeats[:2]:  # the same realizations
+                    layers = self._probe_layers
+                else:
+                    layers = repeated_layers(self.module, self.lowered,
+                                             [_repeat_seed(self.seed, r) for r in group], self.t_inference)
+                self._probe_layers = None
                 restarts = [layer.at_chunk for layer in layers.values() if hasattr(layer, "at_chunk")]
                 runner = FoldedRunner(self.module, layers, len(group))
                 seen = 0
@@ -705,17 +720,24 @@ class RepeatRunner:
 
     def _fold_probe(self, check_folding: bool) -> bool:
         """On the data's first chunk (the same on every rank, so every rank takes the same path): whether two
-        folded repeats give what two separate runs give (noise off; when ``check_folding``), then the working set of
-        the two folded with noise on, per repeat (``per_repeat_bytes``, which sizes the groups: the data's chunks are
-        ``batch_size`` samples, the first the largest, or a loader's batches, taken as about the first's size)."""
+        folded repeats give what two separate runs give (noise off; when ``check_folding``), then, with more than
+        two repeats, the working set of the two folded with noise on, per repeat (``per_repeat_bytes``, which sizes
+        the groups), scaled by the largest staged chunk's bytes over the first's (a streamed loader's batches are
+        taken as about the first's size)."""
         layers = repeated_layers(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in self.repeats[:2]],
                                  self.t_inference)
         batch, env = next(iter(self.source.chunks())), self.envs.get(0)
         flat = placeholder_values(self.module, *self.source.fmt.inputs(batch))
         if not flat or (check_folding and not folds(self.module, layers, flat, env)):
             return False
-        FoldedRunner(self.module, layers, 2).run(*flat, initial_env=dict(env) if env else None)
-        self.per_repeat_bytes = _working_set(layers) / 2
+        self._probe_layers = layers  # the first group's when it is these two repeats (at_chunk restarts the noise)
+        if len(self.repeats) > 2:  # two repeats fold as one group whatever the budget
+            FoldedRunner(self.module, layers, 2).run(*flat, initial_env=dict(env) if env else None)
+            largest = 1.0
+            if self.source.staged is not None:  # staged batches of other sizes: scale to the largest
+                sizes = [nbytes(chunk) for chunk in self.source.staged]
+                largest = max(sizes) / max(sizes[0], 1)
+            self.per_repeat_bytes = _working_set(layers) / 2 * largest
         return True
 
 
@@ -756,7 +778,7 @@ def split_repeats(outputs: Any, repeats: int, samples: int) -> list[Any] | None:
 
 
 def _prefix_cache(module: fx.GraphModule, frontier: fx.Node, source: EvaluationData, limit: int,
-                  indices: range | None = None, known: dict[int, dict[fx.Node, Any]] | None = None
+                  indices: Sequence[int] | None = None, known: dict[int, dict[fx.Node, Any]] | None = None
                   ) -> dict[int, dict[fx.Node, Any]]:
     """The digital prefix's values for the leading staged chunks of ``indices`` (None: all), by chunk index, as
     many as fit ``limit`` bytes: a chunk is computed only if the cache, grown by the first chunk's bytes per sample

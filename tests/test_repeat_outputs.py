@@ -163,3 +163,23 @@ def test_every_repeat_and_chunk_computes_alike_on_any_number_of_ranks(digits_mod
     # A share's work: 8 repeats in one group over 3 chunks on 2 ranks: chunks [0, 1) and [1, 3).
     assert [(group, list(chunks)) for group, chunks in runner(8, (0, 2)).work] == [(list(range(8)), [0])]
     assert [(group, list(chunks)) for group, chunks in runner(8, (1, 2)).work] == [(list(range(8)), [1, 2])]
+
+
+def test_a_shuffling_loader_is_read_in_one_order_without_touching_the_callers_rng():
+    """Ranks score their shares of one chunk order, so a shuffling DataLoader must give the same chunks on every
+    rank and every pass: it is read from a fixed seed, and the caller's RNG stream is left as it was."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.arange(40.0).unsqueeze(1)
+    loader = DataLoader(TensorDataset(x, torch.zeros(40, dtype=torch.long)), batch_size=8, shuffle=True)
+
+    def order():
+        source = EvaluationData(loader, torch.device("cpu"), 8, stage_bytes=0)  # streamed: read on every pass
+        return torch.cat([batch[0] for _, batch in source.indexed_chunks()]).flatten().tolist()
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = order()
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(6)  # another caller state: the same order
+    assert order() == first and sorted(first) == x.flatten().tolist() and first != sorted(first)

@@ -8,22 +8,22 @@ no drift), and stops after ``patience`` epochs without gain. The pre-training va
 the initial best, so a stage never returns weights worse on validation than those it started from.
 
 Under torch.distributed (``hetcomp.distributed.active()``) the stage trains data-parallel: the lowered model is
-wrapped in ``DistributedDataParallel`` (on its own device: each rank's model on its GPU with NCCL, on the CPU
-with gloo), every rank trains on its slice of each global batch of ``batch_size`` samples
-(``TrainingData.shards``, the same global batches as one process) and DDP averages the gradients, so the stage
-computes what one process computes, up to float reduction order (a mean-reduced loss is assumed, as
-cross-entropy's default). aihwkit's ``AnalogContext`` parameters are left out of DDP: they are placeholder
-views of the tile's own weight parameter (the torch tile's ``tile.weight``, the C++ InferenceTile's
-``shared_weights``), which DDP averages like any parameter. Every rank seeds the training noise as one process
-does, so a weight-noise draw (one per batch, the same for all its samples) is the same on every rank and
-the same as one process's; noise drawn per sample (aihwkit's output noise ``out_noise``, dropout) is drawn
-per rank, so with it the run differs from one process (see the README's Scaling section). BatchNorm
-normalizes by the global batch's statistics (one process's training: ``GlobalBatchNorm``, torch's SyncBatchNorm
-without its per-layer host synchronization, on CUDA and the CPU); ``sync_batchnorm=False`` keeps each rank's
-slice's statistics (faster; the running statistics are then rank 0's). Validation is ``validation_accuracy`` (the
-sharded evaluation when it programs and drifts; whole on every rank with ``val_t_inference=None``), rank 0's score
-decides, and the stage returns rank 0's weights on every rank (identical anyway: every rank applied the same
-averaged update).
+wrapped in ``DistributedDataParallel`` (on its own device: each rank's model on its GPU with NCCL, on the CPU with
+gloo), every rank trains on its slice of each global batch of ``batch_size`` samples (``TrainingData.shards``, the
+same global batches as one process) and DDP averages the gradients, so the stage computes what one process computes,
+up to float reduction order (a mean-reduced loss is assumed, as cross-entropy's default; a loss that compares the
+batch's samples with each other gathers the global batch with ``hetcomp.distributed.gather_batch``, as ``info_nce``
+does). aihwkit's ``AnalogContext`` parameters are left out of DDP: they are placeholder views of the tile's own
+weight parameter (the torch tile's ``tile.weight``, the C++ InferenceTile's ``shared_weights``), which DDP averages
+like any parameter. Every rank seeds the training noise as one process does, so a weight-noise draw (one per batch,
+the same for all its samples) is the same on every rank and the same as one process's; noise drawn per sample
+(aihwkit's output noise ``out_noise``, dropout) is drawn per rank, so with it the run differs from one process (see
+the README's Scaling section). BatchNorm normalizes by the global batch's statistics (one process's training:
+``GlobalBatchNorm``, torch's SyncBatchNorm without its per-layer host synchronization, on CUDA and the CPU);
+``sync_batchnorm=False`` keeps each rank's slice's statistics (faster; the running statistics are then rank 0's).
+Validation is ``validation_accuracy`` (the sharded evaluation when it programs and drifts; whole on every rank with
+``val_t_inference=None``), rank 0's score decides, and the stage returns rank 0's weights on every rank (identical
+anyway: every rank applied the same averaged update).
 """
 
 from __future__ import annotations

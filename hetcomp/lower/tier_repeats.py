@@ -9,10 +9,11 @@ computes R such forwards at once, with the repeats folded into the batch ([R*B, 
 - **Per-call reductions stay per repeat.** Every max-abs scale (inputs, a dynamic product's operands, the photonic
   output quantizer) is taken over that repeat's rows only, so repeat r computes what a separate forward of the
   module on the same batch computes for the same noise draw.
-- **Randomness.** Repeat r draws from its own ``torch.Generator`` seeded by ``noise_seeds[r]``, in the order and
-  shapes the module's forward draws from torch's RNG (group by group, operand by operand): the result does not depend
-  on how repeats are grouped, blocked or split over ranks, and on the CPU repeat r equals a forward of the module after
-  ``torch.manual_seed(noise_seeds[r])`` (tested).
+- **Randomness.** Repeat r draws from its own ``torch.Generator`` seeded by ``noise_seeds[r]`` (restarted from
+  ``chunk_seed(noise_seeds[r], chunk)`` at each data chunk the evaluator runs: ``at_chunk``), in the order and shapes
+  the module's forward draws from torch's RNG (group by group, operand by operand): the result does not depend on how
+  repeats are grouped, blocked or split over ranks, and on the CPU repeat r equals a forward of the module after
+  ``torch.manual_seed`` of that seed (tested).
 - **Shared work.** A shared input ([B, ...], ``folded=False``) is quantized once; a noise-free crossbar (SRAM, or
   ``noise=False``) reads the same cells for every repeat, so folded repeats are just more rows of one integer matmul;
   a ReRAM read whose noise is rounded away in every repeat (the usual case) keeps one effective integer weight.
