@@ -535,7 +535,7 @@ class RepeatRunner:
         self.module, self.report, self.source = module, report, source
         self.repeats, self.seed, self.t_inference = list(repeats), seed, t_inference
         self.fold_bytes, self.share, self.check = fold_bytes, share, check
-        self.per_repeat_bytes: float | None = None  # working set per repeat on the first chunk (2 folded)
+        self.per_repeat_bytes: float | None = None  # working set per repeat of a fold (the probe's measure)
         self.lowered = lowered_modules(report)
         self.frontier = _frontier(module, set(self.lowered))
         self.envs: dict[int, dict[fx.Node, Any]] = {}
@@ -563,8 +563,7 @@ class RepeatRunner:
 
     def _groups(self) -> list[list[int]]:
         """The repeats in groups folded together: equal groups within the working-set budget (one repeat each on
-        the tile path). They depend on the repeats, the budget and the data's first chunk alone, never on
-        ``share``."""
+        the tile path). They depend on the repeats, the budget and the data alone, never on ``share``."""
         if self.method != "vectorized" or self.per_repeat_bytes is None:
             return [[repeat] for repeat in self.repeats] if self.method != "vectorized" else [list(self.repeats)]
         device = next(self.module.parameters()).device
