@@ -673,7 +673,7 @@ class RepeatRunner:
             with hardware_repeat(copied, self.report, self.t_inference, self.seed, repeat):
                 seen = 0
                 for index, batch in self._chunks(indices):
-                    torch.manual_seed(chunk_seed(_repeat_seed(self.seed, repeat), index))
+                    _seed_chunk_noise(self.seed, repeat, index)
                     outputs = _call(copied, self.source.fmt, batch, envs.get(index), runner)
                     if position == 0:
                         self._checked(outputs, batch)
@@ -807,6 +807,12 @@ def _repeat_seed(seed: int, repeat: int) -> int:
     return (seed * 1_000_003 + repeat) % (2**63)
 
 
+def _seed_chunk_noise(seed: int, repeat: int, chunk: int) -> None:
+    """Seed torch's RNG for chunk ``chunk`` of repeat ``repeat``: the forward noise of the tile path (and of
+    ``plain_loop_accuracy``), drawn from torch's RNG, restarts per chunk as the vectorized layers' does."""
+    torch.manual_seed(chunk_seed(_repeat_seed(seed, repeat), chunk))
+
+
 @contextlib.contextmanager
 def hardware_repeat(module: torch.nn.Module, report: dict[str, dict[str, Any]], t_inference: float, seed: int,
                     repeat: int) -> Iterator[None]:
@@ -831,7 +837,7 @@ def plain_loop_accuracy(module: torch.nn.Module, report: dict[str, dict[str, Any
             with hardware_repeat(module, report, t_inference, seed, repeat):
                 correct = total = 0
                 for index, (x, y) in enumerate(loader):
-                    torch.manual_seed(chunk_seed(_repeat_seed(seed, repeat), index))  # as the tile path seeds a chunk
+                    _seed_chunk_noise(seed, repeat, index)
                     correct += int((module(x.to(device)).argmax(-1) == y.to(device)).sum())
                     total += len(y)
             accuracies.append(correct / total)

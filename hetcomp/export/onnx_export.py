@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.fx.passes.split_module import split_module
 
 from hetcomp.errors import ConfigError
-from hetcomp.graph.calls import placeholder_values
+from hetcomp.graph.calls import graph_attribute, placeholder_values
 from hetcomp.graph.export_frontend import dynamic_shapes, quiet_specialization
 from hetcomp.graph.layers import mappable_nodes
 from hetcomp.manifest import Manifest
@@ -322,7 +322,7 @@ def _localize_attributes(gm: fx.GraphModule, ids: dict[str, int]) -> None:
     for node in list(graph.nodes):
         if node.op != "get_attr":
             continue
-        value = _get_attribute(gm, str(node.target))
+        value = graph_attribute(gm, str(node.target))
         if not isinstance(value, torch.Tensor):
             continue
         if node.target not in holders:
@@ -340,13 +340,6 @@ def _localize_attributes(gm: fx.GraphModule, ids: dict[str, int]) -> None:
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
-
-
-def _get_attribute(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _rename_io(model_ir: Any, inputs: list[str], outputs: list[str]) -> None:

@@ -42,14 +42,15 @@ def unread_parameters(gm: fx.GraphModule) -> list[str]:
     read: set[int] = set()
     for node in gm.graph.nodes:
         if node.op in ("get_attr", "call_module"):
-            target = gm.get_submodule(node.target) if node.op == "call_module" else _attribute(gm, node.target)
+            target = gm.get_submodule(node.target) if node.op == "call_module" else graph_attribute(gm, node.target)
             values = target.parameters() if isinstance(target, nn.Module) else [target]
             read.update(id(value) for value in values)
     return [name for name, parameter in gm.named_parameters() if id(parameter) not in read]
 
 
-def _attribute(gm: fx.GraphModule, target: str) -> object:
-    value: object = gm
+def graph_attribute(gm: fx.GraphModule, target: str) -> Any:
+    """The value a ``get_attr`` node with ``target`` (a dotted path) reads from ``gm``."""
+    value: Any = gm
     for part in target.split("."):
         value = getattr(value, part)
     return value

@@ -381,9 +381,9 @@ class RepeatedAnalogLayer:
         return (kind == "diagonal" or per_block == 1) and self.geometry.in_max % window == 0
 
     def at_chunk(self, index: int) -> None:
-        """Restart every repeat's forward noise for data chunk ``index`` (``chunk_seed``)."""
-        self.generators = _generators([chunk_seed(seed, index) for seed in self.realizations.seeds],
-                                      self.realizations.weights.device)
+        """Restart every repeat's forward noise for data chunk ``index`` (``chunk_seed``), reseeding its generator."""
+        for generator, seed in zip(self.generators, self.realizations.seeds, strict=True):
+            generator.manual_seed(chunk_seed(seed, index))
 
     def select(self, indices: list[int]) -> RepeatedAnalogLayer:
         """The same layer with only the realizations ``indices`` (fresh generators from their seeds)."""

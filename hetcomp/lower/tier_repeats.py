@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from hetcomp.errors import TraceError
 from hetcomp.lower import tier_sim
+from hetcomp.lower.repeats import chunk_seed
 from hetcomp.lower.row_split import RowSplit, place_rows
 from hetcomp.lower.tier_sim import (
     PhotonicCore,
@@ -66,7 +67,10 @@ class NoiseDraws:
         """Restart every repeat's generator for data chunk ``index`` (``chunk_seed``; a view restarts its parent)."""
         if self._parent is not None:
             self._parent.at_chunk(index)
-        self._chunk, self._generators = index, None
+            return
+        self._chunk = index
+        for generator, seed in zip(self._generators or [], self.seeds, strict=False):  # made lazily otherwise
+            generator.manual_seed(chunk_seed(seed, index))
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -75,8 +79,6 @@ class NoiseDraws:
         if self._parent is not None:
             return self._parent.generators(device)[self._start : self._start + len(self.seeds)]
         if self._generators is None:
-            from hetcomp.lower.repeats import chunk_seed  # hetcomp.lower.repeats imports this module's users
-
             seeds = self.seeds if self._chunk is None else [chunk_seed(seed, self._chunk) for seed in self.seeds]
             self._generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         return self._generators
