@@ -104,15 +104,50 @@ def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
     a copy there: a state dict mixes them (aihwkit hands its tile weights out on the CPU)."""
     if not active() or world_size() == 1:
         return
-    nccl = dist.get_backend() == "nccl"
+    device = _backend_device()
     for tensor in tensors:
         data = tensor.detach()
-        if (data.device.type == "cuda") == nccl:
+        if data.device.type == device.type:
             dist.broadcast(data, src=0)
             continue
-        staged = data.to(torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
+        staged = data.to(device)
         dist.broadcast(staged, src=0)
         data.copy_(staged)
+
+
+def share_rows(tensors: list[torch.Tensor], counts: list[int], peers: list[int]) -> list[torch.Tensor]:
+    """Rows split over the ranks ``peers`` (in order, this rank among them), joined on each of them: at its place
+    i in ``peers`` this rank holds ``counts[i]`` rows of every tensor (same trailing shape and dtype on every peer),
+    and each tensor returned holds every peer's rows in peer order. Point to point: ranks outside ``peers`` take no
+    part, so groups of peers exchange at their own pace. With one peer it returns ``tensors``."""
+    if len(peers) <= 1:
+        return tensors
+    me = rank()
+    own = counts[peers.index(me)]
+    device = _backend_device()
+    local = [tensor.detach().to(device).contiguous() for tensor in tensors]
+    received = {peer: [tensor.new_empty((count, *tensor.shape[1:])) for tensor in local]
+                for peer, count in zip(peers, counts, strict=True) if peer != me}
+    operations = []
+    for peer, count in zip(peers, counts, strict=True):
+        if peer == me:
+            continue
+        if own:  # both sides know every count: an empty part is neither sent nor awaited
+            operations += [dist.P2POp(dist.isend, tensor, peer) for tensor in local]
+        if count:
+            operations += [dist.P2POp(dist.irecv, tensor, peer) for tensor in received[peer]]
+    if operations:
+        for request in dist.batch_isend_irecv(operations):
+            request.wait()
+    return [torch.cat([local[index] if peer == me else received[peer][index] for peer in peers]).to(tensor.device)
+            for index, tensor in enumerate(tensors)]
+
+
+def _backend_device() -> torch.device:
+    """Where the default group's backend takes tensors: this rank's GPU for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @contextlib.contextmanager

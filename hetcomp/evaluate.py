@@ -52,7 +52,15 @@ from hetcomp.data import DataFormat, move, nbytes, take_batches, tensor_pair
 from hetcomp.errors import ConfigError, DataError
 from hetcomp.graph.calls import placeholder_values, set_training
 from hetcomp.lower import lowered_modules, program_and_drift
-from hetcomp.lower.repeats import FoldedRunner, chunk_seed, folds, repeated_layers, why_not_vectorized
+from hetcomp.lower.repeats import (
+    FoldedRunner,
+    chunk_seed,
+    folds,
+    programmed_states,
+    repeated_layers,
+    seed_draws,
+    why_not_vectorized,
+)
 from hetcomp.metrics import Metric, accuracy_labels, as_metric, split_value
 from hetcomp.progress import bar, progress
 
@@ -540,6 +548,8 @@ class RepeatRunner:
         self.frontier = _frontier(module, set(self.lowered))
         self.envs: dict[int, dict[fx.Node, Any]] = {}
         self.work: list[tuple[list[int], range | None]] = []  # (group of repeats, its chunks here; None: all)
+        # Groups this rank shares with others: their programmed states, drawn in parts and exchanged up front.
+        self.programmed: dict[tuple[int, ...], dict[str, list[torch.Tensor]]] = {}
         self._probe_layers: dict[str, Any] | None = None  # the fold probe's realizations of repeats[:2]
         if self.frontier is None:
             self.method = "exact (no analog layer)"
@@ -556,7 +566,10 @@ class RepeatRunner:
                 if why is None and len(self.repeats) >= 2 and not self._fold_probe(check_folding=probe):
                     why = "the graph does not fold repeats"
             self.method = "vectorized" if why is None else f"tiles ({why})"
-            self.work = self._dealt(self._groups())
+            groups = self._groups()
+            self.work = self._dealt(groups)
+            if self.method == "vectorized" and self.share is not None:
+                self._program_shared(groups)
             span = None if self.share is None else sorted({index for _, chunks in self.work for index in chunks})
             if prefix:
                 self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, span, self.envs)
@@ -579,16 +592,58 @@ class RepeatRunner:
         (group, chunk) pairs in group-major order (a range of chunks per group)."""
         if self.share is None:
             return [(group, None) for group in groups if group]
-        rank, world = self.share
         chunks = self.source.chunk_count()
-        pairs = len(groups) * chunks
-        first, last = rank * pairs // world, (rank + 1) * pairs // world
+        first, last = self._pairs_of(self.share[0], len(groups) * chunks)
         work = []
         for position, group in enumerate(groups):
             low, high = max(first - position * chunks, 0), min(last - position * chunks, chunks)
             if low < high:
                 work.append((group, range(low, high)))
         return work
+
+    def _pairs_of(self, rank: int, pairs: int) -> tuple[int, int]:
+        """The (first, end) of rank ``rank``'s contiguous share of ``pairs`` (group, chunk) pairs."""
+        world = self.share[1]
+        return rank * pairs // world, (rank + 1) * pairs // world
+
+    def _program_shared(self, groups: list[list[int]]) -> None:
+        """Each group whose chunks several ranks run is programmed in parts: every one of those ranks draws the
+        programmed states of its contiguous part of the group's repeats, and they exchange the parts
+        (``distributed.share_rows``), so no rank draws the whole group. All of it runs here, up front and in group
+        order, so the ranks sharing a group meet at once whatever else they run first; a shared group waiting for
+        its turn (the last of this rank's share) holds its programmed states meanwhile. What each repeat's
+        realization is does not change (``Simulator.programs``: repeat r's state from its seed alone; anything
+        computed over the group, e.g. aihwkit's drift compensation read-out, is computed over the whole group on
+        every rank). Shares run in one process (dealt without a process group) draw every group where it runs."""
+        rank, world = self.share
+        if not (distributed.active() and distributed.world_size() == world):
+            return
+        chunks = self.source.chunk_count()
+        pairs = len(groups) * chunks
+        shares = [self._pairs_of(other, pairs) for other in range(world)]
+        exchanges = []
+        for position, group in enumerate(groups):
+            if self._probe_layers is not None and group == self.repeats[:2]:
+                continue  # every rank holds the fold probe's realizations of these two already
+            span = (position * chunks, (position + 1) * chunks)
+            sharers = [other for other, (first, end) in enumerate(shares) if max(first, span[0]) < min(end, span[1])]
+            if len(sharers) > 1:
+                exchanges.append((group, sharers))
+        if not exchanges:
+            return
+        distributed.barrier()  # a collective first: NCCL's point-to-point calls must not open the group's traffic
+        names = list(self.lowered)
+        for group, sharers in exchanges:
+            if rank not in sharers:
+                continue
+            bounds = [index * len(group) // len(sharers) for index in range(len(sharers) + 1)]
+            place = sharers.index(rank)
+            part = group[bounds[place] : bounds[place + 1]]
+            state = programmed_states(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in part],
+                                      self.t_inference)
+            counts = [bounds[index + 1] - bounds[index] for index in range(len(sharers))]
+            joined = iter(distributed.share_rows([t for name in names for t in state[name]], counts, sharers))
+            self.programmed[tuple(group)] = {name: [next(joined) for _ in state[name]] for name in names}
 
     @classmethod
     def on_inputs(cls, module: fx.GraphModule, report: dict[str, dict[str, Any]], inputs: torch.Tensor,
@@ -668,12 +723,13 @@ class RepeatRunner:
         nodes = {node.name: node for node in copied.graph.nodes}
         envs = {index: {nodes[node.name]: value for node, value in env.items()} for index, env in self.envs.items()}
         runner = fx.Interpreter(copied)
+        device = next(copied.parameters()).device
         for position, (group, indices) in enumerate(progress(self.work, desc="repeats", total=len(self.work))):
             (repeat,) = group
             with hardware_repeat(copied, self.report, self.t_inference, self.seed, repeat):
                 seen = 0
                 for index, batch in self._chunks(indices):
-                    _seed_chunk_noise(self.seed, repeat, index)
+                    _seed_chunk_noise(self.seed, repeat, index, device)
                     outputs = _call(copied, self.source.fmt, batch, envs.get(index), runner)
                     if position == 0:
                         self._checked(outputs, batch)
@@ -690,8 +746,8 @@ class RepeatRunner:
                 if self._probe_layers is not None and group == self.repeats[:2]:  # the same realizations
                     layers = self._probe_layers
                 else:
-                    layers = repeated_layers(self.module, self.lowered,
-                                             [_repeat_seed(self.seed, r) for r in group], self.t_inference)
+                    layers = repeated_layers(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in group],
+                                             self.t_inference, self.programmed.pop(tuple(group), None))
                 self._probe_layers = None
                 restarts = [layer.at_chunk for layer in layers.values() if hasattr(layer, "at_chunk")]
                 runner = FoldedRunner(self.module, layers, len(group))
@@ -807,10 +863,11 @@ def _repeat_seed(seed: int, repeat: int) -> int:
     return (seed * 1_000_003 + repeat) % (2**63)
 
 
-def _seed_chunk_noise(seed: int, repeat: int, chunk: int) -> None:
-    """Seed torch's RNG for chunk ``chunk`` of repeat ``repeat``: the forward noise of the tile path (and of
-    ``plain_loop_accuracy``), drawn from torch's RNG, restarts per chunk as the vectorized layers' does."""
-    torch.manual_seed(chunk_seed(_repeat_seed(seed, repeat), chunk))
+def _seed_chunk_noise(seed: int, repeat: int, chunk: int, device: torch.device) -> None:
+    """Seed torch's RNG (for the model's ``device``) for chunk ``chunk`` of repeat ``repeat``: the forward noise of
+    the tile path (and of ``plain_loop_accuracy``), drawn from torch's RNG, restarts per chunk as the vectorized
+    layers' does."""
+    seed_draws(chunk_seed(_repeat_seed(seed, repeat), chunk), device)
 
 
 @contextlib.contextmanager
@@ -820,7 +877,7 @@ def hardware_repeat(module: torch.nn.Module, report: dict[str, dict[str, Any]], 
     block may reseed it, as the tile path does per data chunk)."""
     device = next(module.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(_repeat_seed(seed, repeat))
+        seed_draws(_repeat_seed(seed, repeat), device)
         program_and_drift(module, report, t_inference)
         yield
 
@@ -837,7 +894,7 @@ def plain_loop_accuracy(module: torch.nn.Module, report: dict[str, dict[str, Any
             with hardware_repeat(module, report, t_inference, seed, repeat):
                 correct = total = 0
                 for index, (x, y) in enumerate(loader):
-                    _seed_chunk_noise(seed, repeat, index)
+                    _seed_chunk_noise(seed, repeat, index, device)
                     correct += int((module(x.to(device)).argmax(-1) == y.to(device)).sum())
                     total += len(y)
             accuracies.append(correct / total)

@@ -119,30 +119,39 @@ def _queries_then_documents(parts):
 
 
 def split_data_values(compiled, data, repeats):
-    """Per-repeat accuracy and whole-dataset Recall@1 (with MRR) over ``repeats`` repeats, in chunks of 16."""
+    """Per-repeat accuracy and whole-dataset Recall@1 (with MRR) over ``repeats`` repeats, in chunks of 16; the
+    accuracy again with one repeat per group (``fold_bytes=1``)."""
     from hetcomp.metrics import DatasetMetric
 
     retrieval = DatasetMetric(lambda outputs, labels: outputs, _queries_then_documents, "recall@1")
     accuracy = compiled.evaluate(data, repeats=repeats, seed=3, batch_size=16)
     recall = compiled.evaluate(data, repeats=repeats, seed=3, batch_size=16, metric=retrieval)
+    single_groups = compiled.evaluate(data, repeats=repeats, seed=3, batch_size=16, fold_bytes=1)
     return {"accuracy": accuracy.accuracies, "recall@1": recall.values, "mrr": recall.others["mrr"],
-            "methods": [accuracy.method, recall.method]}
+            "single_groups": single_groups.accuracies, "methods": [accuracy.method, recall.method]}
 
 
 def _split_data_rank(rank, world, store, out, repeats):
     with gloo_group(rank, world, store):
         import hetcomp.evaluate as evaluation
 
-        shares = []
+        shares, drawn = [], []
 
         class Recording(evaluation.RepeatRunner):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 shares.append([[group, list(chunks)] for group, chunks in self.work])
 
+        def programmed_states(module, lowered, seeds, t_inference):  # a shared group's part drawn here
+            drawn.append(len(list(seeds)))
+            return states(module, lowered, seeds, t_inference)
+
+        states = evaluation.programmed_states
         evaluation.RepeatRunner = Recording  # in this spawned process only
+        evaluation.programmed_states = programmed_states
         compiled, (x, y) = split_data_task()
         values = split_data_values(compiled, (x, y), repeats)
+        values["drawn"] = list(drawn)
         # A label out of range in the last chunk: only the last rank reads it, and every rank raises its error
         # (none waits in the gather for it).
         bad = y.clone()
@@ -153,11 +162,17 @@ def _split_data_rank(rank, world, store, out, repeats):
             json.dump({**values, "shares": shares[:2]}, handle)
 
 
-@pytest.mark.parametrize(("world", "repeats"), [(2, 1), (3, 2), (2, 5)])
-def test_ranks_share_the_group_chunk_pairs_and_equal_one_process(tmp_path, world, repeats):
-    """The repeats fold in one group here, so every rank runs every repeat on its contiguous share of the chunks;
-    the metric's parts are gathered and finished in chunk order: per-batch accuracy and whole-dataset Recall@1 /
-    MRR equal one process's, read noise included."""
+# drawn: per rank, how many repeats' programming it drew for a group it shares, per evaluation (accuracy, recall,
+# one repeat per group). One group of 5 on 2 ranks: parts of 2 and 3. One repeat per group: 5 groups over 7 chunks
+# each, 35 pairs, rank 0 runs groups 0-1 and group 2's chunks 0-2, so group 2 is shared and rank 1 draws it (its part
+# of one repeat). 2 repeats are the fold probe's, which every rank holds: nothing is exchanged.
+@pytest.mark.parametrize(("world", "repeats", "drawn"), [
+    (2, 1, [[0, 0, 0], [1, 1, 1]]), (3, 2, [[], [], []]), (2, 5, [[2, 2, 0], [3, 3, 1]])])
+def test_ranks_share_the_group_chunk_pairs_and_equal_one_process(tmp_path, world, repeats, drawn):
+    """The repeats fold in one group here, so every rank runs every repeat on its contiguous share of the chunks
+    and draws only its part of the group's programming (exchanged with the other ranks); the metric's parts are
+    gathered and finished in chunk order: per-batch accuracy and whole-dataset Recall@1 / MRR equal one process's,
+    read noise included, also when groups of one repeat straddle two ranks' shares."""
     single = split_data_values(*split_data_task(), repeats)
     assert all(0.0 < value < 1.0 for value in single["recall@1"])  # a value the pairing decides
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -167,6 +182,7 @@ def test_ranks_share_the_group_chunk_pairs_and_equal_one_process(tmp_path, world
     chunks = [list(range(rank * 7 // world, (rank + 1) * 7 // world)) for rank in range(world)]
     for rank, result in enumerate(results):  # two evaluations, each: all repeats on this rank's chunks
         assert result.pop("shares") == [[[list(range(repeats)), chunks[rank]]]] * 2
+        assert result.pop("drawn") == drawn[rank]
         assert result == single
     assert single["methods"] == ["vectorized", "vectorized"]
 

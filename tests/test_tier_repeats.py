@@ -348,3 +348,30 @@ def test_repeated_layer_types():
     lowered = PIM.lower(nn.Linear(4, 2), targets.get("sram")).eval()
     assert isinstance(PIM.repeated(lowered, 0.0, [0], [1]), RepeatedTierLayer)
     assert "not a PIM crossbar" in PIM.repeats_unsupported(nn.Linear(4, 2))
+
+
+def test_programming_drawn_in_parts_builds_the_same_repeats():
+    """Ranks that share a group of repeats each draw a part of its programming (hetcomp.evaluate): every lowered
+    layer's programmed state drawn for repeats 0-1 and 2-4 apart stacks to the state drawn for 0-4 at once, bit for
+    bit, and the layers built from it compute what layers that draw it themselves compute. Here row splits with PCM
+    rows (aihwkit's programmed weights) beside SRAM and photonic rows, and a photonic product (nothing programmed)."""
+    from hetcomp.lower import lowered_modules
+    from hetcomp.lower.repeats import FoldedRunner, programmed_states, repeated_layers
+
+    model, x, _ = _teacher_task()
+    compiled = hetcomp.compile(model, "pcm+sram+photonic", example_inputs=(x[:8],), strategy="equal-split")
+    module, lowered = compiled.module, lowered_modules(compiled.lowering)
+    seeds = [11, 12, 13, 14, 15]
+    whole = programmed_states(module, lowered, seeds, 86400.0)
+    parts = [programmed_states(module, lowered, part, 86400.0) for part in (seeds[:2], seeds[2:])]
+    assert {len(state) for state in whole.values()} == {0, 2}  # the product programs nothing; PCM rows two stacks
+    for name, state in whole.items():
+        joined = [torch.cat(pieces) for pieces in zip(*(part[name] for part in parts), strict=True)]
+        assert len(joined) == len(state)
+        assert all(torch.equal(a, b) and a.shape[0] == len(seeds) for a, b in zip(joined, state, strict=True))
+    with torch.no_grad():
+        drawn = FoldedRunner(module, repeated_layers(module, lowered, seeds, 86400.0), 5).run(x[:16])
+        given = FoldedRunner(module, repeated_layers(module, lowered, seeds, 86400.0, whole), 5).run(x[:16])
+        other = FoldedRunner(module, repeated_layers(module, lowered, seeds[::-1], 86400.0), 5).run(x[:16])
+    assert torch.equal(given, drawn)
+    assert not torch.equal(drawn, other)  # the states decide the outputs

@@ -70,12 +70,18 @@ class RowSplitSimulator(Simulator):
 
         return row_split_unsupported(module)
 
+    def programs(self, module: nn.Module, t_inference: float, program_seeds: list[int]) -> list[torch.Tensor]:
+        """The parts' programmed states, part after part (hetcomp.lower.tier_repeats.part_programs)."""
+        from hetcomp.lower.tier_repeats import part_programs
+
+        return [tensor for state in part_programs(module, t_inference, program_seeds).values() for tensor in state]
+
     def repeated(self, module: nn.Module, t_inference: float, program_seeds: list[int],
-                 noise_seeds: list[int]) -> Any:
+                 noise_seeds: list[int], programmed: list[torch.Tensor] | None = None) -> Any:
         """The parts' repeated forms put together (hetcomp.lower.tier_repeats.RepeatedRowSplit)."""
         from hetcomp.lower.tier_repeats import RepeatedRowSplit
 
-        return RepeatedRowSplit(module, t_inference, program_seeds, noise_seeds)
+        return RepeatedRowSplit(module, t_inference, program_seeds, noise_seeds, programmed)
 
 
 ROW_SPLIT = RowSplitSimulator()

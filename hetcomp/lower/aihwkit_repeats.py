@@ -18,9 +18,10 @@ then mapping scales, drift compensation α, learned output scales and the digita
 (the first analog layer's, computed once by the digital prefix) are prepared once and multiplied by the R weight
 realizations in one GEMM.
 
-Randomness: repeat r's programming draws come from torch's RNG seeded by (seed, r, layer), its forward noise from
-its own ``torch.Generator``, restarted per data chunk (``at_chunk``); so a repeat's result does not depend on how
-repeats are grouped or how repeats and chunks are split over ranks.
+Randomness: repeat r's programming draws come from torch's RNG seeded by (seed, r, layer) (``program``, one repeat
+at a time, so ranks may draw parts of a group apart), its forward noise from its own ``torch.Generator``, restarted
+per data chunk (``at_chunk``); so a repeat's result does not depend on how repeats are grouped or how repeats and
+chunks are split over ranks.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from hetcomp.lower.aihwkit_periphery import (
     unsupported_tile,
 )
 from hetcomp.lower.patches import conv_patches
-from hetcomp.lower.repeats import chunk_seed
+from hetcomp.lower.repeats import chunk_seed, seed_draws
 
 
 @dataclass
@@ -306,22 +307,25 @@ def reference_weights(layer: nn.Module) -> torch.Tensor:
     return geometry.pad_weights(blocks)
 
 
-def draw_realizations(layer: nn.Module, t_inference: float, program_seeds: list[int],
-                      noise_seeds: list[int]) -> Realizations:
-    """R programmed-and-drifted realizations of ``layer``'s tiles from the tiles' noise model (one per seed)."""
+def program(layer: nn.Module, t_inference: float, program_seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """R programmed realizations of ``layer``'s tiles from the tiles' noise model and the same drifted to
+    ``t_inference``: (programmed, drifted), each [R, S, out, in] (padded). Repeat r draws from torch's RNG seeded by
+    ``program_seeds[r]`` alone (the caller's RNG is untouched), so parts of a group drawn apart (on several ranks)
+    stack to the group's."""
     lay = layout(layer)
-    tile0 = lay.sites[0].tile
-    device = tile0.tile.weight.device
+    device = lay.sites[0].tile.tile.weight.device
     geometry = SiteGeometry(lay, device)
     reference = reference_weights(layer).to(device)
+    if not program_seeds:
+        empty = reference.new_empty((0, *reference.shape))
+        return empty, empty.clone()
     mask = (geometry.valid_out[:, :, None] & geometry.valid_in[:, None, :]).to(reference.dtype)
-    config = tile0.rpu_config
-    model = config.noise_model
+    model = lay.sites[0].tile.rpu_config.noise_model
     converter = _Conductances(model.g_converter)
     programmed, drifted = [], []
-    for seed in program_seeds:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for seed in program_seeds:
+            seed_draws(seed, device)
             conductances, scale = converter.to_conductances(reference)
             noisy = [model.apply_programming_noise_to_conductance(g) for g in conductances]
             nu = [model.generate_drift_coefficients(g) for g in conductances]
@@ -330,8 +334,18 @@ def draw_realizations(layer: nn.Module, t_inference: float, program_seeds: list[
             moved = [model.apply_drift_noise_to_conductance(g, n, t_inference) for g, n in zip(conductances, nu)]
             programmed.append(weights)
             drifted.append(converter.to_weights(moved, scale) * mask)
-    programmed_stack, drifted_stack = torch.stack(programmed), torch.stack(drifted)
-    alpha = torch.ones(programmed_stack.shape[:2], device=device, dtype=reference.dtype)
+    return torch.stack(programmed), torch.stack(drifted)
+
+
+def draw_realizations(layer: nn.Module, t_inference: float, program_seeds: list[int], noise_seeds: list[int],
+                      programmed: tuple[torch.Tensor, torch.Tensor] | None = None) -> Realizations:
+    """R programmed-and-drifted realizations of ``layer``'s tiles from the tiles' noise model (one per seed), with
+    their drift compensation α read out from the stacks together. ``programmed``: ``program``'s (programmed,
+    drifted) for these seeds, drawn already (None: drawn here)."""
+    programmed_stack, drifted_stack = programmed if programmed is not None else program(layer, t_inference,
+                                                                                         program_seeds)
+    config = layout(layer).sites[0].tile.rpu_config
+    alpha = torch.ones(programmed_stack.shape[:2], device=programmed_stack.device, dtype=programmed_stack.dtype)
     if config.drift_compensation is not None:  # aihwkit: alpha = readout(programmed) / readout(drifted), eye input
         readout_seeds = [(seed * 6364136223846793005 + 1442695040888963407) % 2**63 for seed in noise_seeds]
         forward = RepeatedAnalogLayer(layer, Realizations(programmed_stack, alpha, readout_seeds))

@@ -275,12 +275,19 @@ class AihwkitSimulator(Simulator):
 
         return unsupported(module)
 
+    def programs(self, module: nn.Module, t_inference: float, program_seeds: list[int]) -> list[torch.Tensor]:
+        """The tiles' programmed and drifted weights per repeat (hetcomp.lower.aihwkit_repeats.program)."""
+        from hetcomp.lower.aihwkit_repeats import program
+
+        return list(program(module, t_inference, program_seeds))
+
     def repeated(self, module: nn.Module, t_inference: float, program_seeds: list[int],
-                 noise_seeds: list[int]) -> nn.Module:
+                 noise_seeds: list[int], programmed: list[torch.Tensor] | None = None) -> nn.Module:
         """R realizations drawn from the tiles' own noise model, run at once (hetcomp.lower.aihwkit_repeats)."""
         from hetcomp.lower.aihwkit_repeats import RepeatedAnalogLayer, draw_realizations
 
-        return RepeatedAnalogLayer(module, draw_realizations(module, t_inference, program_seeds, noise_seeds))
+        drawn = None if programmed is None else (programmed[0], programmed[1])
+        return RepeatedAnalogLayer(module, draw_realizations(module, t_inference, program_seeds, noise_seeds, drawn))
 
     def program_and_drift(self, module: nn.Module, t_inference: float) -> None:
         """Program every analog tile afresh (new programming noise) and drift it to ``t_inference`` seconds.

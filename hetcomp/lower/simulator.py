@@ -69,8 +69,16 @@ class Simulator:
         hardware repeat at a time."""
         return f"simulator {self.name!r} has no repeat-vectorized forward"
 
+    def programs(self, module: nn.Module, t_inference: float, program_seeds: list[int]) -> list[torch.Tensor]:
+        """The programmed state of ``module`` in the repeats ``program_seeds`` seed, as tensors whose leading
+        dimension is the repeat (``len(program_seeds)`` rows, none for an empty list): the costly, per-repeat part
+        of ``repeated``, which takes it back as ``programmed=``. Repeat r's rows depend on ``program_seeds[r]``
+        alone, so ranks that share a group of repeats each draw a part and exchange them (hetcomp.evaluate).
+        Default: nothing (a device whose noise is drawn on every read)."""
+        return []
+
     def repeated(self, module: nn.Module, t_inference: float, program_seeds: list[int],
-                 noise_seeds: list[int]) -> Any:
+                 noise_seeds: list[int], programmed: list[torch.Tensor] | None = None) -> Any:
         """A module computing ``module`` for len(program_seeds) independent hardware repeats at once: called as
         ``(x, folded=...)`` with ``x`` shared ([B, ...]) or repeat-major folded ([R*B, ...]), it returns the folded
         output; ``.select(indices)`` keeps some repeats, ``.noise = False`` turns forward noise off; ``.peak_bytes``
@@ -81,7 +89,8 @@ class Simulator:
         ``program_seeds[r]`` (a device without programming state, whose noise is drawn per read, ignores them) and
         draws its forward noise from ``noise_seeds[r]``, with any per-call statistic (a max-abs scale) taken over
         its own samples only, so its result does not depend on the other repeats; ``module`` itself is not
-        changed."""
+        changed. ``programmed``: ``programs(module, t_inference, program_seeds)``'s tensors, drawn already (None:
+        drawn here)."""
         raise NotImplementedError(f"simulator {self.name!r} has no repeat-vectorized forward")
 
     def optimizer(self, groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from hetcomp.errors import TraceError
 from hetcomp.lower import tier_sim
-from hetcomp.lower.repeats import chunk_seed
+from hetcomp.lower.repeats import chunk_seed, layer_seed
 from hetcomp.lower.row_split import RowSplit, place_rows
 from hetcomp.lower.tier_sim import (
     PhotonicCore,
@@ -320,29 +320,57 @@ class RepeatedTierLayer:
         return y.reshape(-1, *y.shape[2:])
 
 
+def _part_seeds(seeds: Sequence[int], tier: str) -> list[int]:
+    """A row split's part on another device (PCM) programs and reads from seeds of its own."""
+    return [layer_seed(seed, "row part", tier) for seed in seeds]
+
+
+def _programmed_parts(module: RowSplit) -> dict[str, Any]:
+    """The parts of ``module`` on a device that programs its state (not digital, not a torch tier's per-read
+    noise), with their simulators."""
+    from hetcomp.lower.simulator import simulator_named
+
+    parts = {}
+    for tier in module.parts:
+        name = module.simulators[tier]
+        if name is not None and not isinstance(simulator_named(name), tier_sim._TorchTierSimulator):
+            parts[tier] = simulator_named(name)
+    return parts
+
+
+def part_programs(module: RowSplit, t_inference: float, program_seeds: Sequence[int]) -> dict[str, list[torch.Tensor]]:
+    """Per part that programs its state: its simulator's ``programs`` for the repeats ``program_seeds``."""
+    return {tier: simulator.programs(module.parts[tier], t_inference, _part_seeds(program_seeds, tier))
+            for tier, simulator in _programmed_parts(module).items()}
+
+
 class RepeatedRowSplit:
     """A ``RowSplit`` layer for R hardware repeats (see the module docstring): called like ``RepeatedTierLayer``,
-    each part's output (folded) is put at its rows."""
+    each part's output (folded) is put at its rows. ``programmed``: the parts' programmed states as
+    ``RowSplitSimulator.programs`` lists them (part after part), drawn already (None: drawn here)."""
 
     def __init__(self, module: RowSplit, t_inference: float, program_seeds: Sequence[int],
-                 noise_seeds: Sequence[int]) -> None:
-        from hetcomp.lower.repeats import layer_seed
-        from hetcomp.lower.simulator import simulator_named
-
+                 noise_seeds: Sequence[int], programmed: list[torch.Tensor] | None = None) -> None:
         self.module = module
         self.draws = NoiseDraws(noise_seeds)
         self.repeats = len(self.draws)
+        programmed_parts = _programmed_parts(module)
+        states: dict[str, list[torch.Tensor] | None] = dict.fromkeys(programmed_parts)
+        if programmed is not None:  # split back by how many tensors each part's state has (an empty draw tells)
+            remaining = list(programmed)
+            for tier, simulator in programmed_parts.items():
+                count = len(simulator.programs(module.parts[tier], t_inference, []))
+                states[tier], remaining = remaining[:count], remaining[count:]
         self.parts: dict[str, Any] = {}
         for tier, part in module.parts.items():
-            name = module.simulators[tier]
-            if name is None:
+            if module.simulators[tier] is None:
                 self.parts[tier] = None  # digital: runs once
-            elif isinstance(simulator_named(name), tier_sim._TorchTierSimulator):  # draws as RowSplit.forward does
+            elif tier not in programmed_parts:  # draws as RowSplit.forward does
                 self.parts[tier] = RepeatedTierLayer(part, self.draws)
             else:  # another device's repeats (PCM): programmed and read from seeds of their own
-                self.parts[tier] = simulator_named(name).repeated(
-                    part, t_inference, [layer_seed(seed, "row part", tier) for seed in program_seeds],
-                    [layer_seed(seed, "row part", tier) for seed in noise_seeds])
+                self.parts[tier] = programmed_parts[tier].repeated(
+                    part, t_inference, _part_seeds(program_seeds, tier), _part_seeds(noise_seeds, tier),
+                    states[tier])
         self._noise = True
 
     @property

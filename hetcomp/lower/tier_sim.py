@@ -693,9 +693,9 @@ class _TorchTierSimulator(Simulator):
         return tier_unsupported(module)
 
     def repeated(self, module: nn.Module, t_inference: float, program_seeds: list[int],
-                 noise_seeds: list[int]) -> Any:
-        """R independent reads at once (hetcomp.lower.tier_repeats): nothing is programmed (``program_seeds`` and
-        ``t_inference`` are unused); repeat r draws its read noise from ``noise_seeds[r]``."""
+                 noise_seeds: list[int], programmed: list[torch.Tensor] | None = None) -> Any:
+        """R independent reads at once (hetcomp.lower.tier_repeats): nothing is programmed (``program_seeds``,
+        ``t_inference`` and ``programmed`` are unused); repeat r draws its read noise from ``noise_seeds[r]``."""
         from hetcomp.lower.tier_repeats import NoiseDraws, RepeatedTierLayer
 
         return RepeatedTierLayer(module, NoiseDraws(noise_seeds))
