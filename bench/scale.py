@@ -9,10 +9,11 @@ widened; each 8x8 image row a token), seeded initialisation, no download; and th
 the docstring-retrieval task (``hetcomp.zoo.docstrings``: InfoNCE, Recall@1; ``pip install 'hetcomp[examples]'``;
 ``--calib-batch`` counts pairs, ``--max-length`` caps the tokens). Per model: hilal on pcm+digital with
 the Hessian passes over ``--batches`` calibration batches of ``--calib-batch``; ``--repeats`` hardware repeats
-on the test split; one LAFT stage per global batch in ``--laft-batch`` (``train_stage``: every PCM layer lowered,
-``--laft-epochs`` epoch(s) of ``--laft-steps`` steps, so ``steps x batch`` training samples, the training split
-tiled; validation with 4 repeats) on PCM without aihwkit's per-sample output noise (``out_noise=0``; the
-training weight noise stays on), the setting in which a data-parallel stage computes one process's weights
+on the test split (ResNet-20 and the transformer: tiled to ``--eval-images``; MiniLM: ``--eval-split``, the test
+split and/or every pair as the pool); one LAFT stage per global batch in ``--laft-batch`` (``train_stage``: every
+PCM layer lowered, ``--laft-epochs`` epoch(s) of ``--laft-steps`` steps, so ``steps x batch`` training samples, the
+training split tiled; validation with 4 repeats) on PCM without aihwkit's per-sample output noise (``out_noise=0``;
+the training weight noise stays on), the setting in which a data-parallel stage computes one process's weights
 (README, Scaling). A LAFT step costs host time that does not shrink with the batch (some thirty small operations
 per PCM layer and autograd's per operation), so the speedup of a stage grows with the per-rank batch: sweep it.
 Each phase is timed after an untimed warm-up of the same work at a smaller size: CUDA's lazy initialization,
@@ -71,6 +72,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="test (and LAFT validation) samples used (default: the whole splits)")
     parser.add_argument("--eval-images", type=int, default=None,
                         help="tile the test split to this many images for the evaluation (default: as it is)")
+    parser.add_argument("--eval-split", default="test",
+                        help="MiniLM: the evaluation set(s), comma-separated, each timed: test (the test split), all "
+                             "(every docstring pair as the retrieval pool: more data per repeat, a harder Recall@1)")
     parser.add_argument("--laft-steps", type=int, default=32, help="optimizer steps per epoch of a LAFT stage")
     parser.add_argument("--laft-batch", default="256",
                         help="global batch(es) of the LAFT stage, comma-separated: one stage per batch")
@@ -88,6 +92,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.laft_steps, args.laft_batch, args.eval_samples, args.max_length = 4, "32", 48, 24
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.laft_batches = [int(b) for b in args.laft_batch.split(",") if b.strip()]
+    args.eval_splits = [s.strip() for s in args.eval_split.split(",") if s.strip()]
+    if not args.eval_splits or set(args.eval_splits) - {"test", "all"}:
+        parser.error(f"--eval-split takes test and/or all, got {args.eval_split!r}")
+    if args.eval_splits != ["test"] and args.models != ["minilm"]:
+        parser.error("--eval-split other than test is MiniLM's (ResNet-20 and the transformer: --eval-images)")
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
@@ -101,7 +110,7 @@ class Workload:
     model: torch.nn.Module
     train: Dataset  # LAFT's training samples (tiled to steps x batch) and the calibration batches' source
     val: Any  # LAFT's validation data: a tensor pair, or a DataLoader
-    test: Any  # the evaluation's data: a tensor pair, or a DataLoader
+    test: dict[str, Any]  # the evaluation's data by name (each a tensor pair or a DataLoader), each timed
     collate_fn: Callable | None = None  # None: tensor samples
     task: dict = dataclasses.field(default_factory=dict)  # compile's loss_fn and metric (none: cross-entropy, top-1)
 
@@ -121,9 +130,12 @@ def workload(name: str, args: argparse.Namespace, device: torch.device) -> Workl
         model, tokenizer = load_minilm(device)
         pairs = docstrings.splits(docstrings.docstring_pairs())
         collate = docstrings.PairCollator(tokenizer, max_length=args.max_length)
-        val, test = (DataLoader(docstrings.PairDataset(pairs[split][:limit]), batch_size=32, collate_fn=collate)
-                     for split in ("val", "test"))
-        return Workload(model, docstrings.PairDataset(pairs["train"]), val, test, collate,
+        every = [pair for split in ("test", "val", "train") for pair in pairs[split]]
+        val, test, pool = (DataLoader(docstrings.PairDataset(chosen[:limit]), batch_size=32, collate_fn=collate)
+                           for chosen in (pairs["val"], pairs["test"], every))
+        tests = {"test": test, "all": pool}
+        return Workload(model, docstrings.PairDataset(pairs["train"]), val,
+                        {name: tests[name] for name in args.eval_splits}, collate,
                         {"loss_fn": docstrings.info_nce, "metric": docstrings.retrieval_metric()})
     if name == "resnet20":
         from resnet20 import ResNet20, digits_as_cifar
@@ -142,7 +154,7 @@ def workload(name: str, args: argparse.Namespace, device: torch.device) -> Workl
     if args.eval_images:  # a larger evaluation workload: the test split repeated
         copies = -(-args.eval_images // len(test[1]))
         test = tuple(t.repeat(copies, *[1] * (t.dim() - 1))[: args.eval_images] for t in test)
-    return Workload(model.to(device), splits.train, tuple(t[:limit] for t in splits.val.tensors), test)
+    return Workload(model.to(device), splits.train, tuple(t[:limit] for t in splits.val.tensors), {"test": test})
 
 
 def synchronize(cuda: bool) -> None:
@@ -232,12 +244,14 @@ def worker(args: argparse.Namespace) -> None:
         synchronize(cuda)
         hessian_s = time.perf_counter() - start
         hessian_peak = peak_and_reset(cuda)
-        compiled.evaluate(work.test, repeats=2 * distributed.world_size(), seed=1)  # warm-up: 2 repeats per rank
-        synchronize(cuda)
-        start = time.perf_counter()
-        result = compiled.evaluate(work.test, repeats=args.repeats, seed=1)
-        synchronize(cuda)
-        evaluate_s = time.perf_counter() - start
+        evaluations = {}
+        for label, data in work.test.items():
+            compiled.evaluate(data, repeats=2 * distributed.world_size(), seed=1)  # warm-up: 2 repeats per rank
+            synchronize(cuda)
+            start = time.perf_counter()
+            result = compiled.evaluate(data, repeats=args.repeats, seed=1)
+            synchronize(cuda)
+            evaluations[label] = {"seconds": round(time.perf_counter() - start, 3), "accuracies": result.accuracies}
         peak_and_reset(cuda)
         laft = {}
         if args.laft_batches:  # warm-up: a stage of two steps
@@ -251,12 +265,11 @@ def worker(args: argparse.Namespace) -> None:
             print(json.dumps({
                 "model": name, "world": distributed.world_size(),
                 "device": torch.cuda.get_device_name() if cuda else "cpu",
-                "hessian_s": round(hessian_s, 3), "evaluate_s": round(evaluate_s, 3),
+                "hessian_s": round(hessian_s, 3), "evaluations": evaluations,
                 "hessian_peak_gib_per_rank": hessian_peak,
                 "pass_s": {record["name"]: round(record["seconds"], 3) for record in compiled.manifest.passes},
                 "pcm_layers": sum(layer["assignment"] == "pcm" for layer in compiled.manifest.layers),
                 "assignments": [layer["assignment"] for layer in compiled.manifest.layers],
-                "accuracies": result.accuracies,
                 "traces": [layer["metrics"].get("hessian_trace") for layer in compiled.manifest.layers[:4]],
                 "laft": laft,
             }), flush=True)
@@ -289,7 +302,9 @@ def compare(one: dict, many: dict, tolerance: float) -> list[str]:
 
     rows = [row("hessian", one["hessian_s"], many["hessian_s"],
                 close(one["traces"], many["traces"]) and one["assignments"] == many["assignments"]),
-            row("evaluate", one["evaluate_s"], many["evaluate_s"], one["accuracies"] == many["accuracies"]),
+            *(row("evaluate" if len(one["evaluations"]) == 1 else f"evaluate {label}", single["seconds"],
+                  other["seconds"], single["accuracies"] == other["accuracies"])
+              for (label, single), other in zip(one["evaluations"].items(), many["evaluations"].values())),
             f"{one['model']:<12} {'hessian':<15} peak GiB per rank: {one['hessian_peak_gib_per_rank']} -> "
             f"{many['hessian_peak_gib_per_rank']}"]
     for batch, single in one["laft"].items():

@@ -243,6 +243,16 @@ class EvaluationData:
                 if last is not None and index >= last:
                     break
 
+    def chunk_weights(self) -> list[float]:
+        """Each chunk's relative cost, for dealing chunks to ranks: a staged chunk's bytes, a streamed tensor
+        chunk's samples; a streamed loader's chunks (not read ahead) count alike."""
+        if self.staged is not None:
+            return [float(max(nbytes(batch), 1)) for batch in self.staged]
+        if self.tensors is not None:
+            samples = len(self.tensors[1])
+            return [float(min(self.batch_size, samples - start)) for start in range(0, samples, self.batch_size)]
+        return [1.0] * self.chunk_count()
+
     def chunk_count(self) -> int:
         """How many chunks ``chunks()`` yields (a streamed loader is read once to count them, then remembered)."""
         if self.staged is not None:
@@ -361,7 +371,8 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
 
     Under torch.distributed (N ranks, every rank passing the same arguments) the work is split and every rank
     returns the same Evaluation, one process's, bit for bit. The work is the pairs (group of repeats, data chunk) of
-    ``RepeatRunner``, group-major; rank k runs the k-th of N contiguous shares, and the metric's parts
+    ``RepeatRunner``, group-major, cut into N contiguous shares of about equal cost; rank k runs the k-th, and
+    the ranks that share a group of repeats draw its programming in parts and exchange them. The metric's parts
     (``Metric.update``'s values, per repeat and chunk) are gathered and finished in chunk order on every rank:
     per-batch and whole-dataset metrics alike. A pair computes the same on any rank: repeat r is programmed and
     drifted from the seed (seed, r), its forward noise restarts per chunk from (seed, r, chunk), and the groups of
@@ -523,9 +534,10 @@ class RepeatRunner:
 
     Each chunk's forward noise starts afresh (seeded by the repeat and the chunk: ``at_chunk``, and on the tile path
     torch's RNG), so a (repeat, chunk) output does not depend on what ran before it. ``share=(rank, world)`` runs only
-    that rank's contiguous share of the (group, chunk) pairs, in group-major order (None: all of them): the groups
-    do not depend on ``share``, so every pair is computed as one process computes it, bit for bit also on CUDA
-    (where the folded batch's size picks the matrix kernels and so the rounding).
+    that rank's contiguous share of the (group, chunk) pairs, in group-major order, the shares of about equal cost
+    (None: all of them): the groups do not depend on ``share``, so every pair is computed as one process computes
+    it, bit for bit also on CUDA (where the folded batch's size picks the matrix kernels and so the rounding). Ranks
+    that share a group draw its programming in parts and exchange them (``_program_shared``).
 
     ``module`` is never changed (its training flag is restored). ``check(outputs, target)`` runs on every chunk of the
     first pass (e.g. ``Metric.check``). The digital prefix (everything before the first analog layer) is computed
@@ -588,23 +600,31 @@ class RepeatRunner:
         return [self.repeats[bounds[index] : bounds[index + 1]] for index in range(count)]
 
     def _dealt(self, groups: list[list[int]]) -> list[tuple[list[int], range | None]]:
-        """This rank's (group, chunks) work: all of it without ``share``; else its contiguous share of the
-        (group, chunk) pairs in group-major order (a range of chunks per group)."""
+        """This rank's (group, chunks) work: all of it without ``share``; else the pairs ``_owners`` gives it (a
+        range of chunks per group)."""
         if self.share is None:
             return [(group, None) for group in groups if group]
-        chunks = self.source.chunk_count()
-        first, last = self._pairs_of(self.share[0], len(groups) * chunks)
         work = []
-        for position, group in enumerate(groups):
-            low, high = max(first - position * chunks, 0), min(last - position * chunks, chunks)
-            if low < high:
-                work.append((group, range(low, high)))
+        for group, owners in zip(groups, self._owners(groups), strict=True):
+            mine = [index for index, owner in enumerate(owners) if owner == self.share[0]]
+            if mine:
+                work.append((group, range(mine[0], mine[-1] + 1)))
         return work
 
-    def _pairs_of(self, rank: int, pairs: int) -> tuple[int, int]:
-        """The (first, end) of rank ``rank``'s contiguous share of ``pairs`` (group, chunk) pairs."""
+    def _owners(self, groups: list[list[int]]) -> list[list[int]]:
+        """Per group, per chunk: the rank that runs the pair. The (group, chunk) pairs in group-major order are cut
+        into ``world`` contiguous shares of about equal cost, a pair costing its group's size times its chunk's
+        bytes (``EvaluationData.chunk_weights``: padded token batches differ in length), each pair going to the
+        share its cost's midpoint falls in. The same on every rank (the same data)."""
         world = self.share[1]
-        return rank * pairs // world, (rank + 1) * pairs // world
+        weights = self.source.chunk_weights()
+        costs = [len(group) * weight for group in groups for weight in weights]
+        total = sum(costs)
+        owners, before = [], 0.0
+        for cost in costs:
+            owners.append(min(world - 1, int(world * (before + cost / 2) / total)))
+            before += cost
+        return [owners[index * len(weights) : (index + 1) * len(weights)] for index in range(len(groups))]
 
     def _program_shared(self, groups: list[list[int]]) -> None:
         """Each group whose chunks several ranks run is programmed in parts: every one of those ranks draws the
@@ -618,15 +638,11 @@ class RepeatRunner:
         rank, world = self.share
         if not (distributed.active() and distributed.world_size() == world):
             return
-        chunks = self.source.chunk_count()
-        pairs = len(groups) * chunks
-        shares = [self._pairs_of(other, pairs) for other in range(world)]
         exchanges = []
-        for position, group in enumerate(groups):
+        for group, owners in zip(groups, self._owners(groups), strict=True):
             if self._probe_layers is not None and group == self.repeats[:2]:
                 continue  # every rank holds the fold probe's realizations of these two already
-            span = (position * chunks, (position + 1) * chunks)
-            sharers = [other for other, (first, end) in enumerate(shares) if max(first, span[0]) < min(end, span[1])]
+            sharers = sorted(set(owners))
             if len(sharers) > 1:
                 exchanges.append((group, sharers))
         if not exchanges:
