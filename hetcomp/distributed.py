@@ -11,6 +11,7 @@ the global batch while a data-parallel fine-tuning step holds one slice of it pe
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator
@@ -19,9 +20,11 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 
 T = TypeVar("T")
 _SLICED: ContextVar[bool] = ContextVar("hetcomp_sliced_batch", default=False)
+_ALIGN = 16  # bytes: where all_gather_tree starts each tensor in its flat buffer
 
 
 def active() -> bool:
@@ -96,6 +99,54 @@ def all_agree(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def all_gather_tree(value: Any) -> list[Any]:
+    """Every rank's ``value`` in rank order, on every rank, like ``all_agree``, for structures that hold many or
+    large tensors (e.g. a metric's per-chunk embeddings): the tensors travel as one flat buffer per rank through
+    the backend (NVLink for NCCL), only the structure around them is pickled. Received tensors are on the backend's
+    device (this rank's GPU for NCCL, the CPU for gloo); tensors inside containers that torch's pytree does not
+    know are pickled with their container."""
+    if not active() or world_size() == 1:
+        return [value]
+    tensors: list[torch.Tensor] = []
+
+    def slot(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        tensors.append(leaf.detach())
+        return _TensorSlot(len(tensors) - 1)
+
+    skeleton = pytree.tree_map(slot, value)
+    device = _backend_device()
+    layout = [(tuple(tensor.shape), tensor.dtype) for tensor in tensors]
+    pieces = []
+    for tensor in tensors:  # each tensor's bytes padded to 16, so every one starts aligned for its dtype's view
+        data = tensor.to(device).contiguous().reshape(-1).view(torch.uint8)
+        pieces += [data, data.new_zeros(-data.numel() % _ALIGN)]
+    flat = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
+    described = all_agree((skeleton, layout, flat.numel()))
+    longest = max(size for _, _, size in described)
+    buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in described]
+    dist.all_gather(buffers, torch.cat([flat, flat.new_zeros(longest - flat.numel())]))
+    gathered = []
+    for (skeleton, layout, _), buffer in zip(described, buffers, strict=True):
+        leaves, offset = [], 0
+        for shape, dtype in layout:
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            # a copy: views of one buffer in several dtypes would not save (torch.save refuses them)
+            leaves.append(buffer[offset : offset + size].view(dtype).reshape(shape).clone())
+            offset += size + (-size % _ALIGN)
+        gathered.append(pytree.tree_map(lambda leaf, held=leaves: held[leaf.index] if isinstance(leaf, _TensorSlot)
+                                        else leaf, skeleton))
+    return gathered
+
+
+class _TensorSlot:
+    """Where a tensor sat in a structure ``all_gather_tree`` sends (picklable, no data)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
 
 
 def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:

@@ -406,8 +406,7 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
         runner = RepeatRunner(module, report, source, range(repeats), seed, t_inference, exact_tiles=exact_tiles,
                               fold_bytes=fold_bytes, prefix_cache_bytes=prefix_cache_bytes,
                               share=(rank, world) if spread else None, check=metric.check)
-        scored = _metric_by_repeat(runner, metric, finish=not spread)
-        return runner.method, move(scored, torch.device("cpu")) if spread else scored
+        return runner.method, _metric_by_repeat(runner, metric, finish=not spread)
 
     if not spread:
         method, local = run()
@@ -436,7 +435,7 @@ def _on_every_rank(work: Callable[[], T]) -> list[T]:
         payload: tuple[str, Any] = ("ok", work())
     except Exception as error:  # noqa: BLE001 - handed to every rank and raised there and here
         payload = ("error", distributed._portable(error))
-    gathered = distributed.all_agree(payload)
+    gathered = distributed.all_gather_tree(payload)  # the parts' tensors (embeddings) through the backend
     for status, value in gathered:
         if status == "error":
             raise value

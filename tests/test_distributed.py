@@ -768,3 +768,43 @@ def test_an_in_batch_loss_sees_the_global_batch_in_a_data_parallel_step(tmp_path
     for result in ranks:  # DDP's averaged gradient, the same on both ranks
         torch.testing.assert_close(result["gathered"], single, rtol=1e-4, atol=1e-6)  # measured 2e-7
     assert (ranks[0]["local"] - single).abs().max() > 1e-2  # slice-local negatives: another gradient
+
+
+def _exchange_rank(rank, world, store, out):
+    from hetcomp import distributed
+
+    with gloo_group(rank, world, store):
+        # all_gather_tree: each rank's structure of mixed dtypes (odd byte counts before wider dtypes, an empty and
+        # a non-contiguous tensor, plain leaves), sizes differing per rank.
+        own = {"flags": torch.arange(rank + 3) % 2 == 0, "values": (torch.arange(4.0, dtype=torch.float64) + rank,
+                                                                     torch.empty(0, rank + 1)),
+               "columns": torch.arange(12, dtype=torch.int32).view(3, 4).t()[:, rank:], "name": f"rank {rank}",
+               "count": rank}
+        gathered = distributed.all_gather_tree(own)
+        # share_rows: ranks 1 and 2 share rows (2 and 1 of them), rank 0 takes no part; then all three, one empty.
+        pair = distributed.share_rows([torch.full((2 if rank == 1 else 1, 3), float(rank))], [2, 1], [1, 2]) \
+            if rank > 0 else None
+        counts = [1, 0, 2]
+        trio = distributed.share_rows([torch.full((counts[rank], 2), float(rank)),
+                                       torch.arange(counts[rank], dtype=torch.int64) + 10 * rank], counts, [0, 1, 2])
+        torch.save({"gathered": gathered, "pair": pair, "trio": trio}, f"{out}.{rank}")
+
+
+def test_all_gather_tree_and_share_rows_under_three_ranks(tmp_path):
+    """The evaluator's two exchanges: every rank's structure with its tensors through one flat buffer
+    (all_gather_tree), and rows split over a subset of the ranks, point to point (share_rows)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_exchange_rank, args=(3, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=3, join=True)
+    expected_trio = [torch.tensor([[0.0, 0.0], [2.0, 2.0], [2.0, 2.0]]), torch.tensor([0, 20, 21])]
+    for rank in range(3):
+        result = torch.load(tmp_path / f"out.{rank}", weights_only=False)
+        for other, got in enumerate(result["gathered"]):
+            assert got["name"] == f"rank {other}" and got["count"] == other
+            assert torch.equal(got["flags"], torch.arange(other + 3) % 2 == 0)
+            assert torch.equal(got["values"][0], torch.arange(4.0, dtype=torch.float64) + other)
+            assert got["values"][1].shape == (0, other + 1)
+            assert torch.equal(got["columns"], torch.arange(12, dtype=torch.int32).view(3, 4).t()[:, other:])
+        if rank > 0:
+            assert torch.equal(result["pair"][0], torch.tensor([[1.0] * 3, [1.0] * 3, [2.0] * 3]))
+        for got, expected in zip(result["trio"], expected_trio, strict=True):
+            assert torch.equal(got, expected)
