@@ -85,8 +85,9 @@ def repeated_layers(module: fx.GraphModule, lowered: dict[str, Simulator], seeds
     for name, simulator in lowered.items():
         program = [layer_seed(seed, name, "program") for seed in seeds]
         noise = [layer_seed(seed, name, "forward") for seed in seeds]
-        state = None if programmed is None else programmed[name]
-        layers[name] = simulator.repeated(module.get_submodule(name), t_inference, program, noise, state)
+        # Passed only when there is a state: a simulator that programs nothing need not take ``programmed``.
+        state = {"programmed": programmed[name]} if programmed is not None and programmed[name] else {}
+        layers[name] = simulator.repeated(module.get_submodule(name), t_inference, program, noise, **state)
     return layers
 
 
