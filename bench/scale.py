@@ -304,7 +304,8 @@ def compare(one: dict, many: dict, tolerance: float) -> list[str]:
                 close(one["traces"], many["traces"]) and one["assignments"] == many["assignments"]),
             *(row("evaluate" if len(one["evaluations"]) == 1 else f"evaluate {label}", single["seconds"],
                   other["seconds"], single["accuracies"] == other["accuracies"])
-              for (label, single), other in zip(one["evaluations"].items(), many["evaluations"].values())),
+              for (label, single), other in zip(one["evaluations"].items(), many["evaluations"].values(),
+                                                strict=True)),
             f"{one['model']:<12} {'hessian':<15} peak GiB per rank: {one['hessian_peak_gib_per_rank']} -> "
             f"{many['hessian_peak_gib_per_rank']}"]
     for batch, single in one["laft"].items():

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
+from hetcomp.data import move
+
 T = TypeVar("T")
 _SLICED: ContextVar[bool] = ContextVar("hetcomp_sliced_batch", default=False)
 _ALIGN = 16  # bytes: where all_gather_tree starts each tensor in its flat buffer
@@ -103,40 +105,56 @@ def all_agree(value: Any) -> list[Any]:
 
 def all_gather_tree(value: Any) -> list[Any]:
     """Every rank's ``value`` in rank order, on every rank, like ``all_agree``, for structures that hold many or
-    large tensors (e.g. a metric's per-chunk embeddings): the tensors travel as one flat buffer per rank through
-    the backend (NVLink for NCCL), only the structure around them is pickled. Received tensors are on the backend's
-    device (this rank's GPU for NCCL, the CPU for gloo); tensors inside containers that torch's pytree does not
-    know are pickled with their container."""
+    large tensors (e.g. a metric's per-chunk embeddings): the dense tensors travel as one flat buffer per rank
+    through the backend (NVLink for NCCL), only the structure around them is pickled. A received tensor is where
+    the sender's was: on the CPU, or on this rank's GPU for a CUDA tensor. Leaves torch's pytree does not open (a
+    sparse tensor, a container it does not know) are pickled with their tensors moved to the CPU (a mapping becomes
+    a dict). An error preparing the send on any rank is raised on every rank."""
     if not active() or world_size() == 1:
         return [value]
+    device = _backend_device()
     tensors: list[torch.Tensor] = []
 
     def slot(leaf: Any) -> Any:
-        if not isinstance(leaf, torch.Tensor):
-            return leaf
-        tensors.append(leaf.detach())
-        return _TensorSlot(len(tensors) - 1)
+        if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided and type(leaf) is torch.Tensor:
+            tensors.append(leaf.detach())
+            return _TensorSlot(len(tensors) - 1)
+        return move(leaf, torch.device("cpu"))  # pickled: unpickling must not look for the sender's GPU
 
-    skeleton = pytree.tree_map(slot, value)
-    device = _backend_device()
-    layout = [(tuple(tensor.shape), tensor.dtype) for tensor in tensors]
-    pieces = []
-    for tensor in tensors:  # each tensor's bytes padded to 16, so every one starts aligned for its dtype's view
-        data = tensor.to(device).contiguous().reshape(-1).view(torch.uint8)
-        pieces += [data, data.new_zeros(-data.numel() % _ALIGN)]
-    flat = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
-    described = all_agree((skeleton, layout, flat.numel()))
-    longest = max(size for _, _, size in described)
-    buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in described]
-    dist.all_gather(buffers, torch.cat([flat, flat.new_zeros(longest - flat.numel())]))
+    pieces: list[torch.Tensor] = []
+    try:
+        skeleton = pytree.tree_map(slot, value)
+        for tensor in tensors:  # each tensor's bytes padded to 16, so every one starts aligned for its dtype's view
+            data = tensor.resolve_conj().resolve_neg().to(device).contiguous().reshape(-1).view(torch.uint8)
+            pieces += [data, data.new_zeros(-data.numel() % _ALIGN)]
+        layout = [(tuple(tensor.shape), tensor.dtype, tensor.device.type) for tensor in tensors]
+        described: tuple[str, Any, Any, int] = ("ok", skeleton, layout, sum(piece.numel() for piece in pieces))
+    except Exception as error:  # noqa: BLE001 - handed to every rank and raised there and here
+        described, pieces = ("error", _portable(error), [], 0), []
+    everyone = all_agree(described)
+    for status, payload, _, _ in everyone:
+        if status == "error":
+            raise payload
+    longest = max(size for _, _, _, size in everyone)
+    if longest == 0:
+        return [pytree.tree_map(lambda leaf: leaf, skeleton) for _, skeleton, _, _ in everyone]
+    own = sum(piece.numel() for piece in pieces)
+    send = torch.cat([*pieces, torch.zeros(longest - own, dtype=torch.uint8, device=device)])
+    pieces.clear()
+    buffers: list[torch.Tensor | None] = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in everyone]
+    dist.all_gather(buffers, send)
+    del send
+    here = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gathered = []
-    for (skeleton, layout, _), buffer in zip(described, buffers, strict=True):
-        leaves, offset = [], 0
-        for shape, dtype in layout:
-            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            # a copy: views of one buffer in several dtypes would not save (torch.save refuses them)
-            leaves.append(buffer[offset : offset + size].view(dtype).reshape(shape).clone())
+    for index, (_, skeleton, layout, _) in enumerate(everyone):
+        buffer, leaves, offset = buffers[index], [], 0
+        for shape, dtype, kind in layout:
+            size = math.prod(shape) * dtype.itemsize
+            # a copy, on the sender's kind of device: views of one buffer in several dtypes would not save
+            leaves.append(buffer[offset : offset + size].view(dtype).reshape(shape)
+                          .to(torch.device("cpu") if kind == "cpu" else here, copy=True))
             offset += size + (-size % _ALIGN)
+        buffers[index] = None  # freed as soon as its tensors are copied out
         gathered.append(pytree.tree_map(lambda leaf, held=leaves: held[leaf.index] if isinstance(leaf, _TensorSlot)
                                         else leaf, skeleton))
     return gathered
@@ -195,8 +213,9 @@ def share_rows(tensors: list[torch.Tensor], counts: list[int], peers: list[int])
 
 
 def _backend_device() -> torch.device:
-    """Where the default group's backend takes tensors: this rank's GPU for NCCL, else the CPU."""
-    if dist.get_backend() == "nccl":
+    """Where the default group's backend takes tensors: this rank's GPU for NCCL (also a "cpu:gloo,cuda:nccl"
+    group), else the CPU."""
+    if "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -290,7 +290,7 @@ class EvaluationData:
             # fixed seed, so the caller's stream is untouched and the chunks are the same on every rank and pass
             # (ranks score their shares of one chunk order).
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
+                seed_draws(0, torch.device("cpu"))  # the CPU's generator alone: fork_rng keeps only its state
                 iterator = iter(self.data)
                 first = next(iterator, _NO_BATCH)
         except TypeError:
@@ -417,7 +417,7 @@ def evaluate(module: fx.GraphModule, report: dict[str, dict[str, Any]], data: An
         for _, parts in results:
             for repeat, by_chunk in parts.items():
                 merged[repeat].update(by_chunk)
-        local = {repeat: _finished(metric, move(merged[repeat], device)) for repeat in range(repeats)}
+        local = {repeat: _finished(metric, merged[repeat]) for repeat in range(repeats)}  # parts where made
     values, others = [], {}
     for repeat in range(repeats):
         value, extra = split_value(metric, local[repeat])
@@ -536,7 +536,7 @@ class RepeatRunner:
     that rank's contiguous share of the (group, chunk) pairs, in group-major order, the shares of about equal cost
     (None: all of them): the groups do not depend on ``share``, so every pair is computed as one process computes
     it, bit for bit also on CUDA (where the folded batch's size picks the matrix kernels and so the rounding). Ranks
-    that share a group draw its programming in parts and exchange them (``_program_shared``).
+    that share a group draw its programming in parts and exchange them (``_draw_shared``, ``_exchange``).
 
     ``module`` is never changed (its training flag is restored). ``check(outputs, target)`` runs on every chunk of the
     first pass (e.g. ``Metric.check``). The digital prefix (everything before the first analog layer) is computed
@@ -559,31 +559,49 @@ class RepeatRunner:
         self.frontier = _frontier(module, set(self.lowered))
         self.envs: dict[int, dict[fx.Node, Any]] = {}
         self.work: list[tuple[list[int], range | None]] = []  # (group of repeats, its chunks here; None: all)
-        # Groups this rank shares with others: their programmed states, drawn in parts and exchanged up front.
-        self.programmed: dict[tuple[int, ...], dict[str, list[torch.Tensor]]] = {}
+        # Groups this rank runs with other ranks: their repeat-vectorized layers, built up front from the parts of
+        # their programming the ranks drew (``_draw_shared``, ``_exchange``).
+        self._shared_layers: dict[tuple[int, ...], dict[str, Any]] = {}
         self._probe_layers: dict[str, Any] | None = None  # the fold probe's realizations of repeats[:2]
         if self.frontier is None:
             self.method = "exact (no analog layer)"
             return
-        with _evaluation_mode(module):
-            prefix = any(n.op not in ("placeholder", "get_attr") for n in _before(module, self.frontier))
-            if prefix:  # the first chunk's, for the fold probe (kept if this rank's work holds that chunk)
-                self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, range(1))
-            if exact_tiles or os.environ.get(EXACT_TILES_VARIABLE, "0") == "1":
-                why: str | None = "exact_tiles=True" if exact_tiles else f"{EXACT_TILES_VARIABLE}=1"
-            else:
-                why = why_not_vectorized(module, self.lowered)
-                probe = len(self.repeats) >= 2 if probe_folding is None else probe_folding
-                if why is None and len(self.repeats) >= 2 and not self._fold_probe(check_folding=probe):
-                    why = "the graph does not fold repeats"
-            self.method = "vectorized" if why is None else f"tiles ({why})"
-            groups = self._groups()
-            self.work = self._dealt(groups)
-            if self.method == "vectorized" and self.share is not None:
-                self._program_shared(groups)
-            span = None if self.share is None else sorted({index for _, chunks in self.work for index in chunks})
-            if prefix:
-                self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, span, self.envs)
+        # Ranks exchange programming below: every rank first agrees that every rank got that far, so an error on
+        # one rank (the probe, a draw) is raised on all of them instead of leaving the others waiting.
+        exchanging = (share is not None and distributed.active() and distributed.world_size() == share[1]
+                      and distributed.rank() == share[0])
+        failure: Exception | None = None
+        groups: list[list[int]] = []
+        parts: list[tuple[list[int], list[int], list[int], dict[str, list[torch.Tensor]]]] = []
+        try:
+            with _evaluation_mode(module):
+                prefix = any(n.op not in ("placeholder", "get_attr") for n in _before(module, self.frontier))
+                if prefix:  # the first chunk's, for the fold probe (kept if this rank's work holds that chunk)
+                    self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, range(1))
+                if exact_tiles or os.environ.get(EXACT_TILES_VARIABLE, "0") == "1":
+                    why: str | None = "exact_tiles=True" if exact_tiles else f"{EXACT_TILES_VARIABLE}=1"
+                else:
+                    why = why_not_vectorized(module, self.lowered)
+                    probe = len(self.repeats) >= 2 if probe_folding is None else probe_folding
+                    if why is None and len(self.repeats) >= 2 and not self._fold_probe(check_folding=probe):
+                        why = "the graph does not fold repeats"
+                self.method = "vectorized" if why is None else f"tiles ({why})"
+                groups = self._groups()
+                owners = None if self.share is None else self._owners(groups)
+                self.work = self._dealt(groups, owners)
+                if exchanging and self.method == "vectorized":
+                    parts = self._draw_shared(groups, owners)
+                span = None if share is None else sorted({index for _, chunks in self.work for index in chunks})
+                if prefix:
+                    self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, span, self.envs)
+        except Exception as error:
+            if not exchanging:
+                raise
+            failure = error
+        if exchanging:
+            self._agree(failure, groups)
+            with _evaluation_mode(module):
+                self._exchange(parts)
 
     def _groups(self) -> list[list[int]]:
         """The repeats in groups folded together: equal groups within the working-set budget (one repeat each on
@@ -598,14 +616,15 @@ class RepeatRunner:
         bounds = [-(-index * total // count) for index in range(count + 1)]  # sizes differ by one at most
         return [self.repeats[bounds[index] : bounds[index + 1]] for index in range(count)]
 
-    def _dealt(self, groups: list[list[int]]) -> list[tuple[list[int], range | None]]:
-        """This rank's (group, chunks) work: all of it without ``share``; else the pairs ``_owners`` gives it (a
-        range of chunks per group)."""
-        if self.share is None:
+    def _dealt(self, groups: list[list[int]], owners: list[list[int]] | None
+               ) -> list[tuple[list[int], range | None]]:
+        """This rank's (group, chunks) work: all of it without ``share``; else the pairs ``owners`` (``_owners``)
+        gives it (a range of chunks per group)."""
+        if owners is None:
             return [(group, None) for group in groups if group]
         work = []
-        for group, owners in zip(groups, self._owners(groups), strict=True):
-            mine = [index for index, owner in enumerate(owners) if owner == self.share[0]]
+        for group, row in zip(groups, owners, strict=True):
+            mine = [index for index, owner in enumerate(row) if owner == self.share[0]]
             if mine:
                 work.append((group, range(mine[0], mine[-1] + 1)))
         return work
@@ -625,40 +644,53 @@ class RepeatRunner:
             before += cost
         return [owners[index * len(weights) : (index + 1) * len(weights)] for index in range(len(groups))]
 
-    def _program_shared(self, groups: list[list[int]]) -> None:
-        """Each group whose chunks several ranks run is programmed in parts: every one of those ranks draws the
-        programmed states of its contiguous part of the group's repeats, and they exchange the parts
-        (``distributed.share_rows``), so no rank draws the whole group. All of it runs here, up front and in group
-        order, so the ranks sharing a group meet at once whatever else they run first; a shared group waiting for
-        its turn (the last of this rank's share) holds its programmed states meanwhile. What each repeat's
-        realization is does not change (``Simulator.programs``: repeat r's state from its seed alone; anything
-        computed over the group, e.g. aihwkit's drift compensation read-out, is computed over the whole group on
-        every rank). Shares run in one process (dealt without a process group) draw every group where it runs."""
-        rank, world = self.share
-        if not (distributed.active() and distributed.world_size() == world):
-            return
-        exchanges = []
-        for group, owners in zip(groups, self._owners(groups), strict=True):
-            if self._probe_layers is not None and group == self.repeats[:2]:
-                continue  # every rank holds the fold probe's realizations of these two already
-            sharers = sorted(set(owners))
-            if len(sharers) > 1:
-                exchanges.append((group, sharers))
-        if not exchanges:
-            return
-        distributed.barrier()  # a collective first: NCCL's point-to-point calls must not open the group's traffic
-        names = list(self.lowered)
-        for group, sharers in exchanges:
-            if rank not in sharers:
+    def _reuses_probe(self, group: list[int]) -> bool:
+        """Whether ``group`` runs on the fold probe's realizations (every rank holds them: it ran the probe)."""
+        return self._probe_layers is not None and group == self.repeats[:2]
+
+    def _draw_shared(self, groups: list[list[int]], owners: list[list[int]]
+                     ) -> list[tuple[list[int], list[int], list[int], dict[str, list[torch.Tensor]]]]:
+        """This rank's part of the programming of each group whose chunks several ranks run, as (group, its ranks,
+        their parts' sizes, this rank's part's programmed states). The ranks split a group's repeats into
+        contiguous parts, one each, so no rank draws the whole group; ``_exchange`` joins them. A repeat's state
+        comes from its seed alone (``Simulator.programs``), so the parts join to what one process draws."""
+        rank = self.share[0]
+        parts = []
+        for group, row in zip(groups, owners, strict=True):
+            sharers = sorted(set(row))
+            if len(sharers) < 2 or rank not in sharers or self._reuses_probe(group):
                 continue
             bounds = [index * len(group) // len(sharers) for index in range(len(sharers) + 1)]
             place = sharers.index(rank)
-            part = group[bounds[place] : bounds[place + 1]]
-            state = programmed_states(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in part],
+            state = programmed_states(self.module, self.lowered,
+                                      [_repeat_seed(self.seed, r) for r in group[bounds[place] : bounds[place + 1]]],
                                       self.t_inference)
-            counts = [bounds[index + 1] - bounds[index] for index in range(len(sharers))]
-            joined = iter(distributed.share_rows([t for name in names for t in state[name]], counts, sharers))
-            self.programmed[tuple(group)] = {name: [next(joined) for _ in state[name]] for name in names}
+            parts.append((group, sharers, [bounds[i + 1] - bounds[i] for i in range(len(sharers))], state))
+        return parts
+
+    def _agree(self, failure: Exception | None, groups: list[list[int]]) -> None:
+        """Every rank's outcome so far: the lowest failing rank's error is raised on every rank; ranks that planned
+        other work (another path or other groups: other data or arguments on some rank) raise alike."""
+        plan = (self.method if failure is None else None, groups)
+        outcomes = distributed.all_agree(("error", distributed._portable(failure)) if failure is not None
+                                         else ("ok", plan))
+        for status, value in outcomes:
+            if status == "error":
+                raise value
+        if any(value != outcomes[0][1] for _, value in outcomes):
+            raise ConfigError("the ranks planned different evaluations (path or groups of repeats differ between "
+                              "ranks); every rank must pass the same model, data and arguments")
+
+    def _exchange(self, parts: list[tuple[list[int], list[int], list[int], dict[str, list[torch.Tensor]]]]) -> None:
+        """Join each shared group's parts over its ranks (``distributed.share_rows``, point to point, in group order:
+        the ranks sharing a group meet there whatever else they run first) and build the group's layers at once, so
+        a group waiting for its turn (the last of this rank's share) holds its realizations, not the programmed
+        stacks they were drawn from."""
+        for group, sharers, counts, state in parts:
+            joined = iter(distributed.share_rows([t for name in state for t in state[name]], counts, sharers))
+            programmed = {name: [next(joined) for _ in tensors] for name, tensors in state.items()}
+            self._shared_layers[tuple(group)] = repeated_layers(
+                self.module, self.lowered, [_repeat_seed(self.seed, r) for r in group], self.t_inference, programmed)
 
     @classmethod
     def on_inputs(cls, module: fx.GraphModule, report: dict[str, dict[str, Any]], inputs: torch.Tensor,
@@ -758,11 +790,13 @@ class RepeatRunner:
         progress_bar = bar(sum(len(group) for group, _ in self.work), "repeats (vectorized)")
         try:
             for position, (group, indices) in enumerate(self.work):
-                if self._probe_layers is not None and group == self.repeats[:2]:  # the same realizations
+                if self._reuses_probe(group):  # the same realizations
                     layers = self._probe_layers
+                elif tuple(group) in self._shared_layers:  # programmed in parts with other ranks
+                    layers = self._shared_layers.pop(tuple(group))
                 else:
                     layers = repeated_layers(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in group],
-                                             self.t_inference, self.programmed.pop(tuple(group), None))
+                                             self.t_inference)
                 self._probe_layers = None
                 restarts = [layer.at_chunk for layer in layers.values() if hasattr(layer, "at_chunk")]
                 runner = FoldedRunner(self.module, layers, len(group))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -134,8 +135,9 @@ def split_data_values(compiled, data, repeats):
 def _split_data_rank(rank, world, store, out, repeats):
     with gloo_group(rank, world, store):
         import hetcomp.evaluate as evaluation
+        import hetcomp.lower.aihwkit_repeats as aihwkit_repeats
 
-        shares, drawn = [], []
+        shares, drawn, programmed = [], [], []
 
         class Recording(evaluation.RepeatRunner):
             def __init__(self, *args, **kwargs):
@@ -146,12 +148,27 @@ def _split_data_rank(rank, world, store, out, repeats):
             drawn.append(len(list(seeds)))
             return states(module, lowered, seeds, t_inference)
 
-        states = evaluation.programmed_states
-        evaluation.RepeatRunner = Recording  # in this spawned process only
-        evaluation.programmed_states = programmed_states
+        def program(layer, t_inference, program_seeds):  # every draw of a PCM layer's realizations
+            programmed.append(len(program_seeds))
+            return draws(layer, t_inference, program_seeds)
+
+        states, draws = evaluation.programmed_states, aihwkit_repeats.program
+        # in this spawned process only
+        evaluation.RepeatRunner, evaluation.programmed_states, aihwkit_repeats.program = (
+            Recording, programmed_states, program)
         compiled, (x, y) = split_data_task()
         values = split_data_values(compiled, (x, y), repeats)
-        values["drawn"] = list(drawn)
+        values["drawn"], values["largest_draw"] = list(drawn), max(programmed)
+        if repeats != 2:  # a draw fails on the last rank only: every rank raises its error, none waits for it
+            def failing(module, lowered, seeds, t_inference):
+                if rank == world - 1:
+                    raise ValueError(f"drawing failed on rank {rank}")
+                return states(module, lowered, seeds, t_inference)
+
+            evaluation.programmed_states = failing
+            with pytest.raises(ValueError, match=f"drawing failed on rank {world - 1}"):
+                compiled.evaluate((x, y), repeats=repeats, seed=3, batch_size=16)
+            evaluation.programmed_states = programmed_states
         # A label out of range in the last chunk: only the last rank reads it, and every rank raises its error
         # (none waits in the gather for it).
         bad = y.clone()
@@ -163,16 +180,23 @@ def _split_data_rank(rank, world, store, out, repeats):
 
 
 # drawn: per rank, how many repeats' programming it drew for a group it shares, per evaluation (accuracy, recall,
-# one repeat per group). One group of 5 on 2 ranks: parts of 2 and 3. One repeat per group: 5 groups over 7 chunks
-# each, 35 pairs, rank 0 runs groups 0-1 and group 2's chunks 0-2, so group 2 is shared and rank 1 draws it (its part
-# of one repeat). 2 repeats are the fold probe's, which every rank holds: nothing is exchanged.
-@pytest.mark.parametrize(("world", "repeats", "drawn"), [
-    (2, 1, [[0, 0, 0], [1, 1, 1]]), (3, 2, [[], [], []]), (2, 5, [[2, 2, 0], [3, 3, 1]])])
-def test_ranks_share_the_group_chunk_pairs_and_equal_one_process(tmp_path, world, repeats, drawn):
+# one repeat per group; a rank in two shared groups draws twice). One group of 5 on 2 ranks: parts of 2 and 3; on 3
+# ranks: 1, 2 and 2. One repeat per group: 5 groups over 7 chunks, the shares cut by cost (chunks of 16 samples and
+# a last of 4): on 2 ranks group 2 is shared (rank 0 runs its chunks 0-2) and rank 1 draws it; on 3 ranks group 1 is
+# shared by ranks 0 and 1 (chunks 0-3 and 4-6) and group 3 by ranks 1 and 2 (0-1 and 2-6). 2 repeats are the fold
+# probe's, which every rank holds: nothing is exchanged. largest: the most repeats any one draw of a layer held on
+# that rank (the probe draws 2): never the whole shared group.
+@pytest.mark.parametrize(("world", "repeats", "drawn", "largest"), [
+    (2, 1, [[0, 0, 0], [1, 1, 1]], [0, 1]),
+    (3, 2, [[], [], []], [2, 2, 2]),
+    (2, 5, [[2, 2, 0], [3, 3, 1]], [2, 3]),
+    (3, 5, [[1, 1, 0], [2, 2, 1, 0], [2, 2, 1]], [2, 2, 2])])
+def test_ranks_share_the_group_chunk_pairs_and_equal_one_process(tmp_path, world, repeats, drawn, largest):
     """The repeats fold in one group here, so every rank runs every repeat on its contiguous share of the chunks
     and draws only its part of the group's programming (exchanged with the other ranks); the metric's parts are
     gathered and finished in chunk order: per-batch accuracy and whole-dataset Recall@1 / MRR equal one process's,
-    read noise included, also when groups of one repeat straddle two ranks' shares."""
+    read noise included, also when groups of one repeat straddle two ranks' shares. A draw that fails on one rank
+    raises on every rank."""
     single = split_data_values(*split_data_task(), repeats)
     assert all(0.0 < value < 1.0 for value in single["recall@1"])  # a value the pairing decides
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -183,6 +207,7 @@ def test_ranks_share_the_group_chunk_pairs_and_equal_one_process(tmp_path, world
     for rank, result in enumerate(results):  # two evaluations, each: all repeats on this rank's chunks
         assert result.pop("shares") == [[[list(range(repeats)), chunks[rank]]]] * 2
         assert result.pop("drawn") == drawn[rank]
+        assert result.pop("largest_draw") == largest[rank]
         assert result == single
     assert single["methods"] == ["vectorized", "vectorized"]
 
@@ -770,6 +795,11 @@ def test_an_in_batch_loss_sees_the_global_batch_in_a_data_parallel_step(tmp_path
     assert (ranks[0]["local"] - single).abs().max() > 1e-2  # slice-local negatives: another gradient
 
 
+class Pair(NamedTuple):
+    rows: torch.Tensor
+    rank: int
+
+
 def _exchange_rank(rank, world, store, out):
     from hetcomp import distributed
 
@@ -779,7 +809,8 @@ def _exchange_rank(rank, world, store, out):
         own = {"flags": torch.arange(rank + 3) % 2 == 0, "values": (torch.arange(4.0, dtype=torch.float64) + rank,
                                                                      torch.empty(0, rank + 1)),
                "columns": torch.arange(12, dtype=torch.int32).view(3, 4).t()[:, rank:], "name": f"rank {rank}",
-               "count": rank}
+               "count": rank, "half": torch.tensor(rank + 0.5, dtype=torch.bfloat16),
+               "conjugate": torch.tensor([1 + 2j, rank - 1j]).conj(), "pair": Pair(torch.ones(rank + 1), rank)}
         gathered = distributed.all_gather_tree(own)
         # share_rows: ranks 1 and 2 share rows (2 and 1 of them), rank 0 takes no part; then all three, one empty.
         pair = distributed.share_rows([torch.full((2 if rank == 1 else 1, 3), float(rank))], [2, 1], [1, 2]) \
@@ -804,6 +835,9 @@ def test_all_gather_tree_and_share_rows_under_three_ranks(tmp_path):
             assert torch.equal(got["values"][0], torch.arange(4.0, dtype=torch.float64) + other)
             assert got["values"][1].shape == (0, other + 1)
             assert torch.equal(got["columns"], torch.arange(12, dtype=torch.int32).view(3, 4).t()[:, other:])
+            assert got["half"].dtype == torch.bfloat16 and got["half"].dim() == 0 and float(got["half"]) == other + 0.5
+            assert torch.equal(got["conjugate"], torch.tensor([1 - 2j, other + 1j]))
+            assert isinstance(got["pair"], Pair) and torch.equal(got["pair"].rows, torch.ones(other + 1))
         if rank > 0:
             assert torch.equal(result["pair"][0], torch.tensor([[1.0] * 3, [1.0] * 3, [2.0] * 3]))
         for got, expected in zip(result["trio"], expected_trio, strict=True):

@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from hetcomp.errors import TraceError
-from hetcomp.lower.simulator import Simulator
+from hetcomp.lower.simulator import Simulator, build_repeated
 
 
 def layer_seed(seed: int, *keys: Any) -> int:
@@ -59,7 +59,8 @@ def why_not_vectorized(module: fx.GraphModule, lowered: dict[str, Simulator]) ->
 def seed_draws(seed: int, device: torch.device) -> None:
     """Seed the generators that ops on ``device`` draw from (the CPU's, and a GPU's own) as ``torch.manual_seed``
     seeds them: the same draws, without seeding every other backend too (its lazy XPU call captures a stack trace,
-    0.8 ms per call on the GPU machines: 0.3 s of a 40-repeat evaluation that seeds every repeat's every layer)."""
+    0.8 ms per call on the GPU machines: 0.3 s of a 40-repeat evaluation that seeds every repeat's every layer).
+    hetcomp runs on the CPU and CUDA; other backends' generators (MPS, XPU) are left as they are."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -85,9 +86,8 @@ def repeated_layers(module: fx.GraphModule, lowered: dict[str, Simulator], seeds
     for name, simulator in lowered.items():
         program = [layer_seed(seed, name, "program") for seed in seeds]
         noise = [layer_seed(seed, name, "forward") for seed in seeds]
-        # Passed only when there is a state: a simulator that programs nothing need not take ``programmed``.
-        state = {"programmed": programmed[name]} if programmed is not None and programmed[name] else {}
-        layers[name] = simulator.repeated(module.get_submodule(name), t_inference, program, noise, **state)
+        layers[name] = build_repeated(simulator, module.get_submodule(name), t_inference, program, noise,
+                                      None if programmed is None else programmed[name])
     return layers
 
 

@@ -71,10 +71,12 @@ class Simulator:
 
     def programs(self, module: nn.Module, t_inference: float, program_seeds: list[int]) -> list[torch.Tensor]:
         """The programmed state of ``module`` in the repeats ``program_seeds`` seed, as tensors whose leading
-        dimension is the repeat (``len(program_seeds)`` rows, none for an empty list): the costly, per-repeat part
-        of ``repeated``, which takes it back as ``programmed=``. Repeat r's rows depend on ``program_seeds[r]``
-        alone, so ranks that share a group of repeats each draw a part and exchange them (hetcomp.evaluate).
-        Default: nothing (a device whose noise is drawn on every read)."""
+        dimension is the repeat (``len(program_seeds)`` rows): the costly, per-repeat part of ``repeated``, which
+        takes it back as ``programmed=``. Repeat r's rows depend on ``program_seeds[r]`` alone, so ranks that share
+        a group of repeats each draw a part and exchange them (hetcomp.evaluate). For every seed list, also an
+        empty one, the same tensors (count, trailing shapes, dtypes) with that many rows: a rank whose part is
+        empty receives the others' parts into tensors shaped like its own. Default: nothing (a device whose noise
+        is drawn on every read)."""
         return []
 
     def repeated(self, module: nn.Module, t_inference: float, program_seeds: list[int],
@@ -100,6 +102,14 @@ class Simulator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def build_repeated(simulator: Simulator, module: nn.Module, t_inference: float, program_seeds: list[int],
+                   noise_seeds: list[int], programmed: list[torch.Tensor] | None = None) -> Any:
+    """``simulator.repeated(...)``, handed ``programmed`` only when there is a state: a simulator that programs
+    nothing need not take the argument (``repeated``'s signature before ``programs`` existed)."""
+    given = {"programmed": programmed} if programmed else {}
+    return simulator.repeated(module, t_inference, program_seeds, noise_seeds, **given)
 
 
 SIMULATORS: Registry[Simulator] = Registry(

@@ -40,6 +40,7 @@ from hetcomp.errors import TraceError
 from hetcomp.lower import tier_sim
 from hetcomp.lower.repeats import chunk_seed, layer_seed
 from hetcomp.lower.row_split import RowSplit, place_rows
+from hetcomp.lower.simulator import Simulator, build_repeated, simulator_named
 from hetcomp.lower.tier_sim import (
     PhotonicCore,
     PimCrossbarCore,
@@ -325,11 +326,9 @@ def _part_seeds(seeds: Sequence[int], tier: str) -> list[int]:
     return [layer_seed(seed, "row part", tier) for seed in seeds]
 
 
-def _programmed_parts(module: RowSplit) -> dict[str, Any]:
+def _programmed_parts(module: RowSplit) -> dict[str, Simulator]:
     """The parts of ``module`` on a device that programs its state (not digital, not a torch tier's per-read
     noise), with their simulators."""
-    from hetcomp.lower.simulator import simulator_named
-
     parts = {}
     for tier in module.parts:
         name = module.simulators[tier]
@@ -368,9 +367,9 @@ class RepeatedRowSplit:
             elif tier not in programmed_parts:  # draws as RowSplit.forward does
                 self.parts[tier] = RepeatedTierLayer(part, self.draws)
             else:  # another device's repeats (PCM): programmed and read from seeds of their own
-                self.parts[tier] = programmed_parts[tier].repeated(
-                    part, t_inference, _part_seeds(program_seeds, tier), _part_seeds(noise_seeds, tier),
-                    states[tier])
+                self.parts[tier] = build_repeated(
+                    programmed_parts[tier], part, t_inference, _part_seeds(program_seeds, tier),
+                    _part_seeds(noise_seeds, tier), states[tier])
         self._noise = True
 
     @property
@@ -429,8 +428,6 @@ class RepeatedRowSplit:
 
 def row_split_unsupported(module: nn.Module) -> str | None:
     """Why a ``RowSplit`` has no repeat-vectorized forward: the first part whose simulator has none."""
-    from hetcomp.lower.simulator import simulator_named
-
     if not isinstance(module, RowSplit):
         return f"{type(module).__name__} is not a RowSplit"
     for tier, part in module.parts.items():
