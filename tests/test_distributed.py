@@ -121,15 +121,17 @@ def _queries_then_documents(parts):
 
 def split_data_values(compiled, data, repeats):
     """Per-repeat accuracy and whole-dataset Recall@1 (with MRR) over ``repeats`` repeats, in chunks of 16; the
-    accuracy again with one repeat per group (``fold_bytes=1``)."""
+    accuracy again with one repeat per group (``fold_bytes=1``) and on aihwkit's tiles (``exact_tiles=True``)."""
     from hetcomp.metrics import DatasetMetric
 
     retrieval = DatasetMetric(lambda outputs, labels: outputs, _queries_then_documents, "recall@1")
     accuracy = compiled.evaluate(data, repeats=repeats, seed=3, batch_size=16)
     recall = compiled.evaluate(data, repeats=repeats, seed=3, batch_size=16, metric=retrieval)
     single_groups = compiled.evaluate(data, repeats=repeats, seed=3, batch_size=16, fold_bytes=1)
+    tiles = compiled.evaluate(data, repeats=repeats, seed=3, batch_size=16, exact_tiles=True)
     return {"accuracy": accuracy.accuracies, "recall@1": recall.values, "mrr": recall.others["mrr"],
-            "single_groups": single_groups.accuracies, "methods": [accuracy.method, recall.method]}
+            "single_groups": single_groups.accuracies, "tiles": tiles.accuracies,
+            "methods": [accuracy.method, recall.method, tiles.method]}
 
 
 def _split_data_rank(rank, world, store, out, repeats):
@@ -209,7 +211,7 @@ def test_ranks_share_the_group_chunk_pairs_and_equal_one_process(tmp_path, world
         assert result.pop("drawn") == drawn[rank]
         assert result.pop("largest_draw") == largest[rank]
         assert result == single
-    assert single["methods"] == ["vectorized", "vectorized"]
+    assert single["methods"] == ["vectorized", "vectorized", "tiles (exact_tiles=True)"]
 
 
 TINY_MODEL = """
