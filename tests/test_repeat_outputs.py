@@ -143,7 +143,9 @@ def test_every_repeat_and_chunk_computes_alike_on_any_number_of_ranks(digits_mod
         for rank in range(world):
             for chunk in runner(repeats, (rank, world) if world > 1 else None, fold_bytes):
                 groups.add(tuple(chunk.repeats))
-                outputs.update({(repeat, chunk.index): value for repeat, value in chunk.per_repeat()})
+                for repeat, value in chunk.per_repeat():
+                    assert (repeat, chunk.index) not in outputs  # every pair on exactly one rank
+                    outputs[(repeat, chunk.index)] = value
         return sorted(groups), outputs
 
     # A budget of three repeats: 8 repeats fold as 3 + 3 + 2, 7 as 3 + 2 + 2 (groups differ by one at most).
@@ -163,6 +165,28 @@ def test_every_repeat_and_chunk_computes_alike_on_any_number_of_ranks(digits_mod
     # A share's work: 8 repeats in one group over 3 chunks on 2 ranks: chunks [0, 1) and [1, 3).
     assert [(group, list(chunks)) for group, chunks in runner(8, (0, 2)).work] == [(list(range(8)), [0])]
     assert [(group, list(chunks)) for group, chunks in runner(8, (1, 2)).work] == [(list(range(8)), [1, 2])]
+
+
+def test_shares_are_cut_by_cost_contiguous_and_may_leave_a_rank_idle():
+    """``RepeatRunner._owners``: the (group, chunk) pairs in group-major order go to ranks in contiguous shares of
+    about equal cost (group size x chunk weight), each pair to the share its cost's midpoint falls in."""
+    from types import SimpleNamespace
+
+    def owners(weights, groups, world):
+        holder = SimpleNamespace(share=(0, world), source=SimpleNamespace(chunk_weights=lambda: weights))
+        return RepeatRunner._owners(holder, groups)
+
+    # Two heavy chunks then four light ones: by count each rank would take 3 chunks (costs 21 and 3); by cost
+    # rank 0 takes the first heavy chunk alone (10 against 14).
+    assert owners([10.0, 10.0, 1.0, 1.0, 1.0, 1.0], [[0, 1, 2]], 2) == [[0, 1, 1, 1, 1, 1]]
+    # Groups weigh by their size: pairs cost 3, 3, 1, 1 (8 in all); by count rank 0 would take the group of 3
+    # whole (6 against 2); the second pair's midpoint, 4.5, is past half, so rank 0 takes 3 and rank 1 5.
+    assert owners([1.0, 1.0], [[0, 1, 2], [3]], 2) == [[0, 1], [1, 1]]
+    # Fewer pairs than ranks: a rank may hold nothing.
+    assert owners([1.0], [[0], [1]], 3) == [[0], [2]]
+    for world in (2, 3, 5):  # contiguous and in order, whatever the weights
+        flat = [rank for row in owners([3.0, 1.0, 7.0, 1.0, 1.0], [[0, 1], [2], [3, 4, 5]], world) for rank in row]
+        assert flat == sorted(flat) and flat[0] == 0 and flat[-1] == world - 1
 
 
 def test_a_shuffling_loader_is_read_in_one_order_without_touching_the_callers_rng():
