@@ -3,7 +3,10 @@
 data-parallel) and only rank 0 writes files (saved folders, checkpoints) and prints; otherwise nothing
 changes. ``init()`` starts the group from torchrun's environment, so the same script (or ``torchrun
 --nproc-per-node N -m hetcomp compile ...``) runs on one process or many. The helpers below (``on_main``,
-``all_agree``, ``broadcast_tensors``, ``barrier``) are no-ops or plain calls in a single process.
+``all_agree``, ``all_gather_tree``, ``broadcast_tensors``, ``share_rows``, ``barrier``) are no-ops or plain calls
+in a single process. ``share_rows`` joins rows split over some of the ranks, point to point (evaluation's ranks
+exchange the parts of a group's programming they drew); ``all_gather_tree`` gathers structures of tensors through
+the backend (evaluation's metric parts).
 ``gather_batch`` lets a loss that compares a batch's samples with each other (an in-batch contrastive loss) see
 the global batch while a data-parallel fine-tuning step holds one slice of it per rank.
 """
