@@ -139,14 +139,13 @@ def all_gather_tree(value: Any) -> list[Any]:
         if status == "error":
             raise payload
     longest = max(size for _, _, _, size in everyone)
-    if longest == 0:
-        return [pytree.tree_map(lambda leaf: leaf, skeleton) for _, skeleton, _, _ in everyone]
-    own = sum(piece.numel() for piece in pieces)
-    send = torch.cat([*pieces, torch.zeros(longest - own, dtype=torch.uint8, device=device)])
-    pieces.clear()
     buffers: list[torch.Tensor | None] = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in everyone]
-    dist.all_gather(buffers, send)
-    del send
+    if longest:  # else every tensor is empty (or there is none): nothing to send, the slots are still filled below
+        own = sum(piece.numel() for piece in pieces)
+        send = torch.cat([*pieces, torch.zeros(longest - own, dtype=torch.uint8, device=device)])
+        pieces.clear()
+        dist.all_gather(buffers, send)
+        del send
     here = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gathered = []
     for index, (_, skeleton, layout, _) in enumerate(everyone):

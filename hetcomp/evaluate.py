@@ -644,6 +644,10 @@ class RepeatRunner:
             before += cost
         return [owners[index * len(weights) : (index + 1) * len(weights)] for index in range(len(groups))]
 
+    def _seeds(self, repeats: list[int]) -> list[int]:
+        """The seeds of ``repeats`` (``_repeat_seed``): what their realizations are drawn from, wherever they are."""
+        return [_repeat_seed(self.seed, repeat) for repeat in repeats]
+
     def _reuses_probe(self, group: list[int]) -> bool:
         """Whether ``group`` runs on the fold probe's realizations (every rank holds them: it ran the probe)."""
         return self._probe_layers is not None and group == self.repeats[:2]
@@ -662,8 +666,7 @@ class RepeatRunner:
                 continue
             bounds = [index * len(group) // len(sharers) for index in range(len(sharers) + 1)]
             place = sharers.index(rank)
-            state = programmed_states(self.module, self.lowered,
-                                      [_repeat_seed(self.seed, r) for r in group[bounds[place] : bounds[place + 1]]],
+            state = programmed_states(self.module, self.lowered, self._seeds(group[bounds[place] : bounds[place + 1]]),
                                       self.t_inference)
             parts.append((group, sharers, [bounds[i + 1] - bounds[i] for i in range(len(sharers))], state))
         return parts
@@ -690,7 +693,7 @@ class RepeatRunner:
             joined = iter(distributed.share_rows([t for name in state for t in state[name]], counts, sharers))
             programmed = {name: [next(joined) for _ in tensors] for name, tensors in state.items()}
             self._shared_layers[tuple(group)] = repeated_layers(
-                self.module, self.lowered, [_repeat_seed(self.seed, r) for r in group], self.t_inference, programmed)
+                self.module, self.lowered, self._seeds(group), self.t_inference, programmed)
 
     @classmethod
     def on_inputs(cls, module: fx.GraphModule, report: dict[str, dict[str, Any]], inputs: torch.Tensor,
@@ -795,8 +798,7 @@ class RepeatRunner:
                 elif tuple(group) in self._shared_layers:  # programmed in parts with other ranks
                     layers = self._shared_layers.pop(tuple(group))
                 else:
-                    layers = repeated_layers(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in group],
-                                             self.t_inference)
+                    layers = repeated_layers(self.module, self.lowered, self._seeds(group), self.t_inference)
                 self._probe_layers = None
                 restarts = [layer.at_chunk for layer in layers.values() if hasattr(layer, "at_chunk")]
                 runner = FoldedRunner(self.module, layers, len(group))
@@ -828,8 +830,7 @@ class RepeatRunner:
         two repeats, the working set of the two folded with noise on, per repeat (``per_repeat_bytes``, which sizes
         the groups), scaled by the largest staged chunk's bytes over the first's (a streamed loader's batches are
         taken as about the first's size)."""
-        layers = repeated_layers(self.module, self.lowered, [_repeat_seed(self.seed, r) for r in self.repeats[:2]],
-                                 self.t_inference)
+        layers = repeated_layers(self.module, self.lowered, self._seeds(self.repeats[:2]), self.t_inference)
         batch, env = next(iter(self.source.chunks())), self.envs.get(0)
         flat = placeholder_values(self.module, *self.source.fmt.inputs(batch))
         if not flat or (check_folding and not folds(self.module, layers, flat, env)):

@@ -286,7 +286,7 @@ class AihwkitSimulator(Simulator):
         """R realizations drawn from the tiles' own noise model, run at once (hetcomp.lower.aihwkit_repeats)."""
         from hetcomp.lower.aihwkit_repeats import RepeatedAnalogLayer, draw_realizations
 
-        drawn = None if programmed is None else (programmed[0], programmed[1])
+        drawn = None if programmed is None else tuple(programmed)  # (programmed, drifted): ``programs``' order
         return RepeatedAnalogLayer(module, draw_realizations(module, t_inference, program_seeds, noise_seeds, drawn))
 
     def program_and_drift(self, module: nn.Module, t_inference: float) -> None:
