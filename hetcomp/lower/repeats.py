@@ -59,7 +59,8 @@ def why_not_vectorized(module: fx.GraphModule, lowered: dict[str, Simulator]) ->
 def seed_draws(seed: int, device: torch.device) -> None:
     """Seed the generators that ops on ``device`` draw from (the CPU's, and a GPU's own) as ``torch.manual_seed``
     seeds them: the same draws, without seeding every other backend too (its lazy XPU call captures a stack trace,
-    0.8 ms per call on the GPU machines: 0.3 s of a 40-repeat evaluation that seeds every repeat's every layer).
+    0.8 ms per call under cProfile on the GPU machines, 0.3 s of a 40-repeat evaluation that seeds every repeat's
+    every layer).
     hetcomp runs on the CPU and CUDA; other backends' generators (MPS, XPU) are left as they are."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
