@@ -18,7 +18,8 @@ the training weight noise stays on), the setting in which a data-parallel stage 
 per PCM layer and autograd's per operation), so the speedup of a stage grows with the per-rank batch: sweep it.
 Each phase is timed after an untimed warm-up of the same work at a smaller size: CUDA's lazy initialization,
 kernel selection and the caching allocator's first growth happen once per process and do not shrink with the
-ranks. On CUDA each rank uses GPU LOCAL_RANK (NCCL); on the CPU, gloo.
+ranks. On CUDA each rank uses GPU LOCAL_RANK (NCCL); on the CPU, gloo. With fewer GPUs than ranks the ranks
+share them over gloo: that checks the results on CUDA (the report says so), not the speedup.
 
 Each world size prints, per model, one JSON line: seconds per phase, peak CUDA memory per rank (max over
 ranks, per phase), and what must match across world sizes (traces, partition, per-repeat metric values: mean
@@ -235,7 +236,9 @@ def worker(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
     distributed.init()  # torchrun's environment; one process otherwise (also under --nproc-per-node 1)
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    # Fewer GPUs than ranks (a one-GPU machine): ranks share GPUs over gloo, which checks that N ranks compute one
+    # process's results on CUDA, but their times are no speedup.
+    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     hessian = {"batches": args.batches} | ({"probes": 2, "max_iter": 4} if args.tiny else {})
@@ -275,6 +278,8 @@ def worker(args: argparse.Namespace) -> None:
             print(json.dumps({
                 "model": name, "world": distributed.world_size(),
                 "device": torch.cuda.get_device_name() if cuda else "cpu",
+                "backend": str(torch.distributed.get_backend()) if distributed.active() else "none",
+                "gpus": torch.cuda.device_count() if cuda else 0,
                 "hessian_s": round(hessian_s, 3), "evaluations": evaluations,
                 "hessian_peak_gib_per_rank": hessian_peak,
                 "pass_s": {record["name"]: round(record["seconds"], 3) for record in compiled.manifest.passes},
@@ -345,7 +350,11 @@ def driver(args: argparse.Namespace, argv: list[str]) -> None:
             args.out.with_suffix(f".world{world}.jsonl").write_text(
                 "".join(json.dumps(line) + "\n" for line in results[world].values()))
     one, many = results[1], results[args.ranks]
-    report = [f"# python bench/scale.py {' '.join(argv)}  ({one[args.models[0]]['device']})",
+    first = many[args.models[0]]
+    shared = 0 < first.get("gpus", 0) < args.ranks
+    report = [f"# python bench/scale.py {' '.join(argv)}  ({one[args.models[0]]['device']}"
+              + (f"; {args.ranks} ranks on {first['gpus']} GPU(s) over {first['backend']}: the results are "
+                 "compared, the times are no speedup)" if shared else ")"),
               f"{'model':<12} {'phase':<15} {'1 rank':>11} {f'{args.ranks} ranks':>11} {'speedup':>8}   results"]
     for name in args.models:
         report += compare(one[name], many[name], args.tolerance)

@@ -57,18 +57,25 @@ def is_main() -> bool:
 
 def init(backend: str | None = None) -> bool:
     """Start the default process group from torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR, ...): NCCL
-    when there is a GPU for every local rank (each rank on GPU LOCAL_RANK), else gloo. Returns whether a group
-    is active; a no-op in a single process or when a group is already initialized."""
+    when there is a GPU for every local rank (each rank on GPU LOCAL_RANK), else gloo (``default_backend``).
+    Returns whether a group is active; a no-op in a single process or when a group is already initialized."""
     if active():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and local_rank < torch.cuda.device_count()  # a GPU per rank, else gloo
-    if cuda:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    chosen = default_backend(local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if chosen == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+    dist.init_process_group(backend or chosen)
     return True
+
+
+def default_backend(local_world: int, gpus: int) -> str:
+    """NCCL when the host has a GPU for each of its ``local_world`` ranks, else gloo: decided from what every rank
+    of the host sees alike (NCCL refuses two ranks on one GPU, and ranks on different backends would hang)."""
+    return "nccl" if gpus >= local_world >= 1 else "gloo"
 
 
 def barrier() -> None:

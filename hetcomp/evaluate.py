@@ -39,6 +39,7 @@ import math
 import os
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -523,8 +524,9 @@ class RepeatRunner:
     - "vectorized": every lowered layer holds the realizations of a group of repeats and each chunk passes once
       for the group (hetcomp.lower.repeats); groups of repeats follow one another, each over its chunks. The groups
       are equal (the last may be smaller), as large as ``fold_bytes`` allows (None: 1 GiB on CPU, 8 GiB on CUDA),
-      by the working set per repeat measured on the data's first chunk with two repeats folded. Every
-      output tensor [R*B, ...] is split into the R per-repeat outputs [B, ...] (``split_repeats``).
+      by the working set per repeat measured on the data's first chunk with two repeats folded (once per module and
+      input shapes: ``_fold_probe``). Every output tensor [R*B, ...] is split into the R per-repeat outputs
+      [B, ...] (``split_repeats``).
     - "tiles (why)": ``exact_tiles=True``, a layer without a repeat-vectorized forward, or a graph that does not
       fold repeats (checked on the first chunk against separate runs when ``probe_folding``; None: when there are
       two repeats or more): one repeat at a time through the simulators' modules (program, drift, every chunk) on
@@ -575,9 +577,8 @@ class RepeatRunner:
         parts: list[tuple[list[int], list[int], list[int], dict[str, list[torch.Tensor]]]] = []
         try:
             with _evaluation_mode(module):
-                prefix = any(n.op not in ("placeholder", "get_attr") for n in _before(module, self.frontier))
-                if prefix:  # the first chunk's, for the fold probe (kept if this rank's work holds that chunk)
-                    self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, range(1))
+                self._prefix = any(n.op not in ("placeholder", "get_attr") for n in _before(module, self.frontier))
+                self._prefix_cache_bytes = prefix_cache_bytes
                 if exact_tiles or os.environ.get(EXACT_TILES_VARIABLE, "0") == "1":
                     why: str | None = "exact_tiles=True" if exact_tiles else f"{EXACT_TILES_VARIABLE}=1"
                 else:
@@ -592,7 +593,7 @@ class RepeatRunner:
                 if exchanging and self.method == "vectorized":
                     parts = self._draw_shared(groups, owners)
                 span = None if share is None else sorted({index for _, chunks in self.work for index in chunks})
-                if prefix:
+                if self._prefix:  # (the first chunk's may be known from the fold probe)
                     self.envs = _prefix_cache(module, self.frontier, source, prefix_cache_bytes, span, self.envs)
         except Exception as error:
             if not exchanging:
@@ -649,7 +650,8 @@ class RepeatRunner:
         return [_repeat_seed(self.seed, repeat) for repeat in repeats]
 
     def _reuses_probe(self, group: list[int]) -> bool:
-        """Whether ``group`` runs on the fold probe's realizations (every rank holds them: it ran the probe)."""
+        """Whether ``group`` runs on the fold probe's realizations (held where the probe ran: not after a cached
+        probe)."""
         return self._probe_layers is not None and group == self.repeats[:2]
 
     def _draw_shared(self, groups: list[list[int]], owners: list[list[int]]
@@ -662,7 +664,9 @@ class RepeatRunner:
         parts = []
         for group, row in zip(groups, owners, strict=True):
             sharers = sorted(set(row))
-            if len(sharers) < 2 or rank not in sharers or self._reuses_probe(group):
+            # Whether a group is drawn in parts follows from the plan alone (the same on every rank), never from what
+            # a rank holds: a rank whose probe was cached holds no probe realizations to reuse.
+            if len(sharers) < 2 or rank not in sharers:
                 continue
             bounds = [index * len(group) // len(sharers) for index in range(len(sharers) + 1)]
             place = sharers.index(rank)
@@ -793,10 +797,10 @@ class RepeatRunner:
         progress_bar = bar(sum(len(group) for group, _ in self.work), "repeats (vectorized)")
         try:
             for position, (group, indices) in enumerate(self.work):
-                if self._reuses_probe(group):  # the same realizations
-                    layers = self._probe_layers
-                elif tuple(group) in self._shared_layers:  # programmed in parts with other ranks
+                if tuple(group) in self._shared_layers:  # programmed in parts with other ranks
                     layers = self._shared_layers.pop(tuple(group))
+                elif self._reuses_probe(group):  # the same realizations
+                    layers = self._probe_layers
                 else:
                     layers = repeated_layers(self.module, self.lowered, self._seeds(group), self.t_inference)
                 self._probe_layers = None
@@ -829,21 +833,79 @@ class RepeatRunner:
         folded repeats give what two separate runs give (noise off; when ``check_folding``), then, with more than
         two repeats, the working set of the two folded with noise on, per repeat (``per_repeat_bytes``, which sizes
         the groups), scaled by the largest staged chunk's bytes over the first's (a streamed loader's batches are
-        taken as about the first's size)."""
-        layers = repeated_layers(self.module, self.lowered, self._seeds(self.repeats[:2]), self.t_inference)
-        batch, env = next(iter(self.source.chunks())), self.envs.get(0)
+        taken as about the first's size).
+
+        Both are properties of the graph and its lowered layers on inputs of the first chunk's shapes, not of
+        weights or values, so they are kept per module (``_FoldProbe``) and reused by later runs of the same module
+        on inputs of those shapes (LAFT's validations, evaluations at several t_inference), until the graph's code
+        or a lowered module is replaced. A reused probe draws nothing: its first group draws its own."""
+        batch = next(iter(self.source.chunks()))
         flat = placeholder_values(self.module, *self.source.fmt.inputs(batch))
-        if not flat or (check_folding and not folds(self.module, layers, flat, env)):
-            return False
-        self._probe_layers = layers  # the first group's when it is these two repeats (at_chunk restarts the noise)
-        if len(self.repeats) > 2:  # two repeats fold as one group whatever the budget
-            FoldedRunner(self.module, layers, 2).run(*flat, initial_env=dict(env) if env else None)
+        measure = len(self.repeats) > 2  # two repeats fold as one group whatever the budget
+        key, modules = _probe_key(self.module, self.lowered, flat)
+        known = _FOLD_PROBES.get(self.module, {}).get(key)
+        if known is None or not known.serves(modules, check_folding, measure):
+            known = self._probed(flat, check_folding, measure, modules)
+            _FOLD_PROBES.setdefault(self.module, {})[key] = known
+        if known.folds and measure:
             largest = 1.0
             if self.source.staged is not None:  # staged batches of other sizes: scale to the largest
                 sizes = [nbytes(chunk) for chunk in self.source.staged]
                 largest = max(sizes) / max(sizes[0], 1)
-            self.per_repeat_bytes = _working_set(layers) / 2 * largest
-        return True
+            self.per_repeat_bytes = known.per_repeat_bytes * largest
+        return known.folds
+
+    def _probed(self, flat: list[Any], check_folding: bool, measure: bool, modules: list[torch.nn.Module]
+                ) -> _FoldProbe:
+        """The fold probe run: its realizations of the first two repeats are kept for the first group."""
+        if self._prefix and 0 not in self.envs:  # the first chunk's prefix (kept if this rank's work holds it)
+            self.envs = _prefix_cache(self.module, self.frontier, self.source, self._prefix_cache_bytes, range(1),
+                                      self.envs)
+        env = self.envs.get(0)
+        outcome = _FoldProbe(False, check_folding, None, [weakref.ref(module) for module in modules])
+        layers = repeated_layers(self.module, self.lowered, self._seeds(self.repeats[:2]), self.t_inference)
+        if not flat or (check_folding and not folds(self.module, layers, flat, env)):
+            return outcome
+        self._probe_layers = layers  # the first group's when it is these two repeats (at_chunk restarts the noise)
+        outcome.folds = True
+        if measure:
+            FoldedRunner(self.module, layers, 2).run(*flat, initial_env=dict(env) if env else None)
+            outcome.per_repeat_bytes = _working_set(layers) / 2
+        return outcome
+
+
+@dataclass
+class _FoldProbe:
+    """A fold probe's outcome for one module on inputs of one set of shapes: whether repeats fold (``checked``: by
+    the comparison, else taken so) and the working set per folded repeat on the first chunk (None: not measured);
+    ``modules``: the lowered modules it ran (weak references: a replaced layer is a new probe)."""
+
+    folds: bool
+    checked: bool
+    per_repeat_bytes: float | None
+    modules: list[weakref.ref]
+
+    def serves(self, modules: list[torch.nn.Module], check_folding: bool, measure: bool) -> bool:
+        """Whether this outcome answers a probe of ``modules`` that checks folding or not and needs the measure."""
+        same = len(modules) == len(self.modules) and all(ref() is module for ref, module in zip(self.modules, modules))
+        return (same and (self.checked or not check_folding)
+                and (not self.folds or not measure or self.per_repeat_bytes is not None))
+
+
+# Fold probes by module (entries go with the module), then by ``_probe_key``.
+_FOLD_PROBES: weakref.WeakKeyDictionary[fx.GraphModule, dict[tuple, _FoldProbe]] = weakref.WeakKeyDictionary()
+
+
+def _probe_key(module: fx.GraphModule, lowered: dict[str, Any], flat: list[Any]
+               ) -> tuple[tuple, list[torch.nn.Module]]:
+    """What a fold probe's outcome depends on: the graph's code, the lowered layers (their simulators and module
+    objects) and the inputs' shapes, dtypes and devices; and the lowered modules themselves."""
+    modules = [part for name in sorted(lowered) for part in module.get_submodule(name).modules()]
+    inputs = tuple((tuple(value.shape), value.dtype, value.device) if isinstance(value, torch.Tensor)
+                   else (type(value).__name__, value if isinstance(value, int | float | bool | str | None) else None)
+                   for value in flat)
+    layers = tuple((name, getattr(lowered[name], "name", type(lowered[name]).__name__)) for name in sorted(lowered))
+    return (module.code, layers, tuple(id(part) for part in modules), inputs), modules
 
 
 def _working_set(layers: dict[str, Any]) -> float:

@@ -161,6 +161,11 @@ def _split_data_rank(rank, world, store, out, repeats):
         compiled, (x, y) = split_data_task()
         values = split_data_values(compiled, (x, y), repeats)
         values["drawn"], values["largest_draw"] = list(drawn), max(programmed)
+        # The last rank forgets its fold probes (as if the others had run the module alone before): it probes again
+        # and holds the probe's realizations, the others reuse theirs; all must still plan the same exchange.
+        if rank == world - 1:
+            evaluation._FOLD_PROBES.clear()
+        values["probe_forgotten"] = compiled.evaluate((x, y), repeats=repeats, seed=3, batch_size=16).accuracies
         if repeats != 2:  # a draw fails on the last rank only: every rank raises its error, none waits for it
             def failing(module, lowered, seeds, t_inference):
                 if rank == world - 1:
@@ -185,12 +190,14 @@ def _split_data_rank(rank, world, store, out, repeats):
 # one repeat per group; a rank in two shared groups draws twice). One group of 5 on 2 ranks: parts of 2 and 3; on 3
 # ranks: 1, 2 and 2. One repeat per group: 5 groups over 7 chunks, the shares cut by cost (chunks of 16 samples and
 # a last of 4): on 2 ranks group 2 is shared (rank 0 runs its chunks 0-2) and rank 1 draws it; on 3 ranks group 1 is
-# shared by ranks 0 and 1 (chunks 0-3 and 4-6) and group 3 by ranks 1 and 2 (0-1 and 2-6). 2 repeats are the fold
-# probe's, which every rank holds: nothing is exchanged. largest: the most repeats any one draw of a layer held on
-# that rank (the probe draws 2): never the whole shared group.
+# shared by ranks 0 and 1 (chunks 0-3 and 4-6) and group 3 by ranks 1 and 2 (0-1 and 2-6). 2 repeats on 3 ranks: parts
+# of 0, 1 and 1, the group being shared although every rank drew it in the first evaluation's fold probe (whether a
+# group is drawn in parts follows from the plan, not from what a rank holds: the later evaluations reuse the probe
+# and hold none). largest: the most repeats any one draw of a layer held on that rank (the first evaluation's probe
+# draws 2): never the whole shared group.
 @pytest.mark.parametrize(("world", "repeats", "drawn", "largest"), [
     (2, 1, [[0, 0, 0], [1, 1, 1]], [0, 1]),
-    (3, 2, [[], [], []], [2, 2, 2]),
+    (3, 2, [[0, 0, 0], [1, 1, 1], [1, 1, 1]], [2, 2, 2]),
     (2, 5, [[2, 2, 0], [3, 3, 1]], [2, 3]),
     (3, 5, [[1, 1, 0], [2, 2, 1, 0], [2, 2, 1]], [2, 2, 2])])
 def test_ranks_share_the_group_chunk_pairs_and_equal_one_process(tmp_path, world, repeats, drawn, largest):
@@ -210,6 +217,7 @@ def test_ranks_share_the_group_chunk_pairs_and_equal_one_process(tmp_path, world
         assert result.pop("shares") == [[[list(range(repeats)), chunks[rank]]]] * 2
         assert result.pop("drawn") == drawn[rank]
         assert result.pop("largest_draw") == largest[rank]
+        assert result.pop("probe_forgotten") == single["accuracy"]
         assert result == single
     assert single["methods"] == ["vectorized", "vectorized", "tiles (exact_tiles=True)"]
 
@@ -245,6 +253,15 @@ def test_torchrun_runs_the_cli_on_every_rank_and_prints_once(tmp_path):
     assert [layer["assignment"] for layer in two["layers"]] == [layer["assignment"] for layer in one["layers"]]
     for sharded, whole in zip(two["layers"], one["layers"], strict=True):
         assert sharded["metrics"]["hessian_trace"] == pytest.approx(whole["metrics"]["hessian_trace"], rel=1e-5)
+
+
+def test_the_default_backend_is_nccl_only_with_a_gpu_for_every_local_rank():
+    """Every rank of a host must choose alike: with fewer GPUs than local ranks all take gloo (rank 0 alone would
+    have found its GPU and taken NCCL, and the others gloo, and hung)."""
+    from hetcomp.distributed import default_backend
+
+    assert default_backend(2, 2) == default_backend(1, 8) == "nccl"
+    assert default_backend(2, 1) == default_backend(1, 0) == default_backend(4, 3) == "gloo"
 
 
 def test_shards_deal_every_global_batch_of_one_process_over_the_ranks():
