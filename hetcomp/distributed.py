@@ -4,9 +4,9 @@ data-parallel) and only rank 0 writes files (saved folders, checkpoints) and pri
 changes. ``init()`` starts the group from torchrun's environment, so the same script (or ``torchrun
 --nproc-per-node N -m hetcomp compile ...``) runs on one process or many. The helpers below (``on_main``,
 ``all_agree``, ``all_gather_tree``, ``broadcast_tensors``, ``share_rows``, ``barrier``) are no-ops or plain calls
-in a single process. ``share_rows`` joins rows split over some of the ranks, point to point (evaluation's ranks
-exchange the parts of a group's programming they drew); ``all_gather_tree`` gathers structures of tensors through
-the backend (evaluation's metric parts).
+in a single process. ``share_rows`` joins rows split over some of the ranks, by an all-gather over their group
+(evaluation's ranks exchange the parts of a group's programming they drew); ``all_gather_tree`` gathers structures
+of tensors through the backend (evaluation's metric parts).
 ``gather_batch`` lets a loss that compares a batch's samples with each other (an in-batch contrastive loss) see
 the global batch while a data-parallel fine-tuning step holds one slice of it per rank.
 """
@@ -134,9 +134,7 @@ def all_gather_tree(value: Any) -> list[Any]:
     pieces: list[torch.Tensor] = []
     try:
         skeleton = pytree.tree_map(slot, value)
-        for tensor in tensors:  # each tensor's bytes padded to 16, so every one starts aligned for its dtype's view
-            data = tensor.resolve_conj().resolve_neg().to(device).contiguous().reshape(-1).view(torch.uint8)
-            pieces += [data, data.new_zeros(-data.numel() % _ALIGN)]
+        pieces = _byte_pieces(tensors, device)
         layout = [(tuple(tensor.shape), tensor.dtype, tensor.device.type) for tensor in tensors]
         described: tuple[str, Any, Any, int] = ("ok", skeleton, layout, sum(piece.numel() for piece in pieces))
     except Exception as error:  # noqa: BLE001 - handed to every rank and raised there and here
@@ -156,13 +154,10 @@ def all_gather_tree(value: Any) -> list[Any]:
     here = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gathered = []
     for index, (_, skeleton, layout, _) in enumerate(everyone):
-        buffer, leaves, offset = buffers[index], [], 0
-        for shape, dtype, kind in layout:
-            size = math.prod(shape) * dtype.itemsize
-            # a copy, on the sender's kind of device: views of one buffer in several dtypes would not save
-            leaves.append(buffer[offset : offset + size].view(dtype).reshape(shape)
-                          .to(torch.device("cpu") if kind == "cpu" else here, copy=True))
-            offset += size + (-size % _ALIGN)
+        # copies, on the sender's kind of device: views of one buffer in several dtypes would not save
+        views = _byte_views(buffers[index], [(shape, dtype) for shape, dtype, _ in layout])
+        leaves = [view.to(torch.device("cpu") if kind == "cpu" else here, copy=True)
+                  for view, (_, _, kind) in zip(views, layout, strict=True)]
         buffers[index] = None  # freed as soon as its tensors are copied out
         gathered.append(pytree.tree_map(lambda leaf, held=leaves: held[leaf.index] if isinstance(leaf, _TensorSlot)
                                         else leaf, skeleton))
@@ -194,31 +189,92 @@ def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
 
 
 def share_rows(tensors: list[torch.Tensor], counts: list[int], peers: list[int]) -> list[torch.Tensor]:
-    """Rows split over the ranks ``peers`` (in order, this rank among them), joined on each of them: at its place
-    i in ``peers`` this rank holds ``counts[i]`` rows of every tensor (same trailing shape and dtype on every peer),
-    and each tensor returned holds every peer's rows in peer order. Point to point: ranks outside ``peers`` take no
-    part, so groups of peers exchange at their own pace. With one peer it returns ``tensors``."""
+    """Rows split over the ranks ``peers`` (ascending, this rank among them), joined on each of them: at its place i
+    in ``peers`` this rank holds ``counts[i]`` rows of every tensor (same trailing shape and dtype on every peer), and
+    each tensor returned holds every peer's rows in peer order. One all-gather over the peers' group (the default
+    group when they are every rank, else the group ``make_peer_groups`` made for them), each rank's rows as one flat
+    buffer padded to the largest part; ranks outside ``peers`` take no part, so groups of peers exchange at their own
+    pace. With one peer it returns ``tensors``."""
     if len(peers) <= 1:
         return tensors
-    me = rank()
-    own = counts[peers.index(me)]
     device = _backend_device()
-    local = [tensor.detach().to(device).contiguous() for tensor in tensors]
-    received = {peer: [tensor.new_empty((count, *tensor.shape[1:])) for tensor in local]
-                for peer, count in zip(peers, counts, strict=True) if peer != me}
-    operations = []
-    for peer, count in zip(peers, counts, strict=True):
-        if peer == me:
-            continue
-        if own:  # both sides know every count: an empty part is neither sent nor awaited
-            operations += [dist.P2POp(dist.isend, tensor, peer) for tensor in local]
-        if count:
-            operations += [dist.P2POp(dist.irecv, tensor, peer) for tensor in received[peer]]
-    if operations:
-        for request in dist.batch_isend_irecv(operations):
-            request.wait()
-    return [torch.cat([local[index] if peer == me else received[peer][index] for peer in peers]).to(tensor.device)
-            for index, tensor in enumerate(tensors)]
+    group = _peer_group(peers)
+    trailing = [(tuple(tensor.shape[1:]), tensor.dtype) for tensor in tensors]
+    layouts = [[((count, *shape), dtype) for shape, dtype in trailing] for count in counts]
+    widest = max(_byte_size(layout) for layout in layouts)
+    pieces = _byte_pieces(tensors, device)
+    own = sum(piece.numel() for piece in pieces)
+    send = torch.cat([*pieces, torch.zeros(widest - own, dtype=torch.uint8, device=device)])
+    pieces.clear()
+    received = torch.empty(len(peers) * widest, dtype=torch.uint8, device=device)
+    if widest:
+        dist.all_gather(list(received.chunk(len(peers))), send, group=group)
+    del send
+    parts = [_byte_views(received[place * widest : (place + 1) * widest], layout)
+             for place, layout in enumerate(layouts)]
+    return [torch.cat([views[index] for views in parts]).to(tensor.device) for index, tensor in enumerate(tensors)]
+
+
+# Process groups of some of the ranks (share_rows), by their ranks, for the default group they were made under.
+_PEER_GROUPS: dict[str, Any] = {"world": None, "groups": {}}
+
+
+def make_peer_groups(peer_sets: Iterable[list[int]]) -> None:
+    """Make the process groups that ``share_rows`` will exchange over, for each set of ranks (ascending) of
+    ``peer_sets`` not made yet under this default group (every rank: the default group when it is every rank). Every
+    rank calls it with the same sets in the same order: torch makes a group with every rank of the default group
+    (a group made by its members alone, ``use_local_synchronization``, hung in gloo's rendezvous when a rank made
+    two overlapping groups in turn). Pairwise sends instead would open an NCCL communicator per pair of ranks: at 64
+    ranks sharing one group of repeats, 2,016 of them."""
+    if not active() or world_size() == 1:
+        return
+    if _PEER_GROUPS["world"] is not dist.group.WORLD:  # a new default group: the old groups went with the old one
+        _PEER_GROUPS["world"], _PEER_GROUPS["groups"] = dist.group.WORLD, {}
+    groups = _PEER_GROUPS["groups"]
+    for peers in peer_sets:
+        key = tuple(peers)
+        if list(key) != sorted(set(key)):
+            raise ValueError(f"a set of peer ranks must be ascending without repeats, got {list(peers)}")
+        if len(key) < world_size() and key not in groups:
+            groups[key] = dist.new_group(list(key))
+
+
+def _peer_group(peers: list[int]) -> Any:
+    """The process group ``make_peer_groups`` made for ``peers`` (None: the default group, when they are every
+    rank)."""
+    if len(peers) == world_size():
+        return None
+    made = _PEER_GROUPS["groups"].get(tuple(peers)) if _PEER_GROUPS["world"] is dist.group.WORLD else None
+    if made is None:
+        raise RuntimeError(f"no process group for ranks {list(peers)}: every rank calls make_peer_groups with the "
+                           "sets of ranks that will share rows before share_rows")
+    return made
+
+
+def _byte_pieces(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``tensors`` as flat byte pieces on ``device``, each tensor's bytes followed by zeros up to a multiple of
+    ``_ALIGN``, so that each starts aligned for its dtype's view when the pieces are joined (``_byte_views``)."""
+    pieces = []
+    for tensor in tensors:
+        data = tensor.detach().resolve_conj().resolve_neg().to(device).contiguous().reshape(-1).view(torch.uint8)
+        pieces += [data, data.new_zeros(-data.numel() % _ALIGN)]
+    return pieces
+
+
+def _byte_size(layout: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """The bytes ``_byte_pieces`` takes for tensors of these (shape, dtype)."""
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in layout]
+    return sum(size + (-size % _ALIGN) for size in sizes)
+
+
+def _byte_views(buffer: torch.Tensor, layout: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """The tensors of (shape, dtype) ``layout`` that ``_byte_pieces`` joined into ``buffer``: views of it."""
+    views, offset = [], 0
+    for shape, dtype in layout:
+        size = math.prod(shape) * dtype.itemsize
+        views.append(buffer[offset : offset + size].view(dtype).reshape(shape))
+        offset += size + (-size % _ALIGN)
+    return views
 
 
 def _backend_device() -> torch.device:

@@ -574,6 +574,7 @@ class RepeatRunner:
                       and distributed.rank() == share[0])
         failure: Exception | None = None
         groups: list[list[int]] = []
+        owners: list[list[int]] | None = None
         parts: list[tuple[list[int], list[int], list[int], dict[str, list[torch.Tensor]]]] = []
         try:
             with _evaluation_mode(module):
@@ -600,7 +601,9 @@ class RepeatRunner:
                 raise
             failure = error
         if exchanging:
-            self._agree(failure, groups)
+            self._agree(failure, groups, owners)
+            if self.method == "vectorized":  # every rank makes the groups of ranks that will exchange, in plan order
+                distributed.make_peer_groups(sorted(set(row)) for row in owners if len(set(row)) > 1)
             with _evaluation_mode(module):
                 self._exchange(parts)
 
@@ -675,24 +678,24 @@ class RepeatRunner:
             parts.append((group, sharers, [bounds[i + 1] - bounds[i] for i in range(len(sharers))], state))
         return parts
 
-    def _agree(self, failure: Exception | None, groups: list[list[int]]) -> None:
+    def _agree(self, failure: Exception | None, groups: list[list[int]], owners: list[list[int]] | None) -> None:
         """Every rank's outcome so far: the lowest failing rank's error is raised on every rank; ranks that planned
-        other work (another path or other groups: other data or arguments on some rank) raise alike."""
-        plan = (self.method if failure is None else None, groups)
+        other work (another path, other groups or other shares: other data or arguments on some rank) raise alike."""
+        plan = (self.method if failure is None else None, groups, owners)
         outcomes = distributed.all_agree(("error", distributed._portable(failure)) if failure is not None
                                          else ("ok", plan))
         for status, value in outcomes:
             if status == "error":
                 raise value
         if any(value != outcomes[0][1] for _, value in outcomes):
-            raise ConfigError("the ranks planned different evaluations (path or groups of repeats differ between "
-                              "ranks); every rank must pass the same model, data and arguments")
+            raise ConfigError("the ranks planned different evaluations (path, groups of repeats or shares of the data "
+                              "differ between ranks); every rank must pass the same model, data and arguments")
 
     def _exchange(self, parts: list[tuple[list[int], list[int], list[int], dict[str, list[torch.Tensor]]]]) -> None:
-        """Join each shared group's parts over its ranks (``distributed.share_rows``, point to point, in group order:
-        the ranks sharing a group meet there whatever else they run first) and build the group's layers at once, so
-        a group waiting for its turn (the last of this rank's share) holds its realizations, not the programmed
-        stacks they were drawn from."""
+        """Join each shared group's parts over its ranks (``distributed.share_rows``, an all-gather over them, in group
+        order: the ranks sharing a group meet there whatever else they run first) and build the group's layers at
+        once, so a group waiting for its turn (the last of this rank's share) holds its realizations, not the
+        programmed stacks they were drawn from."""
         for group, sharers, counts, state in parts:
             joined = iter(distributed.share_rows([t for name in state for t in state[name]], counts, sharers))
             programmed = {name: [next(joined) for _ in tensors] for name, tensors in state.items()}

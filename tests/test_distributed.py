@@ -831,21 +831,33 @@ def _exchange_rank(rank, world, store, out):
                "count": rank, "half": torch.tensor(rank + 0.5, dtype=torch.bfloat16),
                "conjugate": torch.tensor([1 + 2j, rank - 1j]).conj(), "pair": Pair(torch.ones(rank + 1), rank)}
         gathered = distributed.all_gather_tree(own)
-        # share_rows: ranks 1 and 2 share rows (2 and 1 of them), rank 0 takes no part; then all three, one empty.
-        pair = distributed.share_rows([torch.full((2 if rank == 1 else 1, 3), float(rank))], [2, 1], [1, 2]) \
-            if rank > 0 else None
+        # share_rows: ranks 0 and 1, then ranks 1 and 2 (overlapping groups, made by every rank, each once) share rows
+        # (2 and 1 of them), the third rank taking no part; then all three (the default group), one empty, mixed
+        # dtypes (float16 rows of 6 bytes before int64 ones: each starts aligned).
+        with pytest.raises(RuntimeError, match="make_peer_groups"):
+            distributed.share_rows([torch.zeros(1)], [1, 1], [0, 2]) if rank != 1 else distributed._peer_group([0, 2])
+        distributed.make_peer_groups([[0, 1], [1, 2], [0, 1, 2]])
+        distributed.make_peer_groups([[1, 2]])
+        pairs = {}
+        for peers in ([0, 1], [1, 2]):
+            if rank in peers:
+                pairs[str(peers)] = distributed.share_rows(
+                    [torch.full((2 if rank == peers[0] else 1, 3), float(rank))], [2, 1], peers)
         counts = [1, 0, 2]
-        trio = distributed.share_rows([torch.full((counts[rank], 2), float(rank)),
+        trio = distributed.share_rows([torch.full((counts[rank], 3), float(rank), dtype=torch.float16),
                                        torch.arange(counts[rank], dtype=torch.int64) + 10 * rank], counts, [0, 1, 2])
-        torch.save({"gathered": gathered, "pair": pair, "trio": trio}, f"{out}.{rank}")
+        groups = sorted(distributed._PEER_GROUPS["groups"])
+        with pytest.raises(ValueError, match="ascending"):
+            distributed.make_peer_groups([[2, 1]])
+        torch.save({"gathered": gathered, "pairs": pairs, "trio": trio, "groups": groups}, f"{out}.{rank}")
 
 
 def test_all_gather_tree_and_share_rows_under_three_ranks(tmp_path):
     """The evaluator's two exchanges: every rank's structure with its tensors through one flat buffer
-    (all_gather_tree), and rows split over a subset of the ranks, point to point (share_rows)."""
+    (all_gather_tree), and rows split over some or all of the ranks, by an all-gather over their group (share_rows)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_exchange_rank, args=(3, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=3, join=True)
-    expected_trio = [torch.tensor([[0.0, 0.0], [2.0, 2.0], [2.0, 2.0]]), torch.tensor([0, 20, 21])]
+    expected_trio = [torch.tensor([[0.0] * 3, [2.0] * 3, [2.0] * 3], dtype=torch.float16), torch.tensor([0, 20, 21])]
     for rank in range(3):
         result = torch.load(tmp_path / f"out.{rank}", weights_only=False)
         for other, got in enumerate(result["gathered"]):
@@ -857,7 +869,10 @@ def test_all_gather_tree_and_share_rows_under_three_ranks(tmp_path):
             assert got["half"].dtype == torch.bfloat16 and got["half"].dim() == 0 and float(got["half"]) == other + 0.5
             assert torch.equal(got["conjugate"], torch.tensor([1 - 2j, other + 1j]))
             assert isinstance(got["pair"], Pair) and torch.equal(got["pair"].rows, torch.ones(other + 1))
-        if rank > 0:
-            assert torch.equal(result["pair"][0], torch.tensor([[1.0] * 3, [1.0] * 3, [2.0] * 3]))
+        for peers in ([0, 1], [1, 2]):
+            if rank in peers:
+                (pair,) = result["pairs"][str(peers)]
+                assert torch.equal(pair, torch.tensor([[float(peers[0])] * 3] * 2 + [[float(peers[1])] * 3]))
+        assert result["groups"] == [(0, 1), (1, 2)]  # made once each; all three ranks: the default group
         for got, expected in zip(result["trio"], expected_trio, strict=True):
             assert torch.equal(got, expected)
