@@ -235,12 +235,10 @@ def worker(args: argparse.Namespace) -> None:
     set_quiet(True)
     cuda = torch.cuda.is_available()
     distributed.init()  # torchrun's environment; one process otherwise (also under --nproc-per-node 1)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    # Fewer GPUs than ranks (a one-GPU machine): ranks share GPUs over gloo, which checks that N ranks compute one
-    # process's results on CUDA, but their times are no speedup.
-    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    # This rank's GPU, which init made current: GPU LOCAL_RANK, or with fewer GPUs than ranks (a one-GPU machine)
+    # one the ranks share over gloo, which checks that N ranks compute one process's results on CUDA, but their
+    # times are no speedup.
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     hessian = {"batches": args.batches} | ({"probes": 2, "max_iter": 4} if args.tiny else {})
     for name in args.models:
         work = workload(name, args, device)
@@ -288,8 +286,7 @@ def worker(args: argparse.Namespace) -> None:
                 "traces": [layer["metrics"].get("hessian_trace") for layer in compiled.manifest.layers[:4]],
                 "laft": laft,
             }), flush=True)
-    if distributed.active():
-        torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 def run_world(world: int, argv: list[str]) -> dict[str, dict]:
@@ -351,7 +348,7 @@ def driver(args: argparse.Namespace, argv: list[str]) -> None:
                 "".join(json.dumps(line) + "\n" for line in results[world].values()))
     one, many = results[1], results[args.ranks]
     first = many[args.models[0]]
-    shared = 0 < first.get("gpus", 0) < args.ranks
+    shared = first.get("backend") == "gloo" and first.get("gpus", 0) > 0  # ranks share GPUs (distributed.init)
     report = [f"# python bench/scale.py {' '.join(argv)}  ({one[args.models[0]]['device']}"
               + (f"; {args.ranks} ranks on {first['gpus']} GPU(s) over {first['backend']}: the results are "
                  "compared, the times are no speedup)" if shared else ")"),

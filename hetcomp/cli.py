@@ -432,11 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     from hetcomp.progress import set_quiet
 
     set_quiet(args.quiet)
+    started, finished = False, False
     try:
         # Under torchrun every rank runs this command; hetcomp shards the work and rank 0 alone prints.
-        if distributed.init() and not distributed.is_main():
+        started = distributed.init()
+        if started and not distributed.is_main():
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
-        return args.run(args)
+        code = args.run(args)
+        finished = True
+        return code
     except (Exception, SystemExit) as err:  # one clear line for any failure (KeyboardInterrupt propagates)
         if args.debug:
             traceback.print_exc()
@@ -445,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if args.debug else " (run with --debug for the traceback)"
         print(f"hetcomp: error: {message}{hint}", file=sys.stderr)
         return 2
+    finally:
+        if started:  # the group this command started ends with it, every rank done before any closes
+            distributed.shutdown(finished)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 (the Hessian passes' batches, evaluation's repeats, row remap's measurements, LAFT and mac-greedy training
 data-parallel) and only rank 0 writes files (saved folders, checkpoints) and prints; otherwise nothing
 changes. ``init()`` starts the group from torchrun's environment, so the same script (or ``torchrun
---nproc-per-node N -m hetcomp compile ...``) runs on one process or many. The helpers below (``on_main``,
-``all_agree``, ``all_gather_tree``, ``broadcast_tensors``, ``share_rows``, ``barrier``) are no-ops or plain calls
-in a single process. ``share_rows`` joins rows split over some of the ranks, by an all-gather over their group
-(evaluation's ranks exchange the parts of a group's programming they drew); ``all_gather_tree`` gathers structures
-of tensors through the backend (evaluation's metric parts).
+--nproc-per-node N -m hetcomp compile ...``) runs on one process or many; ``shutdown()`` ends it when the script
+is done. The helpers below (``on_main``, ``all_agree``, ``all_gather_tree``, ``broadcast_tensors``,
+``make_peer_groups``, ``share_rows``, ``barrier``) are no-ops or plain calls in a single process. ``share_rows``
+joins rows split over some of the ranks, by an all-gather over their group, which every rank first makes with
+``make_peer_groups`` unless it is every rank (evaluation's ranks exchange the parts of a group's programming they
+drew); ``all_gather_tree`` gathers structures of tensors through the backend (evaluation's metric parts).
 ``gather_batch`` lets a loss that compares a batch's samples with each other (an in-batch contrastive loss) see
 the global batch while a data-parallel fine-tuning step holds one slice of it per rank.
 """
@@ -29,7 +30,7 @@ from hetcomp.data import move
 
 T = TypeVar("T")
 _SLICED: ContextVar[bool] = ContextVar("hetcomp_sliced_batch", default=False)
-_ALIGN = 16  # bytes: where all_gather_tree starts each tensor in its flat buffer
+_ALIGN = 16  # bytes: where each tensor starts in a flat buffer of all_gather_tree or share_rows (_byte_pieces)
 
 
 def active() -> bool:
@@ -57,19 +58,33 @@ def is_main() -> bool:
 
 def init(backend: str | None = None) -> bool:
     """Start the default process group from torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR, ...): NCCL
-    when there is a GPU for every local rank (each rank on GPU LOCAL_RANK), else gloo (``default_backend``).
-    Returns whether a group is active; a no-op in a single process or when a group is already initialized."""
+    when there is a GPU for every local rank (each rank on GPU LOCAL_RANK), else gloo (``default_backend``; with
+    fewer GPUs than local ranks, rank LOCAL_RANK's current GPU is LOCAL_RANK modulo their number, so ranks share
+    them: results as on one process, times no speedup). Returns whether a group is active; a no-op in a single
+    process or when a group is already initialized."""
     if active():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
-    chosen = default_backend(local_world, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    if chosen == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend or chosen)
+    # torchrun sets LOCAL_WORLD_SIZE; without it every rank is taken to be on this host (the same on every rank)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
+        torch.cuda.set_device(local_rank % gpus)
+    dist.init_process_group(backend or default_backend(local_world, gpus))
     return True
+
+
+def shutdown(finished: bool = True) -> None:
+    """Tear down the default process group (a no-op without one): when every rank ``finished`` its work, after a
+    barrier, so that no rank closes its connections while a peer still uses them (gloo then aborts the process at
+    exit: "terminate called without an active exception"); after an error, at once (a peer may never arrive)."""
+    if not active():
+        return
+    if finished and world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def default_backend(local_world: int, gpus: int) -> str:
@@ -197,6 +212,11 @@ def share_rows(tensors: list[torch.Tensor], counts: list[int], peers: list[int])
     pace. With one peer it returns ``tensors``."""
     if len(peers) <= 1:
         return tensors
+    place = peers.index(rank()) if len(counts) == len(peers) and rank() in peers else None
+    if place is None or any(len(tensor) != counts[place] for tensor in tensors):
+        raise ValueError(f"share_rows on rank {rank()}: peers {list(peers)} must include this rank, with one count "
+                         f"each ({list(counts)}), and this rank's tensors must hold its count of rows "
+                         f"({[len(tensor) for tensor in tensors]})")
     device = _backend_device()
     group = _peer_group(peers)
     trailing = [(tuple(tensor.shape[1:]), tensor.dtype) for tensor in tensors]
@@ -231,10 +251,12 @@ def make_peer_groups(peer_sets: Iterable[list[int]]) -> None:
     if _PEER_GROUPS["world"] is not dist.group.WORLD:  # a new default group: the old groups went with the old one
         _PEER_GROUPS["world"], _PEER_GROUPS["groups"] = dist.group.WORLD, {}
     groups = _PEER_GROUPS["groups"]
-    for peers in peer_sets:
-        key = tuple(peers)
-        if list(key) != sorted(set(key)):
-            raise ValueError(f"a set of peer ranks must be ascending without repeats, got {list(peers)}")
+    wanted = [tuple(peers) for peers in peer_sets]
+    for key in wanted:  # all checked before any group is made
+        if list(key) != sorted(set(key)) or not all(0 <= peer < world_size() for peer in key):
+            raise ValueError(f"a set of peer ranks must be ranks of the group, ascending without repeats, got "
+                             f"{list(key)}")
+    for key in wanted:
         if len(key) < world_size() and key not in groups:
             groups[key] = dist.new_group(list(key))
 

@@ -565,9 +565,12 @@ class RepeatRunner:
         # their programming the ranks drew (``_draw_shared``, ``_exchange``).
         self._shared_layers: dict[tuple[int, ...], dict[str, Any]] = {}
         self._probe_layers: dict[str, Any] | None = None  # the fold probe's realizations of repeats[:2]
+        self._prefix_cache_bytes = prefix_cache_bytes
         if self.frontier is None:
             self.method = "exact (no analog layer)"
             return
+        # Whether anything runs before the first analog layer (its values are cached per chunk: ``envs``).
+        self._prefix = any(n.op not in ("placeholder", "get_attr") for n in _before(module, self.frontier))
         # Ranks exchange programming below: every rank first agrees that every rank got that far, so an error on
         # one rank (the probe, a draw) is raised on all of them instead of leaving the others waiting.
         exchanging = (share is not None and distributed.active() and distributed.world_size() == share[1]
@@ -578,8 +581,6 @@ class RepeatRunner:
         parts: list[tuple[list[int], list[int], list[int], dict[str, list[torch.Tensor]]]] = []
         try:
             with _evaluation_mode(module):
-                self._prefix = any(n.op not in ("placeholder", "get_attr") for n in _before(module, self.frontier))
-                self._prefix_cache_bytes = prefix_cache_bytes
                 if exact_tiles or os.environ.get(EXACT_TILES_VARIABLE, "0") == "1":
                     why: str | None = "exact_tiles=True" if exact_tiles else f"{EXACT_TILES_VARIABLE}=1"
                 else:
@@ -603,7 +604,7 @@ class RepeatRunner:
         if exchanging:
             self._agree(failure, groups, owners)
             if self.method == "vectorized":  # every rank makes the groups of ranks that will exchange, in plan order
-                distributed.make_peer_groups(sorted(set(row)) for row in owners if len(set(row)) > 1)
+                distributed.make_peer_groups(sharers for sharers in map(_sharers, owners) if len(sharers) > 1)
             with _evaluation_mode(module):
                 self._exchange(parts)
 
@@ -666,7 +667,7 @@ class RepeatRunner:
         rank = self.share[0]
         parts = []
         for group, row in zip(groups, owners, strict=True):
-            sharers = sorted(set(row))
+            sharers = _sharers(row)
             # Whether a group is drawn in parts follows from the plan alone (the same on every rank), never from what
             # a rank holds: a rank whose probe was cached holds no probe realizations to reuse.
             if len(sharers) < 2 or rank not in sharers:
@@ -696,6 +697,9 @@ class RepeatRunner:
         order: the ranks sharing a group meet there whatever else they run first) and build the group's layers at
         once, so a group waiting for its turn (the last of this rank's share) holds its realizations, not the
         programmed stacks they were drawn from."""
+        # An error here (out of memory joining the parts) is not agreed on: peers may wait in their next exchange.
+        if tuple(self.repeats[:2]) in {tuple(group) for group, *_ in parts}:
+            self._probe_layers = None  # that group runs on the exchanged realizations
         for group, sharers, counts, state in parts:
             joined = iter(distributed.share_rows([t for name in state for t in state[name]], counts, sharers))
             programmed = {name: [next(joined) for _ in tensors] for name, tensors in state.items()}
@@ -838,18 +842,27 @@ class RepeatRunner:
         the groups), scaled by the largest staged chunk's bytes over the first's (a streamed loader's batches are
         taken as about the first's size).
 
-        Both are properties of the graph and its lowered layers on inputs of the first chunk's shapes, not of
-        weights or values, so they are kept per module (``_FoldProbe``) and reused by later runs of the same module
-        on inputs of those shapes (LAFT's validations, evaluations at several t_inference), until the graph's code
-        or a lowered module is replaced. A reused probe draws nothing: its first group draws its own."""
+        Both are properties of the graph, its modules and their dtypes on inputs of the first chunk's shapes, not of
+        weights or values, so they are kept per module (``_FoldProbe``, ``_probe_key``) and reused by later runs of
+        the same module on inputs of those shapes (LAFT's validations, evaluations at several t_inference), until
+        the graph's code changes, a module is replaced or a dtype changes. A reused probe draws nothing: its first
+        group draws its own. Running out of memory in the probe sends this run one repeat at a time, and keeps
+        nothing."""
         batch = next(iter(self.source.chunks()))
         flat = placeholder_values(self.module, *self.source.fmt.inputs(batch))
         measure = len(self.repeats) > 2  # two repeats fold as one group whatever the budget
         key, modules = _probe_key(self.module, self.lowered, flat)
-        known = _FOLD_PROBES.get(self.module, {}).get(key)
+        kept = _FOLD_PROBES.setdefault(self.module, {})
+        known = kept.get(key)
         if known is None or not known.serves(modules, check_folding, measure):
-            known = self._probed(flat, check_folding, measure, modules)
-            _FOLD_PROBES.setdefault(self.module, {})[key] = known
+            try:
+                known = self._probed(flat, check_folding, measure, modules)
+            except torch.OutOfMemoryError:  # not a property of the graph: this run goes one repeat at a time
+                self._probe_layers = None
+                return False
+            for stale in [other for other, probe in kept.items() if not probe.alive()]:  # replaced layers' probes
+                del kept[stale]
+            kept[key] = known
         if known.folds and measure:
             largest = 1.0
             if self.source.staged is not None:  # staged batches of other sizes: scale to the largest
@@ -881,7 +894,7 @@ class RepeatRunner:
 class _FoldProbe:
     """A fold probe's outcome for one module on inputs of one set of shapes: whether repeats fold (``checked``: by
     the comparison, else taken so) and the working set per folded repeat on the first chunk (None: not measured);
-    ``modules``: the lowered modules it ran (weak references: a replaced layer is a new probe)."""
+    ``modules``: the graph's modules it ran (weak references: a replaced module makes a new probe)."""
 
     folds: bool
     checked: bool
@@ -889,10 +902,19 @@ class _FoldProbe:
     modules: list[weakref.ref]
 
     def serves(self, modules: list[torch.nn.Module], check_folding: bool, measure: bool) -> bool:
-        """Whether this outcome answers a probe of ``modules`` that checks folding or not and needs the measure."""
-        same = len(modules) == len(self.modules) and all(ref() is module for ref, module in zip(self.modules, modules))
-        return (same and (self.checked or not check_folding)
-                and (not self.folds or not measure or self.per_repeat_bytes is not None))
+        """Whether this outcome is what a probe of ``modules`` that checks folding or not, and needs the measure or
+        not, would find: a check failed is no answer for a probe that would not check (it takes folding on trust)."""
+        if len(modules) != len(self.modules) or any(ref() is not module for ref, module in zip(self.modules, modules)):
+            return False
+        if self.checked and not self.folds:  # a check that failed: only a probe that checks finds that
+            return check_folding
+        if check_folding and not self.checked:  # folding taken on trust answers no check
+            return False
+        return not (self.folds and measure and self.per_repeat_bytes is None)
+
+    def alive(self) -> bool:
+        """Whether every module it ran is still alive (else no later probe can match it)."""
+        return all(ref() is not None for ref in self.modules)
 
 
 # Fold probes by module (entries go with the module), then by ``_probe_key``.
@@ -901,14 +923,24 @@ _FOLD_PROBES: weakref.WeakKeyDictionary[fx.GraphModule, dict[tuple, _FoldProbe]]
 
 def _probe_key(module: fx.GraphModule, lowered: dict[str, Any], flat: list[Any]
                ) -> tuple[tuple, list[torch.nn.Module]]:
-    """What a fold probe's outcome depends on: the graph's code, the lowered layers (their simulators and module
-    objects) and the inputs' shapes, dtypes and devices; and the lowered modules themselves."""
-    modules = [part for name in sorted(lowered) for part in module.get_submodule(name).modules()]
+    """What a fold probe's outcome depends on: the graph's code, its modules (every one: a digital layer may read
+    the batch size too) and their parameters' and buffers' dtypes and devices (the working set is counted in
+    bytes), the lowered layers' simulators, and the inputs' structure, shapes, dtypes and devices; and the modules
+    themselves."""
+    modules = list(module.modules())
+    leaves, structure = pytree.tree_flatten(flat)
     inputs = tuple((tuple(value.shape), value.dtype, value.device) if isinstance(value, torch.Tensor)
                    else (type(value).__name__, value if isinstance(value, int | float | bool | str | None) else None)
-                   for value in flat)
+                   for value in leaves)
+    tensors = {(value.dtype, value.device) for value in itertools.chain(module.parameters(), module.buffers())}
     layers = tuple((name, getattr(lowered[name], "name", type(lowered[name]).__name__)) for name in sorted(lowered))
-    return (module.code, layers, tuple(id(part) for part in modules), inputs), modules
+    return (module.code, layers, tuple(id(part) for part in modules), tuple(sorted(tensors, key=str)), str(structure),
+            inputs), modules
+
+
+def _sharers(owners: list[int]) -> list[int]:
+    """The ranks (ascending) that run some chunk of a group, from its chunks' owners (``RepeatRunner._owners``)."""
+    return sorted(set(owners))
 
 
 def _working_set(layers: dict[str, Any]) -> float:

@@ -6,6 +6,7 @@ resumes to the uninterrupted result."""
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -36,6 +37,7 @@ def gloo_group(rank: int, world: int, store: str, **kwargs) -> Iterator[None]:
     down, so no rank closes its connections while another still uses them (a rank once aborted at exit without
     it, "terminate called without an active exception", in a fresh-clone run); on an error it is torn down at once."""
     torch.set_num_threads(1)
+    kwargs.setdefault("timeout", datetime.timedelta(minutes=5))  # a rank left waiting fails the test, not CI's hour
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, **kwargs)
     try:
         yield
@@ -506,6 +508,7 @@ compiled = laft_run({checkpoints!r})
 if rank == 0:
     json.dump({{"calls": calls, "weights": {{k: v.tolist() for k, v in compiled.graph.state_dict().items()}}}},
               open({out!r}, "w"))
+hetcomp.distributed.shutdown()
 """
 
 
@@ -836,8 +839,16 @@ def _exchange_rank(rank, world, store, out):
         # dtypes (float16 rows of 6 bytes before int64 ones: each starts aligned).
         with pytest.raises(RuntimeError, match="make_peer_groups"):
             distributed.share_rows([torch.zeros(1)], [1, 1], [0, 2]) if rank != 1 else distributed._peer_group([0, 2])
+        made, real_new_group = [], dist.new_group
+
+        def new_group(ranks, *args, **kwargs):
+            made.append(list(ranks))
+            return real_new_group(ranks, *args, **kwargs)
+
+        dist.new_group = new_group  # in this spawned process only
         distributed.make_peer_groups([[0, 1], [1, 2], [0, 1, 2]])
         distributed.make_peer_groups([[1, 2]])
+        dist.new_group = real_new_group
         pairs = {}
         for peers in ([0, 1], [1, 2]):
             if rank in peers:
@@ -846,7 +857,7 @@ def _exchange_rank(rank, world, store, out):
         counts = [1, 0, 2]
         trio = distributed.share_rows([torch.full((counts[rank], 3), float(rank), dtype=torch.float16),
                                        torch.arange(counts[rank], dtype=torch.int64) + 10 * rank], counts, [0, 1, 2])
-        groups = sorted(distributed._PEER_GROUPS["groups"])
+        groups = made
         with pytest.raises(ValueError, match="ascending"):
             distributed.make_peer_groups([[2, 1]])
         torch.save({"gathered": gathered, "pairs": pairs, "trio": trio, "groups": groups}, f"{out}.{rank}")
@@ -873,6 +884,6 @@ def test_all_gather_tree_and_share_rows_under_three_ranks(tmp_path):
             if rank in peers:
                 (pair,) = result["pairs"][str(peers)]
                 assert torch.equal(pair, torch.tensor([[float(peers[0])] * 3] * 2 + [[float(peers[1])] * 3]))
-        assert result["groups"] == [(0, 1), (1, 2)]  # made once each; all three ranks: the default group
+        assert result["groups"] == [[0, 1], [1, 2]]  # made once each, by every rank; all three: the default group
         for got, expected in zip(result["trio"], expected_trio, strict=True):
             assert torch.equal(got, expected)

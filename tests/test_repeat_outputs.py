@@ -209,12 +209,15 @@ def test_a_shuffling_loader_is_read_in_one_order_without_touching_the_callers_rn
     assert order() == first and sorted(first) == x.flatten().tolist() and first != sorted(first)
 
 
-def test_the_fold_probe_is_kept_per_module_and_input_shapes_until_a_lowered_module_is_replaced(digits_model):
-    """The fold probe (folding check, working-set measure) depends on the graph, its lowered modules and the inputs'
-    shapes, not on weights or values: a later runner of the module on inputs of those shapes reuses it (no probe run,
-    no realization drawn for it) with the same groups and outputs; other shapes, a replaced lowered module, or a
-    check asked for after an unchecked probe run it again; a graph that does not fold is remembered so too."""
+def test_the_fold_probe_is_kept_per_module_and_input_shapes_until_a_module_is_replaced(digits_model, monkeypatch):
+    """The fold probe (folding check, working-set measure) depends on the graph, its modules, their dtypes and the
+    inputs' shapes, not on weights or values: a later runner of the module on inputs of those shapes reuses it (no
+    probe run, no realization drawn for it) with the same groups and outputs; other shapes, a replaced module, a
+    dtype, or a check asked for after an unchecked probe run it again; a graph that does not fold is remembered
+    too, but only for probes that check (one that takes folding on trust would find otherwise); the probes of
+    replaced modules are dropped."""
     import copy
+    import gc
 
     import hetcomp.evaluate as evaluation
     from hetcomp.lower import lowered_modules
@@ -229,43 +232,52 @@ def test_the_fold_probe_is_kept_per_module_and_input_shapes_until_a_lowered_modu
         probes.append(self.module)
         return real_probe(self, *args, **kwargs)
 
-    def runner(module, report, batch_size=32, check=None, fold_bytes=None):
-        source = EvaluationData((images[:96], labels[:96]), torch.device("cpu"), batch_size, stage_bytes=1 << 30)
-        return RepeatRunner(module, report, source, range(5), seed=2, t_inference=86400.0, probe_folding=check,
+    monkeypatch.setattr(evaluation.RepeatRunner, "_probed", counted)
+
+    def runner(module, report, inputs=images[:96], batch_size=32, check=None, fold_bytes=None, repeats=5):
+        source = EvaluationData((inputs, torch.zeros(len(inputs), dtype=torch.long)), torch.device("cpu"), batch_size,
+                                stage_bytes=1 << 30)
+        return RepeatRunner(module, report, source, range(repeats), seed=2, t_inference=86400.0, probe_folding=check,
                             fold_bytes=fold_bytes)
 
     def outputs(made):
         return {(repeat, chunk.index): value for chunk in made for repeat, value in chunk.per_repeat()}
 
-    evaluation.RepeatRunner._probed = counted
-    try:
-        module, report = compiled.module, compiled.lowering
-        first = runner(module, report)
-        assert len(probes) == 1 and first._probe_layers is not None
-        first_outputs = outputs(first)
-        again = runner(module, report)
-        assert len(probes) == 1 and again._probe_layers is None  # kept: nothing ran or was drawn for it
-        assert again.per_repeat_bytes == first.per_repeat_bytes > 0
-        assert outputs(again).keys() == first_outputs.keys()
-        assert all(torch.equal(value, first_outputs[key]) for key, value in outputs(again).items())
-        budget = int(2 * first.per_repeat_bytes)  # groups of two: sized by the kept measure alike
-        assert [group for group, _ in runner(module, report, fold_bytes=budget).work] == [[0, 1], [2, 3], [4]]
-        assert len(probes) == 1
-        runner(module, report, batch_size=16)  # other shapes
-        assert len(probes) == 2
-        name = next(iter(lowered_modules(report)))
-        module.set_submodule(name, copy.deepcopy(module.get_submodule(name)))  # a replaced lowered module
-        replaced = runner(module, report)
-        assert len(probes) == 3 and replaced.per_repeat_bytes == first.per_repeat_bytes
-        runner(module, report, batch_size=8, check=False)
-        runner(module, report, batch_size=8, check=True)  # an unchecked probe does not answer a check
-        runner(module, report, batch_size=8)
-        assert len(probes) == 5
-        torch.manual_seed(0)
-        baked = _BakedBatch().eval()
-        x = torch.randn(8, 4, 5)
-        lowered, baked_report = lower_all_analog(baked, x[:2], profile_target(("PCM",)))
-        methods = [RepeatRunner.on_inputs(lowered, baked_report, x, 3).method for _ in range(2)]
-        assert methods == ["tiles (the graph does not fold repeats)"] * 2 and probes[5:] == [lowered]
-    finally:
-        evaluation.RepeatRunner._probed = real_probe
+    module, report = compiled.module, compiled.lowering
+    first = runner(module, report)
+    assert len(probes) == 1 and first._probe_layers is not None
+    first_outputs = outputs(first)
+    again = runner(module, report)
+    assert len(probes) == 1 and again._probe_layers is None  # kept: nothing ran or was drawn for it
+    assert again.per_repeat_bytes == first.per_repeat_bytes > 0
+    assert outputs(again).keys() == first_outputs.keys()
+    assert all(torch.equal(value, first_outputs[key]) for key, value in outputs(again).items())
+    budget = int(2 * first.per_repeat_bytes)  # groups of two: sized by the kept measure alike
+    assert [group for group, _ in runner(module, report, fold_bytes=budget).work] == [[0, 1], [2, 3], [4]]
+    assert len(probes) == 1
+    runner(module, report, batch_size=16)  # other shapes
+    assert len(probes) == 2
+    name = next(iter(lowered_modules(report)))
+    module.set_submodule(name, copy.deepcopy(module.get_submodule(name)))  # a replaced module
+    gc.collect()
+    replaced = runner(module, report)
+    assert len(probes) == 3 and replaced.per_repeat_bytes == first.per_repeat_bytes
+    kept = evaluation._FOLD_PROBES[module]
+    assert len(kept) == 1 and all(probe.alive() for probe in kept.values())  # the replaced module's probes dropped
+    runner(module, report, batch_size=8, check=False)
+    runner(module, report, batch_size=8, check=True)  # an unchecked probe does not answer a check
+    runner(module, report, batch_size=8)
+    assert len(probes) == 5
+    key, _ = evaluation._probe_key(module, lowered_modules(report), [images[:8]])
+    module.register_buffer("marker", torch.zeros(1, dtype=torch.float64))  # a dtype the module did not hold
+    assert evaluation._probe_key(module, lowered_modules(report), [images[:8]])[0] != key
+    del module.marker
+    assert evaluation._probe_key(module, lowered_modules(report), [images[:8]])[0] == key
+    torch.manual_seed(0)
+    baked = _BakedBatch().eval()
+    x = torch.randn(8, 4, 5)
+    lowered, baked_report = lower_all_analog(baked, x[:2], profile_target(("PCM",)))
+    methods = [RepeatRunner.on_inputs(lowered, baked_report, x, 3).method for _ in range(2)]
+    assert methods == ["tiles (the graph does not fold repeats)"] * 2 and probes[5:] == [lowered]
+    trusting = runner(lowered, baked_report, inputs=x, batch_size=8, check=False, repeats=2)
+    assert trusting.method == "vectorized" and probes[6:] == [lowered]  # a failed check answers no unchecked probe

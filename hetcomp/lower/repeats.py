@@ -272,7 +272,8 @@ def folds(gm: fx.GraphModule, layers: dict[str, Any], inputs: Sequence[Any],
     ``initial_env``: an optional precomputed prefix (copied, never changed). The outputs may be any structure
     (tuple, dict, ModelOutput) of tensors: each leaf of the folded run is compared with the separate runs' leaves
     joined along the batch (or with the shared leaf where it carries no batch). ``layers``: repeat-vectorized
-    layers with at least two realizations (``select`` and ``noise`` as ``RepeatedAnalogLayer`` has them)."""
+    layers with at least two realizations (``select`` and ``noise`` as ``RepeatedAnalogLayer`` has them). A run that
+    raises does not fold, except one that runs out of memory: that says nothing of the graph, and is raised."""
     pair = {name: layer.select([0, 1]) for name, layer in layers.items()}
     singles = [{name: layer.select([i]) for name, layer in layers.items()} for i in (0, 1)]
     for group in (pair, *singles):
@@ -287,6 +288,8 @@ def folds(gm: fx.GraphModule, layers: dict[str, Any], inputs: Sequence[Any],
         with torch.no_grad():  # a check: nothing to differentiate (and in-place periphery ops refuse autograd)
             together, batch = run(pair, 2)
             apart = [run(single, 1)[0] for single in singles]
+    except torch.OutOfMemoryError:
+        raise
     except (RuntimeError, ValueError, IndexError, TypeError):
         return False
     return _joined_matches(together, apart, batch)
