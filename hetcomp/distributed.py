@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from hetcomp.data import move
+from hetcomp.errors import ConfigError
 
 T = TypeVar("T")
 _SLICED: ContextVar[bool] = ContextVar("hetcomp_sliced_batch", default=False)
@@ -214,7 +215,7 @@ def share_rows(tensors: list[torch.Tensor], counts: list[int], peers: list[int])
         return tensors
     place = peers.index(rank()) if len(counts) == len(peers) and rank() in peers else None
     if place is None or any(len(tensor) != counts[place] for tensor in tensors):
-        raise ValueError(f"share_rows on rank {rank()}: peers {list(peers)} must include this rank, with one count "
+        raise ConfigError(f"share_rows on rank {rank()}: peers {list(peers)} must include this rank, with one count "
                          f"each ({list(counts)}), and this rank's tensors must hold its count of rows "
                          f"({[len(tensor) for tensor in tensors]})")
     device = _backend_device()
@@ -254,7 +255,7 @@ def make_peer_groups(peer_sets: Iterable[list[int]]) -> None:
     wanted = [tuple(peers) for peers in peer_sets]
     for key in wanted:  # all checked before any group is made
         if list(key) != sorted(set(key)) or not all(0 <= peer < world_size() for peer in key):
-            raise ValueError(f"a set of peer ranks must be ranks of the group, ascending without repeats, got "
+            raise ConfigError(f"a set of peer ranks must be ranks of the group, ascending without repeats, got "
                              f"{list(key)}")
     for key in wanted:
         if len(key) < world_size() and key not in groups:
@@ -268,7 +269,7 @@ def _peer_group(peers: list[int]) -> Any:
         return None
     made = _PEER_GROUPS["groups"].get(tuple(peers)) if _PEER_GROUPS["world"] is dist.group.WORLD else None
     if made is None:
-        raise RuntimeError(f"no process group for ranks {list(peers)}: every rank calls make_peer_groups with the "
+        raise ConfigError(f"no process group for ranks {list(peers)}: every rank calls make_peer_groups with the "
                            "sets of ranks that will share rows before share_rows")
     return made
 

@@ -837,7 +837,7 @@ def _exchange_rank(rank, world, store, out):
         # share_rows: ranks 0 and 1, then ranks 1 and 2 (overlapping groups, made by every rank, each once) share rows
         # (2 and 1 of them), the third rank taking no part; then all three (the default group), one empty, mixed
         # dtypes (float16 rows of 6 bytes before int64 ones: each starts aligned).
-        with pytest.raises(RuntimeError, match="make_peer_groups"):
+        with pytest.raises(ConfigError, match="make_peer_groups"):
             distributed.share_rows([torch.zeros(1)], [1, 1], [0, 2]) if rank != 1 else distributed._peer_group([0, 2])
         made, real_new_group = [], dist.new_group
 
@@ -858,7 +858,7 @@ def _exchange_rank(rank, world, store, out):
         trio = distributed.share_rows([torch.full((counts[rank], 3), float(rank), dtype=torch.float16),
                                        torch.arange(counts[rank], dtype=torch.int64) + 10 * rank], counts, [0, 1, 2])
         groups = made
-        with pytest.raises(ValueError, match="ascending"):
+        with pytest.raises(ConfigError, match="ascending"):
             distributed.make_peer_groups([[2, 1]])
         torch.save({"gathered": gathered, "pairs": pairs, "trio": trio, "groups": groups}, f"{out}.{rank}")
 
