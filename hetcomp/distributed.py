@@ -162,9 +162,7 @@ def all_gather_tree(value: Any) -> list[Any]:
     longest = max(size for _, _, _, size in everyone)
     buffers: list[torch.Tensor | None] = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in everyone]
     if longest:  # else every tensor is empty (or there is none): nothing to send, the slots are still filled below
-        own = sum(piece.numel() for piece in pieces)
-        send = torch.cat([*pieces, torch.zeros(longest - own, dtype=torch.uint8, device=device)])
-        pieces.clear()
+        send = _joined_bytes(pieces, longest, device)
         dist.all_gather(buffers, send)
         del send
     here = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -223,10 +221,7 @@ def share_rows(tensors: list[torch.Tensor], counts: list[int], peers: list[int])
     trailing = [(tuple(tensor.shape[1:]), tensor.dtype) for tensor in tensors]
     layouts = [[((count, *shape), dtype) for shape, dtype in trailing] for count in counts]
     widest = max(_byte_size(layout) for layout in layouts)
-    pieces = _byte_pieces(tensors, device)
-    own = sum(piece.numel() for piece in pieces)
-    send = torch.cat([*pieces, torch.zeros(widest - own, dtype=torch.uint8, device=device)])
-    pieces.clear()
+    send = _joined_bytes(_byte_pieces(tensors, device), widest, device)
     received = torch.empty(len(peers) * widest, dtype=torch.uint8, device=device)
     if widest:
         dist.all_gather(list(received.chunk(len(peers))), send, group=group)
@@ -282,6 +277,15 @@ def _byte_pieces(tensors: list[torch.Tensor], device: torch.device) -> list[torc
         data = tensor.detach().resolve_conj().resolve_neg().to(device).contiguous().reshape(-1).view(torch.uint8)
         pieces += [data, data.new_zeros(-data.numel() % _ALIGN)]
     return pieces
+
+
+def _joined_bytes(pieces: list[torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
+    """``pieces`` joined into one buffer of ``size`` bytes (zeros after them: every rank sends the same size); the
+    list is emptied, so the pieces are freed as soon as they are copied."""
+    own = sum(piece.numel() for piece in pieces)
+    joined = torch.cat([*pieces, torch.zeros(size - own, dtype=torch.uint8, device=device)])
+    pieces.clear()
+    return joined
 
 
 def _byte_size(layout: list[tuple[tuple[int, ...], torch.dtype]]) -> int:

@@ -198,6 +198,7 @@ class EvaluationData:
         self.staged: list[Any] | None = None
         self._checked = False  # a loader's batches are checked on the first complete pass, not on every repeat
         self._count: int | None = None  # chunks of a streamed loader, once counted
+        self._weights: list[float] | None = None  # chunk_weights, once computed
         if self.tensors is not None:
             inputs, labels = self.tensors
             if len(inputs) != len(labels):
@@ -245,14 +246,18 @@ class EvaluationData:
                     break
 
     def chunk_weights(self) -> list[float]:
-        """Each chunk's relative cost, for dealing chunks to ranks: a staged chunk's bytes, a streamed tensor
-        chunk's samples; a streamed loader's chunks (not read ahead) count alike."""
-        if self.staged is not None:
-            return [float(max(nbytes(batch), 1)) for batch in self.staged]
-        if self.tensors is not None:
-            samples = len(self.tensors[1])
-            return [float(min(self.batch_size, samples - start)) for start in range(0, samples, self.batch_size)]
-        return [1.0] * self.chunk_count()
+        """Each chunk's relative cost, for dealing chunks to ranks and sizing groups of repeats: a staged chunk's
+        bytes, a streamed tensor chunk's samples; a streamed loader's chunks (not read ahead) count alike."""
+        if self._weights is None:
+            if self.staged is not None:
+                self._weights = [float(max(nbytes(batch), 1)) for batch in self.staged]
+            elif self.tensors is not None:
+                samples = len(self.tensors[1])
+                self._weights = [float(min(self.batch_size, samples - start))
+                                 for start in range(0, samples, self.batch_size)]
+            else:
+                self._weights = [1.0] * self.chunk_count()
+        return self._weights
 
     def chunk_count(self) -> int:
         """How many chunks ``chunks()`` yields (a streamed loader is read once to count them, then remembered)."""
@@ -866,8 +871,8 @@ class RepeatRunner:
         if known.folds and measure:
             largest = 1.0
             if self.source.staged is not None:  # staged batches of other sizes: scale to the largest
-                sizes = [nbytes(chunk) for chunk in self.source.staged]
-                largest = max(sizes) / max(sizes[0], 1)
+                weights = self.source.chunk_weights()
+                largest = max(weights) / weights[0]
             self.per_repeat_bytes = known.per_repeat_bytes * largest
         return known.folds
 

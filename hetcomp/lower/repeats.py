@@ -73,8 +73,7 @@ def programmed_states(module: fx.GraphModule, lowered: dict[str, Simulator], see
     """Every lowered layer's programmed state (``Simulator.programs``) in the repeats seeded by ``seeds``: what
     ``repeated_layers`` draws, drawn alone (a part of a group, on one of the ranks that share it)."""
     seeds = list(seeds)
-    return {name: simulator.programs(module.get_submodule(name), t_inference,
-                                     [layer_seed(seed, name, "program") for seed in seeds])
+    return {name: simulator.programs(module.get_submodule(name), t_inference, _layer_seeds(seeds, name, "program"))
             for name, simulator in lowered.items()}
 
 
@@ -85,11 +84,16 @@ def repeated_layers(module: fx.GraphModule, lowered: dict[str, Simulator], seeds
     seeds = list(seeds)
     layers = {}
     for name, simulator in lowered.items():
-        program = [layer_seed(seed, name, "program") for seed in seeds]
-        noise = [layer_seed(seed, name, "forward") for seed in seeds]
-        layers[name] = build_repeated(simulator, module.get_submodule(name), t_inference, program, noise,
+        layers[name] = build_repeated(simulator, module.get_submodule(name), t_inference,
+                                      _layer_seeds(seeds, name, "program"), _layer_seeds(seeds, name, "forward"),
                                       None if programmed is None else programmed[name])
     return layers
+
+
+def _layer_seeds(seeds: list[int], name: str, use: str) -> list[int]:
+    """Layer ``name``'s seeds for ``use`` ("program" or "forward") in the repeats ``seeds``: one rule, so that a
+    group's programming drawn in parts (``programmed_states``) is what ``repeated_layers`` draws."""
+    return [layer_seed(seed, name, use) for seed in seeds]
 
 
 # Sizes read as values that scale with the batch: (target, dim read; None: the element count). torch.export
